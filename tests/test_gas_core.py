@@ -1,0 +1,385 @@
+"""gas_core: ops, shapes, supernet, GGM, latency term, genotype, GASNet and export."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from torch import nn
+
+from gas_core.genotype import CellGenotype, Genotype, derive, random_genotype
+from gas_core.ggm import GGM, EdgeGCN
+from gas_core.keys import LatencyKey, key_input_shapes
+from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, latency_loss, predict_latency_us
+from gas_core.network import GASNet
+from gas_core.ops import (
+    COMPONENTS,
+    OPS,
+    PRIMITIVES,
+    Registry,
+    build_component,
+    build_timing_case,
+    check_key,
+    key_of_call,
+)
+from gas_core.search_space import NetworkLayout, cell_shapes
+from gas_core.supernet import Supernet, gumbel_softmax_sample, temperature_at
+
+SMALL = NetworkLayout(num_cells=5, reduction_cells=(1, 3), stem_channels=(8, 8, 16), head_channels=16, num_classes=5)
+
+EXPECTED_OPS = (
+    "none",
+    "max_pool_3x3",
+    "skip_connect",
+    "conv_3x3",
+    "sep_conv_3x3",
+    "dil_sep_conv_3x3_d2",
+    "dil_sep_conv_3x3_d4",
+    "dil_sep_conv_3x3_d8",
+)
+
+
+def test_registry_names_and_order() -> None:
+    assert PRIMITIVES == EXPECTED_OPS
+    assert PRIMITIVES == OPS.names()
+
+
+def test_registry_rejects_duplicates() -> None:
+    reg = Registry("op")
+    reg.register("a")(lambda c_in, c_out, stride, affine: nn.Identity())
+    with pytest.raises(ValueError, match="already registered"):
+        reg.register("a")(lambda c_in, c_out, stride, affine: nn.Identity())
+    with pytest.raises(KeyError, match="unknown op 'b'"):
+        reg["b"]
+
+
+@pytest.mark.parametrize("name", PRIMITIVES)
+@pytest.mark.parametrize("stride", [1, 2])
+@pytest.mark.parametrize("hw", [(16, 24), (15, 23)])
+def test_op_shape_and_backward(name: str, stride: int, hw: tuple[int, int]) -> None:
+    op = build_component(name, 6, 6, stride, affine=True)
+    x = torch.randn(2, 6, *hw, requires_grad=True)
+    y = op(x)
+    assert y.shape == (2, 6, -(-hw[0] // stride), -(-hw[1] // stride))
+    if OPS[name].zero_cost:
+        assert not y.any()
+        return
+    y.square().sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", [n for n in PRIMITIVES if n not in ("none",)])
+def test_op_channel_change(name: str) -> None:
+    y = build_component(name, 4, 8, 1)(torch.randn(1, 4, 8, 8))
+    assert y.shape == (1, 8, 8, 8)
+
+
+@pytest.mark.parametrize("name", COMPONENTS.names())
+def test_every_component_builds_a_timing_case(name: str) -> None:
+    n = {"node_sum": 3, "concat": 2}.get(name, 1)
+    c_out = {"concat": 8, "node_sum": 4, "upsample": 4}.get(name, 6)
+    key = LatencyKey(
+        op=name, c_in=4, c_out=c_out, h=33, w=47, stride=4 if name == "upsample" else 1, n_inputs=n, batch=2
+    )
+    if name in ("stem_conv", "preprocess_reduce"):
+        key = key.model_copy(update={"stride": 2})
+    check_key(key)
+    module, args = build_timing_case(key)
+    with torch.no_grad():
+        out = module(*args)
+    assert key_of_call(module, args, "float32", "contiguous") == key
+    assert out.shape[0] == 2 and out.shape[1] == key.c_out
+
+
+@pytest.mark.parametrize(
+    "update, msg",
+    [
+        ({"op": "conv_9x9"}, "unknown"),
+        ({"op": "none"}, "costs nothing"),
+        ({"stride": 3}, "stride"),
+        ({"op": "node_sum", "n_inputs": 2, "c_out": 5}, "c_out"),
+        ({"n_inputs": 2}, "n_inputs"),
+    ],
+)
+def test_check_key_rejects(update: dict, msg: str) -> None:
+    key = LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8, w=8, stride=1, batch=1).model_copy(update=update)
+    with pytest.raises(ValueError, match=msg):
+        check_key(key)
+
+
+def test_build_component_rejects_bad_input() -> None:
+    with pytest.raises(KeyError, match="unknown op or component"):
+        build_component("conv_9x9", 4, 4)
+    with pytest.raises(ValueError, match="positive"):
+        build_component("conv_3x3", -1, 4)
+
+
+def test_key_canonical_roundtrip_and_hash() -> None:
+    k = LatencyKey(op="conv_3x3", c_in=8, c_out=8, h=64, w=128, stride=2, batch=1)
+    assert LatencyKey.from_canonical(k.canonical) == k
+    assert k.key_hash == LatencyKey(**k.model_dump()).key_hash
+    assert k.key_hash != k.model_copy(update={"memory_format": "channels_last"}).key_hash
+    assert len({k, LatencyKey(**k.model_dump())}) == 1
+    with pytest.raises(ValueError):
+        LatencyKey.from_canonical("conv_3x3|cin=x")
+
+
+def test_cell_shapes_default_layout() -> None:
+    layout = NetworkLayout()
+    sh = cell_shapes(layout, (769, 1537), batch=1)
+    assert layout.alpha_shape == (14, 5, 8)
+    assert [c.plan.reduction for c in sh.cells].count(True) == 2
+    assert sh.cells[0].hw_in == (193, 385)
+    assert sh.cells[3].hw_out == (97, 193) and sh.cells[7].hw_out == (49, 97)
+    assert sh.cells[13].plan.c == 32
+    # every edge key in a reduction cell from an input has stride 2
+    conv = PRIMITIVES.index("conv_3x3")
+    assert sh.edges[3][0][conv].stride == 2 and sh.edges[3][4][conv].stride == 1
+    assert sh.edges[0][0][PRIMITIVES.index("none")] is None
+    keys = sh.all_keys()
+    assert len(keys) == len({k.canonical for k in keys})
+    up = sh.head[-1]
+    assert up.op == "upsample" and (up.h, up.w) == (769, 1537)
+    assert key_input_shapes(up) == [(1, 19, 49, 97)]
+
+
+def test_temperature_schedule_endpoints() -> None:
+    assert temperature_at(0, 50) == pytest.approx(1.0)
+    assert temperature_at(49, 50) == pytest.approx(0.03)
+    vals = [temperature_at(e, 50) for e in range(50)]
+    assert all(a > b for a, b in zip(vals, vals[1:], strict=False))
+
+
+def test_gumbel_sample_is_a_distribution() -> None:
+    z = gumbel_softmax_sample(torch.zeros(3, 5, 8), 0.5, torch.Generator().manual_seed(0))
+    assert torch.allclose(z.sum(-1), torch.ones(3, 5))
+    assert not torch.isnan(z).any()
+
+
+@pytest.mark.parametrize("hw", [(64, 96), (48, 80)])
+def test_supernet_forward_backward(hw: tuple[int, int]) -> None:
+    torch.manual_seed(0)
+    net = Supernet(SMALL)
+    y = net(torch.randn(2, 3, *hw))
+    assert y.shape == (2, 5, *hw)
+    y.square().mean().backward()
+    assert net.alpha.grad is not None and net.alpha.grad.abs().sum() > 0
+    ggm_grads = [p.grad for p in net.ggm.parameters()]
+    assert ggm_grads and all(g is not None and g.abs().sum() > 0 for g in ggm_grads)
+    assert all(p.grad is not None for p in net.weight_parameters() if p.requires_grad)
+    n_arch = sum(p.numel() for p in net.arch_parameters())
+    n_all = sum(p.numel() for p in net.parameters())
+    assert n_arch + sum(p.numel() for p in net.weight_parameters()) == n_all
+
+
+def test_default_supernet_alpha_is_parameter() -> None:
+    net = Supernet()
+    assert isinstance(net.alpha, nn.Parameter) and net.alpha.shape == (14, 5, 8)
+    assert len(net.ggm.links) == 13
+
+
+@pytest.mark.parametrize("kw", [dict(cells="shared"), dict(ggm="none"), dict(ggm="fc"), dict(graph="op")])
+def test_supernet_ablations(kw: dict) -> None:
+    net = Supernet(SMALL, **kw)
+    assert net.alpha_prime().shape == SMALL.alpha_shape
+    net(torch.randn(1, 3, 32, 48)).mean().backward()
+    assert net.alpha.grad is not None
+    if kw.get("cells") == "shared":
+        assert net.alpha.shape[0] == 2
+        assert torch.equal(net.alphas()[1], net.alphas()[3])  # both reduction cells share α
+
+
+def test_ggm_matches_hand_computation() -> None:
+    torch.manual_seed(0)
+    K, p, q, d = 3, 5, 8, 4
+    ggm = GGM(K, p, q, d=d, gamma=0.5)
+    alpha = torch.randn(K, p, q)
+    out = ggm(alpha)
+    ref = [alpha[0]]
+    for k in range(1, K):
+        link: EdgeGCN = ggm.links[k - 1]
+        a_prev = ref[-1]
+        w_phi1 = link.phi1.weight[:, :, 0]  # [d, q]
+        emb = a_prev @ w_phi1.T + link.phi1.bias  # [p, d]
+        logits = (alpha[k] @ link.w1) @ (a_prev @ link.w2).T
+        adj = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
+        g = adj @ emb @ link.wg + emb
+        upd = g @ link.phi2.weight[:, :, 0].T + link.phi2.bias
+        ref.append(alpha[k] + 0.5 * upd)
+    assert torch.allclose(out, torch.stack(ref), atol=1e-5)
+    assert torch.equal(out[0], alpha[0])
+
+
+def _fake_table(shapes, cost=lambda k: 1.0):
+    return {k.canonical: cost(k) for k in shapes.all_keys()}
+
+
+def _flops_cost(k: LatencyKey) -> float:
+    """A deterministic stand-in for timings: proportional to MACs, so conv ≫ sep ≫ pool ≫ skip."""
+    base = k.h * k.w * k.batch / k.stride**2
+    per = {"conv_3x3": 9 * k.c_in * k.c_out, "max_pool_3x3": 9 * k.c_in, "skip_connect": k.c_in}
+    return 1.0 + base * per.get(k.op, 9 * k.c_in + k.c_in * k.c_out) / 1e4
+
+
+def test_latency_term_missing_keys_are_named() -> None:
+    sh = cell_shapes(SMALL, (64, 64))
+    table = _fake_table(sh)
+    dropped = sh.all_keys()[:3]
+    for k in dropped:
+        del table[k.canonical]
+    with pytest.raises(MissingLatencyKeys) as err:
+        LatencyTerm.from_table(sh, table)
+    assert {k.canonical for k in err.value.missing} == {k.canonical for k in dropped}
+    for k in dropped:
+        assert k.canonical in str(err.value)
+
+
+def test_latency_loss_alone_moves_alpha_to_cheap_ops() -> None:
+    torch.manual_seed(0)
+    sh = cell_shapes(SMALL, (64, 64))
+    term = LatencyTerm.from_table(sh, _fake_table(sh, _flops_cost))
+    net = Supernet(SMALL)
+    opt = torch.optim.Adam(list(net.arch_parameters()), lr=0.05)
+
+    def expected() -> float:
+        with torch.no_grad():
+            return float(term(torch.softmax(net.alpha_prime(), -1)))
+
+    before = expected()
+    for _ in range(60):
+        opt.zero_grad()
+        loss = latency_loss(torch.zeros(()), term(gumbel_softmax_sample(net.alpha_prime(), 1.0)), beta=1.0)
+        loss.backward()
+        opt.step()
+    after = expected()
+    assert after < 0.8 * before
+    probs = torch.softmax(net.alpha_prime(), -1).mean((0, 1))
+    assert probs[PRIMITIVES.index("conv_3x3")] < probs[PRIMITIVES.index("none")]
+    assert probs[PRIMITIVES.index("conv_3x3")] < 1 / len(PRIMITIVES)
+
+
+def test_derivation_and_prediction() -> None:
+    alpha = torch.zeros(SMALL.alpha_shape)
+    alpha[..., PRIMITIVES.index("sep_conv_3x3")] = 1.0
+    alpha[2, 4, PRIMITIVES.index("none")] = 5.0
+    g = derive(alpha, SMALL)
+    assert g.cells[0].edges == ("sep_conv_3x3",) * 5
+    assert g.cells[2].edges[4] == "none"
+    assert [c.type for c in g.cells] == ["normal", "reduction", "normal", "reduction", "normal"]
+    sh = cell_shapes(SMALL, (64, 64))
+    table = _fake_table(sh, _flops_cost)
+    term = LatencyTerm.from_table(sh, table)
+    # one-hot LAT and the exact prediction differ only by node sums at lower arity
+    exact = predict_latency_us(g, sh, table)
+    assert exact == pytest.approx(float(term(g.one_hot())), rel=0.05)
+    with pytest.raises(ValueError, match="shape"):
+        derive(torch.zeros(2, 5, 8), SMALL)
+
+
+def test_genotype_roundtrip_and_rejections(tmp_path) -> None:
+    g = random_genotype(NetworkLayout(), torch.Generator().manual_seed(1))
+    path = tmp_path / "g.json"
+    g.save(path)
+    assert Genotype.load(path) == g
+    raw = json.loads(g.to_json())
+    assert raw["schema_version"] == 1
+
+    bad = json.loads(g.to_json())
+    bad["cells"][0]["edges"][0] = "conv_9x9"
+    with pytest.raises(ValidationError, match="unknown op 'conv_9x9'"):
+        Genotype.model_validate(bad)
+    bad = json.loads(g.to_json())
+    bad["cells"][0]["edges"] = bad["cells"][0]["edges"][:4]
+    with pytest.raises(ValidationError, match="4 edges, expected 5"):
+        Genotype.model_validate(bad)
+    bad = json.loads(g.to_json())
+    bad["cells"] = bad["cells"][:13]
+    with pytest.raises(ValidationError, match="14 cells but the genotype lists 13"):
+        Genotype.model_validate(bad)
+    bad = json.loads(g.to_json())
+    bad["cells"][3]["type"] = "normal"
+    with pytest.raises(ValidationError, match="cell 3: type 'normal'"):
+        Genotype.model_validate(bad)
+    with pytest.raises(ValidationError):
+        Genotype(cells=(CellGenotype(type="normal", edges=("none",) * 5),))
+
+
+def test_gasnet_full_resolution_forward() -> None:
+    g = random_genotype(NetworkLayout(), torch.Generator().manual_seed(2))
+    net = GASNet(g).eval()
+    with torch.no_grad():
+        y = net(torch.randn(1, 3, 769, 1537))
+    assert y.shape == (1, 19, 769, 1537)
+    assert GASNet(g, num_classes=11, head="ppm").eval()(torch.randn(1, 3, 96, 128)).shape == (1, 11, 96, 128)
+
+
+def test_gasnet_drops_none_edges() -> None:
+    cells = tuple(
+        CellGenotype(
+            type="reduction" if SMALL.is_reduction(k) else "normal",
+            edges=("none", "conv_3x3", "none", "skip_connect", "none"),
+        )
+        for k in range(SMALL.num_cells)
+    )
+    net = GASNet(Genotype(layout=SMALL, cells=cells))
+    assert all(len(c.ops) == 2 and c.pre0 is None for c in net.cells)
+    assert net(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+@pytest.mark.parametrize("head", ["aspp", "ppm"])
+@pytest.mark.parametrize("seed", [3, 4])
+def test_every_module_of_a_derived_net_has_a_table_key(head: str, seed: int) -> None:
+    """Hook every keyed component of a real GASNet; each call's key must come from
+    cell_shapes, and every leaf module must sit inside a keyed component."""
+    layout = NetworkLayout(head=head)
+    g = random_genotype(layout, torch.Generator().manual_seed(seed))
+    net = GASNet(g).eval()
+    hw = (97, 161)
+    sh = cell_shapes(layout, hw, batch=2)
+    allowed = {k.canonical for k in sh.all_keys()}
+    keyed = {name for name, m in net.named_modules() if hasattr(m, "key_spec")}
+    for name, m in net.named_modules():
+        if not list(m.children()) and name:
+            assert any(name == p or name.startswith(p + ".") for p in keyed), f"{name} is not covered by a key"
+    seen: list[LatencyKey] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, args, out: seen.append(key_of_call(mod, args, "float32", "contiguous")))
+        for m in net.modules()
+        if hasattr(m, "key_spec")
+    ]
+    with torch.no_grad():
+        net(torch.randn(2, 3, *hw))
+    for h in hooks:
+        h.remove()
+    missing = [k.canonical for k in seen if k.canonical not in allowed]
+    assert not missing, missing
+    assert sorted(k.canonical for k in seen) == sorted(k.canonical for k in derived_keys(g, sh))
+
+
+def test_onnx_export_matches_eager(tmp_path) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    g = random_genotype(SMALL, torch.Generator().manual_seed(5))
+    net = GASNet(g).eval()
+    x = torch.randn(1, 3, 64, 96)
+    path = tmp_path / "gas.onnx"
+    torch.onnx.export(net, (x,), str(path), input_names=["image"], output_names=["logits"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (out,) = sess.run(None, {"image": x.numpy()})
+    with torch.no_grad():
+        ref = net(x).numpy()
+    assert abs(out - ref).max() < 1e-3
+
+
+def test_torchscript_export_matches_eager(tmp_path) -> None:
+    g = random_genotype(SMALL, torch.Generator().manual_seed(6))
+    net = GASNet(g).eval()
+    x = torch.randn(1, 3, 64, 96)
+    with torch.no_grad():
+        traced = torch.jit.trace(net, x)
+        path = tmp_path / "gas.pt"
+        traced.save(str(path))
+        loaded = torch.jit.load(str(path))
+        assert torch.allclose(loaded(x), net(x), atol=1e-5)
