@@ -1,0 +1,153 @@
+"""The device worker: one thread per service that owns the timing device.
+
+Profiling jobs and end-to-end measurements both run here, one at a time, so two timings never
+overlap on the same device. A job's progress (``done``) is committed in the same transaction as
+each measurement: a killed service resumes the job at start-up and loses at most the key in
+flight. Measurement requests jump the queue between two keys of a running job.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from gas_core.keys import LatencyKey
+from latency_service import crud
+from latency_service.device import gpu_telemetry
+from latency_service.models import Job, utcnow
+from latency_service.profiler import Method, time_key
+
+log = logging.getLogger(__name__)
+
+
+class DeviceWorker:
+    def __init__(
+        self, sessions: sessionmaker[Session], device: torch.device, device_id: int, environment_id: int,
+        method: Method, poll_s: float = 0.5,
+    ) -> None:
+        self.sessions = sessions
+        self.device = device
+        self.device_id = device_id
+        self.environment_id = environment_id
+        self.method = method
+        self.poll_s = poll_s
+        self._tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
+
+    # ------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 30) -> None:
+        self._stop.set()
+        self._wake.set()
+        self._thread.join(timeout)
+
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def submit(self, fn: Callable[[], Any]) -> Future:
+        """Run ``fn`` on the worker thread between two keys; returns its future."""
+        fut: Future = Future()
+        self._tasks.put((fn, fut))
+        self._wake.set()
+        return fut
+
+    # ------------------------------------------------------------ loop
+    def _run(self) -> None:
+        log.info("device worker started on %s", self.device)
+        while not self._stop.is_set():
+            if self._run_tasks():
+                continue
+            try:
+                worked = self._job_step()
+            except Exception:
+                log.exception("device worker step failed")
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_s)
+                self._wake.clear()
+        log.info("device worker stopped")
+
+    def _run_tasks(self) -> bool:
+        ran = False
+        while True:
+            try:
+                fn, fut = self._tasks.get_nowait()
+            except queue.Empty:
+                return ran
+            ran = True
+            if fut.set_running_or_notify_cancel():
+                try:
+                    fut.set_result(fn())
+                except BaseException as err:  # noqa: BLE001 — the future carries it to the caller
+                    fut.set_exception(err)
+
+    def _job_step(self) -> bool:
+        """Advance the current job by up to one timed key. False when there is nothing to do."""
+        with self.sessions() as s:
+            job = crud.next_job(s, device_id=self.device_id)
+            if job is None:
+                return False
+            if job.state == "queued":
+                job.state, job.started_at = "running", utcnow()
+                s.commit()
+                log.info("job %s started: %d keys", job.id, job.total)
+            elif job.done < job.total and job.started_at is not None:
+                log.info("job %s resumed at %d/%d", job.id, job.done, job.total)
+            return self._advance(s, job)
+
+    def _advance(self, s: Session, job: Job) -> bool:
+        keys = [LatencyKey.from_canonical(c) for c in job.keys[job.done :]]
+        stored = set() if job.force else crud.stored_hashes(
+            s, device_id=job.device_id, environment_id=job.environment_id, hashes=[k.key_hash for k in keys]
+        )
+        for key in keys:
+            s.refresh(job)
+            if job.state != "running":  # cancelled from the API
+                log.info("job %s %s at %d/%d", job.id, job.state, job.done, job.total)
+                return True
+            if key.key_hash in stored:
+                job.done += 1
+                job.skipped += 1
+                s.commit()
+                continue
+            try:
+                timing = time_key(key, self.device, self.method)
+                crud.put_measurement(
+                    s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
+                    method=asdict(self.method), telemetry=self._telemetry(),
+                )
+            except Exception as err:  # a key that cannot run here (OOM, unsupported dtype…)
+                s.rollback()
+                s.refresh(job)
+                log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
+                job.errors = [*job.errors, f"{key.canonical}: {type(err).__name__}: {err}"]
+            job.done += 1
+            s.commit()  # measurement and progress together
+            if not self._tasks.empty() or self._stop.is_set():
+                return True  # let a measurement run, or shut down, between two keys
+        job.state = "failed" if job.errors else "done"
+        job.finished_at = utcnow()
+        s.commit()
+        log.info("job %s %s: %d timed, %d skipped, %d errors", job.id, job.state,
+                 job.total - job.skipped - len(job.errors), job.skipped, len(job.errors))
+        return True
+
+    def _telemetry(self) -> dict[str, int | None]:
+        if self.device.type == "cuda":
+            return gpu_telemetry(self.device.index or 0)
+        return {"gpu_clock_mhz": None, "gpu_temp_c": None}

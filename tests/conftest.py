@@ -1,0 +1,40 @@
+"""Fixtures: a throwaway PostgreSQL cluster, a fresh database on each backend, and a real uvicorn
+server on loopback (helpers in :mod:`tests.support`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import PgCluster, Server, pg_bin, start_server, stop_server
+
+
+@pytest.fixture(scope="session")
+def pg_cluster() -> Iterator[PgCluster]:
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL server binaries not found (.ci/run installs them with apt-get)")
+    cluster = PgCluster(bindir).start()
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh, empty database on each backend."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'gas.db'}"
+    return request.getfixturevalue("pg_cluster").create_db()
+
+
+@pytest.fixture
+def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
+    srv = start_server(db_url, tmp_path)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)

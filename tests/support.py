@@ -1,0 +1,142 @@
+"""Helpers for the tests and the benchmarks: a throwaway PostgreSQL cluster and a real uvicorn
+server in a subprocess on a free loopback port."""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+# fast but real timing for tests: fewer samples, short warm-up
+FAST_TIMING = {
+    "GAS_SAMPLES": "5",
+    "GAS_WARMUP_RUNS": "2",
+    "GAS_WARMUP_MS": "2",
+    "GAS_MIN_SAMPLE_MS": "0.2",
+    "GAS_E2E_SAMPLES": "5",
+    "GAS_E2E_WARMUP_RUNS": "1",
+    "GAS_CPU_THREADS": "1",
+    "GAS_DEVICE": "cpu",
+}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def pg_bin() -> Path | None:
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"))
+    if found:
+        return Path(found[-1]).parent
+    initdb = shutil.which("initdb")
+    return Path(initdb).parent if initdb else None
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@dataclass
+class PgCluster:
+    """``initdb`` + ``pg_ctl start`` in a temp dir on a free port (as ``postgres`` when root)."""
+
+    bindir: Path
+    port: int = field(default_factory=free_port)
+    tmp: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="gas-pg-")))
+
+    def start(self) -> PgCluster:
+        datadir = self.tmp / "data"
+        if os.geteuid() == 0:
+            shutil.chown(self.tmp, "postgres", "postgres")
+        subprocess.run(_as_postgres([str(self.bindir / "initdb"), "-D", str(datadir), "-A", "trust", "-U",
+                                     "postgres"]), check=True, capture_output=True)
+        opts = f"-p {self.port} -k {self.tmp} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
+        subprocess.run(_as_postgres([str(self.bindir / "pg_ctl"), "-D", str(datadir), "-o", opts, "-l",
+                                     str(self.tmp / "log"), "-w", "start"]), check=True, capture_output=True)
+        return self
+
+    def stop(self) -> None:
+        subprocess.run(_as_postgres([str(self.bindir / "pg_ctl"), "-D", str(self.tmp / "data"), "-m", "immediate",
+                                     "-w", "stop"]), capture_output=True)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def create_db(self) -> str:
+        import psycopg
+
+        name = "gas_" + uuid.uuid4().hex[:10]
+        with psycopg.connect(f"host=127.0.0.1 port={self.port} user=postgres dbname=postgres", autocommit=True) as c:
+            c.execute(f'CREATE DATABASE "{name}"')
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{name}"
+
+
+@dataclass
+class Server:
+    url: str
+    proc: subprocess.Popen
+    log: Path
+    env: dict[str, str]
+
+    def client(self, **kw) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60, **kw)
+
+    def kill9(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+
+def start_server(db: str, tmp: Path, extra_env: dict[str, str] | None = None) -> Server:
+    """``gas-service serve`` in a subprocess, polled on /health until ready."""
+    port = free_port()
+    env = {**os.environ, **FAST_TIMING, "GAS_DATABASE_URL": db, **(extra_env or {})}
+    log = tmp / f"server-{port}.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "latency_service.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return Server(url, proc, log, env)
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    proc.kill()
+    raise RuntimeError(f"server did not become healthy:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.proc.poll() is None:
+        server.proc.terminate()
+        try:
+            server.proc.wait(15)
+        except subprocess.TimeoutExpired:
+            server.proc.kill()
+            server.proc.wait(5)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    job: dict = {}
+    while time.monotonic() < deadline:
+        job = client.get(f"/jobs/{job_id}").json()
+        if job["state"] not in ("queued", "running"):
+            return job
+        time.sleep(0.1)
+    raise TimeoutError(f"job {job_id} still {job.get('state')} after {timeout}s")

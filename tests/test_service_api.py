@@ -1,0 +1,232 @@
+"""The HTTP API against a real uvicorn server on loopback, on SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from gas_core.genotype import random_genotype
+from gas_core.keys import LatencyKey
+from gas_core.search_space import NetworkLayout, cell_shapes
+from latency_service import db
+from latency_service.models import Device, Environment, Measurement
+from tests.support import Server, start_server, stop_server, wait_job
+
+TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
+TINY_REQ = {"layout": TINY.model_dump(mode="json"), "input_size": [32, 48]}
+KEY = {"op": "conv_3x3", "c_in": 8, "c_out": 8, "h": 16, "w": 16, "stride": 1, "batch": 1}
+
+
+def _n_keys(layout: NetworkLayout, hw: tuple[int, int]) -> int:
+    return len(cell_shapes(layout, hw).all_keys())
+
+
+def test_health_device_openapi(server: Server) -> None:
+    with server.client() as c:
+        assert c.get("/health").json() == {"schema_version": 1, "status": "ok", "database": True, "worker": True}
+        dev = c.get("/device").json()
+        assert dev["device"]["kind"] == "cpu" and dev["device"]["slug"].startswith("cpu-")
+        assert dev["environment"]["info"]["threads"] == 1
+        spec = c.get("/openapi.json").json()
+        assert {"/health", "/device", "/profile", "/jobs", "/jobs/{job_id}", "/table/{device}", "/devices",
+                "/compare", "/measure"} <= set(spec["paths"])
+        assert "202" in spec["paths"]["/profile"]["post"]["responses"]
+
+
+def test_profile_table_measure_roundtrip(server: Server) -> None:
+    with server.client() as c:
+        r = c.post("/profile", json=TINY_REQ)
+        assert r.status_code == 202, r.text
+        job = wait_job(c, r.json()["id"])
+        n = _n_keys(TINY, (32, 48))
+        assert job["state"] == "done" and job["total"] == n and job["done"] == n and job["skipped"] == 0
+        slug = c.get("/device").json()["device"]["slug"]
+
+        t = c.get(f"/table/{slug}")
+        assert t.status_code == 200
+        body = t.json()
+        assert len(body["entries"]) == n and body["schema_version"] == 1
+        e = body["entries"][0]
+        assert e["p10_us"] <= e["median_us"] <= e["p90_us"] and e["n_samples"] == 5
+        assert e["timer"] == "perf_counter_ns"
+        assert LatencyKey.from_canonical(e["key"]).key_hash == e["key_hash"]
+        # ETag: unchanged table → 304
+        assert c.get(f"/table/{slug}", headers={"If-None-Match": t.headers["etag"]}).status_code == 304
+        # filters and CSV
+        convs = c.get(f"/table/{slug}", params={"op": "conv_3x3"}).json()["entries"]
+        assert convs and all(x["op"] == "conv_3x3" for x in convs)
+        assert c.get(f"/table/{slug}", params={"batch": 7}).json()["entries"] == []
+        csv = c.get(f"/table/{slug}", params={"format": "csv"})
+        assert csv.headers["content-type"].startswith("text/csv")
+        assert len(csv.text.strip().splitlines()) == n + 1
+        with_samples = c.get(f"/table/{slug}", params={"samples": True}).json()["entries"][0]
+        assert len(with_samples["samples_us"]) == 5
+
+        # the same request again: a new job, every key skipped
+        again = wait_job(c, c.post("/profile", json=TINY_REQ).json()["id"])
+        assert again["skipped"] == n and again["state"] == "done"
+        forced = wait_job(c, c.post("/profile", json={**TINY_REQ, "force": True}).json()["id"])
+        assert forced["skipped"] == 0 and forced["done"] == n
+        assert len(c.get(f"/table/{slug}").json()["entries"]) == n
+
+        devices = c.get("/devices").json()["devices"]
+        assert [d["slug"] for d in devices] == [slug]
+        assert devices[0]["environments"][0]["entries"] == n
+
+        g = random_genotype(TINY, torch.Generator().manual_seed(0))
+        m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": [32, 48]})
+        assert m.status_code == 200, m.text
+        res = m.json()
+        assert res["median_ms"] > 0 and res["fps"] == pytest.approx(1e3 / res["median_ms"])
+        assert res["predicted_ms"] > 0 and res["missing_keys"] == []
+        assert res["error_pct"] == pytest.approx((res["predicted_ms"] - res["median_ms"]) / res["median_ms"] * 100)
+        # at a size the table lacks, the prediction is null and the missing keys are named
+        m2 = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": [40, 40]}).json()
+        assert m2["predicted_ms"] is None and m2["missing_keys"]
+
+
+def test_bad_input_is_rejected_with_the_field_named(server: Server) -> None:
+    with server.client() as c:
+        def bad(path: str, body: dict, code: int = 422) -> str:
+            r = c.post(path, json=body)
+            assert r.status_code == code, r.text
+            return json.dumps(r.json())
+
+        assert "c_in" in bad("/profile", {"keys": [{**KEY, "c_in": -8}]})
+        assert "c_in" in bad("/profile", {"keys": [{**KEY, "c_in": 100000}]})
+        assert "conv_9x9" in bad("/profile", {"keys": [{**KEY, "op": "conv_9x9"}]})
+        assert "batch" in bad("/profile", {"keys": [{**KEY, "batch": 10000}]})
+        assert "h/w" in bad("/profile", {"keys": [{**KEY, "h": 100000}]})
+        assert "exactly one" in bad("/profile", {"keys": [KEY], **TINY_REQ})
+        assert "input_size" in bad("/profile", {"layout": TINY.model_dump(mode="json")})
+        assert "schema_version" in bad("/profile", {"schema_version": 9, "keys": [KEY]})
+        g = json.loads(random_genotype(TINY, torch.Generator().manual_seed(1)).to_json())
+        g_bad = json.loads(json.dumps(g))
+        g_bad["cells"][0]["edges"][0] = "conv_9x9"
+        assert "conv_9x9" in bad("/measure", {"genotype": g_bad, "input_size": [32, 32]})
+        g_bad = json.loads(json.dumps(g))
+        g_bad["cells"] = g_bad["cells"][:2]
+        assert "cells" in bad("/measure", {"genotype": g_bad, "input_size": [32, 32]})
+        assert "input_size" in bad("/measure", {"genotype": g, "input_size": [99999, 32]})
+        assert "batch" in bad("/measure", {"genotype": g, "input_size": [32, 32], "batch": 5000})
+        assert c.get("/table/no-such-device").status_code == 404
+        assert c.get("/jobs/nope").status_code == 404
+        assert c.delete("/jobs/nope").status_code == 404
+        assert c.get("/compare", params={"devices": "a"}).status_code == 422
+        # nothing was stored by any of it
+        assert c.get("/jobs").json() == []
+
+
+def test_concurrent_identical_requests_make_one_job(server: Server) -> None:
+    layout = TINY.model_copy(update={"num_cells": 4})
+    body = {"layout": layout.model_dump(mode="json"), "input_size": [48, 64]}
+
+    def post(_: int) -> tuple[int, str]:
+        r = httpx.post(server.url + "/profile", json=body, timeout=60)
+        return r.status_code, r.json()["id"]
+
+    with ThreadPoolExecutor(10) as pool:
+        results = list(pool.map(post, range(10)))
+    ids = {job_id for _, job_id in results}
+    assert len(ids) == 1, results
+    assert sorted(code for code, _ in results).count(202) == 1
+    with server.client() as c:
+        wait_job(c, ids.pop())
+        assert len(c.get("/jobs").json()) == 1
+
+
+def test_cancel_job(server: Server) -> None:
+    with server.client() as c:
+        body = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": [128, 256]}
+        job = c.post("/profile", json=body).json()
+        cancelled = c.delete(f"/jobs/{job['id']}").json()
+        assert cancelled["state"] == "cancelled"
+        time.sleep(0.5)
+        final = c.get(f"/jobs/{job['id']}").json()
+        assert final["state"] == "cancelled" and final["done"] < final["total"]
+
+
+def test_compare_two_devices(server: Server) -> None:
+    with server.client() as c:
+        wait_job(c, c.post("/profile", json=TINY_REQ).json()["id"])
+        slug = c.get("/device").json()["device"]["slug"]
+    # a second device's table: the same keys at exactly twice the latency, written through the ORM
+    engine = db.make_engine(server.env["GAS_DATABASE_URL"])
+    sessions = db.session_factory(engine)
+    with sessions() as s:
+        dev = Device(slug="test-double-speed", kind="cpu", name="double", info={})
+        s.add(dev)
+        s.flush()
+        env = Environment(device_id=dev.id, fingerprint="f" * 16, info={})
+        s.add(env)
+        s.flush()
+        for m in s.scalars(select(Measurement)).all():
+            s.add(Measurement(**{col: getattr(m, col) for col in (
+                "key_hash", "key", "op", "c_in", "c_out", "h", "w", "stride", "n_inputs", "batch", "dtype",
+                "memory_format", "runtime", "p10_us", "p90_us", "mean_us", "std_us", "n_samples",
+                "iters_per_sample", "timer", "method", "samples")},
+                device_id=dev.id, environment_id=env.id, median_us=2 * m.median_us))
+        s.commit()
+    engine.dispose()
+    with server.client() as c:
+        r = c.get("/compare", params={"devices": f"{slug},test-double-speed"}).json()
+    n = _n_keys(TINY, (32, 48))
+    assert r["common_keys"] == n and r["geomean_ratio"] == pytest.approx(2.0)
+    assert r["spearman"] == pytest.approx(1.0)
+    assert r["per_op"]["conv_3x3"]["geomean_ratio"] == pytest.approx(2.0)
+
+
+@pytest.mark.slow
+def test_kill9_mid_job_resumes_without_duplicates(db_url: str, tmp_path: Path) -> None:
+    slow = {"GAS_SAMPLES": "20", "GAS_MIN_SAMPLE_MS": "1", "GAS_WARMUP_MS": "10"}
+    layout = NetworkLayout(num_cells=5, reduction_cells=(1, 3))
+    body = {"layout": layout.model_dump(mode="json"), "input_size": [64, 96]}
+    n = _n_keys(layout, (64, 96))
+    srv = start_server(db_url, tmp_path, slow)
+    try:
+        with srv.client() as c:
+            job_id = c.post("/profile", json=body).json()["id"]
+            deadline = time.monotonic() + 60
+            while c.get(f"/jobs/{job_id}").json()["done"] < 5 and time.monotonic() < deadline:
+                time.sleep(0.05)
+        srv.kill9()
+    finally:
+        stop_server(srv)
+    engine = db.make_engine(db_url)
+    with db.session_factory(engine)() as s:
+        stored_at_kill = s.scalar(select(func.count()).select_from(Measurement))
+    assert 5 <= stored_at_kill < n
+    srv = start_server(db_url, tmp_path, slow)
+    try:
+        with srv.client() as c:
+            job = wait_job(c, job_id, timeout=300)
+            assert job["state"] == "done" and job["done"] == n
+            assert len(c.get("/jobs").json()) == 1
+        assert "resumed" in srv.log.read_text()
+    finally:
+        stop_server(srv)
+    with db.session_factory(engine)() as s:
+        rows = s.scalar(select(func.count()).select_from(Measurement))
+        distinct = s.scalar(select(func.count(func.distinct(Measurement.key_hash))))
+    engine.dispose()
+    assert rows == distinct == n
+
+
+def test_token_guards_mutating_routes(tmp_path: Path) -> None:
+    srv = start_server(f"sqlite:///{tmp_path / 't.db'}", tmp_path, {"GAS_API_TOKEN": "s3cret"})
+    try:
+        with srv.client() as c:
+            assert c.post("/profile", json={"keys": [KEY]}).status_code == 401
+            assert c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer nope"}).status_code == 401
+            ok = c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 202
+            assert c.get("/jobs").status_code == 200  # reads stay open
+    finally:
+        stop_server(srv)

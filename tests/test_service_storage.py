@@ -1,0 +1,149 @@
+"""Storage, migrations, device identity and the profiler, on SQLite and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import sys
+import types
+
+import pytest
+import torch
+from sqlalchemy import func, inspect, select
+from sqlalchemy.exc import IntegrityError
+
+from gas_core.keys import LatencyKey
+from latency_service import crud, db, device
+from latency_service.models import Job, Measurement
+from latency_service.profiler import Method, samples_from_blob, time_key
+
+FAST = Method(warmup_runs=2, warmup_ms=1, samples=5, min_sample_ms=0.1)
+KEY = LatencyKey(op="sep_conv_3x3", c_in=8, c_out=8, h=16, w=32, stride=1, batch=1)
+
+
+def _session(url: str):
+    db.migrate(url)
+    engine = db.make_engine(url)
+    return engine, db.session_factory(engine)
+
+
+def _device_env(s):
+    dev = crud.get_or_create_device(s, ident=device.cpu_identity())
+    env = crud.get_or_create_environment(s, device=dev, ident=device.environment(torch.device("cpu"), 1, False))
+    return dev, env
+
+
+def test_migrations_upgrade_downgrade(db_url: str) -> None:
+    db.migrate(db_url)
+    engine = db.make_engine(db_url)
+    tables = set(inspect(engine).get_table_names())
+    assert {"device", "environment", "measurement", "job", "e2e_measurement", "alembic_version"} <= tables
+    uniques = {u["name"] for u in inspect(engine).get_unique_constraints("measurement")}
+    assert "uq_measurement_key" in uniques
+    db.downgrade(db_url, "base")
+    assert set(inspect(engine).get_table_names()) <= {"alembic_version"}
+    db.migrate(db_url)
+    assert "measurement" in inspect(engine).get_table_names()
+    engine.dispose()
+
+
+def test_measurement_unique_per_device_env_key(db_url: str) -> None:
+    engine, sessions = _session(db_url)
+    timing = time_key(KEY, torch.device("cpu"), FAST)
+    with sessions() as s:
+        dev, env = _device_env(s)
+        crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
+                             telemetry={})
+        s.commit()
+        # put again: an update, not a second row
+        crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
+                             telemetry={})
+        s.commit()
+        assert s.scalar(select(func.count()).select_from(Measurement)) == 1
+        row = s.scalars(select(Measurement)).one()
+        assert samples_from_blob(row.samples) == pytest.approx(timing.samples_us, rel=1e-6)
+        assert crud.lookup(s, device_id=dev.id, environment_id=env.id) == {KEY.canonical: row.median_us}
+        s.add(Measurement(device_id=dev.id, environment_id=env.id, key_hash=KEY.key_hash, key=KEY.canonical,
+                          **KEY.model_dump(), **timing.summary(), method={}, samples=b""))
+        with pytest.raises(IntegrityError):
+            s.commit()
+        s.rollback()
+        assert s.scalar(select(func.count()).select_from(Measurement)) == 1
+    engine.dispose()
+
+
+def test_one_active_job_per_request(db_url: str) -> None:
+    engine, sessions = _session(db_url)
+    with sessions() as s:
+        dev, env = _device_env(s)
+        a, created_a = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+                                       force=False)
+        b, created_b = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+                                       force=False)
+        assert created_a and not created_b and a.id == b.id
+        # the partial unique index refuses a second active job even past the application check
+        s.add(Job(id="x", device_id=dev.id, environment_id=env.id, request_hash="h", state="queued", keys=[],
+                  total=0))
+        with pytest.raises(IntegrityError):
+            s.commit()
+        s.rollback()
+        crud.cancel_job(s, job=a)
+        c, created_c = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+                                       force=False)
+        assert created_c and c.id != a.id
+    engine.dispose()
+
+
+def test_cpu_identity_when_nvml_is_absent(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NVMLError(Exception):
+        pass
+
+    fake = types.ModuleType("pynvml")
+
+    def init() -> None:
+        raise NVMLError("NVML Shared Library Not Found")
+
+    fake.nvmlInit = init  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    assert device._nvml() is None
+    assert device.gpu_telemetry(0) == {"gpu_clock_mhz": None, "gpu_temp_c": None}
+    ident = device.identify(device.resolve_device("cpu"))
+    assert ident.kind == "cpu" and ident.slug.startswith("cpu-") and ident.slug.endswith(f"-{device.host_cpus()}t")
+    assert ident.info["threads"] == device.host_cpus()
+    env = device.environment(torch.device("cpu"), 3, True)
+    assert env.info["threads"] == 3 and env.fingerprint != device.environment(torch.device("cpu"), 2, True).fingerprint
+
+
+def test_nvml_module_without_gpu_degrades() -> None:
+    """The real nvidia-ml-py on a host without a driver must not raise."""
+    pytest.importorskip("pynvml")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert device._nvml() is None
+    assert device.gpu_telemetry(0) == {"gpu_clock_mhz": None, "gpu_temp_c": None}
+    assert device.identify(device.resolve_device("auto")).kind == "cpu"
+
+
+def test_asking_for_cuda_without_it_is_an_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="CUDA is not available"):
+        device.resolve_device("cuda:0")
+
+
+def test_profiler_cpu_stats() -> None:
+    t = time_key(KEY, torch.device("cpu"), FAST)
+    s = t.summary()
+    assert t.timer == "perf_counter_ns" and s["n_samples"] == 5 and len(t.samples_us) == 5
+    assert s["p10_us"] <= s["median_us"] <= s["p90_us"]
+    assert s["median_us"] > 0 and t.iters_per_sample >= 1
+    assert t.timed_ns >= sum(t.samples_us) * t.iters_per_sample * 1e3 * 0.99
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA-event timing, NVML identity)")
+def test_cuda_event_timing_and_nvml_identity() -> None:
+    dev = torch.device("cuda:0")
+    t = time_key(KEY, dev, FAST)
+    assert t.timer == "cuda_event" and t.median_us > 0
+    ident = device.identify(dev)
+    assert ident.kind == "cuda" and ident.slug.startswith("nvidia-")
+    assert device.gpu_telemetry(0)["gpu_temp_c"] is not None
