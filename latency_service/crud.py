@@ -111,11 +111,9 @@ def put_measurement(
     return row
 
 
-def table_rows(
-    session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
-    memory_format: str | None = None, op: str | None = None,
-) -> Sequence[Measurement]:
-    q = select(Measurement).where(Measurement.device_id == device_id, Measurement.environment_id == environment_id)
+def _filtered(q, *, device_id: int, environment_id: int, dtype: str | None, batch: int | None,  # type: ignore[no-untyped-def]
+              memory_format: str | None, op: str | None):
+    q = q.where(Measurement.device_id == device_id, Measurement.environment_id == environment_id)
     if dtype is not None:
         q = q.where(Measurement.dtype == dtype)
     if batch is not None:
@@ -124,7 +122,28 @@ def table_rows(
         q = q.where(Measurement.memory_format == memory_format)
     if op is not None:
         q = q.where(Measurement.op == op)
+    return q
+
+
+def table_rows(
+    session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
+    memory_format: str | None = None, op: str | None = None,
+) -> Sequence[Measurement]:
+    q = _filtered(select(Measurement), device_id=device_id, environment_id=environment_id, dtype=dtype, batch=batch,
+                  memory_format=memory_format, op=op)
     return session.scalars(q.order_by(Measurement.key)).all()
+
+
+def table_version(
+    session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
+    memory_format: str | None = None, op: str | None = None,
+) -> tuple[int, str]:
+    """(row count, newest write) of a filtered table: changes whenever any of its rows does,
+    including rows written by other hosts of a fleet, so it keys the response cache."""
+    q = _filtered(select(func.count(), func.max(Measurement.created_at)), device_id=device_id,
+                  environment_id=environment_id, dtype=dtype, batch=batch, memory_format=memory_format, op=op)
+    count, newest = session.execute(q).one()
+    return int(count), str(newest)
 
 
 def lookup(session: Session, *, device_id: int, environment_id: int) -> dict[str, float]:

@@ -6,7 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from sqlalchemy import Engine
@@ -36,6 +40,30 @@ from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileReques
 log = logging.getLogger(__name__)
 
 
+class LRU:
+    """A small thread-safe LRU for rendered table responses."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            return None
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return value
+
+
 class RequestError(ValueError):
     """Bad input; the message names the field. The API maps it to 422, the CLI to exit 2."""
 
@@ -51,6 +79,7 @@ class Host:
     worker: DeviceWorker
     engine: Engine
     sessions: sessionmaker[Session]
+    table_cache: LRU = field(default_factory=LRU)
 
     @classmethod
     def start(cls, settings: Settings, *, run_worker: bool = True) -> Host:

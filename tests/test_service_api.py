@@ -74,7 +74,9 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         assert again["skipped"] == n and again["state"] == "done"
         forced = wait_job(c, c.post("/profile", json={**TINY_REQ, "force": True}).json()["id"])
         assert forced["skipped"] == 0 and forced["done"] == n
-        assert len(c.get(f"/table/{slug}").json()["entries"]) == n
+        after = c.get(f"/table/{slug}", headers={"If-None-Match": t.headers["etag"]})
+        assert after.status_code == 200 and after.headers["etag"] != t.headers["etag"]  # re-timed rows: new body
+        assert len(after.json()["entries"]) == n
 
         devices = c.get("/devices").json()["devices"]
         assert [d["slug"] for d in devices] == [slug]

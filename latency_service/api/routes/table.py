@@ -12,7 +12,7 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from gas_core.keys import Dtype, MemoryFormat
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
-from latency_service.api.deps import SessionDep
+from latency_service.api.deps import HostDep, SessionDep
 from latency_service.models import Device, Environment
 from latency_service.schemas import (
     ComparePublic,
@@ -48,6 +48,7 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
 def table(
     device: str,
     session: SessionDep,
+    host: HostDep,
     environment: str | None = None,
     dtype: Dtype | None = None,
     batch: Annotated[int | None, Query(ge=1)] = None,
@@ -58,9 +59,25 @@ def table(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     dev, env = _device_env(session, device, environment)
-    rows = crud.table_rows(session, device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
-                           memory_format=memory_format, op=op)
-    entries = [entry_public(r, samples) for r in rows]
+    filters = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch, memory_format=memory_format,
+                   op=op)
+    version = crud.table_version(session, **filters)
+    cache_key = (tuple(filters.items()), format, samples, version)
+    cached = host.table_cache.get(cache_key)
+    if cached is None:
+        body, media = _render(session, dev, env, filters, format, samples)
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        cached = host.table_cache.put(cache_key, (body, media, etag))
+    body, media, etag = cached
+    headers = {"ETag": etag, "X-GAS-Environment": env.fingerprint, "Cache-Control": "no-cache"}
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(content=body, media_type=media, headers=headers)
+
+
+def _render(session: SessionDep, dev: Device, env: Environment, filters: dict, format: str,
+            samples: bool) -> tuple[bytes, str]:
+    entries = [entry_public(r, samples) for r in crud.table_rows(session, **filters)]
     if format == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=ENTRY_FIELDS)
@@ -76,11 +93,7 @@ def table(
             entries=entries,
         )
         body, media = payload.model_dump_json().encode(), "application/json"
-    etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-    headers = {"ETag": etag, "X-GAS-Environment": env.fingerprint, "Cache-Control": "no-cache"}
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    return Response(content=body, media_type=media, headers=headers)
+    return body, media
 
 
 @router.get("/devices", response_model=DevicesPublic, summary="Every device in the database")
