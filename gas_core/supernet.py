@@ -120,8 +120,11 @@ class Supernet(nn.Module):
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         return gumbel_softmax_sample(self.alpha_prime(), self.temperature, generator)
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
-        """With ``z`` None a fresh Gumbel sample is drawn (a DDP rank may pass its own)."""
-        z = self.sample() if z is None else z
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor | None = None, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """With ``z`` None a Gumbel sample is drawn (from ``generator`` when given, so DDP ranks
+        and micro-batches can each draw a reproducible one)."""
+        z = self.sample(generator) if z is None else z
         self.last_z = z
         return self.net.run(x, list(z))

@@ -1,0 +1,173 @@
+"""HTTP client of the latency service: timeouts, retries with exponential backoff on connection
+errors and 5xx, and typed response models (only the fields the client reads; unknown fields are
+ignored so a newer service stays compatible). Imports gas_core, never latency_service."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from gas_core.genotype import Genotype
+from gas_core.keys import LatencyKey
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+
+class ServiceError(RuntimeError):
+    """One line a user can act on (unreachable service, unknown device, failed job)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DeviceInfo(_Model):
+    slug: str
+    kind: str
+    name: str
+
+
+class EnvironmentInfo(_Model):
+    fingerprint: str
+    info: dict[str, Any] = {}
+
+
+class HostInfo(_Model):
+    device: DeviceInfo
+    environment: EnvironmentInfo
+
+
+class TableEntry(_Model):
+    key: str
+    median_us: float
+    p10_us: float
+    p90_us: float
+
+
+class Table(_Model):
+    device: DeviceInfo
+    environment: EnvironmentInfo
+    entries: list[TableEntry]
+
+    def lookup(self) -> dict[str, float]:
+        return {e.key: e.median_us for e in self.entries}
+
+
+class JobInfo(_Model):
+    id: str
+    state: str
+    total: int
+    done: int
+    skipped: int
+    errors: list[str]
+
+
+class MeasureResult(_Model):
+    device: str
+    environment: str
+    input_size: tuple[int, int]
+    batch: int
+    dtype: str
+    memory_format: str
+    median_ms: float
+    p90_ms: float
+    fps: float
+    predicted_ms: float | None
+    missing_keys: list[str]
+    error_pct: float | None
+
+
+class LatencyClient:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 4,
+                 backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self.retries, self.backoff = retries, backoff
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> LatencyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                extra = {"timeout": timeout} if timeout is not None else {}
+                r = self.http.request(method, path, **kw, **extra)
+            except httpx.TransportError as err:
+                if attempt == self.retries:
+                    raise ServiceError(f"latency service at {self.base_url} is unreachable: {err}") from None
+                log.warning("%s %s: %s; retrying in %.1fs", method, path, err, delay)
+            else:
+                if r.status_code < 500:
+                    return r
+                if attempt == self.retries:
+                    raise ServiceError(f"{method} {path} failed with {r.status_code}: {r.text[:300]}")
+                log.warning("%s %s: HTTP %d; retrying in %.1fs", method, path, r.status_code, delay)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _json(self, r: httpx.Response, model: type[T], what: str) -> T:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ServiceError(f"{what}: HTTP {r.status_code}: {detail}")
+        return model.model_validate(r.json())
+
+    # ------------------------------------------------------------ routes
+    def host(self) -> HostInfo:
+        return self._json(self._request("GET", "/device"), HostInfo, "GET /device")
+
+    def table(self, device: str, *, dtype: str, batch: int, memory_format: str, environment: str | None = None) -> Table:
+        params: dict[str, Any] = {"dtype": dtype, "batch": batch, "memory_format": memory_format}
+        if environment is not None:
+            params["environment"] = environment
+        r = self._request("GET", f"/table/{device}", params=params)
+        if r.status_code == 404:
+            raise ServiceError(f"device {device!r} is unknown to {self.base_url}: {r.json().get('detail')}")
+        return self._json(r, Table, f"GET /table/{device}")
+
+    def profile(self, keys: list[LatencyKey], force: bool = False) -> JobInfo:
+        body = {"keys": [k.model_dump() for k in keys], "force": force}
+        return self._json(self._request("POST", "/profile", json=body), JobInfo, "POST /profile")
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._json(self._request("GET", f"/jobs/{job_id}"), JobInfo, f"GET /jobs/{job_id}")
+
+    def wait_job(self, job_id: str, on_progress: Callable[[JobInfo], None] | None = None, poll_s: float = 0.5,
+                 timeout_s: float = 24 * 3600) -> JobInfo:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.state == "done":
+                return job
+            if job.state in ("failed", "cancelled"):
+                first = f": {job.errors[0]}" if job.errors else ""
+                raise ServiceError(f"profiling job {job_id} {job.state} ({len(job.errors)} errors){first}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"profiling job {job_id} did not finish in {timeout_s:.0f}s")
+            time.sleep(poll_s)
+
+    def measure(self, genotype: Genotype, input_size: tuple[int, int], *, batch: int, dtype: str,
+                memory_format: str) -> MeasureResult:
+        body = {"genotype": genotype.model_dump(mode="json"), "input_size": list(input_size), "batch": batch,
+                "dtype": dtype, "memory_format": memory_format}
+        r = self._request("POST", "/measure", json=body, timeout=1800)
+        return self._json(r, MeasureResult, "POST /measure")

@@ -1,0 +1,39 @@
+"""Run a tiny search and save α — under torchrun (N ranks) or alone (``--accum N``).
+Used by test_search_client.py::test_ddp_matches_single_process_accumulation."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+from gas_core.latency import LatencyTerm
+from gas_core.search_space import NetworkLayout, cell_shapes
+from search_client.data import build_datasets
+from search_client.search import SearchConfig, init_distributed, search
+
+LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
+
+
+def term_for(layout: NetworkLayout, hw: tuple[int, int]) -> LatencyTerm:
+    """A deterministic table (µs ∝ work) so ranks and the single process agree exactly."""
+    sh = cell_shapes(layout, hw)
+    return LatencyTerm.from_table(sh, {k.canonical: 1.0 + k.h * k.w * k.c_in * k.c_out / 1e4 for k in sh.all_keys()})
+
+
+def main() -> None:
+    out, accum = Path(sys.argv[1]), int(sys.argv[2])
+    torch.set_num_threads(1)
+    d = init_distributed()
+    train, val = build_datasets("synthetic", None, (32, 48), 0, (16, 4))
+    cfg = SearchConfig(epochs=2, batch=4, accum=accum, seed=3, beta=0.05, max_steps=2, lr_a=0.01)
+    res = search(cfg, LAYOUT, train, None, term_for(LAYOUT, (32, 48)), out, dist_info=d, progress=False)
+    if d.main:
+        torch.save({"alpha": res.supernet.alpha.detach(), "ggm": res.supernet.ggm.state_dict()}, out / "alpha.pt")
+    if d.world > 1:
+        torch.distributed.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
