@@ -121,10 +121,12 @@ class Supernet(nn.Module):
         return gumbel_softmax_sample(self.alpha_prime(), self.temperature, generator)
 
     def forward(
-        self, x: torch.Tensor, z: torch.Tensor | None = None, generator: torch.Generator | None = None
+        self, x: torch.Tensor, z: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        expected: bool = False,
     ) -> torch.Tensor:
         """With ``z`` None a Gumbel sample is drawn (from ``generator`` when given, so DDP ranks
-        and micro-batches can each draw a reproducible one)."""
-        z = self.sample(generator) if z is None else z
+        and micro-batches can each draw a reproducible one); ``expected`` uses softmax(α′)."""
+        if z is None:
+            z = torch.softmax(self.alpha_prime(), -1) if expected else self.sample(generator)
         self.last_z = z
         return self.net.run(x, list(z))

@@ -93,6 +93,8 @@ def run(
     memory_format: Annotated[str, typer.Option(help=f"deployment memory format: {', '.join(MEMORY_FORMATS)}")] = (
         "contiguous"),
     epochs: Annotated[int, typer.Option(help="search epochs (τ anneals 1.0 → 0.03 over them)")] = 10,
+    warmup_epochs: Annotated[int, typer.Option(
+        help="weights-only epochs on the expected mixture before the search (0 = the paper)")] = 0,
     batch: Annotated[int, typer.Option(help="global batch size over all ranks (paper: 16)")] = 16,
     accum: Annotated[int, typer.Option(help="micro-batches per rank per step (gradient accumulation)")] = 1,
     max_steps: Annotated[int | None, typer.Option(help="cap on steps per epoch (quick runs)")] = None,
@@ -127,7 +129,7 @@ def run(
         _fail(str(err), 2)
     layout = NetworkLayout(num_classes=train.num_classes)
     cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, cells=cells, ggm=ggm,
-                       graph=graph, max_steps=max_steps)
+                       graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
     client = LatencyClient(url, token=settings.api_token)
     try:
         payload: list = [None]

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
@@ -33,7 +34,7 @@ from search_client.data import IGNORE, SegDataset, collate, confusion, global_ba
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ["epoch", "loss", "ce", "lat_ms", "expected_lat_ms", "derived_lat_ms", "temperature", "lr_w", "val_miou"]
+LOG_FIELDS = ["epoch", "phase", "loss", "ce", "lat_ms", "expected_lat_ms", "derived_lat_ms", "temperature", "lr_w", "val_miou"]
 
 
 class SearchConfig(BaseModel):
@@ -60,6 +61,11 @@ class SearchConfig(BaseModel):
     ggm_dim: int = 64
     gamma: float = 0.5
     max_steps: int | None = Field(default=None, ge=1, description="stop each epoch after this many steps")
+    warmup_epochs: int = Field(
+        default=0, ge=0,
+        description="weights-only epochs on the expected mixture softmax(α′) before the search (not in the "
+        "paper, which uses 0): Gumbel-sampled mixtures at τ≈1 barely train a fresh supernet in a short run",
+    )
 
 
 @dataclass
@@ -92,17 +98,35 @@ def _gumbel_gen(seed: int, epoch: int, step: int, slot: int) -> torch.Generator:
     return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + slot)
 
 
-def evaluate(net: Supernet, val: SegDataset, num_classes: int, batch: int = 4) -> float:
-    """mIoU of the derived architecture (one-hot argmax of α′) run through the supernet."""
-    net.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
+def evaluate(
+    net: Supernet, val: SegDataset, num_classes: int, calib: SegDataset | None = None, batch: int = 4,
+    calib_batches: int = 8,
+) -> float:
+    """mIoU of the derived architecture (one-hot argmax of α′) run through the supernet.
+
+    BatchNorm statistics are first recalibrated for that architecture on ``calib_batches``
+    training batches: the running statistics gathered under Gumbel mixtures do not describe
+    a single path, and a short search leaves them near their initial values."""
     with torch.no_grad():
         a = net.alpha_prime()
         z = F.one_hot(a.argmax(-1), a.shape[-1]).to(a.dtype)
+        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+        if calib is not None:
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None  # cumulative average over the calibration batches
+            for i in range(0, min(len(calib), calib_batches * batch), batch):
+                net(collate(calib, range(i, min(i + batch, len(calib))))[0], z)
+        net.eval()
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
         for i in range(0, len(val), batch):
             x, y = collate(val, range(i, min(i + batch, len(val))))
             conf += confusion(net(x, z).argmax(1), y, num_classes)
-    net.train()
+        net.train()
+        for m, (momentum, state) in zip(bns, saved, strict=True):  # the search goes on with its own statistics
+            m.momentum = momentum
+            m.load_state_dict(state)
     return miou(conf)
 
 
@@ -123,7 +147,8 @@ def search(
     model: torch.nn.Module = DDP(net) if d.world > 1 else net
     opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.lr_w, momentum=cfg.momentum, weight_decay=cfg.wd_w)
     opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.lr_a, betas=cfg.betas_a, weight_decay=cfg.wd_a)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=cfg.epochs, eta_min=cfg.lr_w_min)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=cfg.warmup_epochs + cfg.epochs,
+                                                       eta_min=cfg.lr_w_min)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "search_log.csv"
     history: list[dict] = []
@@ -146,12 +171,15 @@ def search(
     n_batches = len(global_batches(len(train), cfg.batch, cfg.seed, 0))
     if n_batches == 0:
         raise ValueError(f"the training set has {len(train)} samples, fewer than one batch of {cfg.batch}")
-    for epoch in range(start, min(cfg.epochs, until_epoch or cfg.epochs)):
-        net.temperature = temperature_at(epoch, cfg.epochs, cfg.tau_start, cfg.tau_end)
+    total = cfg.warmup_epochs + cfg.epochs
+    for epoch in range(start, min(total, until_epoch or total)):
+        warm = epoch < cfg.warmup_epochs
+        net.temperature = temperature_at(epoch - cfg.warmup_epochs, cfg.epochs, cfg.tau_start, cfg.tau_end)
         train.set_epoch(epoch)
         batches = global_batches(len(train), cfg.batch, cfg.seed, epoch)[: cfg.max_steps]
         sums = {"loss": 0.0, "ce": 0.0, "lat": 0.0}
-        bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not (progress and d.main), leave=False)
+        desc = f"warm-up {epoch + 1}/{cfg.warmup_epochs}" if warm else f"epoch {epoch + 1}/{total}"
+        bar = tqdm(batches, desc=desc, disable=not (progress and d.main), leave=False)
         for step, idx in enumerate(bar):
             opt_w.zero_grad(set_to_none=True)
             opt_a.zero_grad(set_to_none=True)
@@ -160,16 +188,17 @@ def search(
                 x, y = collate(train, idx[slot * micro : (slot + 1) * micro])
                 ctx = model.no_sync() if isinstance(model, DDP) and m < cfg.accum - 1 else nullcontext()
                 with ctx:
-                    logits = model(x, generator=_gumbel_gen(cfg.seed, epoch, step, slot))
+                    logits = model(x, generator=_gumbel_gen(cfg.seed, epoch, step, slot), expected=warm)
                     ce = F.cross_entropy(logits, y, ignore_index=IGNORE)
                     lat = term(net.last_z)
-                    loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 else ce
+                    loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
                     (loss / cfg.accum).backward()
                 sums["loss"] += loss.item() / cfg.accum
                 sums["ce"] += ce.item() / cfg.accum
                 sums["lat"] += lat.item() / cfg.accum
             opt_w.step()
-            opt_a.step()
+            if not warm:
+                opt_a.step()
             bar.set_postfix(loss=f"{loss.item():.3f}", lat_ms=f"{lat.item() / 1e3:.2f}")
         lr = sched.get_last_lr()[0]
         sched.step()
@@ -182,12 +211,13 @@ def search(
             "epoch": epoch + 1, "loss": sums["loss"] / steps, "ce": sums["ce"] / steps,
             "lat_ms": sums["lat"] / steps / 1e3, "expected_lat_ms": expected / 1e3, "derived_lat_ms": derived / 1e3,
             "temperature": net.temperature, "lr_w": lr,
-            "val_miou": evaluate(net, val, layout.num_classes) if (val is not None and d.main) else math.nan,
+            "val_miou": evaluate(net, val, layout.num_classes, train) if (val is not None and d.main) else math.nan,
+            "phase": "warmup" if warm else "search",
         }
         history.append(row)
         if d.main:
-            log.info("epoch %d/%d  loss %.4f  CE %.4f  LAT %.3f ms (expected %.3f, derived %.3f)  τ %.3f  mIoU %.3f",
-                     row["epoch"], cfg.epochs, row["loss"], row["ce"], row["lat_ms"], row["expected_lat_ms"],
+            log.info("%s %d/%d  loss %.4f  CE %.4f  LAT %.3f ms (expected %.3f, derived %.3f)  τ %.3f  mIoU %.3f",
+                     row["phase"], row["epoch"], total, row["loss"], row["ce"], row["lat_ms"], row["expected_lat_ms"],
                      row["derived_lat_ms"], row["temperature"], row["val_miou"])
             with log_path.open("a", newline="") as f:
                 csv.DictWriter(f, LOG_FIELDS).writerow(row)

@@ -202,14 +202,15 @@ def test_ggm_matches_hand_computation() -> None:
         link: EdgeGCN = ggm.links[k - 1]
         a_prev = ref[-1]
         w_phi1 = link.phi1.weight[:, :, 0]  # [d, q]
-        emb = a_prev @ w_phi1.T + link.phi1.bias  # [p, d]
+        emb = a_prev @ w_phi1.T  # [p, d]
         logits = (alpha[k] @ link.w1) @ (a_prev @ link.w2).T
         adj = torch.exp(logits) / torch.exp(logits).sum(1, keepdim=True)
         g = adj @ emb @ link.wg + emb
-        upd = g @ link.phi2.weight[:, :, 0].T + link.phi2.bias
+        upd = g @ link.phi2.weight[:, :, 0].T
         ref.append(alpha[k] + 0.5 * upd)
     assert torch.allclose(out, torch.stack(ref), atol=1e-5)
     assert torch.equal(out[0], alpha[0])
+    assert torch.equal(ggm(torch.zeros(K, p, q)), torch.zeros(K, p, q))  # no α-independent preference
 
 
 def _fake_table(shapes, cost=lambda k: 1.0):
