@@ -157,10 +157,15 @@ def identify(device: torch.device) -> DeviceIdentity:
     return gpu_identity(device.index or 0) if device.type == "cuda" else cpu_identity()
 
 
-def environment(device: torch.device, threads: int, cudnn_benchmark: bool) -> EnvironmentIdentity:
+def environment(
+    device: torch.device, threads: int, cudnn_benchmark: bool, timing: str = "context"
+) -> EnvironmentIdentity:
+    """The software that changes timings, including the timing method: tables measured with
+    another method are another environment, never mixed."""
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": threads,
+        "timing": timing,
         "python": platform.python_version(),
     }
     if device.type == "cuda":

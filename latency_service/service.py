@@ -34,7 +34,7 @@ from latency_service.device import (
 )
 from latency_service.jobs import DeviceWorker
 from latency_service.models import Job
-from latency_service.profiler import Method, time_network
+from latency_service.profiler import Method, default_flush_bytes, time_network
 from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileRequest
 
 log = logging.getLogger(__name__)
@@ -95,7 +95,9 @@ class Host:
         engine = db.make_engine(settings.database_url)
         sessions = db.session_factory(engine)
         ident = identify(tdev)
-        env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark)
+        flush = settings.timing_flush_bytes if settings.timing_flush_bytes is not None else default_flush_bytes(tdev)
+        timing = f"context+flush{flush}" if settings.timing_context else "isolated"
+        env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark, timing)
         with sessions() as s:
             dev_row = crud.get_or_create_device(s, ident=ident)
             env_row = crud.get_or_create_environment(s, device=dev_row, ident=env)
@@ -103,6 +105,7 @@ class Host:
         method = Method(
             warmup_runs=settings.warmup_runs, warmup_ms=settings.warmup_ms, samples=settings.samples,
             min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
+            context=settings.timing_context, flush_bytes=flush,
         )
         worker = DeviceWorker(sessions, tdev, device_id, env_id, method)
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)

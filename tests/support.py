@@ -90,7 +90,7 @@ class Server:
     env: dict[str, str]
 
     def client(self, **kw) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60, **kw)
+        return httpx.Client(base_url=self.url, **{"timeout": 60, **kw})
 
     def kill9(self) -> None:
         self.proc.send_signal(signal.SIGKILL)

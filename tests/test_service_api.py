@@ -24,6 +24,10 @@ TINY_REQ = {"layout": TINY.model_dump(mode="json"), "input_size": [32, 48]}
 KEY = {"op": "conv_3x3", "c_in": 8, "c_out": 8, "h": 16, "w": 16, "stride": 1, "batch": 1}
 
 
+def dev_env_timing(c: httpx.Client) -> str:
+    return c.get("/device").json()["environment"]["info"]["timing"]
+
+
 def _n_keys(layout: NetworkLayout, hw: tuple[int, int]) -> int:
     return len(cell_shapes(layout, hw).all_keys())
 
@@ -55,7 +59,8 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         assert len(body["entries"]) == n and body["schema_version"] == 1
         e = body["entries"][0]
         assert e["p10_us"] <= e["median_us"] <= e["p90_us"] and e["n_samples"] == 5
-        assert e["timer"] == "perf_counter_ns"
+        assert e["timer"] == "perf_counter_ns+context"  # the default method: paired, after a context
+        assert dev_env_timing(c).startswith("context+flush")
         assert LatencyKey.from_canonical(e["key"]).key_hash == e["key_hash"]
         # ETag: unchanged table → 304
         assert c.get(f"/table/{slug}", headers={"If-None-Match": t.headers["etag"]}).status_code == 304

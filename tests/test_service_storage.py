@@ -138,6 +138,26 @@ def test_profiler_cpu_stats() -> None:
     assert t.timed_ns >= sum(t.samples_us) * t.iters_per_sample * 1e3 * 0.99
 
 
+def test_profiler_context_timing() -> None:
+    """Paired timing after a context: positive, of the same order as the isolated figure, and
+    recorded as such; the context's flush and kernels are not counted in the result."""
+    method = Method(warmup_runs=2, warmup_ms=1, samples=9, min_sample_ms=0.5, context=True, flush_bytes=2**20)
+    t = time_key(KEY, torch.device("cpu"), method)
+    iso = time_key(KEY, torch.device("cpu"), FAST)
+    assert t.timer == "perf_counter_ns+context" and len(t.samples_us) == 9
+    assert 0 < t.median_us < 10 * iso.median_us
+    env_a = device.environment(torch.device("cpu"), 1, False, "isolated")
+    env_b = device.environment(torch.device("cpu"), 1, False, "context+flush1048576")
+    assert env_a.fingerprint != env_b.fingerprint  # tables of two methods never mix
+
+
+def test_default_flush_is_twice_l2() -> None:
+    from latency_service.profiler import default_flush_bytes
+
+    n = default_flush_bytes(torch.device("cpu"))
+    assert n >= 2**20 and n % 1024 == 0
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (CUDA-event timing, NVML identity)")
 def test_cuda_event_timing_and_nvml_identity() -> None:

@@ -28,6 +28,14 @@ class Settings(BaseSettings):
     samples: int = Field(default=30, ge=3, le=10_000)
     min_sample_ms: float = Field(default=1.0, gt=0, le=10_000)
     max_iters_per_sample: int = Field(default=10_000, ge=1)
+    timing_context: bool = Field(
+        default=True,
+        description="time each key after a context of other kernels (paired difference), as it runs inside "
+        "a network; False times it back-to-back with itself. Part of the environment fingerprint.",
+    )
+    timing_flush_bytes: int | None = Field(
+        default=None, ge=0, description="bytes the timing context writes to evict caches; unset = 2 × L2"
+    )
 
     # end-to-end measurement
     e2e_warmup_runs: int = Field(default=5, ge=1)

@@ -1,0 +1,188 @@
+"""Does the lookup table predict real latency? Against live services on loopback:
+
+1. two services on this host, one timing keys in isolation (``GAS_TIMING_CONTEXT=false``), one
+   timing them after a context of other kernels (the default), each profiling every key of the
+   layout at the input size;
+2. ``--eval`` random genotypes (seeded, spanning cheap to expensive) plus one searched genotype,
+   and a separate ``--calib`` set of random genotypes (other seeds), each timed end to end by
+   ``POST /measure`` on the context service;
+3. per network: the plain table sums (isolated, context) and a calibrated prediction — an
+   :class:`gas_core.latency.OverheadModel` fitted on the calibration set only, never on the
+   evaluated nets.
+
+Prints and writes median and max |predicted − measured| / measured, Kendall τ, and a scatter
+plot (predicted vs measured with y = x). Usage:
+``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+
+from bench.common import RESULTS, write_result  # noqa: E402
+from gas_core.genotype import Genotype, random_genotype  # noqa: E402
+from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
+from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
+from search_client.data import build_datasets  # noqa: E402
+from search_client.search import SearchConfig, search  # noqa: E402
+from tests.support import start_server, stop_server, wait_job  # noqa: E402
+
+# op mixtures from cheap (none / pool / skip) to expensive (convs); order of gas_core.ops.PRIMITIVES
+CHEAP = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.05, 0.05, 0.05, 0.05])
+DEAR = torch.tensor([0.0, 0.0, 0.02, 1.0, 1.0, 1.0, 1.0, 1.0])
+SLOW_TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1",
+               "GAS_E2E_SAMPLES": "60", "GAS_E2E_WARMUP_RUNS": "10", "GAS_CPU_THREADS": "0"}
+
+
+def spanning(layout: NetworkLayout, n: int, seed0: int, shapes, table: dict[str, float], pool: int = 400) -> list[Genotype]:
+    """``n`` genotypes evenly spread from cheap to expensive: draw ``pool`` candidates with op
+    mixtures from cheap to dear, then take the ones whose *table* prediction is nearest to ``n``
+    evenly spaced values between the cheapest and the dearest (no measurement is used to
+    choose), so neighbours differ by more than the measurement noise."""
+    cands = []
+    for i in range(pool):
+        t = i / (pool - 1)
+        g = random_genotype(layout, torch.Generator().manual_seed(seed0 + i), CHEAP * (1 - t) + DEAR * t)
+        cands.append((predict_latency_us(g, shapes, table), g))
+    lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
+    picked: list[Genotype] = []
+    for j in range(n):
+        target = lo + (hi - lo) * j / max(1, n - 1)
+        best = min((c for c in cands if c[1] not in picked), key=lambda c: abs(c[0] - target))
+        picked.append(best[1])
+    return picked
+
+
+def kendall_tau(a: list[float], b: list[float]) -> float:
+    """τ-b over all pairs (ties count as neither concordant nor discordant)."""
+    conc = disc = ta = tb = 0
+    for i in range(len(a)):
+        for j in range(i + 1, len(a)):
+            da, db = a[i] - a[j], b[i] - b[j]
+            if da == 0 and db == 0:
+                continue
+            if da == 0:
+                ta += 1
+            elif db == 0:
+                tb += 1
+            elif (da > 0) == (db > 0):
+                conc += 1
+            else:
+                disc += 1
+    denom = ((conc + disc + ta) * (conc + disc + tb)) ** 0.5
+    return (conc - disc) / denom if denom else float("nan")
+
+
+def summary(pred: list[float], meas: list[float]) -> dict:
+    err = [abs(p - m) / m * 100 for p, m in zip(pred, meas, strict=True)]
+    signed = [(p - m) / m * 100 for p, m in zip(pred, meas, strict=True)]
+    return {"median_abs_err_pct": statistics.median(err), "max_abs_err_pct": max(err),
+            "mean_signed_err_pct": statistics.fmean(signed), "kendall_tau": kendall_tau(pred, meas)}
+
+
+def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, extra: dict) -> tuple:
+    srv = start_server(f"sqlite:///{tmp}/table-{extra['GAS_TIMING_CONTEXT']}.db", tmp, {**SLOW_TIMING, **extra})
+    with srv.client() as c:
+        body = {"layout": layout.model_dump(mode="json"), "input_size": list(size)}
+        wait_job(c, c.post("/profile", json=body).json()["id"], timeout=3600)
+        host = c.get("/device").json()
+        table = c.get(f"/table/{host['device']['slug']}",
+                      params={"environment": host["environment"]["fingerprint"]}).json()
+    return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
+
+
+def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path) -> Genotype:
+    """A short real search on the synthetic data against this table (β = 0.005)."""
+    term = LatencyTerm.from_table(cell_shapes(layout, size), table)
+    train, val = build_datasets("synthetic", None, size, 0, (32, 8))
+    cfg = SearchConfig(epochs=3, warmup_epochs=1, batch=8, max_steps=4, beta=0.005, seed=0)
+    return search(cfg, layout, train, val, term, out, progress=False).genotype
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--input-size", type=int, nargs=2, default=(256, 512))
+    ap.add_argument("--eval", type=int, default=20)
+    ap.add_argument("--calib", type=int, default=12)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=RESULTS / "prediction_accuracy.png")
+    args = ap.parse_args()
+    size = tuple(args.input_size)
+    layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
+    shapes = cell_shapes(layout, size)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        iso_srv, _, iso_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "false"})
+        stop_server(iso_srv)
+        srv, host, ctx_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "true"})
+        try:
+            searched = quick_search(layout, size, ctx_table, tmp / "search")
+            nets = {"eval": spanning(layout, args.eval, 0, shapes, ctx_table) + [searched],
+                    "calib": spanning(layout, args.calib, 100_000, shapes, ctx_table)}
+            rows: dict[str, list[dict]] = {"eval": [], "calib": []}
+            with srv.client(timeout=600) as c:
+                for split, genos in nets.items():
+                    for i, g in enumerate(genos):
+                        m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(size)})
+                        m.raise_for_status()
+                        res = m.json()
+                        keys = derived_keys(g, shapes)
+                        rows[split].append({
+                            "net": "searched" if g is searched else f"{split}-{i}",
+                            "measured_us": res["median_ms"] * 1e3, "measured_p90_us": res["p90_ms"] * 1e3,
+                            "isolated_sum_us": predict_latency_us(g, shapes, iso_table),
+                            "context_sum_us": res["predicted_ms"] * 1e3, "calls": len(keys),
+                        })
+                        r = rows[split][-1]
+                        print(f"{r['net']:>10}: measured {r['measured_us'] / 1e3:7.3f} ms  isolated "
+                              f"{r['isolated_sum_us'] / 1e3:7.3f}  context {r['context_sum_us'] / 1e3:7.3f}  "
+                              f"calls {r['calls']}")
+        finally:
+            stop_server(srv)
+    cal = rows["calib"]
+    model = OverheadModel.fit([r["context_sum_us"] for r in cal], [r["calls"] for r in cal],
+                              [r["measured_us"] for r in cal])
+    ev = rows["eval"]
+    for r in ev:
+        r["calibrated_us"] = model.predict_us(r["context_sum_us"], r["calls"])
+    meas = [r["measured_us"] for r in ev]
+    results = {k: summary([r[f"{k}_us"] for r in ev], meas) for k in ("isolated_sum", "context_sum", "calibrated")}
+    for k, s in results.items():
+        print(f"{k:>13}: median |err| {s['median_abs_err_pct']:5.2f} %  max {s['max_abs_err_pct']:5.2f} %  "
+              f"mean signed {s['mean_signed_err_pct']:+6.2f} %  Kendall τ {s['kendall_tau']:.3f}")
+    print(f"overhead model (fitted on {model.fitted_on} other nets): {model.per_call_us:.2f} µs/call, "
+          f"{model.per_network_us:.0f} µs/net, calibration residual {model.residual_pct:.2f} %")
+
+    fig, ax = plt.subplots(figsize=(5.5, 5.5))
+    lo, hi = min(meas) * 0.6 / 1e3, max(meas) * 1.1 / 1e3
+    ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
+    for k, mk in (("isolated_sum", "x"), ("context_sum", "o"), ("calibrated", "s")):
+        ax.scatter([m / 1e3 for m in meas], [r[f"{k}_us"] / 1e3 for r in ev], marker=mk, s=22,
+                   label=f"{k} (median {results[k]['median_abs_err_pct']:.1f} %)")
+    ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
+           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, float32")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(args.plot, dpi=120)
+    print(f"wrote {args.plot}")
+    write_result("prediction_accuracy", {
+        "config": {"input_size": size, "eval_nets": len(ev), "calib_nets": len(cal), "batch": 1, "dtype": "float32",
+                   "timing": SLOW_TIMING},
+        "device": host["device"], "environment": host["environment"], "results": results,
+        "overhead_model": model.model_dump(), "eval": ev, "calib": cal,
+    }, args.out)
+
+
+if __name__ == "__main__":
+    main()
