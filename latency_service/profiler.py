@@ -31,6 +31,9 @@ class Method:
     """Time each key after a context sequence (see :func:`time_callable`)."""
     flush_bytes: int | None = None
     """Bytes the context writes to evict caches; None = :func:`default_flush_bytes`."""
+    context_min_sample_ms: float = 5.0
+    """With context, a sample lasts at least this long: each is a difference of two runs that
+    are mostly context, so it needs more iterations than ``min_sample_ms`` to be as precise."""
 
 
 @dataclass
@@ -112,7 +115,8 @@ def time_callable(
     body()
     sync()
     one_ns = max(time.perf_counter_ns() - t1, 1)
-    n = int(min(method.max_iters_per_sample, max(1, math.ceil(method.min_sample_ms * 1e6 / one_ns))))
+    min_ms = max(method.min_sample_ms, method.context_min_sample_ms) if context is not None else method.min_sample_ms
+    n = int(min(method.max_iters_per_sample, max(1, math.ceil(min_ms * 1e6 / one_ns))))
 
     if cuda:
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -143,10 +147,15 @@ def time_callable(
         if context is None:
             ns = run(fn)
             timed += ns
-        else:  # alternate the order of the pair so drift does not bias the difference
-            pair = (run(body), run(context)) if i % 2 == 0 else tuple(reversed((run(context), run(body))))
-            ns = pair[0] - pair[1]
-            timed += pair[0] + pair[1]
+        else:  # alternate which half of the pair runs first, so drift does not bias the difference
+            if i % 2 == 0:
+                with_fn = run(body)
+                ctx_only = run(context)
+            else:
+                ctx_only = run(context)
+                with_fn = run(body)
+            ns = with_fn - ctx_only
+            timed += with_fn + ctx_only
         samples.append(ns / 1e3 / n)
     return Timing(samples, n, timer + ("+context" if context is not None else ""), timed)
 

@@ -105,7 +105,7 @@ class Host:
         method = Method(
             warmup_runs=settings.warmup_runs, warmup_ms=settings.warmup_ms, samples=settings.samples,
             min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
-            context=settings.timing_context, flush_bytes=flush,
+            context=settings.timing_context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
         )
         worker = DeviceWorker(sessions, tdev, device_id, env_id, method)
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)

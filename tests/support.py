@@ -28,6 +28,7 @@ FAST_TIMING = {
     "GAS_E2E_WARMUP_RUNS": "1",
     "GAS_CPU_THREADS": "1",
     "GAS_DEVICE": "cpu",
+    "GAS_CONTEXT_MIN_SAMPLE_MS": "0.5",
 }
 
 

@@ -384,3 +384,13 @@ def test_torchscript_export_matches_eager(tmp_path) -> None:
         traced.save(str(path))
         loaded = torch.jit.load(str(path))
         assert torch.allclose(loaded(x), net(x), atol=1e-5)
+
+
+def test_overhead_model_fit() -> None:
+    from gas_core.latency import OverheadModel
+
+    m = OverheadModel.fit([100.0, 200.0, 400.0], [110.0, 220.0, 440.0])
+    assert m.scale == pytest.approx(1.1) and m.residual_pct == pytest.approx(0.0, abs=1e-9)
+    assert m.predict_us(1000.0) == pytest.approx(1100.0)
+    with pytest.raises(ValueError, match="at least 3"):
+        OverheadModel.fit([1.0], [1.0])

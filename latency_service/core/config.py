@@ -33,6 +33,8 @@ class Settings(BaseSettings):
         description="time each key after a context of other kernels (paired difference), as it runs inside "
         "a network; False times it back-to-back with itself. Part of the environment fingerprint.",
     )
+    context_min_sample_ms: float = Field(default=5.0, gt=0, le=10_000,
+                                         description="shortest sample with context timing (paired differences)")
     timing_flush_bytes: int | None = Field(
         default=None, ge=0, description="bytes the timing context writes to evict caches; unset = 2 × L2"
     )
