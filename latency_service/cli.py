@@ -6,6 +6,8 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +34,19 @@ def _settings(database_url: str | None, device: str | None, threads: int | None)
     except ValidationError as err:
         typer.echo(f"error: {err.errors()[0]['msg']}", err=True)
         raise typer.Exit(2) from None
+
+
+@contextmanager
+def _host(settings: Settings) -> Iterator[Host]:
+    """This host's service without HTTP (worker not started); bad input exits 2 with one line."""
+    host = Host.start(settings, run_worker=False)
+    try:
+        yield host
+    except RequestError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        host.close()
 
 
 DbOpt = Annotated[
@@ -84,8 +99,7 @@ def profile(
     except (ValidationError, OSError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
-    host = Host.start(settings, run_worker=False)
-    try:
+    with _host(settings) as host:
         job, _ = host.submit_profile(req)
         typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
         host.worker.start()
@@ -103,11 +117,6 @@ def profile(
             typer.echo(f"  error: {e}", err=True)
         if cur.state != "done":
             raise typer.Exit(1)
-    except RequestError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        host.close()
 
 
 @app.command()
@@ -130,15 +139,9 @@ def measure(
     except (ValidationError, OSError, json.JSONDecodeError) as err:
         typer.echo(f"error: {genotype}: {err}", err=True)
         raise typer.Exit(2) from None
-    host = Host.start(settings, run_worker=False)
-    try:
+    with _host(settings) as host:
         host.check_measure_bounds(req)
         result = host.measure(req)
-    except RequestError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
-    finally:
-        host.close()
     sys.stdout.write(result.model_dump_json(indent=2) + "\n")
 
 

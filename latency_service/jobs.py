@@ -42,6 +42,7 @@ class DeviceWorker:
         self._tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self._seen: set[str] = set()  # jobs this process has worked on
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
     # ------------------------------------------------------------ control
@@ -97,7 +98,8 @@ class DeviceWorker:
                     fut.set_exception(err)
 
     def _job_step(self) -> bool:
-        """Advance the current job by up to one timed key. False when there is nothing to do."""
+        """Advance the oldest active job until it ends or a measurement or shutdown interrupts
+        it. False when there is nothing to do."""
         with self.sessions() as s:
             job = crud.next_job(s, device_id=self.device_id)
             if job is None:
@@ -106,8 +108,9 @@ class DeviceWorker:
                 job.state, job.started_at = "running", utcnow()
                 s.commit()
                 log.info("job %s started: %d keys", job.id, job.total)
-            elif job.done < job.total and job.started_at is not None:
+            elif job.id not in self._seen:  # running before this process began: a crash or kill
                 log.info("job %s resumed at %d/%d", job.id, job.done, job.total)
+            self._seen.add(job.id)
             return self._advance(s, job)
 
     def _advance(self, s: Session, job: Job) -> bool:

@@ -8,6 +8,7 @@ import statistics
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy.orm import Session
 
 from gas_core.keys import Dtype, MemoryFormat
 from latency_service import crud
@@ -75,7 +76,7 @@ def table(
     return Response(content=body, media_type=media, headers=headers)
 
 
-def _render(session: SessionDep, dev: Device, env: Environment, filters: dict, format: str,
+def _render(session: Session, dev: Device, env: Environment, filters: dict, format: str,
             samples: bool) -> tuple[bytes, str]:
     entries = [entry_public(r, samples) for r in crud.table_rows(session, **filters)]
     if format == "csv":
