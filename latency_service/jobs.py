@@ -17,6 +17,7 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
+from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
@@ -105,8 +106,9 @@ class DeviceWorker:
             if job is None:
                 return False
             if job.state == "queued":
-                job.state, job.started_at = "running", utcnow()
-                s.commit()
+                # conditional, so a DELETE that lands between the read and this write wins
+                if not self._transition(s, job, "queued", state="running", started_at=utcnow()):
+                    return True
                 log.info("job %s started: %d keys", job.id, job.total)
             elif job.id not in self._seen:  # running before this process began: a crash or kill
                 log.info("job %s resumed at %d/%d", job.id, job.done, job.total)
@@ -143,12 +145,19 @@ class DeviceWorker:
             s.commit()  # measurement and progress together
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
-        job.state = "failed" if job.errors else "done"
-        job.finished_at = utcnow()
-        s.commit()
+        if not self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow()):
+            return True  # cancelled after the last key
         log.info("job %s %s: %d timed, %d skipped, %d errors", job.id, job.state,
                  job.total - job.skipped - len(job.errors), job.skipped, len(job.errors))
         return True
+
+    @staticmethod
+    def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:
+        """Set ``values`` on ``job`` only if its state is still ``expect``; True when it was."""
+        done = s.execute(update(Job).where(Job.id == job.id, Job.state == expect).values(**values)).rowcount
+        s.commit()
+        s.refresh(job)
+        return bool(done)
 
     def _telemetry(self) -> dict[str, int | None]:
         if self.device.type == "cuda":
