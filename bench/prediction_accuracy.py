@@ -33,6 +33,7 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
 from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
 from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
+from gas_core.table import kendall_tau  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
 from tests.support import start_server, stop_server, wait_job  # noqa: E402
@@ -61,26 +62,6 @@ def spanning(layout: NetworkLayout, n: int, seed0: int, shapes, table: dict[str,
         best = min((c for c in cands if c[1] not in picked), key=lambda c: abs(c[0] - target))
         picked.append(best[1])
     return picked
-
-
-def kendall_tau(a: list[float], b: list[float]) -> float:
-    """τ-b over all pairs (ties count as neither concordant nor discordant)."""
-    conc = disc = ta = tb = 0
-    for i in range(len(a)):
-        for j in range(i + 1, len(a)):
-            da, db = a[i] - a[j], b[i] - b[j]
-            if da == 0 and db == 0:
-                continue
-            if da == 0:
-                ta += 1
-            elif db == 0:
-                tb += 1
-            elif (da > 0) == (db > 0):
-                conc += 1
-            else:
-                disc += 1
-    denom = ((conc + disc + ta) * (conc + disc + tb)) ** 0.5
-    return (conc - disc) / denom if denom else float("nan")
 
 
 def summary(pred: list[float], meas: list[float]) -> dict:

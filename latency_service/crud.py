@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import func, select, update
@@ -11,9 +12,10 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gas_core.keys import LatencyKey
+from gas_core.table import LatencyTable
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
 from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, utcnow
-from latency_service.profiler import Timing
+from latency_service.profiler import Timing, samples_to_blob
 
 ACTIVE = ("queued", "running")
 
@@ -137,13 +139,75 @@ def table_rows(
 def table_version(
     session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
     memory_format: str | None = None, op: str | None = None,
-) -> tuple[int, str]:
-    """(row count, newest write) of a filtered table: changes whenever any of its rows does,
-    including rows written by other hosts of a fleet, so it keys the response cache."""
-    q = _filtered(select(func.count(), func.max(Measurement.created_at)), device_id=device_id,
+) -> tuple[int, str, str]:
+    """(row count, newest write, Σ medians) of a filtered table: changes whenever any of its rows
+    does, including rows written by other hosts of a fleet or imported with an older time, so it
+    keys the response cache."""
+    q = _filtered(select(func.count(), func.max(Measurement.created_at), func.sum(Measurement.median_us)), device_id=device_id,
                   environment_id=environment_id, dtype=dtype, batch=batch, memory_format=memory_format, op=op)
-    count, newest = session.execute(q).one()
-    return int(count), str(newest)
+    count, newest, total = session.execute(q).one()
+    return int(count), str(newest), repr(total)
+
+
+class ImportConflict(RuntimeError):
+    """The file disagrees with what the database holds (another kind of device under the slug)."""
+
+
+def _utc(t: datetime) -> datetime:
+    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
+
+
+def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[str, Any]:
+    """Merge an exported table into the database in one transaction: rows of new keys are added,
+    a stored row is replaced only by a newer one (or by any with ``force``), so re-importing an
+    old export never rolls a table back. The caller has validated every entry (keys, samples).
+    Returns the counts of :class:`latency_service.schemas.ImportPublic`."""
+    counts = dict(added=0, replaced=0, kept=0, skipped=0, created_device=False, created_environment=False)
+    dev = get_device(session, slug=table.device.slug)
+    if dev is None:
+        dev = Device(slug=table.device.slug, kind=table.device.kind, name=table.device.name, info=table.device.info)
+        session.add(dev)
+        session.flush()
+        counts["created_device"] = True
+    elif dev.kind != table.device.kind:
+        raise ImportConflict(f"device {dev.slug!r} is a {dev.kind} device here, the file says {table.device.kind}")
+    env = get_environment(session, device=dev, fingerprint=table.environment.fingerprint)
+    if env is None:
+        env = Environment(device_id=dev.id, fingerprint=table.environment.fingerprint, info=table.environment.info)
+        session.add(env)
+        session.flush()
+        counts["created_environment"] = True
+    stored = {
+        m.key_hash: m
+        for m in session.scalars(select(Measurement).where(Measurement.device_id == dev.id,
+                                                           Measurement.environment_id == env.id))
+    }
+    for e in table.entries:
+        assert e.samples_us is not None
+        values = dict(
+            median_us=e.median_us, p10_us=e.p10_us, p90_us=e.p90_us, mean_us=e.mean_us, std_us=e.std_us,
+            n_samples=e.n_samples, iters_per_sample=e.iters_per_sample, timer=e.timer, method=e.method or {},
+            samples=samples_to_blob(e.samples_us), gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
+            created_at=_utc(e.created_at),
+        )
+        row = stored.get(e.key_hash)
+        if row is None:
+            key = e.latency_key()
+            session.add(Measurement(device_id=dev.id, environment_id=env.id, key_hash=e.key_hash, key=e.key,
+                                    **key.model_dump(), **values))
+            counts["added"] += 1
+            continue
+        mine, theirs = _utc(row.created_at), _utc(e.created_at)
+        if theirs > mine or (force and theirs != mine):
+            for name, value in values.items():
+                setattr(row, name, value)
+            counts["replaced"] += 1
+        elif theirs == mine:
+            counts["skipped"] += 1
+        else:
+            counts["kept"] += 1
+    session.commit()
+    return counts
 
 
 def lookup(session: Session, *, device_id: int, environment_id: int) -> dict[str, float]:
@@ -211,14 +275,36 @@ def list_jobs(session: Session, *, state: str | None = None, limit: int = 100) -
     return session.scalars(q).all()
 
 
-def next_job(session: Session, *, device_id: int) -> Job | None:
-    """Oldest running (resumed after a crash) or queued job of this device."""
+def next_job(session: Session, *, device_id: int, environment_id: int, owner: str, stale_before: datetime) -> Job | None:
+    """The job this worker should run next: its own running job (resumed after a crash), else a
+    running job whose host stopped making progress before ``stale_before``, else the oldest
+    queued one, all of this (device, environment) only — a job is timed where it was asked for."""
+    mine_or_stale = (Job.state == "running") & (
+        (Job.owner == owner) | Job.owner.is_(None) | Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale_before)
+    )
     return session.scalar(
         select(Job)
-        .where(Job.device_id == device_id, Job.state.in_(ACTIVE))
+        .where(Job.device_id == device_id, Job.environment_id == environment_id,
+               (Job.state == "queued") | mine_or_stale)
         .order_by((Job.state == "running").desc(), Job.created_at)
         .limit(1)
     )
+
+
+def claim_job(session: Session, *, job: Job, owner: str) -> bool:
+    """Compare-and-swap ``job`` to ``running`` under ``owner``: only if its state, owner and
+    heartbeat are still what ``job`` says, so two hosts never both take it. Commits."""
+    q = update(Job).where(Job.id == job.id, Job.state == job.state)
+    q = q.where(Job.owner.is_(None) if job.owner is None else Job.owner == job.owner)
+    q = q.where(Job.heartbeat_at.is_(None) if job.heartbeat_at is None else Job.heartbeat_at == job.heartbeat_at)
+    now = utcnow()
+    values: dict[str, Any] = {"state": "running", "owner": owner, "heartbeat_at": now}
+    if job.state == "queued":
+        values["started_at"] = now
+    won = session.execute(q.values(**values)).rowcount
+    session.commit()
+    session.refresh(job)
+    return bool(won)
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:

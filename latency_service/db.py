@@ -7,8 +7,9 @@ from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +40,33 @@ def alembic_config(url: str) -> Config:
     return cfg
 
 
+# pg_advisory_lock id held while migrating ("GASM" in ASCII)
+MIGRATION_LOCK = 0x4741534D
+
+
 def migrate(url: str, revision: str = "head") -> None:
+    """``alembic upgrade``. On PostgreSQL under an advisory lock: the hosts of a fleet start
+    together, and two concurrent upgrades of one database would both try to create the tables."""
     log.info("alembic upgrade %s on %s", revision, _redact(url))
-    command.upgrade(alembic_config(url), revision)
+    cfg = alembic_config(url)
+    if not url.startswith("postgresql"):
+        command.upgrade(cfg, revision)
+        return
+    engine = create_engine(url, poolclass=NullPool)
+    try:
+        with engine.connect() as conn:
+            conn.execute(text("SELECT pg_advisory_lock(:k)"), {"k": MIGRATION_LOCK})
+            conn.commit()
+            try:
+                cfg.attributes["connection"] = conn
+                command.upgrade(cfg, revision)
+                conn.commit()
+            finally:
+                conn.rollback()
+                conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": MIGRATION_LOCK})
+                conn.commit()
+    finally:
+        engine.dispose()
 
 
 def downgrade(url: str, revision: str) -> None:

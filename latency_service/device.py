@@ -6,8 +6,6 @@ no driver or no NVML the identity is the CPU's — never a crash.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
 import platform
@@ -17,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from gas_core.table import environment_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -176,5 +176,4 @@ def environment(
             cudnn_benchmark=cudnn_benchmark,
             driver=_str(nv.nvmlSystemGetDriverVersion()) if nv is not None else None,
         )
-    fp = hashlib.sha256(json.dumps(info, sort_keys=True).encode()).hexdigest()[:16]
-    return EnvironmentIdentity(fingerprint=fp, info=info)
+    return EnvironmentIdentity(fingerprint=environment_fingerprint(info), info=info)

@@ -4,6 +4,11 @@ Profiling jobs and end-to-end measurements both run here, one at a time, so two 
 overlap on the same device. A job's progress (``done``) is committed in the same transaction as
 each measurement: a killed service resumes the job at start-up and loses at most the key in
 flight. Measurement requests jump the queue between two keys of a running job.
+
+In a fleet several hosts of one device model and environment share a database and so a queue:
+a host claims a job by compare-and-swap (:func:`latency_service.crud.claim_job`) and beats its
+heartbeat with every key; another host takes a running job over only when that heartbeat is
+older than ``job_stale_s``. A worker only runs jobs of its own (device, environment).
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict
+from datetime import timedelta
 from typing import Any
 
 import torch
@@ -32,13 +38,15 @@ log = logging.getLogger(__name__)
 class DeviceWorker:
     def __init__(
         self, sessions: sessionmaker[Session], device: torch.device, device_id: int, environment_id: int,
-        method: Method, poll_s: float = 0.5,
+        method: Method, owner: str, stale_s: float = 300.0, poll_s: float = 0.5,
     ) -> None:
         self.sessions = sessions
         self.device = device
         self.device_id = device_id
         self.environment_id = environment_id
         self.method = method
+        self.owner = owner
+        self.stale_s = stale_s
         self.poll_s = poll_s
         self._tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
         self._wake = threading.Event()
@@ -99,17 +107,22 @@ class DeviceWorker:
                     fut.set_exception(err)
 
     def _job_step(self) -> bool:
-        """Advance the oldest active job until it ends or a measurement or shutdown interrupts
-        it. False when there is nothing to do."""
+        """Advance the job :func:`crud.next_job` picks until it ends or a measurement or shutdown
+        interrupts it. False when there is nothing to do."""
         with self.sessions() as s:
-            job = crud.next_job(s, device_id=self.device_id)
+            stale_before = utcnow() - timedelta(seconds=self.stale_s)
+            job = crud.next_job(s, device_id=self.device_id, environment_id=self.environment_id, owner=self.owner,
+                                stale_before=stale_before)
             if job is None:
                 return False
-            if job.state == "queued":
-                # conditional, so a DELETE that lands between the read and this write wins
-                if not self._transition(s, job, "queued", state="running", started_at=utcnow()):
-                    return True
+            was, previous = job.state, job.owner
+            if not (was == "running" and previous == self.owner) and not crud.claim_job(s, job=job, owner=self.owner):
+                return True  # another host, or a DELETE, got there first
+            if was == "queued":
                 log.info("job %s started: %d keys", job.id, job.total)
+            elif previous != self.owner:
+                log.info("job %s taken over from %s (no progress for %.0fs) at %d/%d", job.id, previous,
+                         self.stale_s, job.done, job.total)
             elif job.id not in self._seen:  # running before this process began: a crash or kill
                 log.info("job %s resumed at %d/%d", job.id, job.done, job.total)
             self._seen.add(job.id)
@@ -125,9 +138,13 @@ class DeviceWorker:
             if job.state != "running":  # cancelled from the API
                 log.info("job %s %s at %d/%d", job.id, job.state, job.done, job.total)
                 return True
+            if job.owner != self.owner:  # we stalled past job_stale_s and another host took it
+                log.warning("job %s was taken over by %s at %d/%d", job.id, job.owner, job.done, job.total)
+                return True
             if key.key_hash in stored:
                 job.done += 1
                 job.skipped += 1
+                job.heartbeat_at = utcnow()
                 s.commit()
                 continue
             try:
@@ -142,6 +159,7 @@ class DeviceWorker:
                 log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
                 job.errors = [*job.errors, f"{key.canonical}: {type(err).__name__}: {err}"]
             job.done += 1
+            job.heartbeat_at = utcnow()
             s.commit()  # measurement and progress together
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
@@ -153,8 +171,10 @@ class DeviceWorker:
 
     @staticmethod
     def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:
-        """Set ``values`` on ``job`` only if its state is still ``expect``; True when it was."""
-        done = s.execute(update(Job).where(Job.id == job.id, Job.state == expect).values(**values)).rowcount
+        """Set ``values`` on ``job`` only if its state is still ``expect`` and its owner still this
+        worker (a DELETE or a take-over wins); True when they were."""
+        q = update(Job).where(Job.id == job.id, Job.state == expect, Job.owner == job.owner)
+        done = s.execute(q.values(**values)).rowcount
         s.commit()
         s.refresh(job)
         return bool(done)

@@ -96,10 +96,13 @@ class Measurement(Base):
 
 class Job(Base):
     """A profiling job: its keys, its progress (``done`` commits with each measurement, so a
-    crash loses at most the key in flight) and its state."""
+    crash loses at most the key in flight) and its state. Any host of the job's (device,
+    environment) may run it; ``owner`` and ``heartbeat_at`` say which one does, so another host
+    takes a running job over only once its heartbeat is stale."""
 
     __tablename__ = "job"
     __table_args__ = (
+        Index("ix_job_queue", "device_id", "environment_id", "state"),
         Index(
             "uq_job_active_request", "request_hash", unique=True,
             sqlite_where=text("state IN ('queued', 'running')"),
@@ -120,6 +123,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # worker id of the host running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
 
 
 class E2EMeasurement(Base):

@@ -10,7 +10,7 @@ import statistics
 import time
 from array import array
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,7 +73,12 @@ class Timing:
         }
 
     def samples_blob(self) -> bytes:
-        return array("f", self.samples_us).tobytes()
+        return samples_to_blob(self.samples_us)
+
+
+def samples_to_blob(samples_us: list[float]) -> bytes:
+    """Raw samples as stored: float32, machine order (little-endian on every supported host)."""
+    return array("f", samples_us).tobytes()
 
 
 def samples_from_blob(blob: bytes) -> list[float]:
@@ -225,7 +230,3 @@ def time_network(
     x = x.to(device=device, dtype=dt, memory_format=fmt)
     with torch.inference_mode():
         return time_callable(lambda: net(x), device, method)
-
-
-def method_dict(method: Method) -> dict:
-    return asdict(method)

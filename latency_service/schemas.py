@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gas_core.genotype import Genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat
 from gas_core.search_space import NetworkLayout
+from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
 
 SCHEMA_VERSION = 1
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
@@ -59,20 +60,15 @@ class JobPublic(Versioned):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    owner: str | None = Field(default=None, description="worker id (GAS_WORKER_ID) of the host running the job")
+    heartbeat_at: datetime | None = None
 
 
-class EnvironmentPublic(BaseModel):
-    fingerprint: str
-    info: dict[str, Any]
-    entries: int | None = None
-    created_at: datetime | None = None
-
-
-class DevicePublic(BaseModel):
-    slug: str
-    kind: str
-    name: str
-    info: dict[str, Any]
+# a table and its parts are gas_core's artefact: the same model is served, exported and imported
+DevicePublic = TableDevice
+EnvironmentPublic = TableEnvironment
+EntryPublic = TableEntry
+TablePublic = LatencyTable
 
 
 class HostPublic(Versioned):
@@ -89,40 +85,6 @@ class DeviceSummary(DevicePublic):
 
 class DevicesPublic(Versioned):
     devices: list[DeviceSummary]
-
-
-class EntryPublic(BaseModel):
-    key: str
-    key_hash: str
-    op: str
-    c_in: int
-    c_out: int
-    h: int
-    w: int
-    stride: int
-    n_inputs: int
-    batch: int
-    dtype: str
-    memory_format: str
-    runtime: str
-    median_us: float
-    p10_us: float
-    p90_us: float
-    mean_us: float
-    std_us: float
-    n_samples: int
-    iters_per_sample: int
-    timer: str
-    gpu_clock_mhz: int | None = None
-    gpu_temp_c: int | None = None
-    created_at: datetime
-    samples_us: list[float] | None = None
-
-
-class TablePublic(Versioned):
-    device: DevicePublic
-    environment: EnvironmentPublic
-    entries: list[EntryPublic]
 
 
 class MeasureRequest(Versioned):
@@ -158,13 +120,35 @@ class MeasurePublic(Versioned):
     error_pct: float | None = Field(description="(predicted − measured) / measured × 100")
 
 
+class TableRef(BaseModel):
+    device: str
+    environment: str
+    entries: int
+
+
+class PairComparison(TableComparison):
+    """Table ``b`` against table ``a`` (ratios are b / a)."""
+
+    a: TableRef
+    b: TableRef
+
+
 class ComparePublic(Versioned):
-    devices: tuple[str, str]
-    common_keys: int
-    geomean_ratio: float = Field(description="geometric mean of median(b) / median(a) over the common keys")
-    spearman: float | None
-    per_op: dict[str, dict[str, float]]
-    ratios: dict[str, float]
+    tables: list[TableRef]
+    pairs: list[PairComparison] = Field(description="every pair (i < j) of the listed tables, a = the earlier one")
+
+
+class ImportPublic(Versioned):
+    """What ``POST /table/import`` did with each row of the file."""
+
+    device: str
+    environment: str
+    created_device: bool
+    created_environment: bool
+    added: int = Field(description="keys the table did not hold")
+    replaced: int = Field(description="stored rows older than the file's (or any, with force=true)")
+    kept: int = Field(description="stored rows newer than the file's, left as they were")
+    skipped: int = Field(description="rows identical in time to the stored ones (already imported)")
 
 
 class HealthPublic(Versioned):

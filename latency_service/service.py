@@ -107,7 +107,8 @@ class Host:
             min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
             context=settings.timing_context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
         )
-        worker = DeviceWorker(sessions, tdev, device_id, env_id, method)
+        worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
+                              stale_s=settings.job_stale_s)
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)
         log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
                  db._redact(settings.database_url))

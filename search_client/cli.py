@@ -21,12 +21,13 @@ import typer
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
+from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
-from gas_core.latency import LatencyTerm, MissingLatencyKeys
+from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
-from search_client.client import LatencyClient, ServiceError
+from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.data import DataRootError, build_datasets
-from search_client.report import Report, format_report, plot_alpha, plot_history
+from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
 from search_client.search import SearchConfig, init_distributed, search
 
 log = logging.getLogger("gas-search")
@@ -74,6 +75,30 @@ def fetch_latency_term(
         raise ServiceError(f"table of {slug} still lacks keys after profiling: {err}") from None
 
 
+def predict_on_devices(
+    client: LatencyClient, refs: list[str], genotype: Genotype, size: tuple[int, int], batch: int, dtype: str,
+    memory_format: str,
+) -> list[DevicePrediction]:
+    """The derived network's latency predicted from other devices' tables (``DEVICE`` or
+    ``DEVICE@ENVIRONMENT``): does a network searched for one GPU stay fast on another? A table
+    that lacks some of the network's keys gives no figure, and says how many it lacks."""
+    shapes = cell_shapes(genotype.layout, size, batch, dtype, memory_format)  # type: ignore[arg-type]
+    out = []
+    for ref in refs:
+        slug, env = split_ref(ref)
+        table = client.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env)
+        try:
+            pred: float | None = predict_latency_us(genotype, shapes, table.lookup()) / 1e3
+            missing = 0
+        except MissingLatencyKeys as err:
+            pred, missing = None, len(err.missing)
+        out.append(DevicePrediction(device=table.device.slug, environment=table.environment.fingerprint,
+                                    predicted_ms=pred, missing_keys=missing))
+        log.info("predicted on %s@%s: %s", slug, table.environment.fingerprint,
+                 f"{pred:.3f} ms" if pred is not None else f"n/a ({missing} keys missing)")
+    return out
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -110,6 +135,9 @@ def run(
         "runs/search"),
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
     measure: Annotated[bool, typer.Option(help="time the derived network on the service (POST /measure)")] = True,
+    predict_on: Annotated[list[str] | None, typer.Option(
+        "--predict-on", help="also predict the derived network's latency from this device's table (DEVICE or "
+        "DEVICE@ENVIRONMENT, see gas-table devices); repeatable")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     d = init_distributed()
@@ -122,6 +150,11 @@ def run(
         _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
     if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
         _fail(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}", 2)
+    for ref in predict_on or []:
+        try:
+            split_ref(ref)
+        except ValueError as err:
+            _fail(f"--predict-on: {err}", 2)
     lat_size = latency_size or input_size
     try:
         train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size)
@@ -151,7 +184,13 @@ def run(
         plot_alpha(result.supernet.alpha_prime(), out / "alpha.png")
         plot_history(result.history, out / "history.png")
         log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
+        others = predict_on_devices(client, predict_on or [], result.genotype, lat_size, latency_batch, dtype,
+                                    memory_format)
         if not measure:
+            for p in others:
+                typer.echo(f"predicted on {p.device}@{p.environment}: "
+                           + (f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else
+                              f"n/a ({p.missing_keys} keys missing from its table)"))
             return
         m = client.measure(result.genotype, lat_size, batch=latency_batch, dtype=dtype, memory_format=memory_format)
         last = result.history[-1]
@@ -160,6 +199,7 @@ def run(
             memory_format=m.memory_format, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
             measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
             val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
+            predicted_on=others,
         )
         (out / "report.json").write_text(report.model_dump_json(indent=2))
         typer.echo("\npredicted vs measured (derived network)\n" + format_report(report))

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
+from gas_core.table import LatencyTable, TableComparison
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -43,22 +44,6 @@ class HostInfo(_Model):
     environment: EnvironmentInfo
 
 
-class TableEntry(_Model):
-    key: str
-    median_us: float
-    p10_us: float
-    p90_us: float
-
-
-class Table(_Model):
-    device: DeviceInfo
-    environment: EnvironmentInfo
-    entries: list[TableEntry]
-
-    def lookup(self) -> dict[str, float]:
-        return {e.key: e.median_us for e in self.entries}
-
-
 class JobInfo(_Model):
     id: str
     state: str
@@ -66,6 +51,54 @@ class JobInfo(_Model):
     done: int
     skipped: int
     errors: list[str]
+
+
+class TableRefInfo(_Model):
+    device: str
+    environment: str
+    entries: int
+
+
+class PairInfo(TableComparison):
+    model_config = ConfigDict(extra="ignore")
+    a: TableRefInfo
+    b: TableRefInfo
+
+
+class CompareResult(_Model):
+    tables: list[TableRefInfo]
+    pairs: list[PairInfo]
+
+
+class ImportResult(_Model):
+    device: str
+    environment: str
+    created_device: bool
+    created_environment: bool
+    added: int
+    replaced: int
+    kept: int
+    skipped: int
+
+
+class EnvironmentSummary(EnvironmentInfo):
+    entries: int | None = None
+
+
+class DeviceSummaryInfo(DeviceInfo):
+    environments: list[EnvironmentSummary]
+
+
+class DevicesResult(_Model):
+    devices: list[DeviceSummaryInfo]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``slug`` or ``slug@environment`` → (slug, environment or None)."""
+    slug, _, env = ref.partition("@")
+    if not slug:
+        raise ValueError(f"table reference {ref!r}: expected DEVICE or DEVICE@ENVIRONMENT")
+    return slug, env or None
 
 
 class MeasureResult(_Model):
@@ -133,14 +166,41 @@ class LatencyClient:
     def host(self) -> HostInfo:
         return self._json(self._request("GET", "/device"), HostInfo, "GET /device")
 
-    def table(self, device: str, *, dtype: str, batch: int, memory_format: str, environment: str | None = None) -> Table:
-        params: dict[str, Any] = {"dtype": dtype, "batch": batch, "memory_format": memory_format}
-        if environment is not None:
-            params["environment"] = environment
+    def table(self, device: str, *, dtype: str | None = None, batch: int | None = None,
+              memory_format: str | None = None, environment: str | None = None, op: str | None = None,
+              samples: bool = False) -> LatencyTable:
+        """A device's table (its newest environment unless one is named), filtered; with
+        ``samples`` every raw sample too — the export artefact."""
+        r = self._request("GET", f"/table/{device}", params=self._table_params(dtype, batch, memory_format, environment,
+                                                                               op, samples=samples))
+        return self._json(r, LatencyTable, f"GET /table/{device}")
+
+    def table_csv(self, device: str, *, dtype: str | None = None, batch: int | None = None,
+                  memory_format: str | None = None, environment: str | None = None, op: str | None = None) -> bytes:
+        params = self._table_params(dtype, batch, memory_format, environment, op, format="csv")
         r = self._request("GET", f"/table/{device}", params=params)
-        if r.status_code == 404:
-            raise ServiceError(f"device {device!r} is unknown to {self.base_url}: {r.json().get('detail')}")
-        return self._json(r, Table, f"GET /table/{device}")
+        if r.status_code >= 400:
+            self._json(r, LatencyTable, f"GET /table/{device}")
+        return r.content
+
+    @staticmethod
+    def _table_params(dtype: str | None, batch: int | None, memory_format: str | None, environment: str | None,
+                      op: str | None, **extra: Any) -> dict[str, Any]:
+        given = dict(dtype=dtype, batch=batch, memory_format=memory_format, environment=environment, op=op, **extra)
+        return {k: v for k, v in given.items() if v is not None}
+
+    def devices(self) -> DevicesResult:
+        return self._json(self._request("GET", "/devices"), DevicesResult, "GET /devices")
+
+    def compare(self, refs: list[str], *, dtype: str | None = None, batch: int | None = None,
+                memory_format: str | None = None, op: str | None = None) -> CompareResult:
+        params = self._table_params(dtype, batch, memory_format, None, op, devices=",".join(refs))
+        return self._json(self._request("GET", "/compare", params=params), CompareResult, "GET /compare")
+
+    def import_table(self, table: LatencyTable, *, force: bool = False) -> ImportResult:
+        r = self._request("POST", "/table/import", params={"force": force}, content=table.model_dump_json(),
+                          headers={"Content-Type": "application/json"}, timeout=600)
+        return self._json(r, ImportResult, "POST /table/import")
 
     def profile(self, keys: list[LatencyKey], force: bool = False) -> JobInfo:
         body = {"keys": [k.model_dump() for k in keys], "force": force}

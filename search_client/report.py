@@ -12,9 +12,19 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
-from pydantic import BaseModel  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
 
 from gas_core.ops import PRIMITIVES  # noqa: E402
+from gas_core.table import TableComparison  # noqa: E402
+
+
+class DevicePrediction(BaseModel):
+    """The derived network's latency predicted from another device's table (``--predict-on``)."""
+
+    device: str
+    environment: str
+    predicted_ms: float | None = Field(description="plain table sum; null when the table lacks keys")
+    missing_keys: int
 
 
 class Report(BaseModel):
@@ -33,6 +43,7 @@ class Report(BaseModel):
     search_lat_ms: float
     val_miou: float | None
     genotype: str
+    predicted_on: list[DevicePrediction] = Field(default_factory=list)
 
 
 def format_report(r: Report) -> str:
@@ -48,6 +59,11 @@ def format_report(r: Report) -> str:
         ("error (pred − meas) / meas", err),
         ("val mIoU (search)", "n/a" if r.val_miou is None or math.isnan(r.val_miou) else f"{r.val_miou:.3f}"),
     ]
+    for p in r.predicted_on:
+        pred_p = f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else f"n/a ({p.missing_keys} keys missing)"
+        if p.predicted_ms is not None and r.predicted_ms:
+            pred_p += f" (× {p.predicted_ms / r.predicted_ms:.2f} of this device's prediction)"
+        rows.append((f"predicted on {p.device}@{p.environment}", pred_p))
     width = max(len(k) for k, _ in rows)
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
@@ -83,6 +99,50 @@ def plot_history(history: list[dict], path: Path) -> None:
     axes[1].legend(fontsize=8)
     axes[2].plot(ep, [h["val_miou"] for h in history], "o-")
     axes[2].set(xlabel="epoch", title="val mIoU (derived arch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(pair: TableComparison, name_a: str, name_b: str, path: Path) -> None:
+    """Two panels: the geometric-mean ratio B / A per op (log scale, bar = geomean, whisker =
+    min…max), and every common key's latency on A against B (log–log, with y = x and y = g·x for
+    the overall geomean g), coloured by op — a key off the band moved against the rest."""
+    ops = [op for op, s in pair.per_op.items() if s.geomean_ratio is not None]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.2))
+    g = [pair.per_op[op].geomean_ratio or 1.0 for op in ops]
+    lo = [gi - (pair.per_op[op].min_ratio or gi) for gi, op in zip(g, ops, strict=True)]
+    hi = [(pair.per_op[op].max_ratio or gi) - gi for gi, op in zip(g, ops, strict=True)]
+    colors = ["tab:red" if gi > 1 else "tab:green" for gi in g]
+    ax0.barh(range(len(ops)), g, xerr=[lo, hi], color=colors, alpha=0.75, capsize=3)
+    ax0.set_yticks(range(len(ops)), [f"{op} ({pair.per_op[op].keys})" for op in ops], fontsize=8)
+    ax0.set_xscale("log")
+    ax0.axvline(1.0, color="black", lw=0.8)
+    if pair.geomean_ratio is not None:
+        ax0.axvline(pair.geomean_ratio, color="tab:blue", ls="--", lw=0.8, label=f"all keys {pair.geomean_ratio:.3f}")
+        ax0.legend(fontsize=8, loc="lower right")
+    ax0.set(xlabel="latency ratio B / A (geomean, min…max)", title="per op: red = dearer on B, green = cheaper")
+    cmap = plt.get_cmap("tab20")
+    all_ops = sorted({k.op for k in pair.keys})
+    positive = [k for k in pair.keys if k.a_us > 0 and k.b_us > 0]
+    for i, op in enumerate(all_ops):
+        pts = [k for k in positive if k.op == op]
+        if pts:
+            ax1.scatter([k.a_us for k in pts], [k.b_us for k in pts], s=12, color=cmap(i % 20), label=op, alpha=0.8)
+    if positive:
+        lim = [min(min(k.a_us, k.b_us) for k in positive) / 1.5, max(max(k.a_us, k.b_us) for k in positive) * 1.5]
+        ax1.plot(lim, lim, color="black", lw=0.8, label="y = x")
+        if pair.geomean_ratio is not None:
+            ax1.plot(lim, [v * pair.geomean_ratio for v in lim], color="tab:blue", ls="--", lw=0.8,
+                     label=f"y = {pair.geomean_ratio:.3f}·x")
+        ax1.set(xlim=lim, ylim=lim)
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    rho = "n/a" if pair.spearman is None else f"{pair.spearman:.3f}"
+    tau = "n/a" if pair.kendall is None else f"{pair.kendall:.3f}"
+    ax1.set(xlabel=f"A: {name_a} (median µs)", ylabel=f"B: {name_b} (median µs)",
+            title=f"{pair.common_keys} common keys, Spearman ρ {rho}, Kendall τ {tau}")
+    ax1.legend(fontsize=6, ncol=2, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -16,7 +16,7 @@ from gas_core.genotype import random_genotype
 from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import db
-from latency_service.models import Device, Environment, Measurement
+from latency_service.models import Measurement
 from tests.support import Server, start_server, stop_server, wait_job
 
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
@@ -158,36 +158,6 @@ def test_cancel_job(server: Server) -> None:
         time.sleep(0.5)
         final = c.get(f"/jobs/{job['id']}").json()
         assert final["state"] == "cancelled" and final["done"] < final["total"]
-
-
-def test_compare_two_devices(server: Server) -> None:
-    with server.client() as c:
-        wait_job(c, c.post("/profile", json=TINY_REQ).json()["id"])
-        slug = c.get("/device").json()["device"]["slug"]
-    # a second device's table: the same keys at exactly twice the latency, written through the ORM
-    engine = db.make_engine(server.env["GAS_DATABASE_URL"])
-    sessions = db.session_factory(engine)
-    with sessions() as s:
-        dev = Device(slug="test-double-speed", kind="cpu", name="double", info={})
-        s.add(dev)
-        s.flush()
-        env = Environment(device_id=dev.id, fingerprint="f" * 16, info={})
-        s.add(env)
-        s.flush()
-        for m in s.scalars(select(Measurement)).all():
-            s.add(Measurement(**{col: getattr(m, col) for col in (
-                "key_hash", "key", "op", "c_in", "c_out", "h", "w", "stride", "n_inputs", "batch", "dtype",
-                "memory_format", "runtime", "p10_us", "p90_us", "mean_us", "std_us", "n_samples",
-                "iters_per_sample", "timer", "method", "samples")},
-                device_id=dev.id, environment_id=env.id, median_us=2 * m.median_us))
-        s.commit()
-    engine.dispose()
-    with server.client() as c:
-        r = c.get("/compare", params={"devices": f"{slug},test-double-speed"}).json()
-    n = _n_keys(TINY, (32, 48))
-    assert r["common_keys"] == n and r["geomean_ratio"] == pytest.approx(2.0)
-    assert r["spearman"] == pytest.approx(1.0)
-    assert r["per_op"]["conv_3x3"]["geomean_ratio"] == pytest.approx(2.0)
 
 
 @pytest.mark.slow

@@ -21,15 +21,18 @@ def job_public(job: Job, device: str, environment: str) -> JobPublic:
     return JobPublic(
         id=job.id, state=job.state, device=device, environment=environment, total=job.total, done=job.done,
         skipped=job.skipped, force=job.force, errors=job.errors, created_at=job.created_at,
-        started_at=job.started_at, finished_at=job.finished_at,
+        started_at=job.started_at, finished_at=job.finished_at, owner=job.owner,
+        heartbeat_at=job.heartbeat_at,
     )
 
 
-ENTRY_FIELDS = [f for f in EntryPublic.model_fields if f != "samples_us"]
+# the flat columns of an entry (and of the CSV export); method and samples are nested
+ENTRY_FIELDS = [f for f in EntryPublic.model_fields if f not in ("samples_us", "method")]
 
 
 def entry_public(row: Measurement, with_samples: bool = False) -> EntryPublic:
     data: dict[str, Any] = {f: getattr(row, f) for f in ENTRY_FIELDS}
+    data["method"] = row.method
     if with_samples:
         data["samples_us"] = samples_from_blob(row.samples)
     return EntryPublic(**data)

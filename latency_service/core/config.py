@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from functools import lru_cache
 from typing import Literal
 
@@ -49,6 +50,15 @@ class Settings(BaseSettings):
     max_side: int = Field(default=4096, ge=1, description="largest H or W of a key or a measured input")
     max_elements: int = Field(default=2**28, ge=1, description="largest activation (N·C·H·W) a request may allocate")
     max_keys_per_job: int = Field(default=20_000, ge=1)
+
+    # fleet: hosts sharing a database
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=128,
+        description="this host's name in job ownership; a restarted service resumes the running jobs of its own id "
+        "at once, and those of other hosts only once their heartbeat is older than job_stale_s",
+    )
+    job_stale_s: float = Field(default=300.0, gt=0, description="seconds without progress before another host of the "
+                               "same device and environment may take a running job over")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -3,26 +3,32 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import math
-import statistics
+import logging
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gas_core.keys import Dtype, MemoryFormat
+from gas_core.ops import check_key
+from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
-from latency_service.api.deps import HostDep, SessionDep
+from latency_service.api.deps import HostDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment
 from latency_service.schemas import (
     ComparePublic,
     DevicesPublic,
     DeviceSummary,
     EnvironmentPublic,
+    ImportPublic,
+    PairComparison,
     TablePublic,
+    TableRef,
 )
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["tables"])
 
 
@@ -109,60 +115,87 @@ def devices(session: SessionDep) -> DevicesPublic:
     return DevicesPublic(devices=out)
 
 
-def _ranks(xs: list[float]) -> list[float]:
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+MAX_COMPARE = 8
 
 
-def spearman(a: list[float], b: list[float]) -> float | None:
-    if len(a) < 2:
-        return None
-    ra, rb = _ranks(a), _ranks(b)
-    try:
-        return statistics.correlation(ra, rb)
-    except statistics.StatisticsError:
-        return None
+def _table_ref(session: Session, ref: str) -> tuple[Device, Environment]:
+    """``slug`` (its newest environment) or ``slug@fingerprint``."""
+    slug, _, fp = ref.partition("@")
+    return _device_env(session, slug, fp or None)
 
 
-@router.get("/compare", response_model=ComparePublic, summary="Compare two devices' tables key by key",
-            responses={404: {"description": "unknown device"}, 422: {"description": "not two devices"}})
+@router.get(
+    "/compare", response_model=ComparePublic, summary="Compare devices' (or environments') tables key by key",
+    responses={404: {"description": "unknown device or environment"},
+               422: {"description": "fewer than two tables, more than 8, or one named twice"}},
+)
 def compare(
     session: SessionDep,
-    devices: Annotated[str, Query(description="two device slugs, comma-separated: a,b")],
+    devices: Annotated[str, Query(description="comma-separated tables, each a device slug (its newest environment) "
+                                              "or slug@environment; at least two. Ratios are later / earlier")],
     dtype: Dtype | None = None,
     batch: Annotated[int | None, Query(ge=1)] = None,
     memory_format: MemoryFormat | None = None,
+    op: str | None = None,
 ) -> ComparePublic:
-    slugs = [s.strip() for s in devices.split(",") if s.strip()]
-    if len(slugs) != 2:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "devices: give exactly two slugs, a,b")
-    tables = []
-    for slug in slugs:
-        dev, env = _device_env(session, slug, None)
+    refs = [r.strip() for r in devices.split(",") if r.strip()]
+    if not 2 <= len(refs) <= MAX_COMPARE:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"devices: give 2 to {MAX_COMPARE} comma-separated tables (slug or slug@environment), "
+                            f"got {len(refs)}")
+    tables, seen = [], set()
+    for ref in refs:
+        dev, env = _table_ref(session, ref)
+        if (dev.id, env.id) in seen:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"devices: {ref!r} names a table already listed ({dev.slug}@{env.fingerprint})")
+        seen.add((dev.id, env.id))
         rows = crud.table_rows(session, device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
-                               memory_format=memory_format)
-        tables.append({r.key: (r.op, r.median_us) for r in rows})
-    common = sorted(set(tables[0]) & set(tables[1]))
-    ratios = {k: tables[1][k][1] / tables[0][k][1] for k in common if tables[0][k][1] > 0}
-    per_op: dict[str, list[float]] = {}
-    for k, r in ratios.items():
-        per_op.setdefault(tables[0][k][0], []).append(r)
-    geo = math.exp(statistics.fmean(math.log(r) for r in ratios.values())) if ratios else float("nan")
-    return ComparePublic(
-        devices=(slugs[0], slugs[1]),
-        common_keys=len(common),
-        geomean_ratio=geo,
-        spearman=spearman([tables[0][k][1] for k in common], [tables[1][k][1] for k in common]),
-        per_op={op: {"geomean_ratio": math.exp(statistics.fmean(math.log(r) for r in rs)), "keys": len(rs)}
-                for op, rs in sorted(per_op.items())},
-        ratios=ratios,
-    )
+                               memory_format=memory_format, op=op)
+        tables.append((TableRef(device=dev.slug, environment=env.fingerprint, entries=len(rows)),
+                       {r.key: (r.op, r.median_us) for r in rows}))
+    pairs = [
+        PairComparison(a=ra, b=rb, **compare_tables(ta, tb).model_dump())
+        for i, (ra, ta) in enumerate(tables) for rb, tb in tables[i + 1:]
+    ]
+    return ComparePublic(tables=[t[0] for t in tables], pairs=pairs)
+
+
+@router.post(
+    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
+    summary="Merge an exported table (gas-table export) into this database",
+    responses={409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
+               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}},
+)
+def import_table(
+    table: LatencyTable, session: SessionDep,
+    force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
+) -> ImportPublic:
+    problems = []
+    if environment_fingerprint(table.environment.info) != table.environment.fingerprint:
+        problems.append(f"environment: fingerprint {table.environment.fingerprint} is not that of its info "
+                        f"({environment_fingerprint(table.environment.info)}); was the file edited?")
+    for i, e in enumerate(table.entries):
+        try:
+            check_key(e.latency_key())
+        except ValueError as err:
+            problems.append(f"entries[{i}]: {err}")
+            continue
+        if e.samples_us is None:
+            problems.append(f"entries[{i}]: no samples_us; export with samples (gas-table export does)")
+        elif len(e.samples_us) != e.n_samples:
+            problems.append(f"entries[{i}]: {len(e.samples_us)} samples_us but n_samples={e.n_samples}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
+    try:
+        counts = crud.import_table(session, table=table, force=force)
+    except crud.ImportConflict as err:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    except IntegrityError:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            "a concurrent write to the same table (a profiling job); retry the import") from None
+    log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
+    return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)
