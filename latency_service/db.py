@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
 
@@ -38,6 +40,28 @@ def alembic_config(url: str) -> Config:
     cfg.set_main_option("script_location", str(MIGRATIONS))
     cfg.attributes["url"] = url
     return cfg
+
+
+def wait_for(url: str, timeout_s: float) -> None:
+    """Connect, retrying with backoff for up to ``timeout_s``: in a compose file or a cluster the
+    service may start before its database accepts connections. Raises the last error."""
+    deadline = time.monotonic() + timeout_s
+    engine = create_engine(url, poolclass=NullPool)
+    delay = 0.5
+    try:
+        while True:
+            try:
+                with engine.connect():
+                    return
+            except OperationalError as err:
+                if time.monotonic() + delay > deadline:
+                    raise
+                log.warning("database %s not reachable (%s); retrying in %.1fs", _redact(url),
+                            str(err).splitlines()[0], delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+    finally:
+        engine.dispose()
 
 
 # pg_advisory_lock id held while migrating ("GASM" in ASCII)

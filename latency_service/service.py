@@ -91,6 +91,8 @@ class Host:
             torch.set_num_threads(threads)
         else:
             torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+        if settings.db_wait_s > 0:
+            db.wait_for(settings.database_url, settings.db_wait_s)
         db.migrate(settings.database_url)
         engine = db.make_engine(settings.database_url)
         sessions = db.session_factory(engine)

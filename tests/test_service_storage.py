@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import types
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import torch
@@ -89,6 +90,42 @@ def test_one_active_job_per_request(db_url: str) -> None:
         c, created_c = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
                                        force=False)
         assert created_c and c.id != a.id
+    engine.dispose()
+
+
+def test_jobs_are_claimed_once_and_taken_over_only_when_stale(db_url: str) -> None:
+    """Two hosts of one device and environment share the queue; a third environment's worker never
+    sees it. A running job moves to another host only after its heartbeat is stale."""
+    engine, sessions = _session(db_url)
+    with sessions() as s:
+        dev, env = _device_env(s)
+        other_env = crud.get_or_create_environment(
+            s, device=dev, ident=device.environment(torch.device("cpu"), 2, False))
+        job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY], force=False)
+        now = datetime.now(UTC)
+
+        def pick(owner: str, environment_id: int = env.id, at: datetime = now) -> Job | None:
+            return crud.next_job(s, device_id=dev.id, environment_id=environment_id, owner=owner,
+                                 stale_before=at - timedelta(seconds=300))
+
+        assert pick("host-a", other_env.id) is None  # timed where it was asked for
+        seen_by_a = pick("host-a")
+        with sessions() as s_b:  # host b, its own connection
+            seen_by_b = crud.next_job(s_b, device_id=dev.id, environment_id=env.id, owner="host-b",
+                                      stale_before=now - timedelta(seconds=300))
+            assert seen_by_a is not None and seen_by_b is not None and seen_by_a.id == seen_by_b.id == job.id
+            s_b.commit()
+            assert crud.claim_job(s, job=seen_by_a, owner="host-a")
+            assert not crud.claim_job(s_b, job=seen_by_b, owner="host-b")  # b read it queued; a won
+        s.refresh(job)
+        assert job.state == "running" and job.owner == "host-a" and job.started_at is not None
+        assert pick("host-b") is None  # a's heartbeat is fresh
+        assert pick("host-a").id == job.id  # a restarted a resumes its own job at once
+        later = now + timedelta(seconds=301)
+        taken = pick("host-b", at=later)
+        assert taken is not None and crud.claim_job(s, job=taken, owner="host-b")
+        s.refresh(job)
+        assert job.owner == "host-b" and job.state == "running"
     engine.dispose()
 
 

@@ -16,6 +16,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GAS_", env_file=None, extra="ignore")
 
     database_url: str = "sqlite:///./gas.db"
+    db_wait_s: float = Field(default=0.0, ge=0, le=3600,
+                             description="at start-up, retry an unreachable database for this long (containers)")
     api_token: str | None = Field(
         default=None, description="when set, mutating routes need 'Authorization: Bearer <token>'"
     )
@@ -61,6 +63,11 @@ class Settings(BaseSettings):
                                "same device and environment may take a running job over")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return v or None  # GAS_API_TOKEN= (empty, as docker compose passes an unset variable) means no token
 
     @field_validator("database_url")
     @classmethod
