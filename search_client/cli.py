@@ -75,6 +75,20 @@ def fetch_latency_term(
         raise ServiceError(f"table of {slug} still lacks keys after profiling: {err}") from None
 
 
+def check_table_refs(client: LatencyClient, refs: list[str]) -> None:
+    """Fail before a search, not after it, when a ``--predict-on`` table does not exist."""
+    if not refs:
+        return
+    known = {d.slug: {e.fingerprint for e in d.environments} for d in client.devices().devices}
+    for ref in refs:
+        slug, env = split_ref(ref)
+        if slug not in known:
+            raise ServiceError(f"--predict-on: unknown device {slug!r}; known: {', '.join(sorted(known)) or 'none'}")
+        if env is not None and env not in known[slug]:
+            raise ServiceError(f"--predict-on: device {slug!r} has no environment {env!r}; it has "
+                               f"{', '.join(sorted(known[slug]))}")
+
+
 def predict_on_devices(
     client: LatencyClient, refs: list[str], genotype: Genotype, size: tuple[int, int], batch: int, dtype: str,
     memory_format: str,
@@ -167,6 +181,7 @@ def run(
     try:
         payload: list = [None]
         if d.main:
+            check_table_refs(client, predict_on or [])
             term, slug = fetch_latency_term(client, device, layout, lat_size, latency_batch, dtype,
                                                     memory_format, progress=not quiet)
             payload = [(term.L, float(term.fixed), slug)]

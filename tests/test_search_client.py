@@ -208,8 +208,10 @@ def _gas_search(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 
 def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
     out = tmp_path / "run"
+    slug = httpx.get(live.url + "/device").json()["device"]["slug"]
     r = _gas_search("--latency-url", live.url, "--input-size", "32", "64", "--epochs", "2", "--batch", "4",
-                    "--max-steps", "2", "--synthetic-size", "8", "4", "--out", str(out), "--quiet", cwd=tmp_path)
+                    "--max-steps", "2", "--synthetic-size", "8", "4", "--out", str(out), "--quiet",
+                    "--predict-on", slug, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "predicted vs measured" in r.stdout
     g = Genotype.load(out / "genotype.json")
@@ -217,6 +219,10 @@ def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["schema_version"] == 1 and report["measured_median_ms"] > 0 and report["predicted_ms"] > 0
     assert report["fps"] == pytest.approx(1e3 / report["measured_median_ms"])
+    # --predict-on this very device: the same table, so the same plain sum as /measure's prediction
+    assert [p["device"] for p in report["predicted_on"]] == [slug]
+    assert report["predicted_on"][0]["predicted_ms"] == pytest.approx(report["predicted_ms"], rel=1e-9)
+    assert f"predicted on {slug}@" in r.stdout
     assert len((out / "search_log.csv").read_text().strip().splitlines()) == 3
     for png in ("alpha.png", "history.png"):
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
@@ -227,6 +233,9 @@ def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
     r = _gas_search("--latency-url", live.url, "--device", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
     assert r.returncode == 1 and "no-such-device" in r.stderr and "Traceback" not in r.stderr
+    r = _gas_search("--latency-url", live.url, "--predict-on", "no-such-gpu", "--input-size", "32", "64",
+                    cwd=tmp_path)
+    assert r.returncode == 1 and "--predict-on: unknown device 'no-such-gpu'" in r.stderr
     r = _gas_search("--latency-url", live.url, "--dataset", "cityscapes", "--data-root", str(tmp_path / "nope"),
                     cwd=tmp_path)
     assert r.returncode == 2 and "leftImg8bit" in r.stderr and "Traceback" not in r.stderr
