@@ -40,7 +40,8 @@ def test_health_device_openapi(server: Server) -> None:
         assert dev["environment"]["info"]["threads"] == 1
         spec = c.get("/openapi.json").json()
         assert {"/health", "/device", "/profile", "/jobs", "/jobs/{job_id}", "/table/{device}", "/devices",
-                "/compare", "/measure"} <= set(spec["paths"])
+                "/compare", "/measure", "/table/import"} <= set(spec["paths"])
+        assert set(spec["paths"]["/table/import"]["post"]["responses"]) >= {"200", "409", "422"}
         assert "202" in spec["paths"]["/profile"]["post"]["responses"]
 
 
