@@ -142,11 +142,10 @@ class DeviceWorker:
                 log.warning("job %s was taken over by %s at %d/%d", job.id, job.owner, job.done, job.total)
                 return True
             if key.key_hash in stored:
-                job.done += 1
-                job.skipped += 1
-                job.heartbeat_at = utcnow()
-                s.commit()
+                if not self._progress(s, job, skipped=True):
+                    return True
                 continue
+            error = None
             try:
                 timing = time_key(key, self.device, self.method)
                 crud.put_measurement(
@@ -157,17 +156,33 @@ class DeviceWorker:
                 s.rollback()
                 s.refresh(job)
                 log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
-                job.errors = [*job.errors, f"{key.canonical}: {type(err).__name__}: {err}"]
-            job.done += 1
-            job.heartbeat_at = utcnow()
-            s.commit()  # measurement and progress together
+                error = f"{key.canonical}: {type(err).__name__}: {err}"
+            if not self._progress(s, job, error=error):
+                return True  # cancelled or taken over while this key was timed: it is rolled back
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
+        s.refresh(job)
         if not self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow()):
             return True  # cancelled after the last key
         log.info("job %s %s: %d timed, %d skipped, %d errors", job.id, job.state,
                  job.total - job.skipped - len(job.errors), job.skipped, len(job.errors))
         return True
+
+    def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None) -> bool:
+        """Count one key done (and beat the heartbeat) in the transaction that holds its
+        measurement, only while the job is still running under this worker: after a DELETE or a
+        take-over both are rolled back, so a stalled host never overwrites the new owner's progress."""
+        values: dict[str, Any] = {"done": Job.done + 1, "heartbeat_at": utcnow()}
+        if skipped:
+            values["skipped"] = Job.skipped + 1
+        if error is not None:
+            values["errors"] = [*job.errors, error]
+        q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
+        if s.execute(q.values(**values)).rowcount:
+            s.commit()
+            return True
+        s.rollback()
+        return False
 
     @staticmethod
     def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:

@@ -13,6 +13,7 @@ from sqlalchemy.exc import IntegrityError
 
 from gas_core.keys import LatencyKey
 from latency_service import crud, db, device
+from latency_service.jobs import DeviceWorker
 from latency_service.models import Job, Measurement
 from latency_service.profiler import Method, samples_from_blob, time_key
 
@@ -126,6 +127,17 @@ def test_jobs_are_claimed_once_and_taken_over_only_when_stale(db_url: str) -> No
         assert taken is not None and crud.claim_job(s, job=taken, owner="host-b")
         s.refresh(job)
         assert job.owner == "host-b" and job.state == "running"
+
+        # host a wakes from its stall with a key timed: its measurement and progress roll back
+        timing = time_key(KEY, torch.device("cpu"), FAST)
+        for owner, kept in (("host-a", False), ("host-b", True)):
+            worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, FAST, owner=owner)
+            crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
+                                 telemetry={})
+            assert worker._progress(s, job) is kept
+            s.refresh(job)
+            assert s.scalar(select(func.count()).select_from(Measurement)) == int(kept)
+            assert job.done == int(kept) and job.heartbeat_at is not None
     engine.dispose()
 
 
