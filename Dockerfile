@@ -16,8 +16,8 @@ COPY gas_core gas_core
 COPY latency_service latency_service
 COPY search_client search_client
 COPY migrations migrations
-# editable: the service finds its Alembic migrations next to the package (latency_service/db.py)
-RUN pip install -e .
+# the wheel carries the Alembic tree as latency_service/migrations
+RUN pip install . && rm -rf /app/gas_core /app/latency_service /app/search_client /app/migrations
 
 RUN useradd --create-home gas && mkdir -p /data && chown gas /data
 USER gas

@@ -15,7 +15,17 @@ from sqlalchemy.pool import NullPool
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS = Path(__file__).resolve().parent.parent / "migrations"
+def _migrations_dir() -> Path:
+    """The Alembic tree: ``migrations/`` beside the package in a checkout or an editable install,
+    ``latency_service/migrations`` inside an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here.parent / "migrations", here / "migrations"):
+        if (candidate / "env.py").is_file():
+            return candidate
+    raise RuntimeError(f"Alembic migrations not found beside {here}; reinstall gas-nas")
+
+
+MIGRATIONS = _migrations_dir()
 
 
 def make_engine(url: str) -> Engine:

@@ -123,7 +123,7 @@ def test_compose_file_wires_postgres_and_the_service() -> None:
     served = re.search(r'"--port", "(\d+)"', cmd.group(1))
     assert served is not None and _resolve(svc["ports"][0]).split(":")[-1] == served.group(1)
     # torch is installed from the chosen index before the package (so pip never pulls CUDA on CPU)
-    assert dockerfile.index("--index-url") < dockerfile.index("pip install -e .")
+    assert dockerfile.index("--index-url") < dockerfile.index("pip install .")
     assert "COPY migrations migrations" in dockerfile
 
     # NVIDIA override: a CUDA torch index and the GPU reserved for the service

@@ -216,3 +216,28 @@ def test_cuda_event_timing_and_nvml_identity() -> None:
     ident = device.identify(dev)
     assert ident.kind == "cuda" and ident.slug.startswith("nvidia-")
     assert device.gpu_telemetry(0)["gpu_temp_c"] is not None
+
+
+@pytest.mark.slow
+def test_installed_wheel_carries_its_migrations(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """A non-editable install (wheel) finds the Alembic tree as latency_service/migrations."""
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
+                    str(tmp_path / "whl"), str(root)], check=True, capture_output=True)
+    wheel = next((tmp_path / "whl").glob("gas_nas-*.whl"))
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+                   check=True, capture_output=True)
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]);"
+        "from latency_service import db; from sqlalchemy import inspect;"
+        "assert db.MIGRATIONS.is_relative_to(sys.argv[1]), db.MIGRATIONS;"
+        "db.migrate(sys.argv[2]); e = db.make_engine(sys.argv[2]);"
+        "print(sorted(inspect(e).get_table_names()))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(target), f"sqlite:///{tmp_path / 'w.db'}"], cwd=tmp_path,
+                         check=True, capture_output=True, text=True).stdout
+    assert "'job'" in out and "'measurement'" in out

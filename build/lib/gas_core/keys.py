@@ -1,0 +1,103 @@
+"""The latency key: the exact configuration one timed kernel runs at (DESIGN §3).
+
+Both sides of the system speak in keys: the search client computes the keys of its supernet
+from :func:`gas_core.search_space.cell_shapes` and asks for them; the latency service profiles
+a key by building :func:`gas_core.ops.build_component` at :func:`key_input_shapes`.
+
+Convention for ``h``/``w``: they are the spatial size of the component's (first) input, except
+for ``upsample``, where they are the *output* size and the input is ``ceil(h / stride)`` —
+the output size of a segmentation network is the image size, which the downsampled size does
+not determine.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+Dtype = Literal["float32", "float16", "bfloat16"]
+MemoryFormat = Literal["contiguous", "channels_last"]
+Runtime = Literal["eager"]
+
+DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
+MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
+RUNTIMES: tuple[str, ...] = ("eager",)
+
+TORCH_DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+TORCH_MEMORY_FORMATS: dict[str, torch.memory_format] = {
+    "contiguous": torch.contiguous_format,
+    "channels_last": torch.channels_last,
+}
+
+KEY_HASH_LEN = 32
+
+
+class LatencyKey(BaseModel):
+    """One row of a latency lookup table. Immutable and hashable, so sets of keys dedupe."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: str = Field(min_length=1, max_length=64, description="candidate op or fixed component name")
+    c_in: int = Field(ge=1, description="input channels (per input)")
+    c_out: int = Field(ge=1, description="output channels")
+    h: int = Field(ge=1, description="input height (output height for upsample)")
+    w: int = Field(ge=1, description="input width (output width for upsample)")
+    stride: int = Field(ge=1, description="spatial stride (upsample: scale factor)")
+    n_inputs: int = Field(default=1, ge=1, le=16, description="tensors fed (node_sum, concat)")
+    batch: int = Field(ge=1)
+    dtype: Dtype = "float32"
+    memory_format: MemoryFormat = "contiguous"
+    runtime: Runtime = "eager"
+
+    @property
+    def canonical(self) -> str:
+        """One string per key; field order is fixed so equal keys give equal strings."""
+        return (
+            f"{self.op}|cin={self.c_in}|cout={self.c_out}|h={self.h}|w={self.w}|s={self.stride}"
+            f"|n={self.n_inputs}|b={self.batch}|{self.dtype}|{self.memory_format}|{self.runtime}"
+        )
+
+    @property
+    def key_hash(self) -> str:
+        """Stable across processes and machines (unlike ``hash()``): sha256 of the canonical string."""
+        return hashlib.sha256(self.canonical.encode()).hexdigest()[:KEY_HASH_LEN]
+
+    @classmethod
+    def from_canonical(cls, text: str) -> LatencyKey:
+        """Inverse of :attr:`canonical`; raises ``ValueError`` naming the malformed part."""
+        parts = text.split("|")
+        if len(parts) != 11:
+            raise ValueError(f"canonical key needs 11 '|'-separated parts, got {len(parts)}: {text!r}")
+        fields: dict[str, object] = {"op": parts[0]}
+        names = {"cin": "c_in", "cout": "c_out", "h": "h", "w": "w", "s": "stride", "n": "n_inputs", "b": "batch"}
+        for part in parts[1:8]:
+            name, _, value = part.partition("=")
+            if name not in names or not value.isdigit():
+                raise ValueError(f"malformed key part {part!r} in {text!r}")
+            fields[names[name]] = int(value)
+        fields["dtype"], fields["memory_format"], fields["runtime"] = parts[8:11]
+        return cls.model_validate(fields)
+
+
+def ceil_div(n: int, d: int) -> int:
+    """Output size of a 3×3/pad-1 or 1×1 conv/pool with stride ``d`` on a side of ``n``."""
+    return -(-n // d)
+
+
+def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
+    """NCHW shapes of the tensors a component receives for ``key`` (see module docstring)."""
+    if key.op == "upsample":
+        return [(key.batch, key.c_in, ceil_div(key.h, key.stride), ceil_div(key.w, key.stride))]
+    return [(key.batch, key.c_in, key.h, key.w)] * key.n_inputs
+
+
+def key_pixels(key: LatencyKey) -> int:
+    """Largest activation a key allocates, in elements: used by the service to bound requests."""
+    return key.batch * max(key.c_in * key.n_inputs, key.c_out) * key.h * key.w

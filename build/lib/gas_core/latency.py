@@ -1,0 +1,145 @@
+"""The differentiable latency term (paper §3.3, eqs. 8–10) and exact predictions for derived nets.
+
+L is a [cells, edges, ops] tensor of microseconds, each entry the table's median at the exact
+shape that edge sees; ``fixed`` is everything α does not choose (stem, preprocess, node sums,
+concat, head, classifier, upsample). LAT(Z) = fixed + Σ Z·L with Z the Gumbel-softmax sample.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from gas_core.genotype import Genotype
+from gas_core.keys import LatencyKey
+from gas_core.ops import OPS, PRIMITIVES
+from gas_core.search_space import NetworkShapes
+
+DEFAULT_BETA = 0.005
+
+LatencyLookup = Mapping[str, float]
+"""Canonical key string → median microseconds."""
+
+
+class MissingLatencyKeys(KeyError):
+    """A table lacks keys a network needs; ``missing`` lists every one of them."""
+
+    def __init__(self, missing: list[LatencyKey]) -> None:
+        self.missing = missing
+        listing = "\n  ".join(k.canonical for k in missing)
+        super().__init__(f"latency table lacks {len(missing)} key(s):\n  {listing}")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def _lookup_all(keys: Iterable[LatencyKey], table: LatencyLookup) -> None:
+    missing: dict[str, LatencyKey] = {}
+    for k in keys:
+        if k.canonical not in table:
+            missing.setdefault(k.canonical, k)
+    if missing:
+        raise MissingLatencyKeys(list(missing.values()))
+
+
+class LatencyTerm(nn.Module):
+    """LAT(Z) in µs for Z [cells, edges, ops]; no parameters, L and fixed are buffers."""
+
+    L: torch.Tensor
+    fixed: torch.Tensor
+
+    def __init__(self, L: torch.Tensor, fixed: float) -> None:
+        super().__init__()
+        self.register_buffer("L", L.float())
+        self.register_buffer("fixed", torch.tensor(float(fixed)))
+
+    @classmethod
+    def from_table(cls, shapes: NetworkShapes, table: LatencyLookup) -> LatencyTerm:
+        """Raises :class:`MissingLatencyKeys` naming every key the table lacks."""
+        _lookup_all(shapes.all_keys(), table)
+        L = torch.zeros(shapes.layout.alpha_shape)
+        for k, cell in enumerate(shapes.edges):
+            for e, edge in enumerate(cell):
+                for m, key in enumerate(edge):
+                    if key is not None:
+                        L[k, e, m] = table[key.canonical]
+        fixed = sum(table[key.canonical] for key in shapes.fixed())
+        return cls(L, fixed)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        """Eqs. 8–9: scalar µs. ``z`` may be a Gumbel sample, softmax(α′) or a one-hot genotype."""
+        return self.fixed + (z * self.L).sum()
+
+
+def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_BETA) -> torch.Tensor:
+    """Eq. 10: CE + β·log(LAT), LAT in microseconds."""
+    return ce + beta * torch.log(lat_us)
+
+
+def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
+    """Keys the derived network of ``genotype`` runs, with multiplicity: ``none`` edges dropped,
+    unused preprocesses skipped, node sums at their real arity (none for a single input)."""
+    if genotype.layout != shapes.layout:
+        raise ValueError("genotype layout differs from the layout the shapes were computed for")
+    keys = list(shapes.stem)
+    sources = shapes.layout.edge_sources()
+    for k, cell in enumerate(genotype.cells):
+        live = [not OPS[op].zero_cost for op in cell.edges]
+        pre0, pre1, *rest = shapes.cell_fixed[k]
+        used = {src for alive, (src, _) in zip(live, sources, strict=True) if alive}
+        keys += [pre for i, pre in ((0, pre0), (1, pre1)) if i in used]
+        sums, concat = rest[:-1], rest[-1]
+        for e, op in enumerate(cell.edges):
+            key = shapes.edges[k][e][PRIMITIVES.index(op)]
+            if key is not None:
+                keys.append(key)
+        for node, sum_key in enumerate(sums):
+            arity = sum(1 for l, (_, dst) in zip(live, sources, strict=True) if l and dst == node)
+            if arity >= 2:
+                keys.append(sum_key.model_copy(update={"n_inputs": arity}))
+        keys.append(concat)
+    return keys + list(shapes.head)
+
+
+def predict_latency_us(genotype: Genotype, shapes: NetworkShapes, table: LatencyLookup) -> float:
+    """Plain sum of the table over :func:`derived_keys` (µs); raises :class:`MissingLatencyKeys`."""
+    keys = derived_keys(genotype, shapes)
+    _lookup_all(keys, table)
+    return math.fsum(table[k.canonical] for k in keys)
+
+
+class OverheadModel(BaseModel):
+    """measured ≈ scale · Σ table, one parameter fitted on a calibration set of derived networks
+    timed end to end, and only ever applied to other networks.
+
+    Context timing (latency_service.profiler) removes most of the gap between per-key timings and
+    a whole network; what is left grows with the network's work (cache effects the context only
+    approximates), not with its number of calls: on a 2-core Xeon at 256×512 a two-parameter
+    fit (scale + µs per call) came out collinear and non-physical (−33 µs per call), one scale
+    did not. The raw sum stays the primary figure; this is reported beside it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: Literal[1] = 1
+    scale: float = Field(gt=0)
+    fitted_on: int = Field(ge=1, description="number of calibration networks")
+    residual_pct: float = Field(description="median |error| on the calibration networks, %")
+
+    def predict_us(self, raw_us: float) -> float:
+        return self.scale * raw_us
+
+    @classmethod
+    def fit(cls, raw_us: Sequence[float], measured_us: Sequence[float]) -> OverheadModel:
+        """Relative least squares (each net weighted by 1/measured, so big nets do not dominate)."""
+        if len(raw_us) != len(measured_us) or len(raw_us) < 3:
+            raise ValueError("fit needs at least 3 networks, each with a raw sum and a measurement")
+        r = torch.tensor(list(raw_us), dtype=torch.float64)
+        y = torch.tensor(list(measured_us), dtype=torch.float64)
+        scale = float((r / y).sum() / (r / y).square().sum())  # argmin Σ((s·r − y)/y)²
+        resid = ((scale * r - y).abs() / y * 100).median()
+        return cls(scale=scale, fitted_on=len(y), residual_pct=float(resid))

@@ -1,0 +1,407 @@
+"""Candidate operations and fixed components, each behind one name→factory registry.
+
+Every factory has the same signature ``(c_in, c_out, stride, affine) -> nn.Module`` and maps
+``(N, c_in, H, W)`` to ``(N, c_out, ceil(H/stride), ceil(W/stride))`` (``upsample`` scales up
+instead). The same tables build the supernet, the derived network and the latency service's
+timing cases, so what is timed is exactly what runs.
+
+The order of :data:`OPS` is the order of the last axis of α and of the latency tensor L.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey, ceil_div, key_input_shapes
+
+Factory = Callable[[int, int, int, bool], nn.Module]
+
+ASPP_RATES: tuple[int, ...] = (6, 12, 18)
+PPM_BINS: tuple[int, ...] = (1, 2, 3, 6)
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    factory: Factory
+    zero_cost: bool
+    """True when the derived network drops the op (``none``): it costs nothing and has no key."""
+
+
+class Registry:
+    """Ordered name → factory table; registering a name twice is an error."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str, *, zero_cost: bool = False) -> Callable[[Factory], Factory]:
+        def deco(factory: Factory) -> Factory:
+            if name in self._entries:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            self._entries[name] = Entry(name, factory, zero_cost)
+            return factory
+
+        return deco
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __getitem__(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(self._entries)}") from None
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(self._entries)
+
+
+OPS = Registry("op")
+COMPONENTS = Registry("component")
+
+
+# ---------------------------------------------------------------- building blocks
+
+
+class ReLUConvBN(nn.Sequential):
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int, pad: int, dil: int, affine: bool) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_out, k, stride, pad, dilation=dil, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class SepConv(nn.Sequential):
+    """ReLU → 3×3 depthwise (dilated) → 1×1 pointwise → BN, as DESIGN §2 defines it."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int, dil: int, affine: bool) -> None:
+        super().__init__(
+            nn.ReLU(inplace=False),
+            nn.Conv2d(c_in, c_in, 3, stride, dil, dilation=dil, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out, affine=affine),
+        )
+
+
+class FactorizedReduce(nn.Module):
+    """Halve H and W with two offset 1×1 stride-2 convs. Odd sides are padded on the
+    bottom/right before the offset branch so both halves give ``ceil(H/2)`` (DARTS' version
+    breaks on odd sizes such as 769×1537)."""
+
+    def __init__(self, c_in: int, c_out: int, affine: bool) -> None:
+        super().__init__()
+        self.relu = nn.ReLU(inplace=False)
+        self.conv1 = nn.Conv2d(c_in, c_out // 2, 1, 2, bias=False)
+        self.conv2 = nn.Conv2d(c_in, c_out - c_out // 2, 1, 2, bias=False)
+        self.bn = nn.BatchNorm2d(c_out, affine=affine)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.relu(x)
+        shifted = F.pad(x, (0, 1, 0, 1))[:, :, 1:, 1:]
+        return self.bn(torch.cat([self.conv1(x), self.conv2(shifted)], dim=1))
+
+
+class Zero(nn.Module):
+    """The ``none`` op: zeros of the output shape. Only the supernet runs it."""
+
+    def __init__(self, c_out: int, stride: int) -> None:
+        super().__init__()
+        self.c_out = c_out
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, _, h, w = x.shape
+        return x.new_zeros(n, self.c_out, ceil_div(h, self.stride), ceil_div(w, self.stride))
+
+
+class PoolBN(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int, affine: bool) -> None:
+        super().__init__()
+        self.pool = nn.MaxPool2d(3, stride, 1)
+        self.proj = (
+            None
+            if c_in == c_out
+            else nn.Sequential(nn.Conv2d(c_in, c_out, 1, bias=False), nn.BatchNorm2d(c_out, affine=affine))
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pool(x)
+        return x if self.proj is None else self.proj(x)
+
+
+class NodeSum(nn.Module):
+    """Intermediate node: element-wise sum of its incoming edges, ``n × (N, C, H, W) → (N, C, H, W)``."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        out = xs[0]
+        for x in xs[1:]:
+            out = out + x
+        return out
+
+
+class Concat(nn.Module):
+    """Cell output: channel concat of the intermediate nodes, ``n × (N, C, H, W) → (N, nC, H, W)``."""
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:
+        return torch.cat(xs, dim=1)
+
+
+def conv_bn_relu(c_in: int, c_out: int, k: int, pad: int = 0, dil: int = 1) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, k, 1, pad, dilation=dil, bias=False), nn.BatchNorm2d(c_out), nn.ReLU())
+
+
+class ASPP(nn.Module):
+    """Atrous spatial pyramid pooling at output stride 16: 1×1, three 3×3 at rates 6/12/18,
+    image pooling (conv + ReLU, trainable at batch 1); concat → 1×1 projection.
+    ``(N, c_in, h, w) → (N, c_out, h, w)``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        self.branches = nn.ModuleList(
+            [conv_bn_relu(c_in, c_out, 1)] + [conv_bn_relu(c_in, c_out, 3, r, r) for r in ASPP_RATES]
+        )
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        # no BN on the 1×1 pooled branch: it has one value per channel at batch 1
+        self.pool_proj = nn.Sequential(nn.Conv2d(c_in, c_out, 1), nn.ReLU())
+        self.project = conv_bn_relu(c_out * (len(ASPP_RATES) + 2), c_out, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        pooled = F.interpolate(self.pool_proj(self.pool(x)), size=size, mode="bilinear", align_corners=False)
+        return self.project(torch.cat([b(x) for b in self.branches] + [pooled], dim=1))
+
+
+class PPM(nn.Module):
+    """Pyramid pooling module (PSPNet) with bins 1/2/3/6; concat with the input → 3×3 fuse.
+    ``(N, c_in, h, w) → (N, c_out, h, w)``."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__()
+        mid = max(1, c_in // len(PPM_BINS))
+        self.stages = nn.ModuleList(
+            nn.Sequential(nn.AdaptiveAvgPool2d(b), conv_bn_relu(c_in, mid, 1)) for b in PPM_BINS
+        )
+        self.fuse = conv_bn_relu(c_in + mid * len(PPM_BINS), c_out, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        feats = [x] + [F.interpolate(s(x), size=size, mode="bilinear", align_corners=False) for s in self.stages]
+        return self.fuse(torch.cat(feats, dim=1))
+
+
+class Upsample(nn.Module):
+    """Bilinear resize of the logits to the image size: ``(N, C, h, w), (H, W) → (N, C, H, W)``."""
+
+    def forward(self, x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+
+
+# ---------------------------------------------------------------- candidate ops (fixed order)
+
+
+@OPS.register("none", zero_cost=True)
+def _none(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return Zero(c_out, stride)
+
+
+@OPS.register("max_pool_3x3")
+def _max_pool(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return PoolBN(c_in, c_out, stride, affine)
+
+
+@OPS.register("skip_connect")
+def _skip(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    if stride == 2:
+        return FactorizedReduce(c_in, c_out, affine)
+    if c_in != c_out:
+        return ReLUConvBN(c_in, c_out, 1, 1, 0, 1, affine)
+    return nn.Identity()
+
+
+@OPS.register("conv_3x3")
+def _conv(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return ReLUConvBN(c_in, c_out, 3, stride, 1, 1, affine)
+
+
+def _register_sep(name: str, dil: int) -> None:
+    @OPS.register(name)
+    def _sep(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+        return SepConv(c_in, c_out, stride, dil, affine)
+
+
+_register_sep("sep_conv_3x3", 1)
+for _d in (2, 4, 8):
+    _register_sep(f"dil_sep_conv_3x3_d{_d}", _d)
+
+PRIMITIVES: tuple[str, ...] = OPS.names()
+
+
+# ---------------------------------------------------------------- fixed components
+
+
+@COMPONENTS.register("stem_conv")
+def _stem_conv(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out, affine=affine), nn.ReLU()
+    )
+
+
+@COMPONENTS.register("preprocess_1x1")
+def _pre_1x1(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return ReLUConvBN(c_in, c_out, 1, 1, 0, 1, affine)
+
+
+@COMPONENTS.register("preprocess_reduce")
+def _pre_reduce(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return FactorizedReduce(c_in, c_out, affine)
+
+
+@COMPONENTS.register("node_sum")
+def _node_sum(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return NodeSum()
+
+
+@COMPONENTS.register("concat")
+def _concat(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return Concat()
+
+
+@COMPONENTS.register("head_aspp")
+def _aspp(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return ASPP(c_in, c_out)
+
+
+@COMPONENTS.register("head_ppm")
+def _ppm(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return PPM(c_in, c_out)
+
+
+@COMPONENTS.register("classifier")
+def _classifier(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return nn.Conv2d(c_in, c_out, 1)
+
+
+@COMPONENTS.register("upsample")
+def _upsample(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return Upsample()
+
+
+# ---------------------------------------------------------------- the one resolver
+
+
+@dataclass(frozen=True)
+class KeySpec:
+    """What a built component needs, beside its input's shape, to name its latency key."""
+
+    op: str
+    c_in: int
+    c_out: int
+    stride: int
+
+
+def resolve(name: str) -> Entry:
+    """Look a name up in the candidate ops, then the fixed components."""
+    if name in OPS:
+        return OPS[name]
+    if name in COMPONENTS:
+        return COMPONENTS[name]
+    raise KeyError(f"unknown op or component {name!r}; ops: {', '.join(OPS)}; components: {', '.join(COMPONENTS)}")
+
+
+def build_component(name: str, c_in: int, c_out: int, stride: int = 1, affine: bool = True) -> nn.Module:
+    """Build any op or component by name and tag it with its :class:`KeySpec`, so a forward
+    hook can reconstruct the exact latency key of every call (see the coverage test)."""
+    if c_in < 1 or c_out < 1 or stride < 1:
+        raise ValueError(f"{name}: channels and stride must be positive, got c_in={c_in} c_out={c_out} stride={stride}")
+    module = resolve(name).factory(c_in, c_out, stride, affine)
+    module.key_spec = KeySpec(name, c_in, c_out, stride)
+    return module
+
+
+def key_of_call(module: nn.Module, args: tuple, dtype: str, memory_format: str) -> LatencyKey:
+    """The latency key of one forward call of a tagged module."""
+    spec: KeySpec = module.key_spec
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    n, _, h, w = tensors[0].shape
+    if spec.op == "upsample":
+        h, w = args[1]
+    return LatencyKey(
+        op=spec.op,
+        c_in=spec.c_in,
+        c_out=spec.c_out,
+        h=int(h),
+        w=int(w),
+        stride=spec.stride,
+        n_inputs=len(tensors),
+        batch=int(n),
+        dtype=dtype,
+        memory_format=memory_format,
+    )
+
+
+_FIXED_STRIDE = {
+    "preprocess_1x1": 1,
+    "preprocess_reduce": 2,
+    "node_sum": 1,
+    "concat": 1,
+    "head_aspp": 1,
+    "head_ppm": 1,
+    "classifier": 1,
+}
+
+
+def check_key(key: LatencyKey) -> None:
+    """Raise ``ValueError`` naming the field when ``key`` describes nothing a GAS network runs."""
+    try:
+        entry = resolve(key.op)
+    except KeyError as err:
+        raise ValueError(f"op: {err.args[0]}") from None
+    if entry.zero_cost:
+        raise ValueError(f"op: {key.op!r} costs nothing (the derived network drops it); it has no table entry")
+    if key.op == "node_sum":
+        if key.n_inputs < 2 or key.c_out != key.c_in:
+            raise ValueError("node_sum needs n_inputs >= 2 and c_out == c_in")
+    elif key.op == "concat":
+        if key.n_inputs < 2 or key.c_out != key.c_in * key.n_inputs:
+            raise ValueError("concat needs n_inputs >= 2 and c_out == c_in * n_inputs")
+    elif key.n_inputs != 1:
+        raise ValueError(f"n_inputs: {key.op} takes one input, got {key.n_inputs}")
+    if key.op in _FIXED_STRIDE and key.stride != _FIXED_STRIDE[key.op]:
+        raise ValueError(f"stride: {key.op} runs at stride {_FIXED_STRIDE[key.op]}, got {key.stride}")
+    if (key.op in OPS or key.op == "stem_conv") and key.stride not in (1, 2):
+        raise ValueError(f"stride: {key.op} runs at stride 1 or 2, got {key.stride}")
+    if key.op == "upsample" and key.c_out != key.c_in:
+        raise ValueError("upsample needs c_out == c_in")
+
+
+def build_timing_case(
+    key: LatencyKey, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+) -> tuple[nn.Module, tuple]:
+    """Module (eval mode, on ``device`` in the key's dtype and memory format) and the exact
+    positional arguments a network passes it for ``key``. Raises ``ValueError`` for a bad key."""
+    check_key(key)
+    module = build_component(key.op, key.c_in, key.c_out, key.stride).eval()
+    dtype = TORCH_DTYPES[key.dtype]
+    fmt = TORCH_MEMORY_FORMATS[key.memory_format]
+    module = module.to(device=device, dtype=dtype, memory_format=fmt)
+    inputs = [
+        torch.randn(shape, generator=generator).to(device=device, dtype=dtype, memory_format=fmt)
+        for shape in key_input_shapes(key)
+    ]
+    args: tuple = tuple(inputs)
+    if key.op == "upsample":
+        args = (inputs[0], (key.h, key.w))
+    return module, args

@@ -1,0 +1,132 @@
+"""The GAS supernet: independent cells of mixed ops, α as logits, Gumbel-softmax sampling (eq. 4),
+the GCN-guided module and the paper's ablation switches.
+
+α has shape [cells, edges, ops] (default [14, 5, 8]). With ``cells='shared'`` the parameter is
+[2, edges, ops] (one normal, one reduction α, as in DARTS) and is expanded to every cell.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from gas_core.ggm import GGM, GGMKind, GraphKind
+from gas_core.network import Backbone, CellBase
+from gas_core.ops import OPS, PRIMITIVES, build_component
+from gas_core.search_space import CellPlan, NetworkLayout, cell_plan
+
+CellSharing = Literal["shared", "independent"]
+
+
+class MixedOp(nn.Module):
+    """Σ_m z_m · o_m(x) over the candidate ops; zero-cost ops contribute nothing and are skipped.
+    ``x`` (N, C, H, W), ``weights`` [ops] → (N, C, H/stride, W/stride)."""
+
+    def __init__(self, c: int, stride: int) -> None:
+        super().__init__()
+        self.ops = nn.ModuleList(build_component(name, c, c, stride, affine=False) for name in PRIMITIVES)
+        self.live = [not OPS[name].zero_cost for name in PRIMITIVES]
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        out: torch.Tensor | None = None
+        for w, op, live in zip(weights, self.ops, self.live, strict=True):
+            if live:
+                y = w * op(x)
+                out = y if out is None else out + y
+        assert out is not None
+        return out
+
+
+class SearchCell(CellBase):
+    def __init__(self, layout: NetworkLayout, plan: CellPlan) -> None:
+        super().__init__(layout, plan)
+        self.mixed = nn.ModuleList(MixedOp(plan.c, self.edge_stride(src)) for src, _ in self.sources)
+
+    def edge(self, e: int, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
+        assert weights is not None
+        return self.mixed[e](x, weights[e])
+
+
+def gumbel_softmax_sample(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Eq. 4: softmax((α + G)/λ) over the last axis, G = −log(−log U). Relaxed, not hard."""
+    u = torch.rand(logits.shape, generator=generator, device=logits.device, dtype=logits.dtype)
+    neg_log_u = (-torch.log(u.clamp_min(1e-20))).clamp_min(1e-20)
+    g = -torch.log(neg_log_u)
+    return F.softmax((logits + g) / temperature, dim=-1)
+
+
+def temperature_at(epoch: int, epochs: int, start: float = 1.0, end: float = 0.03) -> float:
+    """Exponential anneal per epoch: λ_0 = start, λ_{epochs−1} = end."""
+    if epochs <= 1:
+        return start
+    t = min(max(epoch, 0), epochs - 1) / (epochs - 1)
+    return start * math.exp(t * math.log(end / start))
+
+
+class Supernet(nn.Module):
+    """``(N, 3, H, W) → (N, classes, H, W)`` logits, with the sampled Z [cells, edges, ops] kept
+    in :attr:`last_z` for the latency term of the same step."""
+
+    def __init__(
+        self,
+        layout: NetworkLayout | None = None,
+        *,
+        cells: CellSharing = "independent",
+        ggm: GGMKind = "gcn",
+        graph: GraphKind = "edge",
+        ggm_dim: int = 64,
+        gamma: float = 0.5,
+    ) -> None:
+        super().__init__()
+        self.layout = layout or NetworkLayout()
+        self.cell_sharing = cells
+        K, p, q = self.layout.alpha_shape
+        self.net = Backbone(self.layout, [SearchCell(self.layout, plan) for plan in cell_plan(self.layout)])
+        n_alpha = 2 if cells == "shared" else K
+        if cells not in ("shared", "independent"):
+            raise ValueError(f"cells must be shared or independent, got {cells!r}")
+        self.alpha = nn.Parameter(1e-3 * torch.randn(n_alpha, p, q))
+        self.ggm = GGM(K, p, q, kind=ggm, graph=graph, d=ggm_dim, gamma=gamma)
+        self.temperature = 1.0
+        self.last_z: torch.Tensor | None = None
+        self.register_buffer(
+            "_cell_type", torch.tensor([int(self.layout.is_reduction(k)) for k in range(K)]), persistent=False
+        )
+
+    def alphas(self) -> torch.Tensor:
+        """α expanded to [cells, edges, ops] (before the GGM)."""
+        return self.alpha[self._cell_type] if self.cell_sharing == "shared" else self.alpha
+
+    def alpha_prime(self) -> torch.Tensor:
+        """α′ = GGM(α), [cells, edges, ops]: the logits that are sampled and derived from."""
+        return self.ggm(self.alphas())
+
+    def arch_parameters(self) -> Iterator[nn.Parameter]:
+        """α and the GGM's weights: optimised by Adam (§4.2)."""
+        yield self.alpha
+        yield from self.ggm.parameters()
+
+    def weight_parameters(self) -> Iterator[nn.Parameter]:
+        """Operation weights: optimised by SGD (§4.2)."""
+        return self.net.parameters()
+
+    def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        return gumbel_softmax_sample(self.alpha_prime(), self.temperature, generator)
+
+    def forward(
+        self, x: torch.Tensor, z: torch.Tensor | None = None, generator: torch.Generator | None = None,
+        expected: bool = False,
+    ) -> torch.Tensor:
+        """With ``z`` None a Gumbel sample is drawn (from ``generator`` when given, so DDP ranks
+        and micro-batches can each draw a reproducible one); ``expected`` uses softmax(α′)."""
+        if z is None:
+            z = torch.softmax(self.alpha_prime(), -1) if expected else self.sample(generator)
+        self.last_z = z
+        return self.net.run(x, list(z))

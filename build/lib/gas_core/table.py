@@ -1,0 +1,258 @@
+"""Latency tables as data, and the maths of comparing two of them.
+
+A table is one (device, environment)'s rows: a :class:`gas_core.keys.LatencyKey` with the
+statistics of its timing. :class:`LatencyTable` is both the service's ``GET /table`` JSON body and
+the export artefact (``gas-table export`` / ``import``), so a table moves between fleets exactly as
+it is served: identity, method and every raw sample.
+
+The comparison helpers are pure functions over ``{canonical key: (op, median µs)}`` maps:
+per-key ratio b / a, geometric-mean ratio, Spearman ρ and Kendall τ-b of the latencies.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gas_core.keys import LatencyKey
+
+TABLE_SCHEMA_VERSION = 1
+TABLE_KIND = "gas-latency-table"
+
+
+def environment_fingerprint(info: Mapping[str, Any]) -> str:
+    """16 hex digits naming an environment: sha256 of its info as sorted JSON. Recomputable, so
+    an imported table whose info was edited after export is caught."""
+    return hashlib.sha256(json.dumps(dict(info), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class TableDevice(BaseModel):
+    slug: str = Field(min_length=1, max_length=128)
+    kind: Literal["cpu", "cuda"]
+    name: str = Field(max_length=256)
+    info: dict[str, Any] = Field(default_factory=dict)
+
+
+class TableEnvironment(BaseModel):
+    fingerprint: str = Field(min_length=1, max_length=32)
+    info: dict[str, Any]
+    entries: int | None = Field(default=None, description="rows of this environment")
+    created_at: datetime | None = None
+
+
+class TableEntry(BaseModel):
+    """One timed key. ``key`` is the canonical string; the key's fields are repeated as columns so
+    CSV users can filter without parsing it, and checked against it on input."""
+
+    key: str
+    key_hash: str
+    op: str
+    c_in: int
+    c_out: int
+    h: int
+    w: int
+    stride: int
+    n_inputs: int
+    batch: int
+    dtype: str
+    memory_format: str
+    runtime: str
+    median_us: float = Field(ge=0, allow_inf_nan=False)
+    p10_us: float = Field(ge=0, allow_inf_nan=False)
+    p90_us: float = Field(ge=0, allow_inf_nan=False)
+    mean_us: float = Field(ge=0, allow_inf_nan=False)
+    std_us: float = Field(ge=0, allow_inf_nan=False)
+    n_samples: int = Field(ge=1)
+    iters_per_sample: int = Field(ge=1)
+    timer: str
+    method: dict[str, Any] | None = Field(default=None, description="profiler settings the row was timed with")
+    gpu_clock_mhz: int | None = None
+    gpu_temp_c: int | None = None
+    created_at: datetime
+    samples_us: list[float] | None = Field(default=None, description="every raw sample, µs per run (samples=true)")
+
+    def latency_key(self) -> LatencyKey:
+        """The parsed key; ``ValueError`` if the canonical string, its hash and the columns disagree."""
+        key = LatencyKey.from_canonical(self.key)
+        if key.key_hash != self.key_hash:
+            raise ValueError(f"key_hash {self.key_hash} is not the hash of {self.key!r} ({key.key_hash})")
+        for name, value in key.model_dump().items():
+            if getattr(self, name) != value:
+                raise ValueError(f"column {name}={getattr(self, name)!r} disagrees with key {self.key!r}")
+        return key
+
+
+class LatencyTable(BaseModel):
+    """``GET /table/{device}`` and the ``gas-table export`` artefact."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = TABLE_SCHEMA_VERSION
+    kind: Literal["gas-latency-table"] = TABLE_KIND
+    device: TableDevice
+    environment: TableEnvironment
+    entries: list[TableEntry]
+
+    def lookup(self) -> dict[str, float]:
+        """Canonical key → median µs: what :class:`gas_core.latency.LatencyTerm` consumes."""
+        return {e.key: e.median_us for e in self.entries}
+
+    @model_validator(mode="after")
+    def _unique_keys(self) -> LatencyTable:
+        seen: set[str] = set()
+        for i, e in enumerate(self.entries):
+            if e.key in seen:
+                raise ValueError(f"entries[{i}]: key {e.key!r} appears twice")
+            seen.add(e.key)
+        return self
+
+
+# ---------------------------------------------------------------- comparison maths
+
+
+def geomean(xs: Sequence[float]) -> float | None:
+    """Geometric mean of positive numbers; None for none."""
+    return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
+
+
+def _ranks(xs: Sequence[float]) -> list[float]:
+    """Average ranks (ties share the mean of their positions)."""
+    order = sorted(range(len(xs)), key=lambda i: xs[i])
+    ranks = [0.0] * len(xs)
+    i = 0
+    while i < len(order):
+        j = i
+        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
+            j += 1
+        for k in range(i, j + 1):
+            ranks[order[k]] = (i + j) / 2
+        i = j + 1
+    return ranks
+
+
+def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Spearman ρ (Pearson on average ranks); None when undefined (n < 2 or a constant side)."""
+    if len(a) != len(b):
+        raise ValueError(f"spearman: {len(a)} vs {len(b)} values")
+    if len(a) < 2:
+        return None
+    try:
+        return statistics.correlation(_ranks(a), _ranks(b))
+    except statistics.StatisticsError:
+        return None
+
+
+def _tie_pairs(xs: Sequence[Any]) -> int:
+    """Σ t(t−1)/2 over runs of equal values of a sorted sequence."""
+    total, run = 0, 1
+    for i in range(1, len(xs) + 1):
+        if i < len(xs) and xs[i] == xs[i - 1]:
+            run += 1
+        else:
+            total += run * (run - 1) // 2
+            run = 1
+    return total
+
+
+def _count_inversions(xs: list[float]) -> int:
+    """Pairs i < j with xs[i] > xs[j], by merge sort (sorts ``xs``); equal values are not inversions."""
+    n, inv, width = len(xs), 0, 1
+    buf = xs[:]
+    while width < n:
+        for lo in range(0, n, 2 * width):
+            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
+            i, j, k = lo, mid, lo
+            while i < mid and j < hi:
+                if xs[j] < xs[i]:
+                    buf[k] = xs[j]
+                    inv += mid - i
+                    j += 1
+                else:
+                    buf[k] = xs[i]
+                    i += 1
+                k += 1
+            buf[k:hi] = xs[i:mid] if i < mid else xs[j:hi]
+            xs[lo:hi] = buf[lo:hi]
+        width *= 2
+    return inv
+
+
+def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
+    """Kendall τ-b in O(n log n) (Knight's algorithm), so ``/compare`` stays fast on tables of
+    thousands of keys; None when undefined (n < 2 or a constant side)."""
+    if len(a) != len(b):
+        raise ValueError(f"kendall_tau: {len(a)} vs {len(b)} values")
+    n = len(a)
+    if n < 2:
+        return None
+    pairs = sorted(zip(a, b, strict=True))
+    n0 = n * (n - 1) // 2
+    n1 = _tie_pairs([p[0] for p in pairs])
+    n3 = _tie_pairs(pairs)
+    bs = [p[1] for p in pairs]
+    swaps = _count_inversions(bs)  # bs is now sorted
+    n2 = _tie_pairs(bs)
+    denom = math.sqrt((n0 - n1) * (n0 - n2))
+    if denom == 0:
+        return None
+    return (n0 - n1 - n2 + n3 - 2 * swaps) / denom
+
+
+class OpComparison(BaseModel):
+    keys: int
+    geomean_ratio: float | None
+    min_ratio: float | None
+    max_ratio: float | None
+
+
+class KeyComparison(BaseModel):
+    key: str
+    op: str
+    a_us: float
+    b_us: float
+    ratio: float | None = Field(description="b / a; null when either latency is 0 (below the timer's resolution)")
+
+
+class TableComparison(BaseModel):
+    """Table b against table a over the keys both hold."""
+
+    common_keys: int
+    only_a: int = Field(description="keys only in table a")
+    only_b: int = Field(description="keys only in table b")
+    geomean_ratio: float | None = Field(description="geometric mean of b / a over the common keys with both > 0")
+    spearman: float | None = Field(description="Spearman ρ of the common keys' latencies")
+    kendall: float | None = Field(description="Kendall τ-b of the common keys' latencies")
+    per_op: dict[str, OpComparison]
+    keys: list[KeyComparison]
+
+
+def compare_tables(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str, float]]) -> TableComparison:
+    """Compare two ``{canonical key: (op, median µs)}`` maps."""
+    common = sorted(set(a) & set(b))
+    rows = []
+    for k in common:
+        ua, ub = a[k][1], b[k][1]
+        rows.append(KeyComparison(key=k, op=a[k][0], a_us=ua, b_us=ub, ratio=ub / ua if ua > 0 and ub > 0 else None))
+    by_op: dict[str, list[float]] = {}
+    for r in rows:
+        lst = by_op.setdefault(r.op, [])
+        if r.ratio is not None:
+            lst.append(r.ratio)
+    ratios = [r.ratio for r in rows if r.ratio is not None]
+    per_op = {
+        op: OpComparison(keys=sum(r.op == op for r in rows), geomean_ratio=geomean(rs),
+                         min_ratio=min(rs, default=None), max_ratio=max(rs, default=None))
+        for op, rs in sorted(by_op.items())
+    }
+    la, lb = [r.a_us for r in rows], [r.b_us for r in rows]
+    return TableComparison(
+        common_keys=len(common), only_a=len(set(a) - set(b)), only_b=len(set(b) - set(a)),
+        geomean_ratio=geomean(ratios), spearman=spearman(la, lb), kendall=kendall_tau(la, lb), per_op=per_op,
+        keys=rows,
+    )

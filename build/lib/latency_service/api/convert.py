@@ -1,0 +1,38 @@
+"""ORM row → response model conversions shared by the routes."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from latency_service.models import Device, Job, Measurement
+from latency_service.profiler import samples_from_blob
+from latency_service.schemas import DevicePublic, EntryPublic, JobPublic
+
+
+def device_public(slug: str, kind: str, name: str, info: dict[str, Any]) -> DevicePublic:
+    return DevicePublic(slug=slug, kind=kind, name=name, info=info)
+
+
+def device_row_public(dev: Device) -> DevicePublic:
+    return device_public(dev.slug, dev.kind, dev.name, dev.info)
+
+
+def job_public(job: Job, device: str, environment: str) -> JobPublic:
+    return JobPublic(
+        id=job.id, state=job.state, device=device, environment=environment, total=job.total, done=job.done,
+        skipped=job.skipped, force=job.force, errors=job.errors, created_at=job.created_at,
+        started_at=job.started_at, finished_at=job.finished_at, owner=job.owner,
+        heartbeat_at=job.heartbeat_at,
+    )
+
+
+# the flat columns of an entry (and of the CSV export); method and samples are nested
+ENTRY_FIELDS = [f for f in EntryPublic.model_fields if f not in ("samples_us", "method")]
+
+
+def entry_public(row: Measurement, with_samples: bool = False) -> EntryPublic:
+    data: dict[str, Any] = {f: getattr(row, f) for f in ENTRY_FIELDS}
+    data["method"] = row.method
+    if with_samples:
+        data["samples_us"] = samples_from_blob(row.samples)
+    return EntryPublic(**data)

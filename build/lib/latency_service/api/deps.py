@@ -1,0 +1,45 @@
+"""FastAPI dependencies: the host service, a DB session per request, and the bearer token."""
+
+from __future__ import annotations
+
+import hmac
+from collections.abc import Iterator
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session
+
+from latency_service.service import Host
+
+
+def get_host(request: Request) -> Host:
+    return request.app.state.host
+
+
+HostDep = Annotated[Host, Depends(get_host)]
+
+
+def get_session(host: HostDep) -> Iterator[Session]:
+    with host.sessions() as session:
+        yield session
+
+
+SessionDep = Annotated[Session, Depends(get_session)]
+
+_bearer = HTTPBearer(auto_error=False)
+
+
+def require_token(
+    host: HostDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+) -> None:
+    """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set."""
+    token = host.settings.api_token
+    if token is None:
+        return
+    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
+                            headers={"WWW-Authenticate": "Bearer"})
+
+
+TokenDep = Depends(require_token)

@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+from fastapi import APIRouter
+from sqlalchemy import text
+
+from latency_service.api.convert import device_public
+from latency_service.api.deps import HostDep, SessionDep
+from latency_service.schemas import EnvironmentPublic, HealthPublic, HostPublic
+
+router = APIRouter(tags=["host"])
+
+
+@router.get("/health", response_model=HealthPublic, summary="Liveness and database reachability")
+def health(host: HostDep, session: SessionDep) -> HealthPublic:
+    try:
+        session.execute(text("SELECT 1"))
+        db_ok = True
+    except Exception:
+        db_ok = False
+    worker = host.worker.alive()
+    return HealthPublic(status="ok" if db_ok and worker else "degraded", database=db_ok, worker=worker)
+
+
+@router.get("/device", response_model=HostPublic, summary="This host's device identity and environment")
+def device(host: HostDep) -> HostPublic:
+    return HostPublic(
+        device=device_public(host.device.slug, host.device.kind, host.device.name, host.device.info),
+        environment=EnvironmentPublic(fingerprint=host.env.fingerprint, info=host.env.info),
+        torch_device=str(host.torch_device),
+    )

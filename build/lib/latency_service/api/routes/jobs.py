@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Response, status
+
+from latency_service import crud
+from latency_service.api.convert import job_public
+from latency_service.api.deps import HostDep, SessionDep, TokenDep
+from latency_service.models import Device, Environment, Job
+from latency_service.schemas import JobPublic, JobState, ProfileRequest
+from latency_service.service import RequestError
+
+router = APIRouter(tags=["jobs"])
+
+
+def _public(session: SessionDep, job: Job) -> JobPublic:
+    dev = session.get(Device, job.device_id)
+    env = session.get(Environment, job.environment_id)
+    return job_public(job, dev.slug if dev else "?", env.fingerprint if env else "?")
+
+
+@router.post(
+    "/profile", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED, dependencies=[TokenDep],
+    summary="Queue a profiling job on this host's device",
+    responses={200: {"model": JobPublic, "description": "an identical job is already queued or running"},
+               422: {"description": "a key or bound is invalid; the message names the field"}},
+)
+def profile(req: ProfileRequest, host: HostDep, session: SessionDep, response: Response) -> JobPublic:
+    """Keys already stored for this device and environment are skipped unless ``force``. An
+    identical request while one is queued or running returns that job (200, not 202)."""
+    try:
+        job, created = host.submit_profile(req)
+    except RequestError as err:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
+    if not created:
+        response.status_code = status.HTTP_200_OK
+    return _public(session, session.merge(job))
+
+
+@router.get("/jobs", response_model=list[JobPublic], summary="Recent jobs, newest first")
+def jobs(
+    session: SessionDep, state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
+) -> list[JobPublic]:
+    return [_public(session, j) for j in crud.list_jobs(session, state=state, limit=limit)]
+
+
+@router.get("/jobs/{job_id}", response_model=JobPublic, responses={404: {"description": "no such job"}})
+def job(job_id: str, session: SessionDep) -> JobPublic:
+    found = crud.get_job(session, job_id=job_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
+    return _public(session, found)
+
+
+@router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[TokenDep],
+               responses={404: {"description": "no such job"}}, summary="Cancel a queued or running job")
+def cancel(job_id: str, session: SessionDep) -> JobPublic:
+    """Measurements already stored stay; the key in flight finishes and is kept."""
+    found = crud.get_job(session, job_id=job_id)
+    if found is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
+    return _public(session, crud.cancel_job(session, job=found))

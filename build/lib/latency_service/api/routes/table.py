@@ -1,0 +1,201 @@
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from gas_core.keys import Dtype, MemoryFormat
+from gas_core.ops import check_key
+from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
+from latency_service import crud
+from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
+from latency_service.api.deps import HostDep, SessionDep, TokenDep
+from latency_service.models import Device, Environment
+from latency_service.schemas import (
+    ComparePublic,
+    DevicesPublic,
+    DeviceSummary,
+    EnvironmentPublic,
+    ImportPublic,
+    PairComparison,
+    TablePublic,
+    TableRef,
+)
+
+log = logging.getLogger(__name__)
+router = APIRouter(tags=["tables"])
+
+
+def _device_env(session: SessionDep, slug: str, environment: str | None) -> tuple[Device, Environment]:
+    dev = crud.get_device(session, slug=slug)
+    if dev is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"unknown device {slug!r}; see GET /devices")
+    env = crud.get_environment(session, device=dev, fingerprint=environment)
+    if env is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {slug!r} has no environment {environment!r}")
+    return dev, env
+
+
+@router.get(
+    "/table/{device}",
+    response_model=TablePublic,
+    summary="A device's lookup table (newest environment unless one is named)",
+    responses={
+        200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"},
+        304: {"description": "unchanged since the ETag in If-None-Match"},
+        404: {"description": "unknown device or environment"},
+    },
+)
+def table(
+    device: str,
+    session: SessionDep,
+    host: HostDep,
+    environment: str | None = None,
+    dtype: Dtype | None = None,
+    batch: Annotated[int | None, Query(ge=1)] = None,
+    memory_format: MemoryFormat | None = None,
+    op: str | None = None,
+    format: Literal["json", "csv"] = "json",
+    samples: bool = Query(False, description="include every raw sample (µs) of each row"),
+    if_none_match: Annotated[str | None, Header()] = None,
+) -> Response:
+    dev, env = _device_env(session, device, environment)
+    filters = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch, memory_format=memory_format,
+                   op=op)
+    version = crud.table_version(session, **filters)
+    cache_key = (tuple(filters.items()), format, samples, version)
+    cached = host.table_cache.get(cache_key)
+    if cached is None:
+        body, media = _render(session, dev, env, filters, format, samples)
+        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
+        cached = host.table_cache.put(cache_key, (body, media, etag))
+    body, media, etag = cached
+    headers = {"ETag": etag, "X-GAS-Environment": env.fingerprint, "Cache-Control": "no-cache"}
+    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
+    return Response(content=body, media_type=media, headers=headers)
+
+
+def _render(session: Session, dev: Device, env: Environment, filters: dict, format: str,
+            samples: bool) -> tuple[bytes, str]:
+    entries = [entry_public(r, samples) for r in crud.table_rows(session, **filters)]
+    if format == "csv":
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=ENTRY_FIELDS)
+        writer.writeheader()
+        for e in entries:
+            writer.writerow(e.model_dump(include=set(ENTRY_FIELDS), mode="json"))
+        body, media = buf.getvalue().encode(), "text/csv"
+    else:
+        payload = TablePublic(
+            device=device_row_public(dev),
+            environment=EnvironmentPublic(fingerprint=env.fingerprint, info=env.info, entries=len(entries),
+                                          created_at=env.created_at),
+            entries=entries,
+        )
+        body, media = payload.model_dump_json().encode(), "application/json"
+    return body, media
+
+
+@router.get("/devices", response_model=DevicesPublic, summary="Every device in the database")
+def devices(session: SessionDep) -> DevicesPublic:
+    out = []
+    for dev, envs in crud.device_summaries(session):
+        out.append(DeviceSummary(
+            **device_row_public(dev).model_dump(),
+            environments=[EnvironmentPublic(fingerprint=e.fingerprint, info=e.info, entries=n, created_at=e.created_at)
+                          for e, n in envs],
+        ))
+    return DevicesPublic(devices=out)
+
+
+MAX_COMPARE = 8
+
+
+def _table_ref(session: Session, ref: str) -> tuple[Device, Environment]:
+    """``slug`` (its newest environment) or ``slug@fingerprint``."""
+    slug, _, fp = ref.partition("@")
+    return _device_env(session, slug, fp or None)
+
+
+@router.get(
+    "/compare", response_model=ComparePublic, summary="Compare devices' (or environments') tables key by key",
+    responses={404: {"description": "unknown device or environment"},
+               422: {"description": "fewer than two tables, more than 8, or one named twice"}},
+)
+def compare(
+    session: SessionDep,
+    devices: Annotated[str, Query(description="comma-separated tables, each a device slug (its newest environment) "
+                                              "or slug@environment; at least two. Ratios are later / earlier")],
+    dtype: Dtype | None = None,
+    batch: Annotated[int | None, Query(ge=1)] = None,
+    memory_format: MemoryFormat | None = None,
+    op: str | None = None,
+) -> ComparePublic:
+    refs = [r.strip() for r in devices.split(",") if r.strip()]
+    if not 2 <= len(refs) <= MAX_COMPARE:
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                            f"devices: give 2 to {MAX_COMPARE} comma-separated tables (slug or slug@environment), "
+                            f"got {len(refs)}")
+    tables, seen = [], set()
+    for ref in refs:
+        dev, env = _table_ref(session, ref)
+        if (dev.id, env.id) in seen:
+            raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT,
+                                f"devices: {ref!r} names a table already listed ({dev.slug}@{env.fingerprint})")
+        seen.add((dev.id, env.id))
+        rows = crud.table_rows(session, device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
+                               memory_format=memory_format, op=op)
+        tables.append((TableRef(device=dev.slug, environment=env.fingerprint, entries=len(rows)),
+                       {r.key: (r.op, r.median_us) for r in rows}))
+    pairs = [
+        PairComparison(a=ra, b=rb, **compare_tables(ta, tb).model_dump())
+        for i, (ra, ta) in enumerate(tables) for rb, tb in tables[i + 1:]
+    ]
+    return ComparePublic(tables=[t[0] for t in tables], pairs=pairs)
+
+
+@router.post(
+    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
+    summary="Merge an exported table (gas-table export) into this database",
+    responses={409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
+               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}},
+)
+def import_table(
+    table: LatencyTable, session: SessionDep,
+    force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
+) -> ImportPublic:
+    problems = []
+    if environment_fingerprint(table.environment.info) != table.environment.fingerprint:
+        problems.append(f"environment: fingerprint {table.environment.fingerprint} is not that of its info "
+                        f"({environment_fingerprint(table.environment.info)}); was the file edited?")
+    for i, e in enumerate(table.entries):
+        try:
+            check_key(e.latency_key())
+        except ValueError as err:
+            problems.append(f"entries[{i}]: {err}")
+            continue
+        if e.samples_us is None:
+            problems.append(f"entries[{i}]: no samples_us; export with samples (gas-table export does)")
+        elif len(e.samples_us) != e.n_samples:
+            problems.append(f"entries[{i}]: {len(e.samples_us)} samples_us but n_samples={e.n_samples}")
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
+    try:
+        counts = crud.import_table(session, table=table, force=force)
+    except crud.ImportConflict as err:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    except IntegrityError:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            "a concurrent write to the same table (a profiling job); retry the import") from None
+    log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
+    return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)

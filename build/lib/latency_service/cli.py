@@ -1,0 +1,149 @@
+"""``gas-service``: run the latency service, or profile / measure this host without HTTP."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from pydantic import ValidationError
+from tqdm import tqdm
+
+from gas_core.genotype import Genotype
+from gas_core.keys import DTYPES, MEMORY_FORMATS
+from gas_core.search_space import NetworkLayout
+from latency_service import crud
+from latency_service.core.config import Settings
+from latency_service.schemas import MeasureRequest, ProfileRequest
+from latency_service.service import Host, RequestError
+
+app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
+
+
+def _settings(database_url: str | None, device: str | None, threads: int | None) -> Settings:
+    overrides = {k: v for k, v in (("database_url", database_url), ("device", device), ("cpu_threads", threads))
+                 if v is not None}
+    try:
+        return Settings(**overrides)
+    except ValidationError as err:
+        typer.echo(f"error: {err.errors()[0]['msg']}", err=True)
+        raise typer.Exit(2) from None
+
+
+@contextmanager
+def _host(settings: Settings) -> Iterator[Host]:
+    """This host's service without HTTP (worker not started); bad input exits 2 with one line."""
+    host = Host.start(settings, run_worker=False)
+    try:
+        yield host
+    except RequestError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    finally:
+        host.close()
+
+
+DbOpt = Annotated[
+    str | None, typer.Option("--database-url", help="SQLAlchemy URL (default GAS_DATABASE_URL or sqlite:///./gas.db)")
+]
+DevOpt = Annotated[str | None, typer.Option("--device", help="auto | cpu | cuda:N (default GAS_DEVICE or auto)")]
+ThrOpt = Annotated[
+    int | None, typer.Option("--threads", help="torch CPU threads, fixed for every timing (0 = all CPUs)")
+]
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="interface to bind")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port")] = 8000,
+    database_url: DbOpt = None,
+    device: DevOpt = None,
+    threads: ThrOpt = None,
+) -> None:
+    """Serve the HTTP API with uvicorn (migrates the database and resumes unfinished jobs first)."""
+    import uvicorn
+
+    from latency_service.main import create_app
+
+    settings = _settings(database_url, device, threads)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
+
+
+@app.command()
+def profile(
+    input_size: Annotated[tuple[int, int], typer.Option(help="network input H W")] = (256, 512),
+    batch: Annotated[list[int], typer.Option(help="batch size; repeat for several")] = [1],  # noqa: B006
+    dtype: Annotated[list[str], typer.Option(help=f"one of {', '.join(DTYPES)}; repeat for several")] = ["float32"],  # noqa: B006
+    memory_format: Annotated[list[str], typer.Option(help=f"one of {', '.join(MEMORY_FORMATS)}")] = ["contiguous"],  # noqa: B006
+    layout_json: Annotated[
+        Path | None, typer.Option("--layout", help="NetworkLayout JSON (default: the paper's)")
+    ] = None,
+    force: Annotated[bool, typer.Option(help="re-time keys already stored")] = False,
+    database_url: DbOpt = None,
+    device: DevOpt = None,
+    threads: ThrOpt = None,
+) -> None:
+    """Profile every key of a layout on this host, with a progress bar, straight into the database."""
+    settings = _settings(database_url, device, threads)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        layout = NetworkLayout.model_validate_json(layout_json.read_text()) if layout_json else NetworkLayout()
+        req = ProfileRequest(layout=layout, input_size=input_size, batches=batch, dtypes=dtype,  # type: ignore[arg-type]
+                             memory_formats=memory_format, force=force)
+    except (ValidationError, OSError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    with _host(settings) as host:
+        job, _ = host.submit_profile(req)
+        typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
+        host.worker.start()
+        with tqdm(total=job.total, unit="key", desc="profiling") as bar:
+            while True:
+                with host.sessions() as s:
+                    cur = crud.get_job(s, job_id=job.id)
+                    assert cur is not None
+                bar.update(cur.done - bar.n)
+                if cur.state not in ("queued", "running"):
+                    break
+                time.sleep(0.2)
+        typer.echo(f"job {cur.state}: {cur.total - cur.skipped - len(cur.errors)} timed, {cur.skipped} already stored")
+        for e in cur.errors:
+            typer.echo(f"  error: {e}", err=True)
+        if cur.state != "done":
+            raise typer.Exit(1)
+
+
+@app.command()
+def measure(
+    genotype: Annotated[Path, typer.Argument(help="genotype.json written by gas-search")],
+    input_size: Annotated[tuple[int, int], typer.Option(help="network input H W")] = (256, 512),
+    batch: int = 1,
+    dtype: str = "float32",
+    memory_format: str = "contiguous",
+    database_url: DbOpt = None,
+    device: DevOpt = None,
+    threads: ThrOpt = None,
+) -> None:
+    """Time a derived network end to end on this host and print it beside the table's prediction (JSON)."""
+    settings = _settings(database_url, device, threads)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        req = MeasureRequest(genotype=Genotype.load(genotype), input_size=input_size, batch=batch,
+                             dtype=dtype, memory_format=memory_format)  # type: ignore[arg-type]
+    except (ValidationError, OSError, json.JSONDecodeError) as err:
+        typer.echo(f"error: {genotype}: {err}", err=True)
+        raise typer.Exit(2) from None
+    with _host(settings) as host:
+        host.check_measure_bounds(req)
+        result = host.measure(req)
+    sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,89 @@
+"""Service settings: pydantic-settings with the ``GAS_`` prefix, validated once at start-up."""
+
+from __future__ import annotations
+
+import socket
+from functools import lru_cache
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob of the service. Bounds keep a single request from exhausting the host."""
+
+    model_config = SettingsConfigDict(env_prefix="GAS_", env_file=None, extra="ignore")
+
+    database_url: str = "sqlite:///./gas.db"
+    db_wait_s: float = Field(default=0.0, ge=0, le=3600,
+                             description="at start-up, retry an unreachable database for this long (containers)")
+    api_token: str | None = Field(
+        default=None, description="when set, mutating routes need 'Authorization: Bearer <token>'"
+    )
+    device: str = Field(default="auto", description="'auto' (cuda:0 if present, else cpu), 'cpu' or 'cuda:N'")
+    cpu_threads: int = Field(default=0, ge=0, le=512, description="torch threads on CPU; 0 = all of this host's CPUs")
+    cudnn_benchmark: bool = True
+
+    # profiler method (DESIGN §3); stored with every row
+    warmup_runs: int = Field(default=10, ge=1, le=10_000)
+    warmup_ms: float = Field(default=50.0, ge=0, le=60_000)
+    samples: int = Field(default=30, ge=3, le=10_000)
+    min_sample_ms: float = Field(default=1.0, gt=0, le=10_000)
+    max_iters_per_sample: int = Field(default=10_000, ge=1)
+    timing_context: bool = Field(
+        default=True,
+        description="time each key after a context of other kernels (paired difference), as it runs inside "
+        "a network; False times it back-to-back with itself. Part of the environment fingerprint.",
+    )
+    context_min_sample_ms: float = Field(default=5.0, gt=0, le=10_000,
+                                         description="shortest sample with context timing (paired differences)")
+    timing_flush_bytes: int | None = Field(
+        default=None, ge=0, description="bytes the timing context writes to evict caches; unset = 2 × L2"
+    )
+
+    # end-to-end measurement
+    e2e_warmup_runs: int = Field(default=5, ge=1)
+    e2e_samples: int = Field(default=20, ge=3, le=10_000)
+
+    # request bounds
+    max_channels: int = Field(default=4096, ge=1)
+    max_batch: int = Field(default=64, ge=1)
+    max_side: int = Field(default=4096, ge=1, description="largest H or W of a key or a measured input")
+    max_elements: int = Field(default=2**28, ge=1, description="largest activation (N·C·H·W) a request may allocate")
+    max_keys_per_job: int = Field(default=20_000, ge=1)
+
+    # fleet: hosts sharing a database
+    worker_id: str = Field(
+        default_factory=socket.gethostname, min_length=1, max_length=128,
+        description="this host's name in job ownership; a restarted service resumes the running jobs of its own id "
+        "at once, and those of other hosts only once their heartbeat is older than job_stale_s",
+    )
+    job_stale_s: float = Field(default=300.0, gt=0, description="seconds without progress before another host of the "
+                               "same device and environment may take a running job over")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @field_validator("api_token")
+    @classmethod
+    def _token(cls, v: str | None) -> str | None:
+        return v or None  # GAS_API_TOKEN= (empty, as docker compose passes an unset variable) means no token
+
+    @field_validator("database_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not (v.startswith("sqlite") or v.startswith("postgresql")):
+            raise ValueError("GAS_DATABASE_URL must be sqlite:///… or postgresql+psycopg://…")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError("GAS_DEVICE must be auto, cpu or cuda:N")
+        return v
+
+
+@lru_cache
+def get_settings() -> Settings:
+    return Settings()

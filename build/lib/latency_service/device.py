@@ -1,0 +1,179 @@
+"""Who is timing: the device (hardware) and the environment (software that changes timings).
+
+GPU identity comes from NVML (``nvidia-ml-py``, import name ``pynvml``) plus torch; with no GPU,
+no driver or no NVML the identity is the CPU's — never a crash.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gas_core.table import environment_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DeviceIdentity:
+    slug: str
+    kind: str  # cuda | cpu
+    name: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EnvironmentIdentity:
+    fingerprint: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def slugify(text: str) -> str:
+    text = re.sub(r"\(r\)|\(tm\)|cpu @ [\d.]+ghz|processor", "", text.lower())
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-")
+
+
+def _nvml():  # type: ignore[no-untyped-def]
+    """The initialised pynvml module, or None when NVML is absent or has no driver."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return pynvml
+    except Exception as err:  # ImportError, NVMLError_LibraryNotFound, NVMLError_DriverNotLoaded…
+        log.debug("NVML unavailable: %s", err)
+        return None
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def host_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def cpu_identity() -> DeviceIdentity:
+    model = cpu_model()
+    threads = host_cpus()
+    cores = _physical_cores() or threads
+    return DeviceIdentity(
+        slug=f"cpu-{slugify(model)}-{threads}t",
+        kind="cpu",
+        name=model,
+        info={"model": model, "cores": cores, "threads": threads, "machine": platform.machine()},
+    )
+
+
+def _physical_cores() -> int | None:
+    try:
+        pairs = set()
+        phys = core = None
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("physical id"):
+                phys = line.split(":")[1].strip()
+            elif line.startswith("core id"):
+                core = line.split(":")[1].strip()
+                pairs.add((phys, core))
+        return len(pairs) or None
+    except OSError:
+        return None
+
+
+def gpu_identity(index: int) -> DeviceIdentity:
+    props = torch.cuda.get_device_properties(index)
+    info: dict[str, Any] = {
+        "torch_name": props.name,
+        "memory_bytes": props.total_memory,
+        "compute_capability": f"{props.major}.{props.minor}",
+        "sm_count": props.multi_processor_count,
+        "index": index,
+    }
+    name = props.name
+    nv = _nvml()
+    if nv is not None:
+        try:
+            h = nv.nvmlDeviceGetHandleByIndex(index)
+            name = _str(nv.nvmlDeviceGetName(h))
+            info.update(
+                nvml_name=name,
+                uuid=_str(nv.nvmlDeviceGetUUID(h)),
+                memory_bytes=int(nv.nvmlDeviceGetMemoryInfo(h).total),
+                driver=_str(nv.nvmlSystemGetDriverVersion()),
+                max_sm_clock_mhz=int(nv.nvmlDeviceGetMaxClockInfo(h, nv.NVML_CLOCK_SM)),
+            )
+        except Exception as err:
+            log.warning("NVML query failed, using torch's identity: %s", err)
+    return DeviceIdentity(slug=slugify(name if name.lower().startswith("nvidia") else f"nvidia {name}"),
+                          kind="cuda", name=name, info=info)
+
+
+def gpu_telemetry(index: int) -> dict[str, int | None]:
+    """SM clock (MHz) and temperature (°C) now; ``None`` values without NVML."""
+    nv = _nvml()
+    if nv is None:
+        return {"gpu_clock_mhz": None, "gpu_temp_c": None}
+    try:
+        h = nv.nvmlDeviceGetHandleByIndex(index)
+        return {
+            "gpu_clock_mhz": int(nv.nvmlDeviceGetClockInfo(h, nv.NVML_CLOCK_SM)),
+            "gpu_temp_c": int(nv.nvmlDeviceGetTemperature(h, nv.NVML_TEMPERATURE_GPU)),
+        }
+    except Exception:
+        return {"gpu_clock_mhz": None, "gpu_temp_c": None}
+
+
+def _str(v: str | bytes) -> str:
+    return v.decode() if isinstance(v, bytes) else v
+
+
+def resolve_device(spec: str) -> torch.device:
+    """``auto`` → cuda:0 when CUDA is usable, else cpu. Asking for CUDA without it is an error."""
+    if spec == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(spec)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"GAS_DEVICE={spec} but CUDA is not available on this host")
+    return dev
+
+
+def identify(device: torch.device) -> DeviceIdentity:
+    return gpu_identity(device.index or 0) if device.type == "cuda" else cpu_identity()
+
+
+def environment(
+    device: torch.device, threads: int, cudnn_benchmark: bool, timing: str = "context"
+) -> EnvironmentIdentity:
+    """The software that changes timings, including the timing method: tables measured with
+    another method are another environment, never mixed."""
+    info: dict[str, Any] = {
+        "torch": torch.__version__,
+        "threads": threads,
+        "timing": timing,
+        "python": platform.python_version(),
+    }
+    if device.type == "cuda":
+        nv = _nvml()
+        info.update(
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+            cudnn_benchmark=cudnn_benchmark,
+            driver=_str(nv.nvmlSystemGetDriverVersion()) if nv is not None else None,
+        )
+    return EnvironmentIdentity(fingerprint=environment_fingerprint(info), info=info)

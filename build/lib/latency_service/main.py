@@ -1,0 +1,46 @@
+"""The FastAPI application. ``create_app(settings)`` is used by uvicorn (``gas-service serve``)
+and by the tests; start-up migrates the database and starts the device worker."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from latency_service.api.routes import health, jobs, measure, table
+from latency_service.core.config import Settings, get_settings
+from latency_service.service import Host
+
+API_VERSION = "1"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        host = Host.start(settings)
+        app.state.host = host
+        try:
+            yield
+        finally:
+            host.close()
+
+    app = FastAPI(
+        title="GAS latency service",
+        version=API_VERSION,
+        description="Per-device latency lookup tables for GAS: profiles every candidate op at the exact "
+        "shape each cell sees, serves the table, and times derived networks end to end.",
+        lifespan=lifespan,
+    )
+    for module in (health, jobs, table, measure):
+        app.include_router(module.router)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """uvicorn factory: ``uvicorn --factory latency_service.main:app_from_env``."""
+    return create_app(get_settings())

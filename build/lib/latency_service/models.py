@@ -1,0 +1,153 @@
+"""SQLAlchemy 2 typed ORM. Alembic (``migrations/``) is the only source of the schema."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    text,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    type_annotation_map = {dict[str, Any]: JSON, list[str]: JSON}
+
+
+class Device(Base):
+    """Hardware a table belongs to; ``slug`` is stable across hosts of the same model."""
+
+    __tablename__ = "device"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    slug: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str] = mapped_column(String(8))  # cuda | cpu
+    name: Mapped[str] = mapped_column(String(256))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    environments: Mapped[list[Environment]] = relationship(back_populates="device")
+
+
+class Environment(Base):
+    """Software that changes timings (torch, CUDA, cuDNN, driver, cudnn.benchmark, threads)."""
+
+    __tablename__ = "environment"
+    __table_args__ = (UniqueConstraint("device_id", "fingerprint", name="uq_environment_device_fp"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
+    fingerprint: Mapped[str] = mapped_column(String(32))
+    info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    device: Mapped[Device] = relationship(back_populates="environments")
+
+
+class Measurement(Base):
+    """One key timed on one (device, environment): summary stats plus every raw sample."""
+
+    __tablename__ = "measurement"
+    __table_args__ = (
+        UniqueConstraint("device_id", "environment_id", "key_hash", name="uq_measurement_key"),
+        Index("ix_measurement_filter", "device_id", "environment_id", "dtype", "batch", "memory_format"),
+    )
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environment.id", ondelete="CASCADE"))
+    key_hash: Mapped[str] = mapped_column(String(32))
+    key: Mapped[str] = mapped_column(String(256))
+    op: Mapped[str] = mapped_column(String(64))
+    c_in: Mapped[int] = mapped_column(Integer)
+    c_out: Mapped[int] = mapped_column(Integer)
+    h: Mapped[int] = mapped_column(Integer)
+    w: Mapped[int] = mapped_column(Integer)
+    stride: Mapped[int] = mapped_column(Integer)
+    n_inputs: Mapped[int] = mapped_column(Integer)
+    batch: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    memory_format: Mapped[str] = mapped_column(String(16))
+    runtime: Mapped[str] = mapped_column(String(16))
+    median_us: Mapped[float] = mapped_column(Float)
+    p10_us: Mapped[float] = mapped_column(Float)
+    p90_us: Mapped[float] = mapped_column(Float)
+    mean_us: Mapped[float] = mapped_column(Float)
+    std_us: Mapped[float] = mapped_column(Float)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    iters_per_sample: Mapped[int] = mapped_column(Integer)
+    timer: Mapped[str] = mapped_column(String(32))
+    method: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    samples: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, µs per run
+    gpu_clock_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    gpu_temp_c: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Job(Base):
+    """A profiling job: its keys, its progress (``done`` commits with each measurement, so a
+    crash loses at most the key in flight) and its state. Any host of the job's (device,
+    environment) may run it; ``owner`` and ``heartbeat_at`` say which one does, so another host
+    takes a running job over only once its heartbeat is stale."""
+
+    __tablename__ = "job"
+    __table_args__ = (
+        Index("ix_job_queue", "device_id", "environment_id", "state"),
+        Index(
+            "uq_job_active_request", "request_hash", unique=True,
+            sqlite_where=text("state IN ('queued', 'running')"),
+            postgresql_where=text("state IN ('queued', 'running')"),
+        ),
+    )
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environment.id", ondelete="CASCADE"))
+    request_hash: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), index=True)
+    keys: Mapped[list[str]] = mapped_column(JSON)
+    force: Mapped[bool] = mapped_column(Boolean, default=False)
+    total: Mapped[int] = mapped_column(Integer)
+    done: Mapped[int] = mapped_column(Integer, default=0)
+    skipped: Mapped[int] = mapped_column(Integer, default=0)
+    errors: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # worker id of the host running it
+    heartbeat_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class E2EMeasurement(Base):
+    """A derived network timed end to end, with the table's prediction beside it."""
+
+    __tablename__ = "e2e_measurement"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id", ondelete="CASCADE"))
+    environment_id: Mapped[int] = mapped_column(ForeignKey("environment.id", ondelete="CASCADE"))
+    genotype: Mapped[dict[str, Any]] = mapped_column(JSON)
+    genotype_hash: Mapped[str] = mapped_column(String(64), index=True)
+    input_h: Mapped[int] = mapped_column(Integer)
+    input_w: Mapped[int] = mapped_column(Integer)
+    batch: Mapped[int] = mapped_column(Integer)
+    dtype: Mapped[str] = mapped_column(String(16))
+    memory_format: Mapped[str] = mapped_column(String(16))
+    median_us: Mapped[float] = mapped_column(Float)
+    p90_us: Mapped[float] = mapped_column(Float)
+    mean_us: Mapped[float] = mapped_column(Float)
+    std_us: Mapped[float] = mapped_column(Float)
+    n_samples: Mapped[int] = mapped_column(Integer)
+    iters_per_sample: Mapped[int] = mapped_column(Integer)
+    fps: Mapped[float] = mapped_column(Float)
+    predicted_us: Mapped[float | None] = mapped_column(Float, nullable=True)
+    samples: Mapped[bytes] = mapped_column(LargeBinary)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

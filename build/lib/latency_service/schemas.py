@@ -1,0 +1,157 @@
+"""Pydantic bodies of the HTTP API (request ``…Request`` / response ``…Public``), each with
+``schema_version``. ORM models live in :mod:`latency_service.models`."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from gas_core.genotype import Genotype
+from gas_core.keys import Dtype, LatencyKey, MemoryFormat
+from gas_core.search_space import NetworkLayout
+from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
+
+SCHEMA_VERSION = 1
+JobState = Literal["queued", "running", "done", "failed", "cancelled"]
+
+
+class Versioned(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class ProfileRequest(Versioned):
+    """Either explicit ``keys``, or a ``layout`` + ``input_size`` expanded by gas_core's
+    ``cell_shapes`` for every combination of ``batches`` × ``dtypes`` × ``memory_formats``."""
+
+    keys: list[LatencyKey] | None = Field(default=None, min_length=1)
+    layout: NetworkLayout | None = None
+    input_size: tuple[int, int] | None = Field(default=None, description="(H, W) of the network input")
+    batches: list[int] = Field(default=[1], min_length=1)
+    dtypes: list[Dtype] = Field(default=["float32"], min_length=1)
+    memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
+    force: bool = Field(default=False, description="re-time keys that are already stored")
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ProfileRequest:
+        if (self.keys is None) == (self.layout is None):
+            raise ValueError("give exactly one of 'keys' or 'layout' (with 'input_size')")
+        if self.layout is not None and self.input_size is None:
+            raise ValueError("input_size: required with 'layout'")
+        if self.input_size is not None and min(self.input_size) < 1:
+            raise ValueError("input_size: H and W must be positive")
+        if any(b < 1 for b in self.batches):
+            raise ValueError("batches: must be positive")
+        return self
+
+
+class JobPublic(Versioned):
+    id: str
+    state: JobState
+    device: str
+    environment: str
+    total: int
+    done: int
+    skipped: int
+    force: bool
+    errors: list[str]
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    owner: str | None = Field(default=None, description="worker id (GAS_WORKER_ID) of the host running the job")
+    heartbeat_at: datetime | None = None
+
+
+# a table and its parts are gas_core's artefact: the same model is served, exported and imported
+DevicePublic = TableDevice
+EnvironmentPublic = TableEnvironment
+EntryPublic = TableEntry
+TablePublic = LatencyTable
+
+
+class HostPublic(Versioned):
+    """``GET /device``: this host's identity and current environment."""
+
+    device: DevicePublic
+    environment: EnvironmentPublic
+    torch_device: str
+
+
+class DeviceSummary(DevicePublic):
+    environments: list[EnvironmentPublic]
+
+
+class DevicesPublic(Versioned):
+    devices: list[DeviceSummary]
+
+
+class MeasureRequest(Versioned):
+    genotype: Genotype
+    input_size: tuple[int, int] = Field(description="(H, W) of the network input")
+    batch: int = Field(default=1, ge=1)
+    dtype: Dtype = "float32"
+    memory_format: MemoryFormat = "contiguous"
+    num_classes: int | None = Field(default=None, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _check(self) -> MeasureRequest:
+        if min(self.input_size) < 1:
+            raise ValueError("input_size: H and W must be positive")
+        return self
+
+
+class MeasurePublic(Versioned):
+    device: str
+    environment: str
+    input_size: tuple[int, int]
+    batch: int
+    dtype: str
+    memory_format: str
+    median_ms: float
+    p90_ms: float
+    mean_ms: float
+    std_ms: float
+    n_samples: int
+    fps: float
+    predicted_ms: float | None = Field(description="plain sum of the table over the network's keys; null if keys miss")
+    missing_keys: list[str] = Field(default_factory=list)
+    error_pct: float | None = Field(description="(predicted − measured) / measured × 100")
+
+
+class TableRef(BaseModel):
+    device: str
+    environment: str
+    entries: int
+
+
+class PairComparison(TableComparison):
+    """Table ``b`` against table ``a`` (ratios are b / a)."""
+
+    a: TableRef
+    b: TableRef
+
+
+class ComparePublic(Versioned):
+    tables: list[TableRef]
+    pairs: list[PairComparison] = Field(description="every pair (i < j) of the listed tables, a = the earlier one")
+
+
+class ImportPublic(Versioned):
+    """What ``POST /table/import`` did with each row of the file."""
+
+    device: str
+    environment: str
+    created_device: bool
+    created_environment: bool
+    added: int = Field(description="keys the table did not hold")
+    replaced: int = Field(description="stored rows older than the file's (or any, with force=true)")
+    kept: int = Field(description="stored rows newer than the file's, left as they were")
+    skipped: int = Field(description="rows identical in time to the stored ones (already imported)")
+
+
+class HealthPublic(Versioned):
+    status: Literal["ok", "degraded"]
+    database: bool
+    worker: bool

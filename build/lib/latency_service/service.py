@@ -1,0 +1,239 @@
+"""The host service object shared by the HTTP app and the CLI: settings, database, this host's
+device and environment, the device worker, and the operations both front ends need."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from collections import OrderedDict
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session, sessionmaker
+
+from gas_core.genotype import Genotype
+from gas_core.keys import LatencyKey, key_pixels
+from gas_core.latency import MissingLatencyKeys, predict_latency_us
+from gas_core.network import GASNet
+from gas_core.ops import check_key
+from gas_core.search_space import cell_shapes
+from latency_service import crud, db
+from latency_service.core.config import Settings
+from latency_service.device import (
+    DeviceIdentity,
+    EnvironmentIdentity,
+    environment,
+    host_cpus,
+    identify,
+    resolve_device,
+)
+from latency_service.jobs import DeviceWorker
+from latency_service.models import Job
+from latency_service.profiler import Method, default_flush_bytes, time_network
+from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileRequest
+
+log = logging.getLogger(__name__)
+
+
+class LRU:
+    """A small thread-safe LRU for rendered table responses."""
+
+    def __init__(self, size: int = 64) -> None:
+        self.size = size
+        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: Hashable) -> Any:
+        with self._lock:
+            if key in self._data:
+                self._data.move_to_end(key)
+                return self._data[key]
+            return None
+
+    def put(self, key: Hashable, value: Any) -> Any:
+        with self._lock:
+            self._data[key] = value
+            self._data.move_to_end(key)
+            while len(self._data) > self.size:
+                self._data.popitem(last=False)
+        return value
+
+
+class RequestError(ValueError):
+    """Bad input; the message names the field. The API maps it to 422, the CLI to exit 2."""
+
+
+@dataclass
+class Host:
+    settings: Settings
+    torch_device: torch.device
+    device: DeviceIdentity
+    env: EnvironmentIdentity
+    device_id: int
+    environment_id: int
+    worker: DeviceWorker
+    engine: Engine
+    sessions: sessionmaker[Session]
+    table_cache: LRU = field(default_factory=LRU)
+
+    @classmethod
+    def start(cls, settings: Settings, *, run_worker: bool = True) -> Host:
+        """Migrate the database, identify this host, register it, and start the worker (which
+        resumes any job a previous process left queued or running)."""
+        tdev = resolve_device(settings.device)
+        threads = settings.cpu_threads or host_cpus()
+        if tdev.type == "cpu":
+            torch.set_num_threads(threads)
+        else:
+            torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+        if settings.db_wait_s > 0:
+            db.wait_for(settings.database_url, settings.db_wait_s)
+        db.migrate(settings.database_url)
+        engine = db.make_engine(settings.database_url)
+        sessions = db.session_factory(engine)
+        ident = identify(tdev)
+        flush = settings.timing_flush_bytes if settings.timing_flush_bytes is not None else default_flush_bytes(tdev)
+        timing = f"context+flush{flush}" if settings.timing_context else "isolated"
+        env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark, timing)
+        with sessions() as s:
+            dev_row = crud.get_or_create_device(s, ident=ident)
+            env_row = crud.get_or_create_environment(s, device=dev_row, ident=env)
+            device_id, env_id = dev_row.id, env_row.id
+        method = Method(
+            warmup_runs=settings.warmup_runs, warmup_ms=settings.warmup_ms, samples=settings.samples,
+            min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
+            context=settings.timing_context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
+        )
+        worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
+                              stale_s=settings.job_stale_s)
+        host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)
+        log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
+                 db._redact(settings.database_url))
+        if run_worker:
+            worker.start()
+        return host
+
+    def close(self) -> None:
+        if self.worker.alive():
+            self.worker.stop()
+        self.engine.dispose()
+
+    # ------------------------------------------------------------ profiling
+    def check_key_bounds(self, key: LatencyKey, where: str) -> None:
+        s = self.settings
+        try:
+            check_key(key)
+        except ValueError as err:
+            raise RequestError(f"{where}: {err}") from None
+        for name in ("c_in", "c_out"):
+            if getattr(key, name) > s.max_channels:
+                raise RequestError(f"{where}.{name}: {getattr(key, name)} exceeds the bound {s.max_channels}")
+        if key.batch > s.max_batch:
+            raise RequestError(f"{where}.batch: {key.batch} exceeds the bound {s.max_batch}")
+        if max(key.h, key.w) > s.max_side:
+            raise RequestError(f"{where}.h/w: {key.h}×{key.w} exceeds the bound {s.max_side} per side")
+        if key_pixels(key) > s.max_elements:
+            raise RequestError(f"{where}: activation of {key_pixels(key)} elements exceeds {s.max_elements}")
+
+    def expand(self, req: ProfileRequest) -> list[LatencyKey]:
+        """The request's keys, deduplicated, in order, each checked against the bounds."""
+        if req.keys is not None:
+            keys = list(dict.fromkeys(req.keys))
+            for i, k in enumerate(keys):
+                self.check_key_bounds(k, f"keys[{i}]")
+        else:
+            assert req.layout is not None and req.input_size is not None
+            h, w = req.input_size
+            if max(h, w) > self.settings.max_side:
+                raise RequestError(f"input_size: {h}×{w} exceeds the bound {self.settings.max_side} per side")
+            seen: dict[str, LatencyKey] = {}
+            for b in req.batches:
+                if b > self.settings.max_batch:
+                    raise RequestError(f"batches: {b} exceeds the bound {self.settings.max_batch}")
+                for dt in req.dtypes:
+                    for mf in req.memory_formats:
+                        for k in cell_shapes(req.layout, (h, w), b, dt, mf).all_keys():
+                            seen.setdefault(k.canonical, k)
+            keys = list(seen.values())
+            for k in keys:
+                self.check_key_bounds(k, "layout")
+        if len(keys) > self.settings.max_keys_per_job:
+            raise RequestError(f"keys: {len(keys)} exceed the bound {self.settings.max_keys_per_job} per job")
+        return keys
+
+    def submit_profile(self, req: ProfileRequest) -> tuple[Job, bool]:
+        keys = self.expand(req)
+        body = {"device": self.device.slug, "env": self.env.fingerprint, "force": req.force,
+                "keys": sorted(k.canonical for k in keys)}
+        request_hash = hashlib.sha256(json.dumps(body).encode()).hexdigest()
+        with self.sessions() as s:
+            job, created = crud.create_job(
+                s, device_id=self.device_id, environment_id=self.environment_id, request_hash=request_hash,
+                keys=keys, force=req.force,
+            )
+        if created:
+            log.info("job %s queued: %d keys (force=%s)", job.id, job.total, req.force)
+            self.worker.wake()
+        return job, created
+
+    # ------------------------------------------------------------ end-to-end
+    def check_measure_bounds(self, req: MeasureRequest) -> None:
+        s = self.settings
+        h, w = req.input_size
+        if max(h, w) > s.max_side:
+            raise RequestError(f"input_size: {h}×{w} exceeds the bound {s.max_side} per side")
+        if req.batch > s.max_batch:
+            raise RequestError(f"batch: {req.batch} exceeds the bound {s.max_batch}")
+        classes = req.num_classes or req.genotype.layout.num_classes
+        elems = req.batch * h * w * max(classes, req.genotype.layout.stem_channels[0] // 4, 3)
+        if elems > s.max_elements:
+            raise RequestError(f"input_size/batch: the output of {elems} elements exceeds {s.max_elements}")
+        if req.genotype.layout.init_channels * 2 ** len(req.genotype.layout.reduction_cells) > s.max_channels:
+            raise RequestError("genotype.layout.init_channels: the widest cell exceeds the channel bound")
+
+    def measure(self, req: MeasureRequest) -> MeasurePublic:
+        """Time the derived network end to end and predict it from this host's table.
+        Runs on the calling thread: the API calls it through the worker."""
+        genotype: Genotype = req.genotype
+        if req.num_classes is not None:
+            genotype = genotype.model_copy(
+                update={"layout": genotype.layout.model_copy(update={"num_classes": req.num_classes})}
+            )
+        net = GASNet(genotype)
+        st = self.settings
+        method = Method(warmup_runs=st.e2e_warmup_runs, warmup_ms=st.warmup_ms, samples=st.e2e_samples,
+                        min_sample_ms=st.min_sample_ms, max_iters_per_sample=st.max_iters_per_sample)
+        timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, self.torch_device, method)
+        summ = timing.summary()
+        shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format)
+        with self.sessions() as s:
+            table = crud.lookup(s, device_id=self.device_id, environment_id=self.environment_id)
+            predicted: float | None
+            missing: list[str] = []
+            try:
+                predicted = predict_latency_us(genotype, shapes, table)
+            except MissingLatencyKeys as err:
+                predicted, missing = None, [k.canonical for k in err.missing]
+            median = float(summ["median_us"])
+            crud.add_e2e(
+                s, device_id=self.device_id, environment_id=self.environment_id,
+                genotype=json.loads(genotype.model_dump_json()),
+                genotype_hash=hashlib.sha256(genotype.model_dump_json().encode()).hexdigest(),
+                input_h=req.input_size[0], input_w=req.input_size[1], batch=req.batch, dtype=req.dtype,
+                memory_format=req.memory_format, median_us=median, p90_us=summ["p90_us"], mean_us=summ["mean_us"],
+                std_us=summ["std_us"], n_samples=summ["n_samples"], iters_per_sample=summ["iters_per_sample"],
+                fps=req.batch * 1e6 / median, predicted_us=predicted, samples=timing.samples_blob(),
+            )
+        return MeasurePublic(
+            device=self.device.slug, environment=self.env.fingerprint, input_size=req.input_size, batch=req.batch,
+            dtype=req.dtype, memory_format=req.memory_format, median_ms=median / 1e3,
+            p90_ms=float(summ["p90_us"]) / 1e3, mean_ms=float(summ["mean_us"]) / 1e3,
+            std_ms=float(summ["std_us"]) / 1e3, n_samples=int(summ["n_samples"]), fps=req.batch * 1e6 / median,
+            predicted_ms=None if predicted is None else predicted / 1e3, missing_keys=missing,
+            error_pct=None if predicted is None else (predicted - median) / median * 100,
+        )

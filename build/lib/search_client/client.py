@@ -1,0 +1,233 @@
+"""HTTP client of the latency service: timeouts, retries with exponential backoff on connection
+errors and 5xx, and typed response models (only the fields the client reads; unknown fields are
+ignored so a newer service stays compatible). Imports gas_core, never latency_service."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, ConfigDict
+
+from gas_core.genotype import Genotype
+from gas_core.keys import LatencyKey
+from gas_core.table import LatencyTable, TableComparison
+
+log = logging.getLogger(__name__)
+T = TypeVar("T", bound=BaseModel)
+
+
+class ServiceError(RuntimeError):
+    """One line a user can act on (unreachable service, unknown device, failed job)."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class DeviceInfo(_Model):
+    slug: str
+    kind: str
+    name: str
+
+
+class EnvironmentInfo(_Model):
+    fingerprint: str
+    info: dict[str, Any] = {}
+
+
+class HostInfo(_Model):
+    device: DeviceInfo
+    environment: EnvironmentInfo
+
+
+class JobInfo(_Model):
+    id: str
+    state: str
+    total: int
+    done: int
+    skipped: int
+    errors: list[str]
+
+
+class TableRefInfo(_Model):
+    device: str
+    environment: str
+    entries: int
+
+
+class PairInfo(TableComparison):
+    model_config = ConfigDict(extra="ignore")
+    a: TableRefInfo
+    b: TableRefInfo
+
+
+class CompareResult(_Model):
+    tables: list[TableRefInfo]
+    pairs: list[PairInfo]
+
+
+class ImportResult(_Model):
+    device: str
+    environment: str
+    created_device: bool
+    created_environment: bool
+    added: int
+    replaced: int
+    kept: int
+    skipped: int
+
+
+class EnvironmentSummary(EnvironmentInfo):
+    entries: int | None = None
+
+
+class DeviceSummaryInfo(DeviceInfo):
+    environments: list[EnvironmentSummary]
+
+
+class DevicesResult(_Model):
+    devices: list[DeviceSummaryInfo]
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """``slug`` or ``slug@environment`` → (slug, environment or None)."""
+    slug, _, env = ref.partition("@")
+    if not slug:
+        raise ValueError(f"table reference {ref!r}: expected DEVICE or DEVICE@ENVIRONMENT")
+    return slug, env or None
+
+
+class MeasureResult(_Model):
+    device: str
+    environment: str
+    input_size: tuple[int, int]
+    batch: int
+    dtype: str
+    memory_format: str
+    median_ms: float
+    p90_ms: float
+    fps: float
+    predicted_ms: float | None
+    missing_keys: list[str]
+    error_pct: float | None
+
+
+class LatencyClient:
+    def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 4,
+                 backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.base_url = base_url.rstrip("/")
+        self.retries, self.backoff = retries, backoff
+        self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
+
+    def close(self) -> None:
+        self.http.close()
+
+    def __enter__(self) -> LatencyClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
+        delay = self.backoff
+        for attempt in range(self.retries + 1):
+            try:
+                extra = {"timeout": timeout} if timeout is not None else {}
+                r = self.http.request(method, path, **kw, **extra)
+            except httpx.TransportError as err:
+                if attempt == self.retries:
+                    raise ServiceError(f"latency service at {self.base_url} is unreachable: {err}") from None
+                log.warning("%s %s: %s; retrying in %.1fs", method, path, err, delay)
+            else:
+                if r.status_code < 500:
+                    return r
+                if attempt == self.retries:
+                    raise ServiceError(f"{method} {path} failed with {r.status_code}: {r.text[:300]}")
+                log.warning("%s %s: HTTP %d; retrying in %.1fs", method, path, r.status_code, delay)
+            time.sleep(delay)
+            delay *= 2
+        raise AssertionError("unreachable")
+
+    def _json(self, r: httpx.Response, model: type[T], what: str) -> T:
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            raise ServiceError(f"{what}: HTTP {r.status_code}: {detail}")
+        return model.model_validate(r.json())
+
+    # ------------------------------------------------------------ routes
+    def host(self) -> HostInfo:
+        return self._json(self._request("GET", "/device"), HostInfo, "GET /device")
+
+    def table(self, device: str, *, dtype: str | None = None, batch: int | None = None,
+              memory_format: str | None = None, environment: str | None = None, op: str | None = None,
+              samples: bool = False) -> LatencyTable:
+        """A device's table (its newest environment unless one is named), filtered; with
+        ``samples`` every raw sample too — the export artefact."""
+        r = self._request("GET", f"/table/{device}", params=self._table_params(dtype, batch, memory_format, environment,
+                                                                               op, samples=samples))
+        return self._json(r, LatencyTable, f"GET /table/{device}")
+
+    def table_csv(self, device: str, *, dtype: str | None = None, batch: int | None = None,
+                  memory_format: str | None = None, environment: str | None = None, op: str | None = None) -> bytes:
+        params = self._table_params(dtype, batch, memory_format, environment, op, format="csv")
+        r = self._request("GET", f"/table/{device}", params=params)
+        if r.status_code >= 400:
+            self._json(r, LatencyTable, f"GET /table/{device}")
+        return r.content
+
+    @staticmethod
+    def _table_params(dtype: str | None, batch: int | None, memory_format: str | None, environment: str | None,
+                      op: str | None, **extra: Any) -> dict[str, Any]:
+        given = dict(dtype=dtype, batch=batch, memory_format=memory_format, environment=environment, op=op, **extra)
+        return {k: v for k, v in given.items() if v is not None}
+
+    def devices(self) -> DevicesResult:
+        return self._json(self._request("GET", "/devices"), DevicesResult, "GET /devices")
+
+    def compare(self, refs: list[str], *, dtype: str | None = None, batch: int | None = None,
+                memory_format: str | None = None, op: str | None = None) -> CompareResult:
+        params = self._table_params(dtype, batch, memory_format, None, op, devices=",".join(refs))
+        return self._json(self._request("GET", "/compare", params=params), CompareResult, "GET /compare")
+
+    def import_table(self, table: LatencyTable, *, force: bool = False) -> ImportResult:
+        r = self._request("POST", "/table/import", params={"force": force}, content=table.model_dump_json(),
+                          headers={"Content-Type": "application/json"}, timeout=600)
+        return self._json(r, ImportResult, "POST /table/import")
+
+    def profile(self, keys: list[LatencyKey], force: bool = False) -> JobInfo:
+        body = {"keys": [k.model_dump() for k in keys], "force": force}
+        return self._json(self._request("POST", "/profile", json=body), JobInfo, "POST /profile")
+
+    def job(self, job_id: str) -> JobInfo:
+        return self._json(self._request("GET", f"/jobs/{job_id}"), JobInfo, f"GET /jobs/{job_id}")
+
+    def wait_job(self, job_id: str, on_progress: Callable[[JobInfo], None] | None = None, poll_s: float = 0.5,
+                 timeout_s: float = 24 * 3600) -> JobInfo:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            job = self.job(job_id)
+            if on_progress is not None:
+                on_progress(job)
+            if job.state == "done":
+                return job
+            if job.state in ("failed", "cancelled"):
+                first = f": {job.errors[0]}" if job.errors else ""
+                raise ServiceError(f"profiling job {job_id} {job.state} ({len(job.errors)} errors){first}")
+            if time.monotonic() > deadline:
+                raise ServiceError(f"profiling job {job_id} did not finish in {timeout_s:.0f}s")
+            time.sleep(poll_s)
+
+    def measure(self, genotype: Genotype, input_size: tuple[int, int], *, batch: int, dtype: str,
+                memory_format: str) -> MeasureResult:
+        body = {"genotype": genotype.model_dump(mode="json"), "input_size": list(input_size), "batch": batch,
+                "dtype": dtype, "memory_format": memory_format}
+        r = self._request("POST", "/measure", json=body, timeout=1800)
+        return self._json(r, MeasureResult, "POST /measure")

@@ -1,0 +1,234 @@
+"""Datasets: Cityscapes and CamVid in their official layouts, and a procedural synthetic set.
+
+Every sample is ``(image float32 [3, H, W] normalised, label int64 [H, W])`` with 255 = ignore.
+Training augmentation is the paper's (§4.2): random horizontal flip, random scale in
+[0.5, 2.0], random crop (padded with ignore where the scaled image is smaller). Randomness is
+drawn from a generator seeded by (seed, epoch, index), so two processes that see the same index
+in the same epoch augment it identically — which the DDP equivalence test relies on.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import Dataset
+
+IGNORE = 255
+MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+# Cityscapes labelIds → trainIds (19 classes), from the official cityscapesScripts label table.
+CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
+                          25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
+CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
+                      "vegetation", "terrain", "sky", "person", "rider", "car", "truck", "bus", "train",
+                      "motorcycle", "bicycle")
+CAMVID_CLASSES = ("sky", "building", "pole", "road", "sidewalk", "tree", "sign", "fence", "car", "pedestrian",
+                  "bicyclist")
+
+
+class DataRootError(FileNotFoundError):
+    """The data root lacks the layout a loader expects; the message names the directory."""
+
+
+def _lut(mapping: dict[int, int]) -> np.ndarray:
+    lut = np.full(256, IGNORE, dtype=np.uint8)
+    for k, v in mapping.items():
+        lut[k] = v
+    return lut
+
+
+class Augment:
+    """Flip, scale in [scale_min, scale_max], crop to ``crop`` (H, W); identity when ``train`` is
+    False except the resize to ``crop`` (for validation at a fixed size)."""
+
+    def __init__(self, crop: tuple[int, int], train: bool, scale: tuple[float, float] = (0.5, 2.0)) -> None:
+        self.crop, self.train, self.scale = crop, train, scale
+
+    def __call__(self, img: torch.Tensor, lbl: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        ch, cw = self.crop
+        if not self.train:
+            img = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+            lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
+            return img, lbl
+        if torch.rand((), generator=gen) < 0.5:
+            img, lbl = img.flip(-1), lbl.flip(-1)
+        s = self.scale[0] + (self.scale[1] - self.scale[0]) * float(torch.rand((), generator=gen))
+        h, w = img.shape[-2:]
+        nh, nw = max(1, round(h * s)), max(1, round(w * s))
+        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+        lbl = F.interpolate(lbl[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+        ph, pw = max(0, ch - nh), max(0, cw - nw)
+        if ph or pw:
+            img = F.pad(img, (0, pw, 0, ph))
+            lbl = F.pad(lbl, (0, pw, 0, ph), value=IGNORE)
+        y = int(torch.randint(0, img.shape[-2] - ch + 1, (), generator=gen))
+        x = int(torch.randint(0, img.shape[-1] - cw + 1, (), generator=gen))
+        return img[:, y : y + ch, x : x + cw], lbl[y : y + ch, x : x + cw]
+
+
+class SegDataset(Dataset):
+    """Base: subclasses give ``self.items`` (image path, label path) and a label lookup table."""
+
+    num_classes: int
+    items: list[tuple[Path, Path]]
+    lut: np.ndarray | None = None
+
+    def __init__(self, augment: Augment, seed: int = 0) -> None:
+        self.augment, self.seed, self.epoch = augment, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img_path, lbl_path = self.items[i]
+        img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.float32) / 255.0
+        lbl = np.asarray(Image.open(lbl_path), dtype=np.uint8)
+        if self.lut is not None:
+            lbl = self.lut[lbl]
+        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(lbl.astype(np.int64))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        img, lbl = self.load(i)
+        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
+        img, lbl = self.augment(img, lbl, gen)
+        return (img - MEAN) / STD, lbl
+
+
+def _require(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise DataRootError(f"expected {what} at {path}")
+    return path
+
+
+class Cityscapes(SegDataset):
+    """``root/leftImg8bit/{split}/{city}/*_leftImg8bit.png`` with
+    ``root/gtFine/{split}/{city}/*_gtFine_labelIds.png``; labelIds mapped to the 19 train ids."""
+
+    num_classes = 19
+    lut = _lut(CITYSCAPES_ID_TO_TRAIN)
+
+    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0) -> None:
+        super().__init__(augment, seed)
+        root = Path(root)
+        img_dir = _require(root / "leftImg8bit" / split, "Cityscapes images (leftImg8bit/<split>/<city>/)")
+        lbl_dir = _require(root / "gtFine" / split, "Cityscapes fine labels (gtFine/<split>/<city>/)")
+        self.items = []
+        for img in sorted(img_dir.glob("*/*_leftImg8bit.png")):
+            stem = img.name[: -len("_leftImg8bit.png")]
+            lbl = lbl_dir / img.parent.name / f"{stem}_gtFine_labelIds.png"
+            if not lbl.is_file():
+                raise DataRootError(f"expected the label {lbl} for {img}")
+            self.items.append((img, lbl))
+        if not self.items:
+            raise DataRootError(f"expected *_leftImg8bit.png files under {img_dir}/<city>/")
+
+
+class CamVid(SegDataset):
+    """SegNet layout: ``root/{train,val,test}/*.png`` and ``root/{split}annot/*.png`` holding
+    class ids 0–10 with 11 = void (mapped to 255)."""
+
+    num_classes = 11
+    lut = _lut({i: i for i in range(11)})
+
+    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0) -> None:
+        super().__init__(augment, seed)
+        root = Path(root)
+        img_dir = _require(root / split, f"CamVid images ({split}/)")
+        lbl_dir = _require(root / f"{split}annot", f"CamVid labels ({split}annot/)")
+        self.items = []
+        for img in sorted(img_dir.glob("*.png")):
+            lbl = lbl_dir / img.name
+            if not lbl.is_file():
+                raise DataRootError(f"expected the label {lbl} for {img}")
+            self.items.append((img, lbl))
+        if not self.items:
+            raise DataRootError(f"expected *.png images in {img_dir}")
+
+
+class Synthetic(SegDataset):
+    """Procedural scenes a small network can learn: a textured background with discs,
+    rectangles and stripe patches, each class with its own colour and texture, plus noise.
+    Classes: 0 background, 1 disc, 2 rectangle, 3 stripes. Deterministic per index."""
+
+    num_classes = 4
+    COLOURS = torch.tensor([[0.35, 0.45, 0.35], [0.85, 0.25, 0.2], [0.2, 0.35, 0.85], [0.9, 0.85, 0.3]])
+
+    def __init__(self, size: int, hw: tuple[int, int], augment: Augment, seed: int = 0, split_seed: int = 0) -> None:
+        super().__init__(augment, seed)
+        self.n, self.hw, self.split_seed = size, hw, split_seed
+        self.items = [(Path(), Path())] * size
+
+    def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(self.split_seed * 1_000_003 + i)
+        h, w = self.hw
+        yy, xx = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32),
+                                indexing="ij")
+        lbl = torch.zeros(h, w, dtype=torch.long)
+        for cls in torch.randperm(3, generator=g).tolist():  # one object of each class, random depth order
+            cy, cx = float(torch.rand((), generator=g)) * h, float(torch.rand((), generator=g)) * w
+            r = (0.18 + 0.17 * float(torch.rand((), generator=g))) * min(h, w)
+            if cls == 0:
+                mask = (yy - cy) ** 2 + (xx - cx) ** 2 < r**2
+            else:
+                mask = ((yy - cy).abs() < r) & ((xx - cx).abs() < 1.5 * r)
+            lbl[mask] = cls + 1
+        img = self.COLOURS[lbl].permute(2, 0, 1).clone()
+        stripes = (torch.sin((xx + yy) * 0.6) > 0).float()
+        img[:, lbl == 3] *= (0.55 + 0.45 * stripes)[lbl == 3]
+        img += 0.06 * torch.randn(3, h, w, generator=g)
+        return img.clamp(0, 1), lbl
+
+
+def build_datasets(
+    name: str, root: str | Path | None, crop: tuple[int, int], seed: int, synthetic_size: Sequence[int] = (64, 16),
+) -> tuple[SegDataset, SegDataset]:
+    """(train, val). Train uses the paper's augmentation; val is resized to ``crop``."""
+    train_aug, val_aug = Augment(crop, True), Augment(crop, False)
+    if name == "synthetic":
+        src = (max(crop[0], 64), max(crop[1], 64))
+        return (Synthetic(synthetic_size[0], src, train_aug, seed, split_seed=1),
+                Synthetic(synthetic_size[1], src, val_aug, seed, split_seed=2))
+    if root is None:
+        raise DataRootError(f"--data-root is required for {name}")
+    if name == "cityscapes":
+        return Cityscapes(root, "train", train_aug, seed), Cityscapes(root, "val", val_aug, seed)
+    if name == "camvid":
+        return CamVid(root, "train", train_aug, seed), CamVid(root, "val", val_aug, seed)
+    raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
+
+
+def global_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:
+    """The epoch's shuffled global batches (drop last). A DDP rank r of N takes slice
+    ``[r·b:(r+1)·b]`` of each; one process accumulating N micro-batches takes them in order."""
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+    return [perm[i * batch : (i + 1) * batch] for i in range(n // batch)]
+
+
+def collate(ds: Dataset, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    items = [ds[i] for i in idx]
+    return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
+
+
+def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    keep = target != IGNORE
+    idx = target[keep] * num_classes + pred[keep]
+    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
+
+
+def miou(conf: torch.Tensor) -> float:
+    """Mean IoU over classes that appear in prediction or target."""
+    conf = conf.double()
+    inter = conf.diag()
+    union = conf.sum(0) + conf.sum(1) - inter
+    valid = union > 0
+    return float((inter[valid] / union[valid]).mean()) if valid.any() else math.nan

@@ -1,0 +1,148 @@
+"""Artefacts of a search: the predicted-vs-measured report (a versioned pydantic model) and the
+plots people look at rather than read: α′ per cell as a heat map, LAT / loss / mIoU per epoch."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Literal
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from pydantic import BaseModel, Field  # noqa: E402
+
+from gas_core.ops import PRIMITIVES  # noqa: E402
+from gas_core.table import TableComparison  # noqa: E402
+
+
+class DevicePrediction(BaseModel):
+    """The derived network's latency predicted from another device's table (``--predict-on``)."""
+
+    device: str
+    environment: str
+    predicted_ms: float | None = Field(description="plain table sum; null when the table lacks keys")
+    missing_keys: int
+
+
+class Report(BaseModel):
+    schema_version: Literal[1] = 1
+    device: str
+    environment: str
+    input_size: tuple[int, int]
+    batch: int
+    dtype: str
+    memory_format: str
+    predicted_ms: float | None
+    measured_median_ms: float
+    measured_p90_ms: float
+    fps: float
+    error_pct: float | None
+    search_lat_ms: float
+    val_miou: float | None
+    genotype: str
+    predicted_on: list[DevicePrediction] = Field(default_factory=list)
+
+
+def format_report(r: Report) -> str:
+    pred = "n/a" if r.predicted_ms is None else f"{r.predicted_ms:.3f}"
+    err = "n/a" if r.error_pct is None else f"{r.error_pct:+.1f} %"
+    rows = [
+        ("device", r.device), ("environment", r.environment),
+        ("input", f"{r.batch}×3×{r.input_size[0]}×{r.input_size[1]} {r.dtype} {r.memory_format}"),
+        ("predicted latency (table)", f"{pred} ms"),
+        ("measured latency median", f"{r.measured_median_ms:.3f} ms"),
+        ("measured latency p90", f"{r.measured_p90_ms:.3f} ms"),
+        ("measured FPS", f"{r.fps:.1f}"),
+        ("error (pred − meas) / meas", err),
+        ("val mIoU (search)", "n/a" if r.val_miou is None or math.isnan(r.val_miou) else f"{r.val_miou:.3f}"),
+    ]
+    for p in r.predicted_on:
+        pred_p = f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else f"n/a ({p.missing_keys} keys missing)"
+        if p.predicted_ms is not None and r.predicted_ms:
+            pred_p += f" (× {p.predicted_ms / r.predicted_ms:.2f} of this device's prediction)"
+        rows.append((f"predicted on {p.device}@{p.environment}", pred_p))
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+
+
+def plot_alpha(alpha_prime: torch.Tensor, path: Path) -> None:
+    """softmax(α′) as one heat map: a row per (cell, edge), a column per op."""
+    probs = torch.softmax(alpha_prime.detach(), -1)
+    cells, edges, ops = probs.shape
+    fig, ax = plt.subplots(figsize=(7, max(4, cells * edges * 0.12)))
+    im = ax.imshow(probs.reshape(cells * edges, ops).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    ax.set_xticks(range(ops), PRIMITIVES, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks([k * edges + edges / 2 - 0.5 for k in range(cells)], [f"cell {k}" for k in range(cells)], fontsize=7)
+    for k in range(1, cells):
+        ax.axhline(k * edges - 0.5, color="white", lw=0.6)
+    ax.set_title("op probabilities softmax(α′) per cell and edge")
+    fig.colorbar(im, ax=ax, fraction=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> None:
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    axes[0].plot(ep, [h["lat_ms"] for h in history], "o-", label="sampled LAT")
+    axes[0].plot(ep, [h["expected_lat_ms"] for h in history], "s--", label="expected LAT")
+    axes[0].plot(ep, [h["derived_lat_ms"] for h in history], "^:", label="derived LAT")
+    axes[0].set(xlabel="epoch", ylabel="ms", title="latency term")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(ep, [h["loss"] for h in history], "o-", label="loss")
+    axes[1].plot(ep, [h["ce"] for h in history], "s--", label="CE")
+    axes[1].set(xlabel="epoch", title="loss")
+    axes[1].legend(fontsize=8)
+    axes[2].plot(ep, [h["val_miou"] for h in history], "o-")
+    axes[2].set(xlabel="epoch", title="val mIoU (derived arch)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_compare(pair: TableComparison, name_a: str, name_b: str, path: Path) -> None:
+    """Two panels: the geometric-mean ratio B / A per op (log scale, bar = geomean, whisker =
+    min…max), and every common key's latency on A against B (log–log, with y = x and y = g·x for
+    the overall geomean g), coloured by op — a key off the band moved against the rest."""
+    ops = [op for op, s in pair.per_op.items() if s.geomean_ratio is not None]
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.2))
+    g = [pair.per_op[op].geomean_ratio or 1.0 for op in ops]
+    lo = [gi - (pair.per_op[op].min_ratio or gi) for gi, op in zip(g, ops, strict=True)]
+    hi = [(pair.per_op[op].max_ratio or gi) - gi for gi, op in zip(g, ops, strict=True)]
+    colors = ["tab:red" if gi > 1 else "tab:green" for gi in g]
+    ax0.barh(range(len(ops)), g, xerr=[lo, hi], color=colors, alpha=0.75, capsize=3)
+    ax0.set_yticks(range(len(ops)), [f"{op} ({pair.per_op[op].keys})" for op in ops], fontsize=8)
+    ax0.set_xscale("log")
+    ax0.axvline(1.0, color="black", lw=0.8)
+    if pair.geomean_ratio is not None:
+        ax0.axvline(pair.geomean_ratio, color="tab:blue", ls="--", lw=0.8, label=f"all keys {pair.geomean_ratio:.3f}")
+        ax0.legend(fontsize=8, loc="lower right")
+    ax0.set(xlabel="latency ratio B / A (geomean, min…max)", title="per op: red = dearer on B, green = cheaper")
+    cmap = plt.get_cmap("tab20")
+    all_ops = sorted({k.op for k in pair.keys})
+    positive = [k for k in pair.keys if k.a_us > 0 and k.b_us > 0]
+    for i, op in enumerate(all_ops):
+        pts = [k for k in positive if k.op == op]
+        if pts:
+            ax1.scatter([k.a_us for k in pts], [k.b_us for k in pts], s=12, color=cmap(i % 20), label=op, alpha=0.8)
+    if positive:
+        lim = [min(min(k.a_us, k.b_us) for k in positive) / 1.5, max(max(k.a_us, k.b_us) for k in positive) * 1.5]
+        ax1.plot(lim, lim, color="black", lw=0.8, label="y = x")
+        if pair.geomean_ratio is not None:
+            ax1.plot(lim, [v * pair.geomean_ratio for v in lim], color="tab:blue", ls="--", lw=0.8,
+                     label=f"y = {pair.geomean_ratio:.3f}·x")
+        ax1.set(xlim=lim, ylim=lim)
+    ax1.set_xscale("log")
+    ax1.set_yscale("log")
+    rho = "n/a" if pair.spearman is None else f"{pair.spearman:.3f}"
+    tau = "n/a" if pair.kendall is None else f"{pair.kendall:.3f}"
+    ax1.set(xlabel=f"A: {name_a} (median µs)", ylabel=f"B: {name_b} (median µs)",
+            title=f"{pair.common_keys} common keys, Spearman ρ {rho}, Kendall τ {tau}")
+    ax1.legend(fontsize=6, ncol=2, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

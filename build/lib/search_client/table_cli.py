@@ -1,0 +1,256 @@
+"""``gas-table``: look at, compare, export and import latency tables of a GAS latency service.
+
+A table is DEVICE (its newest environment) or DEVICE@ENVIRONMENT (a fingerprint from
+``gas-table devices``). Every command talks to the service at --latency-url (or GAS_LATENCY_URL);
+``import`` needs GAS_API_TOKEN when the service sets one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Literal
+
+import typer
+from pydantic import ValidationError
+from rich.console import Console
+from rich.table import Table
+
+from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable
+from search_client.cli import ClientSettings
+from search_client.client import LatencyClient, ServiceError, split_ref
+from search_client.report import plot_compare
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__, no_args_is_help=True,
+                  rich_markup_mode="markdown")
+out = Console(soft_wrap=True)
+err = Console(stderr=True, soft_wrap=True)
+
+Url = Annotated[str | None, typer.Option("--latency-url", help="service base URL (default GAS_LATENCY_URL)")]
+DtypeOpt = Annotated[str | None, typer.Option(help="only rows of this dtype")]
+BatchOpt = Annotated[int | None, typer.Option(help="only rows of this batch", min=1)]
+FormatOpt = Annotated[str | None, typer.Option("--memory-format", help="only rows of this memory format")]
+OpOpt = Annotated[str | None, typer.Option(help="only rows of this op")]
+
+
+def _fail(msg: str, code: int) -> None:
+    err.print(f"[red]gas-table: error:[/red] {msg}", highlight=False)
+    raise typer.Exit(code)
+
+
+def _client(url: str | None) -> LatencyClient:
+    settings = ClientSettings()
+    url = url or settings.latency_url
+    if url is None:
+        _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
+    return LatencyClient(url, token=settings.api_token)  # type: ignore[arg-type]
+
+
+def _ref(ref: str) -> tuple[str, str | None]:
+    try:
+        return split_ref(ref)
+    except ValueError as e:
+        _fail(str(e), 2)
+        raise AssertionError from None
+
+
+def _us(x: float | None) -> str:
+    return "—" if x is None else f"{x:,.1f}"
+
+
+def _ratio(x: float | None) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+@app.callback()
+def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log HTTP retries")] = False) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
+                        format="%(levelname)s %(name)s: %(message)s")
+
+
+@app.command()
+def devices(latency_url: Url = None) -> None:
+    """Every device in the service's database, with its environments and their row counts."""
+    with _client(latency_url) as c:
+        try:
+            result = c.devices()
+        except ServiceError as e:
+            _fail(str(e), 1)
+    t = Table(title="devices")
+    for col in ("device", "kind", "environment", "rows"):
+        t.add_column(col, justify="right" if col == "rows" else "left", no_wrap=True)
+    t.add_column("name", overflow="fold")
+    t.add_column("environment info", overflow="fold")
+    for d in result.devices:
+        envs = d.environments or [None]
+        for i, e in enumerate(envs):
+            info = "" if e is None else ", ".join(f"{k}={v}" for k, v in sorted(e.info.items()))
+            t.add_row(d.slug if i == 0 else "", d.kind if i == 0 else "", "—" if e is None else e.fingerprint,
+                      "0" if e is None else str(e.entries or 0), d.name if i == 0 else "", info)
+    out.print(t)
+
+
+@app.command()
+def show(
+    table: Annotated[str, typer.Argument(help="DEVICE or DEVICE@ENVIRONMENT")],
+    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    op: OpOpt = None,
+    sort: Annotated[Literal["key", "median", "op"], typer.Option(help="row order")] = "key",
+    limit: Annotated[int | None, typer.Option(help="print at most this many rows", min=1)] = None,
+) -> None:
+    """A table's rows: median, p10, p90 (µs) and sample count per key, filtered as GET /table."""
+    slug, env = _ref(table)
+    with _client(latency_url) as c:
+        try:
+            t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
+        except ServiceError as e:
+            _fail(str(e), 1)
+    rows = t.entries
+    order = {"key": lambda e: e.key, "median": lambda e: -e.median_us, "op": lambda e: (e.op, e.key)}[sort]
+    rows = sorted(rows, key=order)[:limit]
+    uniform = {(e.batch, e.dtype, e.memory_format) for e in rows}
+    per_row = len(uniform) > 1
+    shown = f", first {len(rows)}" if limit and len(rows) < len(t.entries) else ""
+    title = f"{t.device.slug}@{t.environment.fingerprint} — {len(t.entries)} rows{shown}"
+    if not per_row and rows:
+        b, dt, mf = uniform.pop()
+        title += f" (batch {b}, {dt}, {mf})"
+    rt = Table(title=title)
+    rt.add_column("op", no_wrap=True)
+    cols = ["c_in→c_out", "h×w", "s", "n", *(["b", "dtype", "format"] if per_row else []), "median µs", "p10 µs",
+            "p90 µs", "samples"]
+    for col in cols:
+        rt.add_column(col, justify="left" if col in ("dtype", "format") else "right", no_wrap=True)
+    for e in rows:
+        rt.add_row(e.op, f"{e.c_in}→{e.c_out}", f"{e.h}×{e.w}", str(e.stride), str(e.n_inputs),
+                   *([str(e.batch), e.dtype, e.memory_format] if per_row else []), _us(e.median_us), _us(e.p10_us),
+                   _us(e.p90_us), str(e.n_samples))
+    out.print(rt)
+    out.print(f"environment: {', '.join(f'{k}={v}' for k, v in sorted(t.environment.info.items()))}", highlight=False)
+
+
+@app.command()
+def compare(
+    a: Annotated[str, typer.Argument(help="reference table: DEVICE or DEVICE@ENVIRONMENT")],
+    b: Annotated[str, typer.Argument(help="compared table; ratios are B / A")],
+    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    op: OpOpt = None,
+    plot: Annotated[Path, typer.Option(help="PNG: per-op ratio bars and a log–log scatter of A against B")] = Path(
+        "compare.png"),
+    json_out: Annotated[Path | None, typer.Option("--json", help="also write the full comparison as JSON")] = None,
+) -> None:
+    """Compare two tables over the keys both hold: geometric-mean ratio B / A, Spearman and Kendall
+    rank correlation of the latencies (does the ranking of ops hold?), and a per-op summary."""
+    for ref in (a, b):
+        _ref(ref)
+    with _client(latency_url) as c:
+        try:
+            result = c.compare([a, b], dtype=dtype, batch=batch, memory_format=memory_format, op=op)
+        except ServiceError as e:
+            _fail(str(e), 1)
+    pair = result.pairs[0]
+    name_a, name_b = f"{pair.a.device}@{pair.a.environment}", f"{pair.b.device}@{pair.b.environment}"
+    out.print(f"[bold]A[/bold] {name_a} ({pair.a.entries} rows)   [bold]B[/bold] {name_b} ({pair.b.entries} rows)",
+              highlight=False)
+    out.print(f"common keys {pair.common_keys}, only in A {pair.only_a}, only in B {pair.only_b}", highlight=False)
+    rho = "—" if pair.spearman is None else f"{pair.spearman:.3f}"
+    tau = "—" if pair.kendall is None else f"{pair.kendall:.3f}"
+    out.print(f"geomean ratio B/A {_ratio(pair.geomean_ratio)}   Spearman ρ {rho}   Kendall τ {tau}", highlight=False)
+    t = Table(title="per op (B / A)")
+    for col in ("op", "keys", "geomean", "min", "max"):
+        t.add_column(col, justify="left" if col == "op" else "right")
+    for name, s in pair.per_op.items():
+        t.add_row(name, str(s.keys), _ratio(s.geomean_ratio), _ratio(s.min_ratio), _ratio(s.max_ratio))
+    out.print(t)
+    if pair.common_keys:
+        plot_compare(pair, name_a, name_b, plot)
+        out.print(f"plot: {plot}", highlight=False)
+    if json_out is not None:
+        json_out.write_text(result.model_dump_json(indent=2))
+        out.print(f"json: {json_out}", highlight=False)
+
+
+@app.command()
+def export(
+    table: Annotated[str, typer.Argument(help="DEVICE or DEVICE@ENVIRONMENT")],
+    format: Annotated[Literal["json", "csv"], typer.Option(
+        help="json: the versioned artefact (identity, method, every raw sample) that `import` reads; "
+             "csv: one flat row per key")] = "json",
+    output: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default DEVICE-ENV.FORMAT)")] = None,
+    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    op: OpOpt = None,
+) -> None:
+    """Write a table to a file."""
+    slug, env = _ref(table)
+    with _client(latency_url) as c:
+        try:
+            if format == "json":
+                t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op,
+                            samples=True)
+                path = output or Path(f"{t.device.slug}-{t.environment.fingerprint}.json")
+                body, rows = t.model_dump_json(indent=1).encode(), len(t.entries)
+            else:
+                body = c.table_csv(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
+                path = output or Path(f"{slug}{'-' + env if env else ''}.csv")
+                rows = max(0, body.count(b"\n") - 1)
+        except ServiceError as e:
+            _fail(str(e), 1)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_bytes(body)
+    tmp.replace(path)
+    out.print(f"wrote {rows} rows to {path}", highlight=False)
+
+
+def read_table_file(path: Path) -> LatencyTable:
+    """Parse an export; ``ValueError`` with a message a user can act on."""
+    try:
+        raw = json.loads(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno}); `gas-table import` reads the JSON "
+                         "written by `gas-table export --format json`") from None
+    if not isinstance(raw, dict) or raw.get("kind") != TABLE_KIND:
+        raise ValueError(f"{path} is not a GAS latency table export (kind must be {TABLE_KIND!r})")
+    if raw.get("schema_version") != TABLE_SCHEMA_VERSION:
+        raise ValueError(f"{path} has schema_version {raw.get('schema_version')!r}; this gas-table reads version "
+                         f"{TABLE_SCHEMA_VERSION}")
+    try:
+        return LatencyTable.model_validate(raw)
+    except ValidationError as e:
+        first = "; ".join(f"{'.'.join(map(str, x['loc']))}: {x['msg']}" for x in e.errors()[:3])
+        raise ValueError(f"{path} is not a valid table export ({e.error_count()} problems): {first}") from None
+
+
+@app.command(name="import")
+def import_(
+    file: Annotated[Path, typer.Argument(help="a JSON export (gas-table export --format json)")],
+    force: Annotated[bool, typer.Option(help="let the file's rows replace stored rows even when these are newer")] = (
+        False),
+    latency_url: Url = None,
+) -> None:
+    """Merge an exported table into the service's database (device and environment are created if
+    new). A stored row is replaced only by a newer one unless --force; re-importing a file changes
+    nothing. Prints how many rows were added, replaced, kept (stored newer) and skipped (identical)."""
+    try:
+        table = read_table_file(file)
+    except ValueError as e:
+        _fail(str(e), 2)
+    with _client(latency_url) as c:
+        try:
+            r = c.import_table(table, force=force)
+        except ServiceError as e:
+            _fail(str(e), 1)
+    made = [w for w, flag in (("device", r.created_device), ("environment", r.created_environment)) if flag]
+    out.print(f"{r.device}@{r.environment}: {r.added} added, {r.replaced} replaced, {r.kept} kept, {r.skipped} skipped"
+              + (f" (new {' and '.join(made)})" if made else ""), highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()
