@@ -221,12 +221,19 @@ def test_cuda_event_timing_and_nvml_identity() -> None:
 @pytest.mark.slow
 def test_installed_wheel_carries_its_migrations(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """A non-editable install (wheel) finds the Alembic tree as latency_service/migrations."""
+    import shutil
     import subprocess
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root, src = Path(__file__).resolve().parent.parent, tmp_path / "src"  # build a copy: no build/ in the tree
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "gas_core", "latency_service", "search_client", "migrations"):
+        if (root / name).is_dir():
+            shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(root / name, src / name)
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path / "whl"), str(root)], check=True, capture_output=True)
+                    str(tmp_path / "whl"), str(src)], check=True, capture_output=True)
     wheel = next((tmp_path / "whl").glob("gas_nas-*.whl"))
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
