@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -16,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout
 
-GENOTYPE_SCHEMA_VERSION = 1
+GENOTYPE_SCHEMA_VERSION: Final = 1
 
 
 class CellGenotype(BaseModel):

@@ -51,8 +51,11 @@ class CellBase(nn.Module):
         for node in range(self.layout.nodes):
             outs = []
             for e, (src, dst) in enumerate(self.sources):
-                if dst == node and states[src] is not None:
-                    y = self.edge(e, states[src], weights)
+                if dst != node:
+                    continue
+                x = states[src]
+                if x is not None:
+                    y = self.edge(e, x, weights)
                     if y is not None:
                         outs.append(y)
             if not outs:

@@ -12,12 +12,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey, ceil_div, key_input_shapes
+from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, Dtype, LatencyKey, MemoryFormat, ceil_div, key_input_shapes
 
 Factory = Callable[[int, int, int, bool], nn.Module]
 
@@ -327,13 +328,13 @@ def build_component(name: str, c_in: int, c_out: int, stride: int = 1, affine: b
     if c_in < 1 or c_out < 1 or stride < 1:
         raise ValueError(f"{name}: channels and stride must be positive, got c_in={c_in} c_out={c_out} stride={stride}")
     module = resolve(name).factory(c_in, c_out, stride, affine)
-    module.key_spec = KeySpec(name, c_in, c_out, stride)
+    module.key_spec = KeySpec(name, c_in, c_out, stride)  # type: ignore[assignment]
     return module
 
 
-def key_of_call(module: nn.Module, args: tuple, dtype: str, memory_format: str) -> LatencyKey:
+def key_of_call(module: nn.Module, args: tuple, dtype: Dtype, memory_format: MemoryFormat) -> LatencyKey:
     """The latency key of one forward call of a tagged module."""
-    spec: KeySpec = module.key_spec
+    spec = cast(KeySpec, module.key_spec)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     n, _, h, w = tensors[0].shape
     if spec.op == "upsample":
@@ -396,7 +397,7 @@ def build_timing_case(
     module = build_component(key.op, key.c_in, key.c_out, key.stride).eval()
     dtype = TORCH_DTYPES[key.dtype]
     fmt = TORCH_MEMORY_FORMATS[key.memory_format]
-    module = module.to(device=device, dtype=dtype, memory_format=fmt)
+    module = module.to(device=device, dtype=dtype, memory_format=fmt)  # type: ignore[call-overload]
     inputs = [
         torch.randn(shape, generator=generator).to(device=device, dtype=dtype, memory_format=fmt)
         for shape in key_input_shapes(key)

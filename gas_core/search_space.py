@@ -140,9 +140,9 @@ class NetworkShapes:
             seen.setdefault(key.canonical, key)
         for k, cell in enumerate(self.edges):
             for edge in cell:
-                for key in edge:
-                    if key is not None:
-                        seen.setdefault(key.canonical, key)
+                for op_key in edge:
+                    if op_key is not None:
+                        seen.setdefault(op_key.canonical, op_key)
             for key in self.cell_fixed[k]:
                 seen.setdefault(key.canonical, key)
         for key in self.head:

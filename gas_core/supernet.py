@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ class Supernet(nn.Module):
 
     def alphas(self) -> torch.Tensor:
         """α expanded to [cells, edges, ops] (before the GGM)."""
-        return self.alpha[self._cell_type] if self.cell_sharing == "shared" else self.alpha
+        return self.alpha[cast(torch.Tensor, self._cell_type)] if self.cell_sharing == "shared" else self.alpha
 
     def alpha_prime(self) -> torch.Tensor:
         """α′ = GGM(α), [cells, edges, ops]: the logits that are sampled and derived from."""

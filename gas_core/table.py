@@ -17,14 +17,14 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gas_core.keys import LatencyKey
 
-TABLE_SCHEMA_VERSION = 1
-TABLE_KIND = "gas-latency-table"
+TABLE_SCHEMA_VERSION: Final = 1
+TABLE_KIND: Final = "gas-latency-table"
 
 
 def environment_fingerprint(info: Mapping[str, Any]) -> str:

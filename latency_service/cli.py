@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from pydantic import ValidationError
@@ -27,7 +27,7 @@ app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
 
 def _settings(database_url: str | None, device: str | None, threads: int | None) -> Settings:
-    overrides = {k: v for k, v in (("database_url", database_url), ("device", device), ("cpu_threads", threads))
+    overrides: dict[str, Any] = {k: v for k, v in (("database_url", database_url), ("device", device), ("cpu_threads", threads))
                  if v is not None}
     try:
         return Settings(**overrides)

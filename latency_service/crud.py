@@ -5,9 +5,9 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import func, select, update
+from sqlalchemy import CursorResult, Result, func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -18,6 +18,11 @@ from latency_service.models import Device, E2EMeasurement, Environment, Job, Mea
 from latency_service.profiler import Timing, samples_to_blob
 
 ACTIVE = ("queued", "running")
+
+
+def rows_changed(result: Result[Any]) -> int:
+    """Rows an UPDATE matched: how conditional (compare-and-swap) writes learn whether they won."""
+    return cast(CursorResult[Any], result).rowcount
 
 
 def get_or_create_device(session: Session, *, ident: DeviceIdentity) -> Device:
@@ -301,7 +306,7 @@ def claim_job(session: Session, *, job: Job, owner: str) -> bool:
     values: dict[str, Any] = {"state": "running", "owner": owner, "heartbeat_at": now}
     if job.state == "queued":
         values["started_at"] = now
-    won = session.execute(q.values(**values)).rowcount
+    won = rows_changed(session.execute(q.values(**values)))
     session.commit()
     session.refresh(job)
     return bool(won)

@@ -178,7 +178,7 @@ class DeviceWorker:
         if error is not None:
             values["errors"] = [*job.errors, error]
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
-        if s.execute(q.values(**values)).rowcount:
+        if crud.rows_changed(s.execute(q.values(**values))):
             s.commit()
             return True
         s.rollback()
@@ -189,7 +189,7 @@ class DeviceWorker:
         """Set ``values`` on ``job`` only if its state is still ``expect`` and its owner still this
         worker (a DELETE or a take-over wins); True when they were."""
         q = update(Job).where(Job.id == job.id, Job.state == expect, Job.owner == job.owner)
-        done = s.execute(q.values(**values)).rowcount
+        done = crud.rows_changed(s.execute(q.values(**values)))
         s.commit()
         s.refresh(job)
         return bool(done)

@@ -225,7 +225,7 @@ def time_network(
 ) -> Timing:
     """Time a whole network end to end on a ``(batch, 3, H, W)`` input."""
     dt, fmt = TORCH_DTYPES[dtype], TORCH_MEMORY_FORMATS[memory_format]
-    net = net.eval().to(device=device, dtype=dt, memory_format=fmt)
+    net = net.eval().to(device=device, dtype=dt, memory_format=fmt)  # type: ignore[call-overload]
     x = torch.randn(batch, 3, *input_hw, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dt, memory_format=fmt)
     with torch.inference_mode():

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -13,7 +13,7 @@ from gas_core.keys import Dtype, LatencyKey, MemoryFormat
 from gas_core.search_space import NetworkLayout
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 

@@ -14,7 +14,7 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
 import torch.distributed as dist
 import typer
@@ -229,7 +229,7 @@ def run(
             dist.destroy_process_group()
 
 
-def _fail(msg: str, code: int) -> None:
+def _fail(msg: str, code: int) -> NoReturn:
     typer.echo(f"gas-search: error: {msg}", err=True)
     raise typer.Exit(code)
 

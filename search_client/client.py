@@ -137,7 +137,7 @@ class LatencyClient:
         delay = self.backoff
         for attempt in range(self.retries + 1):
             try:
-                extra = {"timeout": timeout} if timeout is not None else {}
+                extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
                 r = self.http.request(method, path, **kw, **extra)
             except httpx.TransportError as err:
                 if attempt == self.retries:

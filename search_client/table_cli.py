@@ -11,7 +11,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -20,7 +20,7 @@ from rich.table import Table
 
 from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable
 from search_client.cli import ClientSettings
-from search_client.client import LatencyClient, ServiceError, split_ref
+from search_client.client import EnvironmentSummary, LatencyClient, ServiceError, split_ref
 from search_client.report import plot_compare
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__, no_args_is_help=True,
@@ -35,7 +35,7 @@ FormatOpt = Annotated[str | None, typer.Option("--memory-format", help="only row
 OpOpt = Annotated[str | None, typer.Option(help="only rows of this op")]
 
 
-def _fail(msg: str, code: int) -> None:
+def _fail(msg: str, code: int) -> NoReturn:
     err.print(f"[red]gas-table: error:[/red] {msg}", highlight=False)
     raise typer.Exit(code)
 
@@ -51,9 +51,8 @@ def _client(url: str | None) -> LatencyClient:
 def _ref(ref: str) -> tuple[str, str | None]:
     try:
         return split_ref(ref)
-    except ValueError as e:
-        _fail(str(e), 2)
-        raise AssertionError from None
+    except ValueError as exc:
+        _fail(str(exc), 2)
 
 
 def _us(x: float | None) -> str:
@@ -76,15 +75,15 @@ def devices(latency_url: Url = None) -> None:
     with _client(latency_url) as c:
         try:
             result = c.devices()
-        except ServiceError as e:
-            _fail(str(e), 1)
+        except ServiceError as exc:
+            _fail(str(exc), 1)
     t = Table(title="devices")
     for col in ("device", "kind", "environment", "rows"):
         t.add_column(col, justify="right" if col == "rows" else "left", no_wrap=True)
     t.add_column("name", overflow="fold")
     t.add_column("environment info", overflow="fold")
     for d in result.devices:
-        envs = d.environments or [None]
+        envs: list[EnvironmentSummary | None] = list(d.environments) or [None]
         for i, e in enumerate(envs):
             info = "" if e is None else ", ".join(f"{k}={v}" for k, v in sorted(e.info.items()))
             t.add_row(d.slug if i == 0 else "", d.kind if i == 0 else "", "—" if e is None else e.fingerprint,
@@ -105,8 +104,8 @@ def show(
     with _client(latency_url) as c:
         try:
             t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
-        except ServiceError as e:
-            _fail(str(e), 1)
+        except ServiceError as exc:
+            _fail(str(exc), 1)
     rows = t.entries
     order = {"key": lambda e: e.key, "median": lambda e: -e.median_us, "op": lambda e: (e.op, e.key)}[sort]
     rows = sorted(rows, key=order)[:limit]
@@ -148,8 +147,8 @@ def compare(
     with _client(latency_url) as c:
         try:
             result = c.compare([a, b], dtype=dtype, batch=batch, memory_format=memory_format, op=op)
-        except ServiceError as e:
-            _fail(str(e), 1)
+        except ServiceError as exc:
+            _fail(str(exc), 1)
     pair = result.pairs[0]
     name_a, name_b = f"{pair.a.device}@{pair.a.environment}", f"{pair.b.device}@{pair.b.environment}"
     out.print(f"[bold]A[/bold] {name_a} ({pair.a.entries} rows)   [bold]B[/bold] {name_b} ({pair.b.entries} rows)",
@@ -195,8 +194,8 @@ def export(
                 body = c.table_csv(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
                 path = output or Path(f"{slug}{'-' + env if env else ''}.csv")
                 rows = max(0, body.count(b"\n") - 1)
-        except ServiceError as e:
-            _fail(str(e), 1)
+        except ServiceError as exc:
+            _fail(str(exc), 1)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(body)
     tmp.replace(path)
@@ -236,13 +235,13 @@ def import_(
     nothing. Prints how many rows were added, replaced, kept (stored newer) and skipped (identical)."""
     try:
         table = read_table_file(file)
-    except ValueError as e:
-        _fail(str(e), 2)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     with _client(latency_url) as c:
         try:
             r = c.import_table(table, force=force)
-        except ServiceError as e:
-            _fail(str(e), 1)
+        except ServiceError as exc:
+            _fail(str(exc), 1)
     made = [w for w, flag in (("device", r.created_device), ("environment", r.created_environment)) if flag]
     out.print(f"{r.device}@{r.environment}: {r.added} added, {r.replaced} replaced, {r.kept} kept, {r.skipped} skipped"
               + (f" (new {' and '.join(made)})" if made else ""), highlight=False)

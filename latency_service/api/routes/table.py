@@ -4,7 +4,7 @@ import csv
 import hashlib
 import io
 import logging
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy.exc import IntegrityError
@@ -66,7 +66,7 @@ def table(
     if_none_match: Annotated[str | None, Header()] = None,
 ) -> Response:
     dev, env = _device_env(session, device, environment)
-    filters = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch, memory_format=memory_format,
+    filters: dict[str, Any] = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch, memory_format=memory_format,
                    op=op)
     version = crud.table_version(session, **filters)
     cache_key = (tuple(filters.items()), format, samples, version)
