@@ -11,6 +11,7 @@ adds β = 0.5 to the paper's four values. Usage:
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 from pathlib import Path
 
@@ -28,6 +29,24 @@ from search_client.search import SearchConfig, search  # noqa: E402
 from tests.support import start_server, stop_server  # noqa: E402
 
 
+def plot(rows: list[dict], slug: str, size: tuple[int, ...], path: Path) -> None:
+    """Measured latency (left axis) and val mIoU (right axis) against β, the legend under the axes."""
+    fig, ax = plt.subplots(figsize=(6, 4.1))
+    xs = range(len(rows))
+    (h1,) = ax.plot(xs, [r["measured_ms"] for r in rows], "o-", color="tab:blue", label="measured latency")
+    ax.set(xlabel="β", ylabel="measured latency (ms)", title=f"β sweep on {slug}, {size[0]}×{size[1]}")
+    ax.set_xticks(list(xs), [f"{r['beta']:g}" for r in rows])
+    ax2 = ax.twinx()
+    (h2,) = ax2.plot(xs, [r["val_miou"] for r in rows], "s--", color="tab:red", label="val mIoU")
+    ax2.set_ylabel("val mIoU (search)")
+    ax.legend(handles=[h1, h2], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"wrote {path}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--betas", type=float, nargs="+", default=[0.0, 0.0005, 0.005, 0.05, 0.5])
@@ -38,7 +57,12 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=RESULTS / "beta_sweep.png")
+    ap.add_argument("--replot", type=Path, default=None, help="only redraw the plot from this results JSON")
     args = ap.parse_args()
+    if args.replot is not None:
+        saved = json.loads(args.replot.read_text())
+        plot(saved["results"], saved["device"], tuple(saved["config"]["input_size"]), args.plot)
+        return
     size = tuple(args.input_size)
     train, val = build_datasets("synthetic", None, size, args.seed, (64, 16))
     layout = NetworkLayout(num_classes=train.num_classes)
@@ -63,19 +87,7 @@ def main() -> None:
                           f"expected LAT {last['expected_lat_ms']:6.3f} ms  val mIoU {last['val_miou']:.3f}")
         finally:
             stop_server(srv)
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    xs = range(len(rows))
-    ax.plot(xs, [r["measured_ms"] for r in rows], "o-", color="tab:blue", label="measured latency")
-    ax.set(xlabel="β", ylabel="measured latency (ms)", title=f"β sweep on {slug}, {size[0]}×{size[1]}")
-    ax.set_xticks(list(xs), [f"{r['beta']:g}" for r in rows])
-    ax2 = ax.twinx()
-    ax2.plot(xs, [r["val_miou"] for r in rows], "s--", color="tab:red", label="val mIoU")
-    ax2.set_ylabel("val mIoU (search)")
-    fig.legend(loc="upper right", fontsize=8)
-    fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
+    plot(rows, slug, size, args.plot)
     write_result("beta_sweep", {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                                 "device": slug, "results": rows}, args.out)
 
