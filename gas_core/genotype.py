@@ -52,10 +52,6 @@ class Genotype(BaseModel):
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
-    @classmethod
-    def from_json(cls, text: str) -> Genotype:
-        return cls.model_validate_json(text)
-
     def save(self, path: str | Path) -> None:
         Path(path).write_text(self.to_json())
 

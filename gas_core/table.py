@@ -42,7 +42,7 @@ class TableDevice(BaseModel):
 
 class TableEnvironment(BaseModel):
     fingerprint: str = Field(min_length=1, max_length=32)
-    info: dict[str, Any]
+    info: dict[str, Any] = Field(default_factory=dict)
     entries: int | None = Field(default=None, description="rows of this environment")
     created_at: datetime | None = None
 
@@ -239,17 +239,15 @@ def compare_tables(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str
     for k in common:
         ua, ub = a[k][1], b[k][1]
         rows.append(KeyComparison(key=k, op=a[k][0], a_us=ua, b_us=ub, ratio=ub / ua if ua > 0 and ub > 0 else None))
-    by_op: dict[str, list[float]] = {}
+    by_op: dict[str, list[KeyComparison]] = {}
     for r in rows:
-        lst = by_op.setdefault(r.op, [])
-        if r.ratio is not None:
-            lst.append(r.ratio)
+        by_op.setdefault(r.op, []).append(r)
+    per_op = {}
+    for op, op_rows in sorted(by_op.items()):
+        rs = [r.ratio for r in op_rows if r.ratio is not None]
+        per_op[op] = OpComparison(keys=len(op_rows), geomean_ratio=geomean(rs), min_ratio=min(rs, default=None),
+                                  max_ratio=max(rs, default=None))
     ratios = [r.ratio for r in rows if r.ratio is not None]
-    per_op = {
-        op: OpComparison(keys=sum(r.op == op for r in rows), geomean_ratio=geomean(rs),
-                         min_ratio=min(rs, default=None), max_ratio=max(rs, default=None))
-        for op, rs in sorted(by_op.items())
-    }
     la, lb = [r.a_us for r in rows], [r.b_us for r in rows]
     return TableComparison(
         common_keys=len(common), only_a=len(set(a) - set(b)), only_b=len(set(b) - set(a)),

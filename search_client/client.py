@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
-from gas_core.table import LatencyTable, TableComparison
+from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEnvironment
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -28,20 +28,9 @@ class _Model(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
-class DeviceInfo(_Model):
-    slug: str
-    kind: str
-    name: str
-
-
-class EnvironmentInfo(_Model):
-    fingerprint: str
-    info: dict[str, Any] = {}
-
-
 class HostInfo(_Model):
-    device: DeviceInfo
-    environment: EnvironmentInfo
+    device: TableDevice
+    environment: TableEnvironment
 
 
 class JobInfo(_Model):
@@ -81,12 +70,8 @@ class ImportResult(_Model):
     skipped: int
 
 
-class EnvironmentSummary(EnvironmentInfo):
-    entries: int | None = None
-
-
-class DeviceSummaryInfo(DeviceInfo):
-    environments: list[EnvironmentSummary]
+class DeviceSummaryInfo(TableDevice):
+    environments: list[TableEnvironment]
 
 
 class DevicesResult(_Model):
@@ -154,13 +139,18 @@ class LatencyClient:
         raise AssertionError("unreachable")
 
     def _json(self, r: httpx.Response, model: type[T], what: str) -> T:
+        self._check(r, what)
+        return model.model_validate(r.json())
+
+    @staticmethod
+    def _check(r: httpx.Response, what: str) -> None:
+        """A 4xx as one :class:`ServiceError` line with the service's ``detail``."""
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
             except ValueError:
                 detail = r.text
             raise ServiceError(f"{what}: HTTP {r.status_code}: {detail}")
-        return model.model_validate(r.json())
 
     # ------------------------------------------------------------ routes
     def host(self) -> HostInfo:
@@ -179,8 +169,7 @@ class LatencyClient:
                   memory_format: str | None = None, environment: str | None = None, op: str | None = None) -> bytes:
         params = self._table_params(dtype, batch, memory_format, environment, op, format="csv")
         r = self._request("GET", f"/table/{device}", params=params)
-        if r.status_code >= 400:
-            self._json(r, LatencyTable, f"GET /table/{device}")
+        self._check(r, f"GET /table/{device}")
         return r.content
 
     @staticmethod

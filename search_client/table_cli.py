@@ -18,9 +18,9 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable
+from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment
 from search_client.cli import ClientSettings
-from search_client.client import EnvironmentSummary, LatencyClient, ServiceError, split_ref
+from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.report import plot_compare
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__, no_args_is_help=True,
@@ -83,7 +83,7 @@ def devices(latency_url: Url = None) -> None:
     t.add_column("name", overflow="fold")
     t.add_column("environment info", overflow="fold")
     for d in result.devices:
-        envs: list[EnvironmentSummary | None] = list(d.environments) or [None]
+        envs: list[TableEnvironment | None] = list(d.environments) or [None]
         for i, e in enumerate(envs):
             info = "" if e is None else ", ".join(f"{k}={v}" for k, v in sorted(e.info.items()))
             t.add_row(d.slug if i == 0 else "", d.kind if i == 0 else "", "—" if e is None else e.fingerprint,

@@ -9,12 +9,8 @@ from latency_service.profiler import samples_from_blob
 from latency_service.schemas import DevicePublic, EntryPublic, JobPublic
 
 
-def device_public(slug: str, kind: str, name: str, info: dict[str, Any]) -> DevicePublic:
-    return DevicePublic(slug=slug, kind=kind, name=name, info=info)
-
-
 def device_row_public(dev: Device) -> DevicePublic:
-    return device_public(dev.slug, dev.kind, dev.name, dev.info)
+    return DevicePublic(slug=dev.slug, kind=dev.kind, name=dev.name, info=dev.info)  # type: ignore[arg-type]
 
 
 def job_public(job: Job, device: str, environment: str) -> JobPublic:

@@ -3,9 +3,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from latency_service.api.convert import device_public
 from latency_service.api.deps import HostDep, SessionDep
-from latency_service.schemas import EnvironmentPublic, HealthPublic, HostPublic
+from latency_service.schemas import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 
 router = APIRouter(tags=["host"])
 
@@ -24,7 +23,8 @@ def health(host: HostDep, session: SessionDep) -> HealthPublic:
 @router.get("/device", response_model=HostPublic, summary="This host's device identity and environment")
 def device(host: HostDep) -> HostPublic:
     return HostPublic(
-        device=device_public(host.device.slug, host.device.kind, host.device.name, host.device.info),
+        device=DevicePublic(slug=host.device.slug, kind=host.device.kind, name=host.device.name,  # type: ignore[arg-type]
+                            info=host.device.info),
         environment=EnvironmentPublic(fingerprint=host.env.fingerprint, info=host.env.info),
         torch_device=str(host.torch_device),
     )
