@@ -5,6 +5,7 @@ sample lasts at least ``min_sample_ms``. Every sample is kept."""
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 import time
@@ -87,6 +88,24 @@ def samples_from_blob(blob: bytes) -> list[float]:
     return a.tolist()
 
 
+# a paired (context) median not clearly above zero gets more samples, up to this many times
+CONTEXT_MAX_SAMPLES_FACTOR = 4
+
+
+def resolved(samples_us: list[float]) -> bool:
+    """Is the median of paired differences clearly above zero: more than twice its standard
+    error (1.2533 · 1.4826 · MAD / √n)? With context timing an op of tens of µs is a small
+    difference of two runs of a millisecond or more; on a noisy host a few samples can put its
+    median at or below zero, and the floored table entry would call a real conv free. Ops that
+    really cost nothing (identity) stay unresolved and just take the extra samples."""
+    n = len(samples_us)
+    if n < 3:
+        return False
+    med = statistics.median(samples_us)
+    mad = statistics.median(abs(x - med) for x in samples_us)
+    return med > 2 * 1.2533 * 1.4826 * mad / math.sqrt(n)
+
+
 def time_callable(
     fn: Callable[[], object], device: torch.device, method: Method, context: Callable[[], object] | None = None
 ) -> Timing:
@@ -95,7 +114,9 @@ def time_callable(
     With ``context``, every run of ``fn`` is preceded by one run of ``context`` and each sample
     is paired: (n × [context, fn]) − (n × [context]), divided by n. That times ``fn`` the way it
     runs inside a network — after other kernels, with its dispatch path and data no longer hot —
-    instead of back-to-back with itself (DESIGN §3: isolated timings under-predict networks)."""
+    instead of back-to-back with itself (DESIGN §3: isolated timings under-predict networks).
+    A paired median that is not :func:`resolved` after ``method.samples`` samples gets another
+    batch of as many, up to ``CONTEXT_MAX_SAMPLES_FACTOR`` batches."""
     cuda = device.type == "cuda"
 
     def sync() -> None:
@@ -148,7 +169,12 @@ def time_callable(
 
     samples: list[float] = []
     timed = 0
-    for i in range(method.samples):
+    target = method.samples
+    for i in itertools.count():
+        if i == target:
+            if context is None or target >= CONTEXT_MAX_SAMPLES_FACTOR * method.samples or resolved(samples):
+                break
+            target += method.samples
         if context is None:
             ns = run(fn)
             timed += ns

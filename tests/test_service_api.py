@@ -59,7 +59,8 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         body = t.json()
         assert len(body["entries"]) == n and body["schema_version"] == 1
         e = body["entries"][0]
-        assert e["p10_us"] <= e["median_us"] <= e["p90_us"] and e["n_samples"] == 5
+        # context timing: 5 samples, or up to 4 batches of 5 when the paired median is not resolved
+        assert e["p10_us"] <= e["median_us"] <= e["p90_us"] and e["n_samples"] in (5, 10, 15, 20)
         assert e["timer"] == "perf_counter_ns+context"  # the default method: paired, after a context
         assert dev_env_timing(c).startswith("context+flush")
         assert LatencyKey.from_canonical(e["key"]).key_hash == e["key_hash"]
@@ -73,7 +74,7 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         assert csv.headers["content-type"].startswith("text/csv")
         assert len(csv.text.strip().splitlines()) == n + 1
         with_samples = c.get(f"/table/{slug}", params={"samples": True}).json()["entries"][0]
-        assert len(with_samples["samples_us"]) == 5
+        assert len(with_samples["samples_us"]) == with_samples["n_samples"]
 
         # the same request again: a new job, every key skipped
         again = wait_job(c, c.post("/profile", json=TINY_REQ).json()["id"])
