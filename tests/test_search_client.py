@@ -169,19 +169,21 @@ def test_fetch_latency_term_profiles_missing_keys(live: Server) -> None:
 def test_beta_lowers_the_predicted_latency(live: Server, tmp_path: Path) -> None:
     """Same seed, real table of this host: a latency-weighted search ends cheaper.
 
-    β = 0.5 rather than the issue's 0.05: at this size the β·log LAT gradient on α is ~150×
-    smaller than CE's at β = 0.05 (rms 4e-5 vs 6e-3), which needs ~10⁴ steps to show — the length
-    of the paper's searches, not of a unit test. bench/beta_sweep.py covers the paper's β values."""
+    β = 2 rather than the paper's 0.005–0.05: at this size the β·log LAT gradient on α is far
+    smaller than CE's (rms 4e-5 vs 6e-3 at β = 0.05), which needs ~10⁴ steps to show — the length
+    of the paper's searches, not of a unit test. At β = 0.5 the outcome still hung on the table
+    measured in the run (10 fresh tables: the derived LAT fell by less than 10 % in 3; one CI run
+    failed); at β = 2 it fell to 0.35–0.51 × in 10 of 10. bench/beta_sweep.py covers the paper's values."""
     with LatencyClient(live.url) as c:
         term, _ = fetch_latency_term(c, None, SMALL, (32, 64), 1, "float32", "contiguous", progress=False)
     train, val = build_datasets("synthetic", None, (32, 64), 0, (16, 4))
     lat = {}
-    for beta in (0.0, 0.5):
+    for beta in (0.0, 2.0):
         cfg = SearchConfig(epochs=4, batch=4, seed=0, beta=beta, max_steps=8, lr_a=0.01)
         res = search(cfg, SMALL, train, val, term, tmp_path / f"b{beta}", progress=False)
         lat[beta] = (res.history[-1]["expected_lat_ms"], res.history[-1]["derived_lat_ms"])
-    assert lat[0.5][0] < lat[0.0][0], lat  # expected LAT under softmax(α′)
-    assert lat[0.5][1] < 0.9 * lat[0.0][1], lat  # LAT of the derived (argmax) network
+    assert lat[2.0][0] < lat[0.0][0], lat  # expected LAT under softmax(α′)
+    assert lat[2.0][1] < 0.9 * lat[0.0][1], lat  # LAT of the derived (argmax) network
 
 
 def test_resume_continues_exactly(tmp_path: Path) -> None:
