@@ -47,8 +47,9 @@ class Variant:
         t0 = time.perf_counter()
         self.opt_w.zero_grad(set_to_none=True)
         self.opt_a.zero_grad(set_to_none=True)
-        ce = F.cross_entropy(self.net(self.x), self.y)
-        loss = latency_loss(ce, self.term(self.net.last_z), 0.005) if self.use_lat else ce
+        logits, z = self.net(self.x)
+        ce = F.cross_entropy(logits, self.y)
+        loss = latency_loss(ce, self.term(z), 0.005) if self.use_lat else ce
         loss.backward()
         self.opt_w.step()
         self.opt_a.step()

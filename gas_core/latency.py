@@ -2,7 +2,14 @@
 
 L is a [cells, edges, ops] tensor of microseconds, each entry the table's median at the exact
 shape that edge sees; ``fixed`` is everything α does not choose (stem, preprocess, node sums,
-concat, head, classifier, upsample). LAT(Z) = fixed + Σ Z·L with Z the Gumbel-softmax sample.
+concat, head, classifier, upsample).
+
+Two sums, for two uses (docs/architecture.md, "Latency term"):
+
+* the loss uses eqs. 8–9 as written: LAT(Z) = Σ_k Σ_e Σ_m Z·L, the cells' candidate ops only
+  (:meth:`LatencyTerm.forward`). Adding ``fixed`` inside β·log(LAT) would scale β's gradient on α
+  down by (fixed + Σ)/Σ — about 1.6 at 256×512 on a CPU — for no gain: ``fixed`` has no gradient.
+* reports and predictions use the whole network, ``fixed`` + Σ Z·L (:meth:`LatencyTerm.total`).
 """
 
 from __future__ import annotations
@@ -72,8 +79,13 @@ class LatencyTerm(nn.Module):
         return cls(L, fixed)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        """Eqs. 8–9: scalar µs. ``z`` may be a Gumbel sample, softmax(α′) or a one-hot genotype."""
-        return self.fixed + (z * self.L).sum()
+        """Eqs. 8–9, the loss's LAT: Σ Z·L over the cells' candidate ops, scalar µs (float32).
+        ``z`` [cells, edges, ops] may be a Gumbel sample, softmax(α′) or a one-hot genotype."""
+        return (z.float() * self.L).sum()
+
+    def total(self, z: torch.Tensor) -> torch.Tensor:
+        """The whole network's µs: ``fixed`` + :meth:`forward` (reports, not the loss)."""
+        return self.fixed + self.forward(z)
 
 
 def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_BETA) -> torch.Tensor:

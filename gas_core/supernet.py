@@ -15,12 +15,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from gas_core.genotype import Genotype, derive
 from gas_core.ggm import GGM, GGMKind, GraphKind
-from gas_core.network import Backbone, CellBase
+from gas_core.network import Backbone, CellBase, GASNet
 from gas_core.ops import OPS, PRIMITIVES, build_component
 from gas_core.search_space import CellPlan, NetworkLayout, cell_plan
 
 CellSharing = Literal["shared", "independent"]
+
+
+def default_ggm(cells: CellSharing) -> GGMKind:
+    """The inter-cell module a sharing mode gets unless one is asked for: the GCN links
+    independent cells (the paper's GAS); shared cells have one α per cell type and nothing to
+    link (Fig. 5 strategy (a))."""
+    return "none" if cells == "shared" else "gcn"
 
 
 class MixedOp(nn.Module):
@@ -71,15 +79,16 @@ def temperature_at(epoch: int, epochs: int, start: float = 1.0, end: float = 0.0
 
 
 class Supernet(nn.Module):
-    """``(N, 3, H, W) → (N, classes, H, W)`` logits, with the sampled Z [cells, edges, ops] kept
-    in :attr:`last_z` for the latency term of the same step."""
+    """``(N, 3, H, W) → ((N, classes, H, W) logits, Z [cells, edges, ops])``: the forward returns
+    the architecture sample it ran with, so the latency term of the same step reads it from the
+    call's result (no state outside ``state_dict``, nothing a DDP wrapper could hide)."""
 
     def __init__(
         self,
         layout: NetworkLayout | None = None,
         *,
         cells: CellSharing = "independent",
-        ggm: GGMKind = "gcn",
+        ggm: GGMKind | None = None,
         graph: GraphKind = "edge",
         ggm_dim: int = 64,
         gamma: float = 0.5,
@@ -93,9 +102,8 @@ class Supernet(nn.Module):
         if cells not in ("shared", "independent"):
             raise ValueError(f"cells must be shared or independent, got {cells!r}")
         self.alpha = nn.Parameter(1e-3 * torch.randn(n_alpha, p, q))
-        self.ggm = GGM(K, p, q, kind=ggm, graph=graph, d=ggm_dim, gamma=gamma)
+        self.ggm = GGM(K, p, q, kind=ggm or default_ggm(cells), graph=graph, d=ggm_dim, gamma=gamma)
         self.temperature = 1.0
-        self.last_z: torch.Tensor | None = None
         self.register_buffer(
             "_cell_type", torch.tensor([int(self.layout.is_reduction(k)) for k in range(K)]), persistent=False
         )
@@ -118,15 +126,46 @@ class Supernet(nn.Module):
         return self.net.parameters()
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Z = softmax((α′ + G)/λ), [cells, edges, ops], float32 on α's device."""
         return gumbel_softmax_sample(self.alpha_prime(), self.temperature, generator)
 
     def forward(
         self, x: torch.Tensor, z: torch.Tensor | None = None, generator: torch.Generator | None = None,
         expected: bool = False,
-    ) -> torch.Tensor:
-        """With ``z`` None a Gumbel sample is drawn (from ``generator`` when given, so DDP ranks
-        and micro-batches can each draw a reproducible one); ``expected`` uses softmax(α′)."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns ``(logits, z)``. With ``z`` None a Gumbel sample is drawn (from ``generator``
+        when given, so DDP ranks and micro-batches can each draw a reproducible one; it must live
+        on α's device); ``expected`` uses softmax(α′). The sample is drawn in float32 even under
+        autocast: α, the GGM and the latency term are tiny, and half precision would quantise the
+        Gumbel noise and α's small steps."""
         if z is None:
-            z = torch.softmax(self.alpha_prime(), -1) if expected else self.sample(generator)
-        self.last_z = z
-        return self.net.run(x, list(z))
+            with torch.autocast(self.alpha.device.type, enabled=False):
+                z = torch.softmax(self.alpha_prime(), -1) if expected else self.sample(generator)
+        return self.net.run(x, list(z)), z
+
+    def derived_network(self, genotype: Genotype | None = None) -> GASNet:
+        """The derived :class:`GASNet` of ``genotype`` (default: argmax of α′) carrying this
+        supernet's weights for the chosen ops: stem, preprocesses, head and classifier as they
+        are, each edge's chosen op from its mixed op. The supernet's edge ops have no BN affine
+        parameters (DARTS' convention); the derived ones start from the identity (1, 0), so in
+        eval mode ``GASNet(x)`` equals the supernet run with that genotype's one-hot Z."""
+        genotype = genotype or derive(self.alpha_prime(), self.layout)
+        if genotype.layout != self.layout:
+            raise ValueError("the genotype's layout differs from the supernet's")
+        net = GASNet(genotype).to(self.alpha.device)
+        src = self.net.state_dict()
+        mapped = {}
+        for name in net.state_dict():
+            parts = name.split(".")
+            if parts[0] == "cells" and parts[2] == "ops":  # cells.k.ops.e.* ← cells.k.mixed.e.ops.m.*
+                k, e = int(parts[1]), int(parts[3])
+                m = PRIMITIVES.index(genotype.cells[k].edges[e])
+                parts = ["cells", str(k), "mixed", str(e), "ops", str(m), *parts[4:]]
+            mapped[name] = src[".".join(parts)] if ".".join(parts) in src else None
+        missing = [n for n, v in mapped.items() if v is None]
+        affine = {f"{m}.{p}" for m, mod in net.named_modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                  for p in ("weight", "bias")}
+        if any(n not in affine for n in missing):
+            raise RuntimeError(f"no supernet weights for {[n for n in missing if n not in affine]}")
+        net.load_state_dict({n: v for n, v in mapped.items() if v is not None}, strict=False)
+        return net

@@ -5,19 +5,25 @@ fetches the table, asks the service to profile what is missing (progress bar), s
 differentiable latency term, derives the network, writes ``genotype.json``, has the service time
 it end to end (``POST /measure``) and reports predicted against measured latency.
 
-Data parallel: ``torchrun --nproc_per_node N -m search_client --latency-url URL …``.
+Compute: ``--device auto|cpu|cuda|cuda:N`` (auto: CUDA when present), ``--amp off|bf16|fp16``,
+``--channels-last``, ``--workers N`` DataLoader processes. The table is the service's own device
+unless ``--target SLUG[@ENV]`` names another. Data parallel on N GPUs:
+``torchrun --nproc_per_node N -m search_client --latency-url URL …`` (NCCL, one GPU per rank).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal, NoReturn
 
 import torch.distributed as dist
 import typer
+from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
@@ -26,9 +32,17 @@ from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.client import LatencyClient, ServiceError, split_ref
-from search_client.data import DataRootError, build_datasets
+from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
-from search_client.search import SearchConfig, init_distributed, search
+from search_client.search import (
+    ComputeConfig,
+    DistInfo,
+    SearchConfig,
+    SearchResult,
+    init_distributed,
+    resolve_device,
+    search,
+)
 
 log = logging.getLogger("gas-search")
 
@@ -42,15 +56,17 @@ class ClientSettings(BaseSettings):
 
 
 def fetch_latency_term(
-    client: LatencyClient, device: str | None, layout: NetworkLayout, size: tuple[int, int], batch: int, dtype: str,
+    client: LatencyClient, target: str | None, layout: NetworkLayout, size: tuple[int, int], batch: int, dtype: str,
     memory_format: str, progress: bool = True,
 ) -> tuple[LatencyTerm, str]:
-    """Table → LatencyTerm. When the table is the service's own device, it is read in the
-    service's current environment (where new profiles land) and missing keys are profiled."""
+    """Table → LatencyTerm. ``target`` is ``SLUG`` or ``SLUG@ENVIRONMENT`` (default: the
+    service's own device). The service's own device is read in the service's current environment
+    (where new profiles land) unless another is named, and its missing keys are profiled."""
     host = client.host()
-    slug = device or host.device.slug
-    own = slug == host.device.slug
-    env = host.environment.fingerprint if own else None
+    slug, env = split_ref(target) if target else (host.device.slug, None)
+    own = slug == host.device.slug and env in (None, host.environment.fingerprint)
+    if own:
+        env = host.environment.fingerprint
     shapes = cell_shapes(layout, size, batch, dtype, memory_format)  # type: ignore[arg-type]
     keys = shapes.all_keys()
 
@@ -63,8 +79,9 @@ def fetch_latency_term(
              len(missing))
     if missing:
         if not own:
-            raise ServiceError(f"the table of {slug} lacks {len(missing)} keys and {client.base_url} runs on "
-                               f"{host.device.slug}, so it cannot profile them; run gas-search against {slug}'s host")
+            raise ServiceError(f"the table of {target} lacks {len(missing)} keys and {client.base_url} runs on "
+                               f"{host.device.slug}@{host.environment.fingerprint}, so it cannot profile them; "
+                               f"run gas-search against that table's host")
         job = client.profile(missing)
         with tqdm(total=job.total, desc=f"profiling {slug}", unit="key", disable=not progress) as bar:
             client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
@@ -113,6 +130,89 @@ def predict_on_devices(
     return out
 
 
+
+_S, _C = SearchConfig(), ComputeConfig()
+
+
+def _h(name: str) -> str:
+    """A flag's help: the description of its SearchConfig / ComputeConfig field."""
+    f = SearchConfig.model_fields.get(name) or ComputeConfig.model_fields[name]
+    return f.description or ""
+
+
+COMPUTE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+@dataclass
+class Deployment:
+    """What the latency keys and /measure describe: the network as it will be shipped."""
+
+    size: tuple[int, int]
+    batch: int
+    dtype: str
+    memory_format: str
+
+
+def parse_device_flags(device: str, target: str | None) -> tuple[str, str | None]:
+    """``--device`` names the compute device now; before, it named the table's device slug.
+    A value that is no compute device but was given as before still works, with a message."""
+    if COMPUTE_SPEC.fullmatch(device) or device.startswith("cuda"):
+        return device, target
+    if target is not None:
+        raise ValueError(f"--device {device!r} is not a compute device (auto, cpu, cuda, cuda:N) and --target is "
+                         "set; --device no longer names the table")
+    typer.echo(f"gas-search: note: --device names the compute device now (auto, cpu, cuda, cuda:N); reading "
+               f"{device!r} as --target {device} (the table's device). Use --target.", err=True)
+    return "auto", device
+
+
+def _one_line(err: ValidationError) -> str:
+    e = err.errors()[0]
+    return f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+
+
+def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layout: NetworkLayout, dep: Deployment,
+                    progress: bool) -> tuple[LatencyTerm, str]:
+    """Rank 0 fetches the table (profiling missing keys) and broadcasts L to the other ranks."""
+    payload: list = [None]
+    if d.main:
+        term, slug = fetch_latency_term(client, target, layout, dep.size, dep.batch, dep.dtype, dep.memory_format,
+                                        progress=progress)
+        payload = [(term.L, float(term.fixed), slug)]
+    if d.world > 1:
+        dist.broadcast_object_list(payload, src=0)
+    L, fixed, slug = payload[0]
+    log.info("latency table %s: fixed parts %.3f ms, L in [%.1f, %.1f] µs", slug, fixed / 1e3, float(L.min()),
+             float(L.max()))
+    return LatencyTerm(L, fixed), slug
+
+
+def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int) -> Path:
+    geno_path = out / "genotype.json"
+    result.genotype.save(geno_path)
+    plot_alpha(result.supernet.alpha_prime().cpu(), out / "alpha.png")
+    plot_history(result.history, out / "history.png", warmup_epochs)
+    log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
+    return geno_path
+
+
+def measure_and_report(client: LatencyClient, result: SearchResult, geno_path: Path, dep: Deployment,
+                       others: list[DevicePrediction], out: Path) -> None:
+    """POST /measure on the service's device, then the predicted-vs-measured report."""
+    m = client.measure(result.genotype, dep.size, batch=dep.batch, dtype=dep.dtype, memory_format=dep.memory_format)
+    last = result.history[-1]
+    report = Report(
+        device=m.device, environment=m.environment, input_size=m.input_size, batch=m.batch, dtype=m.dtype,
+        memory_format=m.memory_format, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
+        measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
+        val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
+        predicted_on=others,
+    )
+    (out / "report.json").write_text(report.model_dump_json(indent=2))
+    typer.echo("\npredicted vs measured (derived network)\n" + format_report(report))
+    typer.echo(f"\nreport: {out / 'report.json'}")
+
+
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -120,7 +220,13 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def run(
     latency_url: Annotated[str | None, typer.Option(help="latency service base URL, e.g. http://127.0.0.1:8000 "
                                                          "(default GAS_LATENCY_URL)")] = None,
-    device: Annotated[str | None, typer.Option(help="device slug whose table to use (default: the service's own)")] = None,
+    target: Annotated[str | None, typer.Option(
+        help="table to search against: DEVICE or DEVICE@ENVIRONMENT (default: the service's own device, whose "
+        "missing keys it profiles)")] = None,
+    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
+    amp: Annotated[Literal["off", "bf16", "fp16"], typer.Option(help=_h("amp"))] = _C.amp,
+    channels_last: Annotated[bool, typer.Option(help=_h("channels_last"))] = _C.channels_last,
+    workers: Annotated[int | None, typer.Option(help=_h("workers"))] = _C.workers,
     dataset: Annotated[Literal["synthetic", "cityscapes", "camvid"], typer.Option(help="training data")] = "synthetic",
     data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
     input_size: Annotated[tuple[int, int], typer.Option(help="H W of the search crops and of the latency keys")] = (
@@ -131,94 +237,52 @@ def run(
     dtype: Annotated[str, typer.Option(help=f"deployment dtype: {', '.join(DTYPES)}")] = "float32",
     memory_format: Annotated[str, typer.Option(help=f"deployment memory format: {', '.join(MEMORY_FORMATS)}")] = (
         "contiguous"),
-    epochs: Annotated[int, typer.Option(help="search epochs (τ anneals 1.0 → 0.03 over them)")] = 10,
-    warmup_epochs: Annotated[int, typer.Option(
-        help="weights-only epochs on the expected mixture before the search (0 = the paper)")] = 0,
-    batch: Annotated[int, typer.Option(help="global batch size over all ranks (paper: 16)")] = 16,
-    accum: Annotated[int, typer.Option(help="micro-batches per rank per step (gradient accumulation)")] = 1,
-    max_steps: Annotated[int | None, typer.Option(help="cap on steps per epoch (quick runs)")] = None,
-    beta: Annotated[float, typer.Option(help="latency weight β in CE + β·log(LAT µs) (paper: 0.005)")] = 0.005,
-    seed: Annotated[int, typer.Option(help="seed of init, data order, augmentation and Gumbel noise")] = 0,
-    cells: Annotated[Literal["shared", "independent"], typer.Option(help="α per cell or shared per type")] = (
-        "independent"),
-    ggm: Annotated[Literal["none", "fc", "gcn"], typer.Option(help="link between adjacent cells' α")] = "gcn",
-    graph: Annotated[Literal["edge", "op"], typer.Option(help="GCN reasoning graph: edge-similarity or op-identity")] = (
-        "edge"),
+    epochs: Annotated[int, typer.Option(help=_h("epochs"))] = _S.epochs,
+    warmup_epochs: Annotated[int, typer.Option(help=_h("warmup_epochs"))] = _S.warmup_epochs,
+    batch: Annotated[int, typer.Option(help=_h("batch"))] = _S.batch,
+    accum: Annotated[int, typer.Option(help=_h("accum"))] = _S.accum,
+    max_steps: Annotated[int | None, typer.Option(help=_h("max_steps"))] = _S.max_steps,
+    beta: Annotated[float, typer.Option(help=_h("beta"))] = _S.beta,
+    lr_a: Annotated[float, typer.Option(help=_h("lr_a"))] = _S.lr_a,
+    lr_w: Annotated[float, typer.Option(help=_h("lr_w"))] = _S.lr_w,
+    seed: Annotated[int, typer.Option(help=_h("seed"))] = _S.seed,
+    cells: Annotated[Literal["shared", "independent"], typer.Option(help=_h("cells"))] = _S.cells,
+    ggm: Annotated[Literal["none", "fc", "gcn"] | None, typer.Option(help=_h("ggm"))] = None,
+    graph: Annotated[Literal["edge", "op"], typer.Option(help=_h("graph"))] = _S.graph,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     out: Annotated[Path, typer.Option(help="output directory (checkpoint, log CSV, genotype, report, plots)")] = Path(
         "runs/search"),
-    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt")] = False,
+    resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt (on any device)")] = False,
     measure: Annotated[bool, typer.Option(help="time the derived network on the service (POST /measure)")] = True,
     predict_on: Annotated[list[str] | None, typer.Option(
         "--predict-on", help="also predict the derived network's latency from this device's table (DEVICE or "
         "DEVICE@ENVIRONMENT, see gas-table devices); repeatable")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    d = init_distributed()
-    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    settings = ClientSettings()
-    url = latency_url or settings.latency_url
-    if url is None:
-        _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
-    if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
-        _fail(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}", 2)
-    for ref in predict_on or []:
-        try:
-            split_ref(ref)
-        except ValueError as err:
-            _fail(f"--predict-on: {err}", 2)
-    lat_size = latency_size or input_size
     try:
+        device, target = parse_device_flags(device, target)
+        for ref in [*(predict_on or []), *([target] if target else [])]:
+            split_ref(ref)
+        d = init_distributed(device)
+        resolve_device(device, d.local_rank, d.world)
+        if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
+        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_w=lr_w,
+                           cells=cells, ggm=ggm, graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
+        compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
         train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size)
+    except ValidationError as err:
+        _fail(_one_line(err), 2)
     except (DataRootError, ValueError) as err:
         _fail(str(err), 2)
-    layout = NetworkLayout(num_classes=train.num_classes)
-    cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, cells=cells, ggm=ggm,
-                       graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
-    client = LatencyClient(url, token=settings.api_token)
+    _setup_logging(d)
+    url = latency_url or ClientSettings().latency_url
+    if url is None:
+        _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
+    dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
+    client = LatencyClient(url, token=ClientSettings().api_token)
     try:
-        payload: list = [None]
-        if d.main:
-            check_table_refs(client, predict_on or [])
-            term, slug = fetch_latency_term(client, device, layout, lat_size, latency_batch, dtype,
-                                                    memory_format, progress=not quiet)
-            payload = [(term.L, float(term.fixed), slug)]
-        if d.world > 1:
-            dist.broadcast_object_list(payload, src=0)
-        L, fixed, slug = payload[0]
-        term = LatencyTerm(L, fixed)
-        log.info("latency term: fixed %.3f ms, L in [%.1f, %.1f] µs; β = %g", fixed / 1e3, float(L.min()),
-                 float(L.max()), beta)
-        result = search(cfg, layout, train, val, term, out, resume=resume, dist_info=d, progress=not quiet)
-        if not d.main:
-            return
-        geno_path = out / "genotype.json"
-        result.genotype.save(geno_path)
-        plot_alpha(result.supernet.alpha_prime(), out / "alpha.png")
-        plot_history(result.history, out / "history.png")
-        log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
-        others = predict_on_devices(client, predict_on or [], result.genotype, lat_size, latency_batch, dtype,
-                                    memory_format)
-        if not measure:
-            for p in others:
-                typer.echo(f"predicted on {p.device}@{p.environment}: "
-                           + (f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else
-                              f"n/a ({p.missing_keys} keys missing from its table)"))
-            return
-        m = client.measure(result.genotype, lat_size, batch=latency_batch, dtype=dtype, memory_format=memory_format)
-        last = result.history[-1]
-        report = Report(
-            device=m.device, environment=m.environment, input_size=m.input_size, batch=m.batch, dtype=m.dtype,
-            memory_format=m.memory_format, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
-            measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
-            val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
-            predicted_on=others,
-        )
-        (out / "report.json").write_text(report.model_dump_json(indent=2))
-        typer.echo("\npredicted vs measured (derived network)\n" + format_report(report))
-        typer.echo(f"\nreport: {out / 'report.json'}")
+        _run(client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on or [], quiet)
     except ServiceError as err:
         _fail(str(err), 1)
     except ValueError as err:
@@ -227,6 +291,37 @@ def run(
         client.close()
         if d.world > 1 and dist.is_initialized():
             dist.destroy_process_group()
+
+
+def _run(client: LatencyClient, d: DistInfo, cfg: SearchConfig, compute: ComputeConfig, target: str | None,
+         train: SegDataset, val: SegDataset, dep: Deployment, out: Path, resume: bool, measure: bool,
+         predict_on: list[str], quiet: bool) -> None:
+    """The CLI's steps: fetch the table, search, write the artefacts, measure, report."""
+    layout = NetworkLayout(num_classes=train.num_classes)
+    if d.main:
+        check_table_refs(client, predict_on)
+    term, _ = load_table_term(client, d, target, layout, dep, progress=not quiet)
+    log.info("search: %s; compute %s", cfg.model_dump_json(), compute.model_dump_json())
+    result = search(cfg, layout, train, val, term, out, compute=compute, resume=resume, dist_info=d,
+                    progress=not quiet)
+    if not d.main:
+        return
+    geno_path = write_artefacts(result, out, cfg.warmup_epochs)
+    others = predict_on_devices(client, predict_on, result.genotype, dep.size, dep.batch, dep.dtype,
+                                dep.memory_format)
+    if measure:
+        measure_and_report(client, result, geno_path, dep, others, out)
+        return
+    for p in others:
+        typer.echo(f"predicted on {p.device}@{p.environment}: "
+                   + (f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else
+                      f"n/a ({p.missing_keys} keys missing from its table)"))
+
+
+def _setup_logging(d: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _fail(msg: str, code: int) -> NoReturn:

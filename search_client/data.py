@@ -97,9 +97,13 @@ class SegDataset(Dataset):
             lbl = self.lut[lbl]
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(lbl.astype(np.int64))
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``item`` is an index (augmented for :meth:`set_epoch`'s epoch) or ``(epoch, index)``:
+        a DataLoader worker holds its own copy of the dataset and never sees ``set_epoch``, so
+        the search's batch sampler sends the epoch with every index."""
+        epoch, i = item if isinstance(item, tuple) else (self.epoch, item)
         img, lbl = self.load(i)
-        gen = torch.Generator().manual_seed(hash((self.seed, self.epoch, i)) & 0x7FFF_FFFF)
+        gen = torch.Generator().manual_seed(hash((self.seed, epoch, i)) & 0x7FFF_FFFF)
         img, lbl = self.augment(img, lbl, gen)
         return (img - MEAN) / STD, lbl
 

@@ -68,37 +68,79 @@ def format_report(r: Report) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
+def _edge_names(edges: int) -> list[str]:
+    """``in0→n1``-style names in α's edge order (two cell inputs, then the nodes)."""
+    names, node, src = [], 0, 0
+    for _ in range(edges):
+        names.append(f"{'in' + str(src) if src < 2 else 'n' + str(src - 1)}→n{node + 1}")
+        src += 1
+        if src == node + 2:
+            node, src = node + 1, 0
+    return names
+
+
 def plot_alpha(alpha_prime: torch.Tensor, path: Path) -> None:
-    """softmax(α′) as one heat map: a row per (cell, edge), a column per op."""
-    probs = torch.softmax(alpha_prime.detach(), -1)
+    """softmax(α′) as one heat map: a row per (cell, edge), labelled, a column per op. The colour
+    scale is fitted to the probabilities (uniform is 1/ops; a flat map means α has not moved), the
+    chosen op of each edge is outlined, and its probability written in."""
+    probs = torch.softmax(alpha_prime.detach().float().cpu(), -1)
     cells, edges, ops = probs.shape
-    fig, ax = plt.subplots(figsize=(7, max(4, cells * edges * 0.12)))
-    im = ax.imshow(probs.reshape(cells * edges, ops).numpy(), aspect="auto", cmap="viridis", vmin=0, vmax=1)
+    flat = probs.reshape(cells * edges, ops)
+    lo, hi = float(flat.min()), float(flat.max())
+    if hi - lo < 1e-6:
+        lo, hi = lo - 0.01, hi + 0.01
+    fig, ax = plt.subplots(figsize=(8, max(4, cells * edges * 0.17)))
+    im = ax.imshow(flat.numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
     ax.set_xticks(range(ops), PRIMITIVES, rotation=45, ha="right", fontsize=8)
-    ax.set_yticks([k * edges + edges / 2 - 0.5 for k in range(cells)], [f"cell {k}" for k in range(cells)], fontsize=7)
+    names = _edge_names(edges)
+    ax.set_yticks(range(cells * edges), [f"cell {k} {names[e]}" for k in range(cells) for e in range(edges)],
+                  fontsize=5.5)
     for k in range(1, cells):
-        ax.axhline(k * edges - 0.5, color="white", lw=0.6)
-    ax.set_title("op probabilities softmax(α′) per cell and edge")
-    fig.colorbar(im, ax=ax, fraction=0.04)
+        ax.axhline(k * edges - 0.5, color="white", lw=0.8)
+    top = flat.argmax(-1)
+    for r in range(cells * edges):
+        c = int(top[r])
+        ax.add_patch(plt.Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="red", lw=0.8))
+        ax.text(c, r, f"{float(flat[r, c]):.2f}", ha="center", va="center", fontsize=4.5, color="white")
+    ax.set_title(f"softmax(α′) per cell and edge (uniform = {1 / ops:.3f}; red: the derived op)\n"
+                 f"median top-op probability {float(flat.max(-1).values.median()):.2f}", fontsize=9)
+    ax.set_xlabel("candidate op")
+    fig.colorbar(im, ax=ax, fraction=0.04, label="probability")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(path, dpi=130)
     plt.close(fig)
 
 
-def plot_history(history: list[dict], path: Path) -> None:
+def plot_history(history: list[dict], path: Path, warmup_epochs: int = 0) -> None:
+    """Four panels per epoch: the latency term (cells-only LAT of the loss, and the whole
+    network's expected/derived latency), loss and CE, the median top-op probability, and val mIoU.
+    A dashed line marks where the weights-only warm-up ends and the search begins."""
     ep = [h["epoch"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    axes[0].plot(ep, [h["lat_ms"] for h in history], "o-", label="sampled LAT")
-    axes[0].plot(ep, [h["expected_lat_ms"] for h in history], "s--", label="expected LAT")
-    axes[0].plot(ep, [h["derived_lat_ms"] for h in history], "^:", label="derived LAT")
-    axes[0].set(xlabel="epoch", ylabel="ms", title="latency term")
-    axes[0].legend(fontsize=8)
-    axes[1].plot(ep, [h["loss"] for h in history], "o-", label="loss")
+    fig, axes = plt.subplots(1, 4, figsize=(17, 3.8))
+    ax = axes[0]
+    ax.plot(ep, [h["lat_total_ms"] for h in history], "o-", label="sampled LAT, whole net")
+    ax.plot(ep, [h["lat_ms"] for h in history], "x-", label="sampled LAT, cells only (loss, eqs. 8–9)")
+    ax.plot(ep, [h["expected_lat_ms"] for h in history], "s--", label="expected LAT, whole net (softmax α′)")
+    ax.plot(ep, [h["derived_lat_ms"] for h in history], "^:", label="derived net (argmax α′)")
+    ax.set(xlabel="epoch", ylabel="latency from the table (ms)", title="latency term")
+    ax.legend(fontsize=6.5)
+    axes[1].plot(ep, [h["loss"] for h in history], "o-", label="loss = CE + β·log LAT")
     axes[1].plot(ep, [h["ce"] for h in history], "s--", label="CE")
-    axes[1].set(xlabel="epoch", title="loss")
-    axes[1].legend(fontsize=8)
-    axes[2].plot(ep, [h["val_miou"] for h in history], "o-")
-    axes[2].set(xlabel="epoch", title="val mIoU (derived arch)")
+    axes[1].set(xlabel="epoch", ylabel="loss (mean over the epoch)", title="loss")
+    axes[1].legend(fontsize=7)
+    axes[2].plot(ep, [h["top_prob"] for h in history], "o-")
+    axes[2].axhline(1 / len(PRIMITIVES), color="grey", lw=0.8, ls=":", label="uniform")
+    axes[2].set(xlabel="epoch", ylabel="median over edges of max softmax(α′)", title="α convergence", ylim=(0, 1))
+    axes[2].legend(fontsize=7)
+    axes[3].plot(ep, [h["val_miou"] for h in history], "o-")
+    axes[3].set(xlabel="epoch", ylabel="val mIoU", title="val mIoU (derived arch, BN recalibrated)")
+    if 0 < warmup_epochs < len(ep) + 1:
+        for a in axes:
+            a.axvline(warmup_epochs + 0.5, color="tab:gray", ls="--", lw=1)
+            a.text(warmup_epochs + 0.5, 1.0, " search →", transform=a.get_xaxis_transform(), fontsize=7, va="top",
+                   color="tab:gray")
+            a.text(warmup_epochs + 0.5, 1.0, "← warm-up ", transform=a.get_xaxis_transform(), fontsize=7, va="top",
+                   ha="right", color="tab:gray")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

@@ -2,9 +2,15 @@
 weights (SGD + cosine) and α with the GGM (Adam) — on CE + β·log LAT, with the Gumbel
 temperature annealed 1.0 → 0.03 per epoch.
 
-Data parallel: under ``torchrun`` each rank takes its slice of every global batch and draws its
-own Gumbel sample seeded by (seed, epoch, step, slot); DDP averages the gradients. One process
-with ``accum = N`` runs the same N slots as micro-batches, so it reproduces N ranks exactly.
+The compute device is a parameter (:class:`ComputeConfig`), never a branch of the loop: the
+supernet, the latency term, every batch and the Gumbel noise live on it, and the same code runs
+on the CPU in the tests and on CUDA (optionally under autocast, channels-last) on a GPU host.
+
+Data parallel: under ``torchrun`` each rank takes ``cuda:LOCAL_RANK`` (NCCL) or the CPU (gloo),
+loads only its own slice of every global batch through a DataLoader, and draws its own Gumbel
+sample seeded by (seed, epoch, step, slot); DDP averages the gradients. One process with
+``accum = N`` runs the same N slots as micro-batches, so it reproduces N ranks exactly.
+Validation is sharded over the ranks and the confusion matrices are all-reduced.
 """
 
 from __future__ import annotations
@@ -13,78 +19,156 @@ import csv
 import logging
 import math
 import os
+import time
+from collections.abc import Callable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from gas_core.genotype import Genotype, derive
+from gas_core.ggm import GGMKind, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
 from gas_core.search_space import NetworkLayout
-from gas_core.supernet import Supernet, temperature_at
-from search_client.data import IGNORE, SegDataset, collate, confusion, global_batches, miou
+from gas_core.supernet import CellSharing, Supernet, default_ggm, temperature_at
+from search_client.data import IGNORE, SegDataset, confusion, global_batches, miou
 
 log = logging.getLogger(__name__)
 
-LOG_FIELDS = ["epoch", "phase", "loss", "ce", "lat_ms", "expected_lat_ms", "derived_lat_ms", "temperature", "lr_w", "val_miou"]
+LOG_FIELDS = ["epoch", "phase", "loss", "ce", "lat_ms", "lat_total_ms", "expected_lat_ms", "derived_lat_ms",
+              "temperature", "lr_w", "top_prob", "val_miou", "images_per_s", "data_wait_pct"]
+
+AmpMode = Literal["off", "bf16", "fp16"]
+AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SearchConfig(BaseModel):
+    """Every hyperparameter of a search and the one place its default lives (the CLI's flags
+    are built from these fields). Defaults are the paper's §4.2 except where a field says so.
+    Stored in the checkpoint: a resume with other values is refused."""
+
     model_config = ConfigDict(extra="forbid")
 
     schema_version: Literal[1] = 1
-    epochs: int = Field(default=10, ge=1)
-    batch: int = Field(default=16, ge=1, description="global batch (all ranks, all micro-batches)")
-    accum: int = Field(default=1, ge=1, description="micro-batches per rank per step")
-    seed: int = 0
-    beta: float = Field(default=0.005, ge=0)
-    lr_w: float = 0.025
-    lr_w_min: float = 0.001
-    momentum: float = 0.9
-    wd_w: float = 1e-3
-    lr_a: float = 1e-3
-    betas_a: tuple[float, float] = (0.5, 0.999)
-    wd_a: float = 1e-4
-    tau_start: float = 1.0
-    tau_end: float = 0.03
-    cells: Literal["shared", "independent"] = "independent"
-    ggm: Literal["none", "fc", "gcn"] = "gcn"
-    graph: Literal["edge", "op"] = "edge"
-    ggm_dim: int = 64
-    gamma: float = 0.5
+    epochs: int = Field(default=10, ge=1, description="search epochs (τ anneals tau_start → tau_end over them)")
+    batch: int = Field(default=16, ge=1, description="global batch size over all ranks and micro-batches (paper: 16)")
+    accum: int = Field(default=1, ge=1, description="micro-batches per rank per step (gradient accumulation)")
+    seed: int = Field(default=0, description="seed of init, data order, augmentation and Gumbel noise")
+    beta: float = Field(default=0.005, ge=0, description="latency weight β in CE + β·log(LAT µs) (paper: 0.005)")
+    lr_w: float = Field(default=0.025, gt=0, description="SGD learning rate of the weights, cosine-annealed")
+    lr_w_min: float = Field(default=0.001, ge=0, description="final weight learning rate of the cosine schedule")
+    momentum: float = Field(default=0.9, ge=0, description="SGD momentum")
+    wd_w: float = Field(default=1e-3, ge=0, description="weight decay of the weights")
+    lr_a: float = Field(default=1e-3, gt=0, description="Adam learning rate of α and the GGM (paper: 0.001)")
+    betas_a: tuple[float, float] = Field(default=(0.5, 0.999), description="Adam betas of α and the GGM")
+    wd_a: float = Field(default=1e-4, ge=0, description="weight decay of α and the GGM")
+    tau_start: float = Field(default=1.0, gt=0, description="initial Gumbel-softmax temperature λ")
+    tau_end: float = Field(default=0.03, gt=0, description="final Gumbel-softmax temperature λ")
+    cells: CellSharing = Field(default="independent", description="α per cell (GAS) or one per cell type (shared)")
+    ggm: GGMKind | None = Field(
+        default=None, description="link between adjacent cells' α: gcn (GAS), fc, none; default gcn for independent "
+        "cells and none for shared ones")
+    graph: GraphKind = Field(default="edge", description="GCN reasoning graph: edge-similarity or op-identity")
+    ggm_dim: int = Field(default=64, ge=1, description="GCN hidden size d (paper: 64)")
+    gamma: float = Field(default=0.5, ge=0, description="GGM weight γ in α′ = α + γ·GCN (paper: 0.5)")
     max_steps: int | None = Field(default=None, ge=1, description="stop each epoch after this many steps")
     warmup_epochs: int = Field(
         default=0, ge=0,
         description="weights-only epochs on the expected mixture softmax(α′) before the search (not in the "
-        "paper, which uses 0): Gumbel-sampled mixtures at τ≈1 barely train a fresh supernet in a short run",
+        "paper, which uses 0): Gumbel-sampled mixtures at λ≈1 barely train a fresh supernet in a short run",
     )
+
+    @model_validator(mode="after")
+    def _resolve_ggm(self) -> SearchConfig:
+        if self.ggm is None:
+            self.ggm = default_ggm(self.cells)
+        return self
+
+
+def default_workers(local_world: int = 1) -> int:
+    """DataLoader workers per rank: this host's usable cores shared by the ranks on it, at most 8."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(8, cores // max(1, local_world)))
+
+
+class ComputeConfig(BaseModel):
+    """Where and how a search computes. Not part of the checkpoint's identity: a search written
+    on a GPU resumes on a CPU and back."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when present; under "
+                        "torchrun each rank takes cuda:LOCAL_RANK)")
+    amp: AmpMode = Field(default="off", description="autocast: off, bf16, or fp16 with a gradient scaler")
+    channels_last: bool = Field(default=False, description="run the supernet and its batches channels-last")
+    workers: int | None = Field(default=None, ge=0, description="DataLoader workers per rank (0: load in the "
+                                "training process; default: the host's cores / ranks on it, at most 8)")
+
+
+def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
+    """``auto|cpu|cuda|cuda:N`` → a device; raises ValueError with a one-line reason."""
+    if spec == "auto":
+        spec = "cuda" if torch.cuda.is_available() else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or spec.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {spec}: no CUDA device is visible to torch {torch.__version__}")
+        if spec == "cuda":
+            index = local_rank
+        else:
+            if world > 1:
+                raise ValueError(f"--device {spec}: under torchrun each rank takes cuda:LOCAL_RANK; use --device cuda")
+            try:
+                index = int(spec[5:])
+            except ValueError:
+                raise ValueError(f"--device {spec}: expected cuda:N with N a GPU index") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise ValueError(f"--device {spec}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
+        return torch.device("cuda", index)
+    raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass
 class DistInfo:
     rank: int = 0
     world: int = 1
+    local_rank: int = 0
+    local_world: int = 1
 
     @property
     def main(self) -> bool:
         return self.rank == 0
 
 
-def init_distributed() -> DistInfo:
-    """Join the torchrun process group when launched by torchrun (gloo on CPU, NCCL on GPU)."""
-    if "RANK" not in os.environ or int(os.environ.get("WORLD_SIZE", "1")) == 1:
+def init_distributed(device: str = "auto") -> DistInfo:
+    """Join the torchrun process group when launched by torchrun: NCCL when the ranks compute on
+    CUDA (each on cuda:LOCAL_RANK), gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if "RANK" not in os.environ or world == 1:
         return DistInfo()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank, world)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size())
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+            dist.init_process_group("nccl", device_id=dev)
+        else:
+            dist.init_process_group("gloo")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
+                    int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
 
 @dataclass
@@ -94,137 +178,302 @@ class SearchResult:
     history: list[dict]
 
 
-def _gumbel_gen(seed: int, epoch: int, step: int, slot: int) -> torch.Generator:
-    return torch.Generator().manual_seed(((seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + slot)
+# ---------------------------------------------------------------- data
 
 
-def evaluate(
-    net: Supernet, val: SegDataset, num_classes: int, calib: SegDataset | None = None, batch: int = 4,
-    calib_batches: int = 8,
-) -> float:
-    """mIoU of the derived architecture (one-hot argmax of α′) run through the supernet.
+class EpochBatches(Sampler[list[Any]]):
+    """A batch sampler whose batches are a function of the epoch. It runs in the training
+    process, so :meth:`set_epoch` reaches it even with persistent workers; the epoch also travels
+    inside each index as ``(epoch, i)``, which is how a worker that never saw ``set_epoch`` seeds
+    the augmentation by (seed, epoch, index)."""
 
-    BatchNorm statistics are first recalibrated for that architecture on ``calib_batches``
-    training batches: the running statistics gathered under Gumbel mixtures do not describe
-    a single path, and a short search leaves them near their initial values."""
-    with torch.no_grad():
-        a = net.alpha_prime()
-        z = F.one_hot(a.argmax(-1), a.shape[-1]).to(a.dtype)
-        bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-        saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
-        if calib is not None:
-            for m in bns:
-                m.reset_running_stats()
-                m.momentum = None  # cumulative average over the calibration batches
-            for i in range(0, min(len(calib), calib_batches * batch), batch):
-                net(collate(calib, range(i, min(i + batch, len(calib))))[0], z)
-        net.eval()
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long)
-        for i in range(0, len(val), batch):
-            x, y = collate(val, range(i, min(i + batch, len(val))))
-            conf += confusion(net(x, z).argmax(1), y, num_classes)
-        net.train()
-        for m, (momentum, state) in zip(bns, saved, strict=True):  # the search goes on with its own statistics
-            m.momentum = momentum
-            m.load_state_dict(state)
-    return miou(conf)
+    def __init__(self, make: Callable[[int], list[list[Any]]]) -> None:
+        self.make, self.epoch = make, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[Any]]:
+        return iter(self.make(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.make(self.epoch))
 
 
-def search(
-    cfg: SearchConfig, layout: NetworkLayout, train: SegDataset, val: SegDataset | None, term: LatencyTerm,
-    out: Path, *, resume: bool = False, dist_info: DistInfo | None = None, progress: bool = True,
-    until_epoch: int | None = None,
-) -> SearchResult:
-    """Run (or, with ``resume``, continue) the search; ``until_epoch`` stops after that many
-    epochs in total, for time-boxed allocations that resume later."""
-    d = dist_info or DistInfo()
-    slots = d.world * cfg.accum
-    if cfg.batch % slots:
-        raise ValueError(f"--batch {cfg.batch} must be divisible by ranks × accum = {slots}")
-    micro = cfg.batch // slots
+def rank_micro_batches(n: int, cfg: SearchConfig, d: DistInfo, epoch: int) -> list[list[tuple[int, int]]]:
+    """This rank's micro-batches of every step of ``epoch``, in order: ``accum`` per step, each
+    of ``batch / (world·accum)`` ``(epoch, index)`` pairs; slot ``rank·accum + m`` of each global
+    batch from :func:`search_client.data.global_batches`."""
+    micro = cfg.batch // (d.world * cfg.accum)
+    out = []
+    for idx in global_batches(n, cfg.batch, cfg.seed, epoch)[: cfg.max_steps]:
+        for m in range(cfg.accum):
+            slot = d.rank * cfg.accum + m
+            out.append([(epoch, i) for i in idx[slot * micro : (slot + 1) * micro]])
+    return out
+
+
+@dataclass
+class Loaders:
+    train: DataLoader
+    calib: DataLoader | None
+    val: DataLoader | None
+    samplers: list[EpochBatches] = field(default_factory=list)
+
+    def set_epoch(self, epoch: int) -> None:
+        for s in self.samplers:
+            s.set_epoch(epoch)
+
+
+def make_loaders(
+    cfg: SearchConfig, train: SegDataset, val: SegDataset | None, d: DistInfo, device: torch.device, workers: int,
+    eval_batch: int = 4, calib_batches: int = 8,
+) -> Loaders:
+    """Train (this rank's slice of each step), BN-calibration (the same few training batches on
+    every rank, so every rank evaluates the same statistics) and validation (this rank's shard)."""
+    opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda",
+                            "persistent_workers": workers > 0}
+    train_s = EpochBatches(lambda e: rank_micro_batches(len(train), cfg, d, e))
+    loaders = Loaders(DataLoader(train, batch_sampler=train_s, **opts), None, None, [train_s])
+    if val is not None:
+        n_cal = min(len(train), calib_batches * eval_batch)
+        calib_s = EpochBatches(lambda e: [[(e, i) for i in range(j, min(j + eval_batch, n_cal))]
+                                          for j in range(0, n_cal, eval_batch)])
+        shard = list(range(d.rank, len(val), d.world))
+        val_s = EpochBatches(lambda e: [shard[j : j + eval_batch] for j in range(0, len(shard), eval_batch)])
+        loaders.calib = DataLoader(train, batch_sampler=calib_s, **opts)
+        loaders.val = DataLoader(val, batch_sampler=val_s, **opts)
+        loaders.samplers += [calib_s, val_s]
+    return loaders
+
+
+# ---------------------------------------------------------------- state
+
+
+@dataclass
+class SearchState:
+    """Everything a step touches, on one device."""
+
+    net: Supernet
+    model: nn.Module  # the DDP wrapper under torchrun, else ``net``
+    term: LatencyTerm
+    opt_w: torch.optim.Optimizer
+    opt_a: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+
+    def autocast(self) -> torch.autocast:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-blocking copies from pinned memory on CUDA; channels-last when asked."""
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return (x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True))
+
+    def gumbel(self, seed: int, epoch: int, step: int, slot: int) -> torch.Generator:
+        """The Gumbel noise of (seed, epoch, step, slot), drawn on the compute device."""
+        g = torch.Generator(device=self.device)
+        return g.manual_seed(((seed * 1_000_003 + epoch) * 100_003 + step) * 1009 + slot)
+
+
+def build_state(
+    cfg: SearchConfig, layout: NetworkLayout, term: LatencyTerm, compute: ComputeConfig, d: DistInfo,
+) -> SearchState:
+    """The supernet on its device (DDP-wrapped under torchrun) and the §4.2 optimisers."""
+    device = resolve_device(compute.device, d.local_rank, d.world)
     torch.manual_seed(cfg.seed)
     net = Supernet(layout, cells=cfg.cells, ggm=cfg.ggm, graph=cfg.graph, ggm_dim=cfg.ggm_dim, gamma=cfg.gamma)
-    model: torch.nn.Module = DDP(net) if d.world > 1 else net
+    net = net.to(device)
+    if compute.channels_last:
+        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    model: nn.Module = net
+    if d.world > 1:
+        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.lr_w, momentum=cfg.momentum, weight_decay=cfg.wd_w)
     opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.lr_a, betas=cfg.betas_a, weight_decay=cfg.wd_a)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=cfg.warmup_epochs + cfg.epochs,
                                                        eta_min=cfg.lr_w_min)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16")
+    return SearchState(net, model, term.to(device), opt_w, opt_a, sched, scaler, device, AMP_DTYPES[compute.amp],
+                       compute.channels_last)
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def train_epoch(
+    s: SearchState, loader: DataLoader, cfg: SearchConfig, epoch: int, d: DistInfo, progress: bool,
+) -> dict[str, float]:
+    """One epoch of single-level steps; returns mean loss, CE, LAT (µs, eq. 8–9 and whole
+    network), throughput and the share of the epoch spent waiting for data."""
+    warm = epoch < cfg.warmup_epochs
+    total = cfg.warmup_epochs + cfg.epochs
+    s.net.temperature = temperature_at(epoch - cfg.warmup_epochs, cfg.epochs, cfg.tau_start, cfg.tau_end)
+    steps = len(loader) // cfg.accum
+    desc = f"warm-up {epoch + 1}/{cfg.warmup_epochs}" if warm else f"epoch {epoch + 1}/{total}"
+    sums = torch.zeros(3, device=s.device, dtype=torch.float64)  # loss, CE, LAT: one sync per epoch, not per step
+    wait, images, t0 = 0.0, 0, time.perf_counter()
+    it = iter(loader)
+    for step in tqdm(range(steps), desc=desc, disable=not (progress and d.main), leave=False):
+        s.opt_w.zero_grad(set_to_none=True)
+        s.opt_a.zero_grad(set_to_none=True)
+        for m in range(cfg.accum):
+            t = time.perf_counter()
+            x, y = s.to_device(*next(it))
+            wait += time.perf_counter() - t
+            images += len(x) * d.world
+            sync = isinstance(s.model, DDP) and m < cfg.accum - 1
+            with s.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
+                with s.autocast():
+                    logits, z = s.model(x, generator=s.gumbel(cfg.seed, epoch, step, d.rank * cfg.accum + m),
+                                        expected=warm)
+                    ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
+                lat = s.term(z)
+                loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
+                s.scaler.scale(loss / cfg.accum).backward()
+            sums += torch.stack([loss.detach(), ce.detach(), lat.detach()]).double() / cfg.accum
+        s.scaler.step(s.opt_w)
+        if not warm:
+            s.scaler.step(s.opt_a)
+        s.scaler.update()
+    mean = (sums / max(steps, 1)).tolist()
+    if s.device.type == "cuda":
+        torch.cuda.synchronize(s.device)
+    wall = time.perf_counter() - t0
+    return {"loss": mean[0], "ce": mean[1], "lat_us": mean[2], "lat_total_us": mean[2] + float(s.term.fixed),
+            "images_per_s": images / wall, "data_wait_pct": 100 * wait / wall}
+
+
+@torch.no_grad()
+def evaluate(s: SearchState, loaders: Loaders, num_classes: int, d: DistInfo) -> float:
+    """mIoU of the derived architecture (one-hot argmax of α′) run through the supernet.
+
+    BatchNorm statistics are first recalibrated for that architecture on a few training batches
+    (the same on every rank): the running statistics gathered under Gumbel mixtures do not
+    describe a single path, and a short search leaves them near their initial values. Each rank
+    then scores its shard of the validation set; the confusion matrices are all-reduced."""
+    assert loaders.val is not None and loaders.calib is not None
+    net = s.net
+    a = net.alpha_prime()
+    z = F.one_hot(a.argmax(-1), a.shape[-1]).to(a.dtype)
+    bns = [m for m in net.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, {k: v.clone() for k, v in m.state_dict().items()}) for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calibration batches
+    with s.autocast():
+        for x, y in loaders.calib:
+            net(s.to_device(x, y)[0], z)
+        net.eval()
+        conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=s.device)
+        for x, y in loaders.val:
+            x, y = s.to_device(x, y)
+            conf += confusion(net(x, z)[0].argmax(1), y, num_classes)
+    net.train()
+    for m, (momentum, state) in zip(bns, saved, strict=True):  # the search goes on with its own statistics
+        m.momentum = momentum
+        m.load_state_dict(state)
+    if d.world > 1:
+        dist.all_reduce(conf)
+    return miou(conf.cpu())
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def save_checkpoint(s: SearchState, cfg: SearchConfig, layout: NetworkLayout, epoch: int, history: list[dict],
+                    path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save({"epoch": epoch, "config": cfg.model_dump(mode="json"), "layout": layout.model_dump(mode="json"),
+                "model": s.net.state_dict(), "opt_w": s.opt_w.state_dict(), "opt_a": s.opt_a.state_dict(),
+                "sched": s.sched.state_dict(), "scaler": s.scaler.state_dict(), "history": history}, tmp)
+    tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list[dict], int]:
+    """Restore onto this run's device (a GPU checkpoint resumes on a CPU and back); returns the
+    history so far and the next epoch."""
+    ck = torch.load(path, map_location=s.device, weights_only=False)
+    if ck["config"] != cfg.model_dump(mode="json"):
+        raise ValueError(f"{path} was written with another configuration; use a new --out or the same flags")
+    s.net.load_state_dict(ck["model"])
+    s.opt_w.load_state_dict(ck["opt_w"])
+    s.opt_a.load_state_dict(ck["opt_a"])
+    s.sched.load_state_dict(ck["sched"])
+    if "scaler" in ck:
+        s.scaler.load_state_dict(ck["scaler"])
+    return ck["history"], ck["epoch"] + 1
+
+
+# ---------------------------------------------------------------- the search
+
+
+def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, lr: float, val_miou: float) -> dict:
+    """One line of the search log: what the step saw and where α′ stands now."""
+    with torch.no_grad():
+        a = s.net.alpha_prime()
+        probs = torch.softmax(a, -1)
+        one_hot = F.one_hot(a.argmax(-1), a.shape[-1]).float()
+        expected, derived = float(s.term.total(probs)), float(s.term.total(one_hot))
+        top = float(probs.max(-1).values.median())
+    return {"epoch": epoch + 1, "phase": "warmup" if warm else "search", "loss": stats["loss"], "ce": stats["ce"],
+            "lat_ms": stats["lat_us"] / 1e3, "lat_total_ms": stats["lat_total_us"] / 1e3,
+            "expected_lat_ms": expected / 1e3, "derived_lat_ms": derived / 1e3, "temperature": s.net.temperature,
+            "lr_w": lr, "top_prob": top, "val_miou": val_miou, "images_per_s": stats["images_per_s"],
+            "data_wait_pct": stats["data_wait_pct"]}
+
+
+def search(
+    cfg: SearchConfig, layout: NetworkLayout, train: SegDataset, val: SegDataset | None, term: LatencyTerm,
+    out: Path, *, compute: ComputeConfig | None = None, resume: bool = False, dist_info: DistInfo | None = None,
+    progress: bool = True, until_epoch: int | None = None,
+) -> SearchResult:
+    """Run (or, with ``resume``, continue) the search: optimisers, then per epoch one pass of
+    steps, an evaluation of the derived architecture, a log row and a checkpoint.
+    ``until_epoch`` stops after that many epochs in total, for time-boxed allocations that resume
+    later. Returns the derived genotype, the supernet (on its device) and the history."""
+    d = dist_info or DistInfo()
+    compute = compute or ComputeConfig()
+    if cfg.batch % (d.world * cfg.accum):
+        raise ValueError(f"--batch {cfg.batch} must be divisible by ranks × accum = {d.world * cfg.accum}")
+    if len(train) < cfg.batch:
+        raise ValueError(f"the training set has {len(train)} samples, fewer than one batch of {cfg.batch}")
+    s = build_state(cfg, layout, term, compute, d)
+    workers = compute.workers if compute.workers is not None else default_workers(d.local_world)
+    loaders = make_loaders(cfg, train, val, d, s.device, workers)
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "search_log.csv"
     history: list[dict] = []
     start = 0
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        if ck["config"] != cfg.model_dump(mode="json"):
-            raise ValueError(f"{ckpt_path} was written with another configuration; use a new --out or the same flags")
-        net.load_state_dict(ck["model"])
-        opt_w.load_state_dict(ck["opt_w"])
-        opt_a.load_state_dict(ck["opt_a"])
-        sched.load_state_dict(ck["sched"])
-        history, start = ck["history"], ck["epoch"] + 1
+        history, start = load_checkpoint(s, cfg, ckpt_path)
         if d.main:
-            log.info("resumed from %s after epoch %d", ckpt_path, ck["epoch"])
+            log.info("resumed from %s after epoch %d on %s", ckpt_path, start, s.device)
     elif d.main:
         with log_path.open("w", newline="") as f:
             csv.DictWriter(f, LOG_FIELDS).writeheader()
-
-    n_batches = len(global_batches(len(train), cfg.batch, cfg.seed, 0))
-    if n_batches == 0:
-        raise ValueError(f"the training set has {len(train)} samples, fewer than one batch of {cfg.batch}")
     total = cfg.warmup_epochs + cfg.epochs
     for epoch in range(start, min(total, until_epoch or total)):
-        warm = epoch < cfg.warmup_epochs
-        net.temperature = temperature_at(epoch - cfg.warmup_epochs, cfg.epochs, cfg.tau_start, cfg.tau_end)
-        train.set_epoch(epoch)
-        batches = global_batches(len(train), cfg.batch, cfg.seed, epoch)[: cfg.max_steps]
-        sums = {"loss": 0.0, "ce": 0.0, "lat": 0.0}
-        desc = f"warm-up {epoch + 1}/{cfg.warmup_epochs}" if warm else f"epoch {epoch + 1}/{total}"
-        bar = tqdm(batches, desc=desc, disable=not (progress and d.main), leave=False)
-        for step, idx in enumerate(bar):
-            opt_w.zero_grad(set_to_none=True)
-            opt_a.zero_grad(set_to_none=True)
-            for m in range(cfg.accum):
-                slot = d.rank * cfg.accum + m
-                x, y = collate(train, idx[slot * micro : (slot + 1) * micro])
-                ctx = model.no_sync() if isinstance(model, DDP) and m < cfg.accum - 1 else nullcontext()
-                with ctx:
-                    logits = model(x, generator=_gumbel_gen(cfg.seed, epoch, step, slot), expected=warm)
-                    ce = F.cross_entropy(logits, y, ignore_index=IGNORE)
-                    lat = term(net.last_z)
-                    loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
-                    (loss / cfg.accum).backward()
-                sums["loss"] += loss.item() / cfg.accum
-                sums["ce"] += ce.item() / cfg.accum
-                sums["lat"] += lat.item() / cfg.accum
-            opt_w.step()
-            if not warm:
-                opt_a.step()
-            bar.set_postfix(loss=f"{loss.item():.3f}", lat_ms=f"{lat.item() / 1e3:.2f}")
-        lr = sched.get_last_lr()[0]
-        sched.step()
-        steps = len(batches)
-        with torch.no_grad():
-            a = net.alpha_prime()
-            expected = float(term(torch.softmax(a, -1)))
-            derived = float(term(F.one_hot(a.argmax(-1), a.shape[-1]).float()))
-        row = {
-            "epoch": epoch + 1, "loss": sums["loss"] / steps, "ce": sums["ce"] / steps,
-            "lat_ms": sums["lat"] / steps / 1e3, "expected_lat_ms": expected / 1e3, "derived_lat_ms": derived / 1e3,
-            "temperature": net.temperature, "lr_w": lr,
-            "val_miou": evaluate(net, val, layout.num_classes, train) if (val is not None and d.main) else math.nan,
-            "phase": "warmup" if warm else "search",
-        }
+        loaders.set_epoch(epoch)
+        stats = train_epoch(s, loaders.train, cfg, epoch, d, progress)
+        lr = float(s.sched.get_last_lr()[0])
+        s.sched.step()
+        val_miou = evaluate(s, loaders, layout.num_classes, d) if loaders.val is not None else math.nan
+        row = epoch_row(s, stats, epoch, epoch < cfg.warmup_epochs, lr, val_miou)
         history.append(row)
         if d.main:
-            log.info("%s %d/%d  loss %.4f  CE %.4f  LAT %.3f ms (expected %.3f, derived %.3f)  τ %.3f  mIoU %.3f",
-                     row["phase"], row["epoch"], total, row["loss"], row["ce"], row["lat_ms"], row["expected_lat_ms"],
-                     row["derived_lat_ms"], row["temperature"], row["val_miou"])
+            _log_epoch(row, total)
             with log_path.open("a", newline="") as f:
                 csv.DictWriter(f, LOG_FIELDS).writerow(row)
-            tmp = ckpt_path.with_suffix(".tmp")
-            torch.save({"epoch": epoch, "config": cfg.model_dump(mode="json"), "layout": layout.model_dump(mode="json"),
-                        "model": net.state_dict(), "opt_w": opt_w.state_dict(), "opt_a": opt_a.state_dict(),
-                        "sched": sched.state_dict(), "history": history}, tmp)
-            tmp.replace(ckpt_path)  # atomic: a crash mid-save keeps the previous checkpoint
-    genotype = derive(net.alpha_prime(), layout)
-    return SearchResult(genotype, net, history)
+            save_checkpoint(s, cfg, layout, epoch, history, ckpt_path)
+    return SearchResult(derive(s.net.alpha_prime(), layout), s.net, history)
+
+
+def _log_epoch(row: dict, total: int) -> None:
+    log.info("%s %d/%d  loss %.4f  CE %.4f  LAT %.3f ms cells (%.3f whole net; expected %.3f, derived %.3f)  "
+             "τ %.3f  top p %.2f  mIoU %.3f  %.1f img/s, %.0f %% waiting for data", row["phase"], row["epoch"], total,
+             row["loss"], row["ce"], row["lat_ms"], row["lat_total_ms"], row["expected_lat_ms"], row["derived_lat_ms"],
+             row["temperature"], row["top_prob"], row["val_miou"], row["images_per_s"], row["data_wait_pct"])

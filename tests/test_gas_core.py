@@ -25,7 +25,7 @@ from gas_core.ops import (
     key_of_call,
 )
 from gas_core.search_space import NetworkLayout, cell_shapes
-from gas_core.supernet import Supernet, gumbel_softmax_sample, temperature_at
+from gas_core.supernet import Supernet, default_ggm, gumbel_softmax_sample, temperature_at
 
 SMALL = NetworkLayout(num_cells=5, reduction_cells=(1, 3), stem_channels=(8, 8, 16), head_channels=16, num_classes=5)
 
@@ -162,8 +162,9 @@ def test_gumbel_sample_is_a_distribution() -> None:
 def test_supernet_forward_backward(hw: tuple[int, int]) -> None:
     torch.manual_seed(0)
     net = Supernet(SMALL)
-    y = net(torch.randn(2, 3, *hw))
-    assert y.shape == (2, 5, *hw)
+    y, z = net(torch.randn(2, 3, *hw))
+    assert y.shape == (2, 5, *hw) and z.shape == SMALL.alpha_shape
+    assert torch.allclose(z.sum(-1), torch.ones(SMALL.alpha_shape[:2]))
     y.square().mean().backward()
     assert net.alpha.grad is not None and net.alpha.grad.abs().sum() > 0
     ggm_grads = [p.grad for p in net.ggm.parameters()]
@@ -184,7 +185,7 @@ def test_default_supernet_alpha_is_parameter() -> None:
 def test_supernet_ablations(kw: dict) -> None:
     net = Supernet(SMALL, **kw)
     assert net.alpha_prime().shape == SMALL.alpha_shape
-    net(torch.randn(1, 3, 32, 48)).mean().backward()
+    net(torch.randn(1, 3, 32, 48))[0].mean().backward()
     assert net.alpha.grad is not None
     if kw.get("cells") == "shared":
         assert net.alpha.shape[0] == 2
@@ -237,6 +238,73 @@ def test_latency_term_missing_keys_are_named() -> None:
         assert k.canonical in str(err.value)
 
 
+def test_loss_lat_is_the_cells_ops_only_and_reports_add_the_fixed_parts() -> None:
+    """Eqs. 8–9: the loss's LAT sums Z·L over the cells' candidate ops; the whole network
+    (stem, preprocess, head, …) is ``total``. β·log LAT's gradient on Z is then β·L / Σ Z·L, not
+    diluted by the fixed parts."""
+    sh = cell_shapes(SMALL, (64, 64))
+    term = LatencyTerm.from_table(sh, _fake_table(sh, _flops_cost))
+    assert float(term.fixed) > 0
+    z = torch.softmax(torch.randn(SMALL.alpha_shape), -1).requires_grad_()
+    lat = term(z)
+    assert lat.item() == pytest.approx((z * term.L).sum().item(), rel=1e-6)
+    assert term.total(z).item() == pytest.approx(term.fixed.item() + lat.item(), rel=1e-6)
+    (0.005 * torch.log(lat)).backward()
+    assert z.grad is not None
+    assert torch.allclose(z.grad, 0.005 * term.L / lat.detach(), rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_supernet_with_one_hot_z_equals_the_derived_gasnet(seed: int) -> None:
+    """Same weights, same architecture: the supernet run with a genotype's one-hot Z and the
+    GASNet built from that genotype (weights carried over) give the same output. A mismatch in op
+    order, edge order or preprocessing between the two builders shows up here."""
+    torch.manual_seed(seed)
+    net = Supernet(SMALL)
+    x = torch.randn(2, 3, 48, 80)
+    with torch.no_grad():
+        for _ in range(2):  # give every BN running statistics that are not the identity
+            net(x)
+    net.eval()
+    g = random_genotype(SMALL, torch.Generator().manual_seed(seed))
+    derived = net.derived_network(g).eval()
+    with torch.no_grad():
+        ref, _ = net(x, g.one_hot())
+        out = derived(x)
+        other = random_genotype(SMALL, torch.Generator().manual_seed(seed + 100))
+        ref_other, _ = net(x, other.one_hot())
+    assert torch.allclose(out, ref, atol=1e-5), (out - ref).abs().max()
+    assert not torch.allclose(ref_other, ref, atol=1e-3)  # the check can fail: another genotype differs
+
+
+def test_gumbel_argmax_frequencies_follow_softmax_alpha() -> None:
+    """Gumbel-max: argmax of softmax((α + G)/λ) is distributed as softmax(α), for any λ; a small
+    λ makes the relaxed sample one-hot."""
+    alpha = torch.tensor([1.5, 0.2, -0.5, 0.9, 0.0, -1.0, 0.4, 0.1])
+    n = 40_000
+    z = gumbel_softmax_sample(alpha.expand(n, 8), 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(z.argmax(-1), minlength=8).float() / n
+    assert torch.allclose(freq, torch.softmax(alpha, -1), atol=0.01), (freq, torch.softmax(alpha, -1))
+    hard = gumbel_softmax_sample(alpha.expand(n, 8), 1e-3, torch.Generator().manual_seed(1))
+    assert (hard.max(-1).values > 0.99).float().mean() > 0.99
+    freq_hard = torch.bincount(hard.argmax(-1), minlength=8).float() / n
+    assert torch.allclose(freq_hard, torch.softmax(alpha, -1), atol=0.01)
+
+
+def test_shared_cells_have_no_inter_cell_module_and_derive_identical_cells() -> None:
+    assert default_ggm("shared") == "none" and default_ggm("independent") == "gcn"
+    torch.manual_seed(0)
+    net = Supernet(SMALL, cells="shared")
+    assert net.ggm.kind == "none" and len(net.ggm.links) == 0
+    with torch.no_grad():
+        net.alpha.normal_(0, 1)
+    g = derive(net.alpha_prime(), SMALL)
+    normal = {c.edges for c in g.cells if c.type == "normal"}
+    reduction = {c.edges for c in g.cells if c.type == "reduction"}
+    assert len(normal) == 1 and len(reduction) == 1
+    assert Supernet(SMALL, cells="shared", ggm="gcn").ggm.kind == "gcn"  # only when asked for
+
+
 def test_latency_loss_alone_moves_alpha_to_cheap_ops() -> None:
     torch.manual_seed(0)
     sh = cell_shapes(SMALL, (64, 64))
@@ -274,7 +342,7 @@ def test_derivation_and_prediction() -> None:
     term = LatencyTerm.from_table(sh, table)
     # one-hot LAT and the exact prediction differ only by node sums at lower arity
     exact = predict_latency_us(g, sh, table)
-    assert exact == pytest.approx(float(term(g.one_hot())), rel=0.05)
+    assert exact == pytest.approx(float(term.total(g.one_hot())), rel=0.05)
     with pytest.raises(ValueError, match="shape"):
         derive(torch.zeros(2, 5, 8), SMALL)
 
