@@ -4,6 +4,7 @@ gas-search CLI against a live service, and DDP equivalence under torchrun."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +18,7 @@ from PIL import Image
 from gas_core.genotype import Genotype
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout
+from gas_core.supernet import Supernet
 from search_client.cli import fetch_latency_term
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import (
@@ -233,8 +235,14 @@ def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
 def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
     r = _gas_search("--latency-url", "http://127.0.0.1:1", "--epochs", "1", cwd=tmp_path)
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--device", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
+    r = _gas_search("--latency-url", live.url, "--target", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
     assert r.returncode == 1 and "no-such-device" in r.stderr and "Traceback" not in r.stderr
+    r = _gas_search("--latency-url", live.url, "--device", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
+    assert r.returncode == 1 and "reading 'no-such-device' as --target" in r.stderr and "Traceback" not in r.stderr
+    r = _gas_search("--latency-url", live.url, "--device", "cuda:7", "--input-size", "32", "64", cwd=tmp_path)
+    assert r.returncode == 2 and "--device cuda:7" in r.stderr and "Traceback" not in r.stderr
+    r = _gas_search("--latency-url", live.url, "--epochs", "0", "--input-size", "32", "64", cwd=tmp_path)
+    assert r.returncode == 2 and "--epochs: Input should be greater than or equal to 1" in r.stderr
     r = _gas_search("--latency-url", live.url, "--predict-on", "no-such-gpu", "--input-size", "32", "64",
                     cwd=tmp_path)
     assert r.returncode == 1 and "--predict-on: unknown device 'no-such-gpu'" in r.stderr
@@ -318,3 +326,117 @@ def test_synthetic_data_is_learnable() -> None:
             loss.backward()
             opt.step()
     assert score() > baseline + 0.3, (score(), baseline)
+
+
+# ---------------------------------------------------------------- devices, data pipeline, paper defaults
+
+
+def test_search_config_holds_the_papers_defaults_and_the_cli_reads_them() -> None:
+    """§4.2: batch 16; α by Adam (lr 0.001, betas (0.5, 0.999), wd 1e-4); weights by SGD
+    (momentum 0.9, wd 0.001, cosine 0.025 → 0.001); Gumbel λ 1.0 → 0.03; β = 0.005; GCN d = 64,
+    γ = 0.5; 14 cells of N = 2 nodes, C = 8. The CLI's defaults are SearchConfig's, not copies."""
+    import typer.main
+
+    from search_client.cli import app
+
+    c = SearchConfig()
+    assert (c.batch, c.lr_a, c.betas_a, c.wd_a) == (16, 1e-3, (0.5, 0.999), 1e-4)
+    assert (c.momentum, c.wd_w, c.lr_w, c.lr_w_min) == (0.9, 1e-3, 0.025, 0.001)
+    assert (c.tau_start, c.tau_end, c.beta, c.ggm_dim, c.gamma) == (1.0, 0.03, 0.005, 64, 0.5)
+    assert (c.cells, c.ggm, c.graph, c.warmup_epochs, c.accum) == ("independent", "gcn", "edge", 0, 1)
+    assert SearchConfig(cells="shared").ggm == "none" and SearchConfig(cells="shared", ggm="fc").ggm == "fc"
+    lay = NetworkLayout()
+    assert (lay.num_cells, lay.nodes, lay.init_channels) == (14, 2, 8)
+    params = {p.name: p for p in typer.main.get_command(app).params}
+    for name in ("epochs", "batch", "accum", "seed", "beta", "lr_a", "lr_w", "cells", "graph", "warmup_epochs",
+                 "max_steps"):
+        assert params[name].default == getattr(c, name), name
+        assert params[name].help == SearchConfig.model_fields[name].description, name
+    assert params["ggm"].default is None  # resolved by SearchConfig from --cells
+    assert params["device"].default == "auto" and params["amp"].default == "off"
+
+
+def test_dataloader_yields_the_in_loop_batches() -> None:
+    """Worker processes (persistent, across epochs) produce what the training process would make
+    itself: the epoch travels with each index, so augmentation stays seeded by (seed, epoch,
+    index). Labels are equal; images to float rounding (a worker runs torch on one thread, and
+    bilinear resizing rounds differently with two: up to 7e-7 here)."""
+    from search_client.data import collate
+    from search_client.search import DistInfo, make_loaders, rank_micro_batches
+
+    train, val = build_datasets("synthetic", None, (32, 48), 7, (12, 5))
+    cfg = SearchConfig(batch=4, accum=2, seed=7)
+    d = DistInfo(rank=1, world=2)  # rank 1's slice: micro-batches of 1, two per step
+    loaders = make_loaders(cfg, train, val, d, torch.device("cpu"), workers=2)
+    for epoch in (0, 1, 2):
+        loaders.set_epoch(epoch)
+        got = list(loaders.train)
+        want = rank_micro_batches(len(train), cfg, d, epoch)
+        assert len(got) == len(want) == 3 * 2
+        train.set_epoch(epoch)
+        for (x, y), idx in zip(got, want, strict=True):
+            ex, ey = collate(train, [i for _, i in idx])
+            assert torch.equal(y, ey) and torch.allclose(x, ex, rtol=0, atol=1e-5)
+    assert [len(x) for x, _ in loaders.val] == [2]  # rank 1 of 2 scores val images 1 and 3 (its shard)
+    x0, _ = next(iter(loaders.val))
+    assert torch.allclose(x0, collate(val, [1, 3])[0], rtol=0, atol=1e-5)
+
+
+def test_device_flags() -> None:
+    from search_client.cli import parse_device_flags
+    from search_client.search import resolve_device
+
+    assert parse_device_flags("cuda:1", "cpu-x@abc") == ("cuda:1", "cpu-x@abc")
+    assert parse_device_flags("cpu-intel-xeon-2t", None) == ("auto", "cpu-intel-xeon-2t")  # the old spelling
+    with pytest.raises(ValueError, match="no longer names the table"):
+        parse_device_flags("cpu-intel-xeon-2t", "other")
+    assert resolve_device("cpu") == torch.device("cpu")
+    with pytest.raises(ValueError, match="expected auto, cpu, cuda or cuda:N"):
+        resolve_device("tpu")
+    if not torch.cuda.is_available():
+        assert resolve_device("auto") == torch.device("cpu")
+        with pytest.raises(ValueError, match="no CUDA device"):
+            resolve_device("cuda:0")
+
+
+@pytest.mark.parametrize("amp,channels_last", [("bf16", True), ("fp16", False)])
+def test_search_under_autocast_and_channels_last_runs_on_cpu(tmp_path: Path, amp: str, channels_last: bool) -> None:
+    """The AMP / channels-last path is the loop's, not a branch: here on the CPU (fp16 with the
+    gradient scaler), on CUDA in test_cuda_search_amp_and_checkpoint_moves."""
+    from search_client.search import ComputeConfig
+    from tests.ddp_search import LAYOUT, term_for
+
+    train, val = build_datasets("synthetic", None, (32, 48), 0, (8, 2))
+    cfg = SearchConfig(epochs=2, batch=4, seed=1, beta=0.05, max_steps=2, lr_a=0.05)
+    res = search(cfg, LAYOUT, train, val, term_for(LAYOUT, (32, 48)), tmp_path, progress=False,
+                 compute=ComputeConfig(device="cpu", amp=amp, channels_last=channels_last, workers=0))  # type: ignore[arg-type]
+    assert all(math.isfinite(h["loss"]) and math.isfinite(h["val_miou"]) for h in res.history)
+    assert res.supernet.alpha.dtype == torch.float32
+    torch.manual_seed(1)
+    assert not torch.equal(res.supernet.alpha, Supernet(LAYOUT).alpha)  # α moved
+
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU (torch.cuda.is_available() is False)")
+
+
+@pytest.mark.cuda
+@CUDA
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_cuda_search_amp_and_checkpoint_moves(tmp_path: Path, amp: str) -> None:
+    """A search on cuda:0 (supernet, term, batches and Gumbel noise there); its checkpoint resumes
+    on the CPU, and a CPU checkpoint resumes on the GPU."""
+    from search_client.search import ComputeConfig
+    from tests.ddp_search import LAYOUT, term_for
+
+    train, val = build_datasets("synthetic", None, (32, 48), 0, (8, 2))
+    cfg = SearchConfig(epochs=2, batch=4, seed=1, beta=0.05, max_steps=2, lr_a=0.05)
+    gpu = ComputeConfig(device="cuda:0", amp=amp, channels_last=True, workers=1)  # type: ignore[arg-type]
+    cpu = ComputeConfig(device="cpu", workers=0)
+    term = term_for(LAYOUT, (32, 48))
+    res = search(cfg, LAYOUT, train, val, term, tmp_path / "a", compute=gpu, until_epoch=1, progress=False)
+    assert res.supernet.alpha.device.type == "cuda" and math.isfinite(res.history[0]["loss"])
+    moved = search(cfg, LAYOUT, train, val, term, tmp_path / "a", compute=cpu, resume=True, progress=False)
+    assert moved.supernet.alpha.device.type == "cpu" and [h["epoch"] for h in moved.history] == [1, 2]
+    search(cfg, LAYOUT, train, val, term, tmp_path / "b", compute=cpu, until_epoch=1, progress=False)
+    back = search(cfg, LAYOUT, train, val, term, tmp_path / "b", compute=gpu, resume=True, progress=False)
+    assert back.supernet.alpha.device.type == "cuda" and len(back.history) == 2
