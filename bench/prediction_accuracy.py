@@ -12,7 +12,7 @@
 
 Prints and writes median and max |predicted − measured| / measured, Kendall τ, and a scatter
 plot (predicted vs measured with y = x). Usage:
-``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12]``.
+``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12] [--device cuda:0]``.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_l
 from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
-from search_client.search import SearchConfig, search  # noqa: E402
+from search_client.search import ComputeConfig, SearchConfig, search  # noqa: E402
 from tests.support import start_server, stop_server, wait_job  # noqa: E402
 
 # op mixtures from cheap (none / pool / skip) to expensive (convs); order of gas_core.ops.PRIMITIVES
@@ -71,23 +71,27 @@ def summary(pred: list[float], meas: list[float]) -> dict:
             "mean_signed_err_pct": statistics.fmean(signed), "kendall_tau": kendall_tau(pred, meas)}
 
 
-def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, extra: dict) -> tuple:
+def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, extra: dict, dtype: str) -> tuple:
     srv = start_server(f"sqlite:///{tmp}/table-{extra['GAS_TIMING_CONTEXT']}.db", tmp, {**SLOW_TIMING, **extra})
+    if srv.client().get("/device").json()["device"]["kind"] != ("cuda" if extra["GAS_DEVICE"].startswith("cuda")
+                                                               else "cpu"):
+        raise RuntimeError(f"the service did not take GAS_DEVICE={extra['GAS_DEVICE']}")
     with srv.client() as c:
-        body = {"layout": layout.model_dump(mode="json"), "input_size": list(size)}
+        body = {"layout": layout.model_dump(mode="json"), "input_size": list(size), "dtypes": [dtype]}
         wait_job(c, c.post("/profile", json=body).json()["id"], timeout=3600)
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}",
-                      params={"environment": host["environment"]["fingerprint"]}).json()
+                      params={"environment": host["environment"]["fingerprint"], "dtype": dtype}).json()
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
 
 
-def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path) -> Genotype:
+def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
+                 device: str) -> Genotype:
     """A short real search on the synthetic data against this table (β = 0.005)."""
     term = LatencyTerm.from_table(cell_shapes(layout, size), table)
     train, val = build_datasets("synthetic", None, size, 0, (32, 8))
     cfg = SearchConfig(epochs=3, warmup_epochs=1, batch=8, max_steps=4, beta=0.005, seed=0)
-    return search(cfg, layout, train, val, term, out, progress=False).genotype
+    return search(cfg, layout, train, val, term, out, progress=False, compute=ComputeConfig(device=device)).genotype
 
 
 def main() -> None:
@@ -97,19 +101,22 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=12)
     ap.add_argument("--passes", type=int, default=5,
                     help="measurement passes over all nets; a net counts its lowest pass median")
+    ap.add_argument("--device", default="cpu", help="device the services time on (GAS_DEVICE): cpu or cuda:N")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=RESULTS / "prediction_accuracy.png")
     args = ap.parse_args()
+    dev = {"GAS_DEVICE": args.device}
     size = tuple(args.input_size)
     layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
-    shapes = cell_shapes(layout, size)
+    shapes = cell_shapes(layout, size, 1, args.dtype)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        iso_srv, _, iso_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "false"})
+        iso_srv, _, iso_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "false", **dev}, args.dtype)
         stop_server(iso_srv)
-        srv, host, ctx_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "true"})
+        srv, host, ctx_table = profile_table(layout, size, tmp, {"GAS_TIMING_CONTEXT": "true", **dev}, args.dtype)
         try:
-            searched = quick_search(layout, size, ctx_table, tmp / "search")
+            searched = quick_search(layout, size, ctx_table, tmp / "search", args.device)
             nets = {"eval": spanning(layout, args.eval, 0, shapes, ctx_table) + [searched],
                     "calib": spanning(layout, args.calib, 100_000, shapes, ctx_table)}
             rows: dict[str, list[dict]] = {"eval": [], "calib": []}
@@ -121,7 +128,8 @@ def main() -> None:
                 for _ in range(args.passes):
                     for split, genos in nets.items():
                         for i, g in enumerate(genos):
-                            m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(size)})
+                            m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(size),
+                                                             "dtype": args.dtype})
                             m.raise_for_status()
                             res = m.json()
                             passes[split][i].append(res["median_ms"] * 1e3)
@@ -165,14 +173,14 @@ def main() -> None:
         ax.scatter([m / 1e3 for m in meas], [r[f"{k}_us"] / 1e3 for r in ev], marker=mk, s=22,
                    label=f"{k} (median {results[k]['median_abs_err_pct']:.1f} %)")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
-           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, float32")
+           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, {args.dtype}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
     print(f"wrote {args.plot}")
     write_result("prediction_accuracy", {
-        "config": {"input_size": size, "eval_nets": len(ev), "calib_nets": len(cal), "batch": 1, "dtype": "float32",
+        "config": {"input_size": size, "eval_nets": len(ev), "calib_nets": len(cal), "batch": 1, "dtype": args.dtype,
                    "timing": SLOW_TIMING, "passes": args.passes},
         "device": host["device"], "environment": host["environment"], "results": results,
         "overhead_model": model.model_dump(), "eval": ev, "calib": cal,

@@ -1,4 +1,4 @@
-"""The latency key: the exact configuration one timed kernel runs at (DESIGN §3).
+"""The latency key: the exact configuration one timed kernel runs at (docs/latency-key.md).
 
 Both sides of the system speak in keys: the search client computes the keys of its supernet
 from :func:`gas_core.search_space.cell_shapes` and asks for them; the latency service profiles

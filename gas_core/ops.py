@@ -86,7 +86,7 @@ class ReLUConvBN(nn.Sequential):
 
 
 class SepConv(nn.Sequential):
-    """ReLU → 3×3 depthwise (dilated) → 1×1 pointwise → BN, as DESIGN §2 defines it."""
+    """ReLU → 3×3 depthwise (dilated) → 1×1 pointwise → BN, as docs/architecture.md defines it."""
 
     def __init__(self, c_in: int, c_out: int, stride: int, dil: int, affine: bool) -> None:
         super().__init__(

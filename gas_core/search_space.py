@@ -5,7 +5,7 @@ rebuilt anywhere. :func:`cell_shapes` walks the layout exactly as :mod:`gas_core
 it and names the latency key of every edge op and of every fixed component; it is the single
 source of truth for which keys a table must hold.
 
-Choices the paper leaves open (DESIGN §2) live here and only here: stem strides (2, 1, 2), stem
+Choices the paper leaves open (docs/architecture.md) live here and only here: stem strides (2, 1, 2), stem
 channels, reduction positions (3, 7), head channels, cell 0 taking the stem output as both inputs.
 """
 

@@ -1,4 +1,4 @@
-"""Timing method (DESIGN §3), following pytorch/benchmark: eval mode, no autograd, warm-up of
+"""Timing method (docs/timing.md), following pytorch/benchmark: eval mode, no autograd, warm-up of
 at least ``warmup_runs`` runs and ``warmup_ms``, then R samples, each the mean of n back-to-back
 runs between two CUDA events (GPU) or ``perf_counter_ns`` readings (CPU), with n chosen so one
 sample lasts at least ``min_sample_ms``. Every sample is kept."""
@@ -114,7 +114,7 @@ def time_callable(
     With ``context``, every run of ``fn`` is preceded by one run of ``context`` and each sample
     is paired: (n × [context, fn]) − (n × [context]), divided by n. That times ``fn`` the way it
     runs inside a network — after other kernels, with its dispatch path and data no longer hot —
-    instead of back-to-back with itself (DESIGN §3: isolated timings under-predict networks).
+    instead of back-to-back with itself (docs/timing.md: isolated timings under-predict networks).
     A paired median that is not :func:`resolved` after ``method.samples`` samples gets another
     batch of as many, up to ``CONTEXT_MAX_SAMPLES_FACTOR`` batches."""
     cuda = device.type == "cuda"

@@ -244,6 +244,7 @@ def run(
     max_steps: Annotated[int | None, typer.Option(help=_h("max_steps"))] = _S.max_steps,
     beta: Annotated[float, typer.Option(help=_h("beta"))] = _S.beta,
     lr_a: Annotated[float, typer.Option(help=_h("lr_a"))] = _S.lr_a,
+    lr_ggm: Annotated[float | None, typer.Option(help=_h("lr_ggm"))] = _S.lr_ggm,
     lr_w: Annotated[float, typer.Option(help=_h("lr_w"))] = _S.lr_w,
     seed: Annotated[int, typer.Option(help=_h("seed"))] = _S.seed,
     cells: Annotated[Literal["shared", "independent"], typer.Option(help=_h("cells"))] = _S.cells,
@@ -267,7 +268,7 @@ def run(
         resolve_device(device, d.local_rank, d.world)
         if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
-        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_w=lr_w,
+        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_ggm=lr_ggm, lr_w=lr_w,
                            cells=cells, ggm=ggm, graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
         compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
         train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size)

@@ -71,6 +71,10 @@ class SearchConfig(BaseModel):
     lr_a: float = Field(default=1e-3, gt=0, description="Adam learning rate of α and the GGM (paper: 0.001)")
     betas_a: tuple[float, float] = Field(default=(0.5, 0.999), description="Adam betas of α and the GGM")
     wd_a: float = Field(default=1e-4, ge=0, description="weight decay of α and the GGM")
+    lr_ggm: float | None = Field(
+        default=None, gt=0, description="Adam learning rate of the GGM's weights (default: --lr-a, as in the paper). "
+        "A short search that raises --lr-a wants this lower: a fast-moving GCN drowns α and makes every edge of a "
+        "cell choose the same op")
     tau_start: float = Field(default=1.0, gt=0, description="initial Gumbel-softmax temperature λ")
     tau_end: float = Field(default=0.03, gt=0, description="final Gumbel-softmax temperature λ")
     cells: CellSharing = Field(default="independent", description="α per cell (GAS) or one per cell type (shared)")
@@ -293,7 +297,9 @@ def build_state(
     if d.world > 1:
         model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.lr_w, momentum=cfg.momentum, weight_decay=cfg.wd_w)
-    opt_a = torch.optim.Adam(net.arch_parameters(), lr=cfg.lr_a, betas=cfg.betas_a, weight_decay=cfg.wd_a)
+    groups: list[dict[str, Any]] = [{"params": [net.alpha]},
+                                    {"params": list(net.ggm.parameters()), "lr": cfg.lr_ggm or cfg.lr_a}]
+    opt_a = torch.optim.Adam(groups, lr=cfg.lr_a, betas=cfg.betas_a, weight_decay=cfg.wd_a)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=cfg.warmup_epochs + cfg.epochs,
                                                        eta_min=cfg.lr_w_min)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16")

@@ -25,7 +25,7 @@ class Settings(BaseSettings):
     cpu_threads: int = Field(default=0, ge=0, le=512, description="torch threads on CPU; 0 = all of this host's CPUs")
     cudnn_benchmark: bool = True
 
-    # profiler method (DESIGN §3); stored with every row
+    # profiler method (docs/timing.md); stored with every row
     warmup_runs: int = Field(default=10, ge=1, le=10_000)
     warmup_ms: float = Field(default=50.0, ge=0, le=60_000)
     samples: int = Field(default=30, ge=3, le=10_000)
