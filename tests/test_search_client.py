@@ -440,3 +440,15 @@ def test_cuda_search_amp_and_checkpoint_moves(tmp_path: Path, amp: str) -> None:
     search(cfg, LAYOUT, train, val, term, tmp_path / "b", compute=cpu, until_epoch=1, progress=False)
     back = search(cfg, LAYOUT, train, val, term, tmp_path / "b", compute=gpu, resume=True, progress=False)
     assert back.supernet.alpha.device.type == "cuda" and len(back.history) == 2
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; a GPU host runs the real check")
+def test_gpu_check_without_a_gpu_says_so_and_exits_0() -> None:
+    env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}
+    r = subprocess.run(["bash", str(REPO / "scripts" / "gpu_check.sh")], capture_output=True, text=True, env=env,
+                       timeout=120, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert "no CUDA device is visible" in r.stdout and "Exiting 0" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=120,
+                       cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
+    assert r.returncode == 0 and "nothing to check" in r.stdout
