@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import tempfile
 import time
 from pathlib import Path
 
@@ -49,7 +50,7 @@ def main() -> None:
     layout = NetworkLayout(num_classes=train.num_classes)
     cfg = SearchConfig(epochs=2, batch=args.batch, max_steps=args.steps, lr_a=0.01, seed=0)
     t0 = time.perf_counter()
-    res = search(cfg, layout, train, val, flat_term(layout, size), args.out.parent / "torchrun_search", dist_info=d,
+    res = search(cfg, layout, train, val, flat_term(layout, size), Path(tempfile.mkdtemp(prefix="gas-ddp-")), dist_info=d,
                  compute=ComputeConfig(device=args.device, amp=args.amp, workers=2), progress=False)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     alphas: list = [None] * dist.get_world_size()
@@ -59,7 +60,7 @@ def main() -> None:
     if d.main:
         same = all(torch.equal(alphas[0], a) for a in alphas)
         out = {"benchmark": "torchrun", "machine": machine(), "backend": backend, "world": dist.get_world_size(),
-               "devices": [str(res.supernet.alpha.device)], "all_reduce_sum": float(one), "alpha_equal_on_all_ranks": same,
+               "rank0_device": str(res.supernet.alpha.device), "all_reduce_sum": float(one), "alpha_equal_on_all_ranks": same,
                "ddp_gradient_exchange": dist.get_world_size() > 1, "epochs": len(res.history),
                "wall_s": wall, "val_miou": res.history[-1]["val_miou"],
                "images_per_s": [h["images_per_s"] for h in res.history]}

@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -119,7 +120,7 @@ class Check:
 
     def search_fps(self, c: httpx.Client, url: str) -> dict:
         """gas-search on the GPU against the service, then FPS of the derived network."""
-        run = self.out / "search"
+        run = self.tmp / "search"  # checkpoints stay out of bench/results
         quick = ["--input-size", "64", "128", "--epochs", "2", "--max-steps", "2", "--synthetic-size", "16", "4",
                  "--batch", "8"] if self.args.quick else [
             "--input-size", "384", "768", "--epochs", "4", "--warmup-epochs", "2", "--max-steps", "10",
@@ -130,6 +131,8 @@ class Check:
                 timeout=1800)
         report = json.loads((run / "report.json").read_text())
         g = Genotype.load(run / "genotype.json")
+        for name in ("genotype.json", "alpha.png", "history.png", "search_log.csv"):
+            shutil.copy(run / name, self.out / f"search_{name}")
         cityscapes = g.model_copy(update={"layout": g.layout.model_copy(update={"num_classes": 19})})
         fps = {}
         for dt in ("float32", "float16"):

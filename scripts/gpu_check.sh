@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # Run every CUDA path of GAS on this host's GPU(s) and write the figures as JSON under
-# bench/results/gpu/ (summary.json first), with a printed summary. About 15 minutes on one H100.
+# bench/results/gpu/ (summary.json), with a printed summary. Budgeted for at most 20 minutes on
+# one H100 (not yet timed on a GPU).
 #
 #   scripts/gpu_check.sh [--wheels DIR] [--quick] [any flag of python -m bench.gpu_check]
+#   scripts/gpu_check.sh --download-wheels DIR     # on a connected machine: fill DIR for --wheels
 #
 # Uses the Python that already has the host's CUDA build of torch ($PYTHON, default python3);
 # it never installs or replaces torch. The project's other dependencies are installed into that
-# Python unless they are already importable: from PyPI, or with --wheels DIR from a local wheel
-# directory and no index at all (GPU clusters without internet; fill DIR on a connected machine
-# with `pip download -d DIR gas-nas` minus torch, or see README "GPU hosts").
+# Python unless they are already importable: from the package index, or with --wheels DIR from a
+# local wheel directory and no index at all (GPU clusters without internet). --download-wheels
+# DIR fetches every dependency but torch into DIR; run it with the cluster's Python version.
 # Without a GPU it says so and exits 0. CI does not call it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,7 +21,18 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --wheels) WHEELS=${2:?--wheels needs a directory}; shift 2 ;;
     --wheels=*) WHEELS=${1#--wheels=}; shift ;;
-    -h|--help) sed -n '2,13p' "$0"; exec "$PY" -m bench.gpu_check --help ;;
+    --download-wheels)
+      DEST=${2:?--download-wheels needs a directory}
+      "$PY" - "$DEST" <<'PYEOF'
+import subprocess, sys, tomllib
+deps = [d for d in tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"] if not d.startswith("torch")]
+subprocess.run([sys.executable, "-m", "pip", "download", "-q", "-d", sys.argv[1], *deps, "setuptools>=68", "wheel"],
+               check=True)
+print(f"wheels for {len(deps)} dependencies (and theirs) in {sys.argv[1]}; copy it to the GPU host and run "
+      f"scripts/gpu_check.sh --wheels {sys.argv[1]}")
+PYEOF
+      exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0"; exec "$PY" -m bench.gpu_check --help ;;
     *) ARGS+=("$1"); shift ;;
   esac
 done
