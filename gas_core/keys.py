@@ -37,6 +37,9 @@ TORCH_MEMORY_FORMATS: dict[str, torch.memory_format] = {
 }
 
 KEY_HASH_LEN = 32
+INT32_MAX = 2**31 - 1
+"""Upper bound of every integer field of a key or a table row: what SQLite and PostgreSQL
+integer columns hold, so an absurd value is a 422 naming the field, not a database overflow."""
 
 
 class LatencyKey(BaseModel):
@@ -45,13 +48,13 @@ class LatencyKey(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     op: str = Field(min_length=1, max_length=64, description="candidate op or fixed component name")
-    c_in: int = Field(ge=1, description="input channels (per input)")
-    c_out: int = Field(ge=1, description="output channels")
-    h: int = Field(ge=1, description="input height (output height for upsample)")
-    w: int = Field(ge=1, description="input width (output width for upsample)")
-    stride: int = Field(ge=1, description="spatial stride (upsample: scale factor)")
+    c_in: int = Field(ge=1, le=INT32_MAX, description="input channels (per input)")
+    c_out: int = Field(ge=1, le=INT32_MAX, description="output channels")
+    h: int = Field(ge=1, le=INT32_MAX, description="input height (output height for upsample)")
+    w: int = Field(ge=1, le=INT32_MAX, description="input width (output width for upsample)")
+    stride: int = Field(ge=1, le=INT32_MAX, description="spatial stride (upsample: scale factor)")
     n_inputs: int = Field(default=1, ge=1, le=16, description="tensors fed (node_sum, concat)")
-    batch: int = Field(ge=1)
+    batch: int = Field(ge=1, le=INT32_MAX)
     dtype: Dtype = "float32"
     memory_format: MemoryFormat = "contiguous"
     runtime: Runtime = "eager"

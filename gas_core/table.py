@@ -17,14 +17,19 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gas_core.keys import LatencyKey
+from gas_core.keys import INT32_MAX, LatencyKey
 
 TABLE_SCHEMA_VERSION: Final = 1
 TABLE_KIND: Final = "gas-latency-table"
+SLUG_PATTERN: Final = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$"
+"""Lower-case words joined by single ``-``, ``_`` or ``.``: no ``/``, ``..``, ``,`` or ``@``,
+which would make a table impossible to fetch (``/table/{slug}``) or to name in ``/compare``
+(``slug@environment``, comma-separated)."""
+Int32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
 
 
 def environment_fingerprint(info: Mapping[str, Any]) -> str:
@@ -34,7 +39,8 @@ def environment_fingerprint(info: Mapping[str, Any]) -> str:
 
 
 class TableDevice(BaseModel):
-    slug: str = Field(min_length=1, max_length=128)
+    slug: str = Field(min_length=1, max_length=128, pattern=SLUG_PATTERN,
+                      description="stable name of the hardware, e.g. nvidia-h100-80gb-hbm3")
     kind: Literal["cpu", "cuda"]
     name: str = Field(max_length=256)
     info: dict[str, Any] = Field(default_factory=dict)
@@ -54,13 +60,13 @@ class TableEntry(BaseModel):
     key: str
     key_hash: str
     op: str
-    c_in: int
-    c_out: int
-    h: int
-    w: int
-    stride: int
-    n_inputs: int
-    batch: int
+    c_in: Int32
+    c_out: Int32
+    h: Int32
+    w: Int32
+    stride: Int32
+    n_inputs: Int32
+    batch: Int32
     dtype: str
     memory_format: str
     runtime: str
@@ -69,14 +75,15 @@ class TableEntry(BaseModel):
     p90_us: float = Field(ge=0, allow_inf_nan=False)
     mean_us: float = Field(ge=0, allow_inf_nan=False)
     std_us: float = Field(ge=0, allow_inf_nan=False)
-    n_samples: int = Field(ge=1)
-    iters_per_sample: int = Field(ge=1)
+    n_samples: int = Field(ge=1, le=INT32_MAX)
+    iters_per_sample: int = Field(ge=1, le=INT32_MAX)
     timer: str
     method: dict[str, Any] | None = Field(default=None, description="profiler settings the row was timed with")
-    gpu_clock_mhz: int | None = None
-    gpu_temp_c: int | None = None
+    gpu_clock_mhz: Int32 | None = None
+    gpu_temp_c: Int32 | None = None
     created_at: datetime
-    samples_us: list[float] | None = Field(default=None, description="every raw sample, µs per run (samples=true)")
+    samples_us: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        default=None, description="every raw sample, µs per run (samples=true)")
 
     def latency_key(self) -> LatencyKey:
         """The parsed key; ``ValueError`` if the canonical string, its hash and the columns disagree."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Result, func, select, update
@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from gas_core.keys import LatencyKey
 from gas_core.table import LatencyTable
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
-from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, utcnow
+from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_utc, utcnow
 from latency_service.profiler import Timing, samples_to_blob
 
 ACTIVE = ("queued", "running")
@@ -158,10 +158,6 @@ class ImportConflict(RuntimeError):
     """The file disagrees with what the database holds (another kind of device under the slug)."""
 
 
-def _utc(t: datetime) -> datetime:
-    return t.replace(tzinfo=UTC) if t.tzinfo is None else t.astimezone(UTC)
-
-
 def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[str, Any]:
     """Merge an exported table into the database in one transaction: rows of new keys are added,
     a stored row is replaced only by a newer one (or by any with ``force``), so re-importing an
@@ -193,7 +189,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[
             median_us=e.median_us, p10_us=e.p10_us, p90_us=e.p90_us, mean_us=e.mean_us, std_us=e.std_us,
             n_samples=e.n_samples, iters_per_sample=e.iters_per_sample, timer=e.timer, method=e.method or {},
             samples=samples_to_blob(e.samples_us), gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
-            created_at=_utc(e.created_at),
+            created_at=as_utc(e.created_at),
         )
         row = stored.get(e.key_hash)
         if row is None:
@@ -202,7 +198,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[
                                     **key.model_dump(), **values))
             counts["added"] += 1
             continue
-        mine, theirs = _utc(row.created_at), _utc(e.created_at)
+        mine, theirs = as_utc(row.created_at), as_utc(e.created_at)
         if theirs > mine or (force and theirs != mine):
             for name, value in values.items():
                 setattr(row, name, value)

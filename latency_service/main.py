@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
+from latency_service.api import errors
 from latency_service.api.routes import health, jobs, measure, table
 from latency_service.core.config import Settings, get_settings
 from latency_service.service import Host
@@ -38,6 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, jobs, table, measure):
         app.include_router(module.router)
+    errors.install(app)
     return app
 
 

@@ -49,7 +49,7 @@ fi
 if ! "$PY" -c "import fastapi, uvicorn, sqlalchemy, alembic, pydantic_settings, typer, httpx, pynvml, matplotlib, PIL, tqdm, rich" 2>/dev/null; then
   if [ -n "$WHEELS" ]; then
     [ -d "$WHEELS" ] || { echo "gpu_check: --wheels $WHEELS is not a directory" >&2; exit 2; }
-    "$PY" -m pip install -q --no-index --find-links "$WHEELS" --no-build-isolation -e . \
+    "$PY" -m pip install -q --no-index --find-links "$WHEELS" -e . \
       || { echo "gpu_check: installing from $WHEELS failed (a wheel is missing?)" >&2; exit 2; }
   else
     "$PY" -m pip install -q -e .

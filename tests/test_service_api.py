@@ -203,9 +203,72 @@ def test_token_guards_mutating_routes(tmp_path: Path) -> None:
     try:
         with srv.client() as c:
             assert c.post("/profile", json={"keys": [KEY]}).status_code == 401
-            assert c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer nope"}).status_code == 401
+            wrong = c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer nope"})
+            assert wrong.status_code == 403 and "s3cret" not in wrong.text
+            spec = c.get("/openapi.json").json()["paths"]
+            for path, verb in (("/profile", "post"), ("/measure", "post"), ("/table/import", "post"),
+                               ("/jobs/{job_id}", "delete")):
+                assert {"401", "403"} <= set(spec[path][verb]["responses"]), path
             ok = c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer s3cret"})
             assert ok.status_code == 202
             assert c.get("/jobs").status_code == 200  # reads stay open
     finally:
         stop_server(srv)
+
+
+BIG = 2**63
+
+
+def test_bad_input_is_a_422_naming_the_field_never_a_500(server: Server) -> None:
+    """NaN / Infinity in a body, integers past 64 bits in a query or a body, unusable slugs and
+    huge invalid bodies: each a 422 whose message names the field, echoing little of the input."""
+    with server.client() as c:
+        for body in ('{"layout": {}, "input_size": [NaN, 8]}', '{"layout": {}, "input_size": [Infinity, 8]}'):
+            r = c.post("/profile", content=body, headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, r.text
+            assert "input_size" in r.json()["message"]
+        r = c.post("/measure", content='{"genotype": {"cells": []}, "input_size": [8, NaN]}',
+                   headers={"Content-Type": "application/json"})
+        assert r.status_code == 422 and "input_size" in r.json()["message"]
+        r = c.get("/table/anything", params={"batch": str(BIG)})
+        assert r.status_code == 422 and "batch" in r.json()["message"]
+        r = c.get("/compare", params={"devices": "a,b", "batch": str(2**70)})
+        assert r.status_code == 422 and "batch" in r.json()["message"]
+        r = c.post("/profile", json={"keys": [{**KEY, "c_in": 2**70}]})
+        assert r.status_code == 422 and "c_in" in r.json()["message"]
+        huge = c.post("/profile", json={"keys": [{**KEY, "op": "x" * 2_000_000}]})
+        assert huge.status_code == 422 and len(huge.content) < 4096  # the 2 MB input is not echoed back
+
+        job = wait_job(c, c.post("/profile", json={"keys": [KEY]}).json()["id"])
+        slug = c.get("/device").json()["device"]["slug"]
+        table = c.get(f"/table/{slug}", params={"samples": "true"}).json()
+        for path, value in ((("entries", 0, "c_in"), 2**70), (("entries", 0, "gpu_clock_mhz"), 2**70),
+                            (("entries", 0, "samples_us", 0), float("nan")), (("device", "slug"), "a/b"),
+                            (("device", "slug"), ".."), (("device", "slug"), "x,y"), (("device", "slug"), "z@w")):
+            bad = json.loads(json.dumps(table))
+            target = bad
+            for part in path[:-1]:
+                target = target[part]
+            target[path[-1]] = value
+            r = c.post("/table/import", content=json.dumps(bad), headers={"Content-Type": "application/json"})
+            assert r.status_code == 422, (path, r.text)
+            field = path[-1] if isinstance(path[-1], str) else path[-2]
+            assert field in r.json()["message"], (path, r.json())
+        assert c.get(f"/table/{slug}", params={"samples": "true"}).json() == table  # nothing stored changed
+
+        # one timezone, whatever the backend: the job reads the same aware time from every route
+        posted = c.post("/profile", json={"keys": [KEY], "force": True}).json()
+        got = c.get(f"/jobs/{posted['id']}").json()
+        assert posted["created_at"] == got["created_at"] and got["created_at"].endswith(("Z", "+00:00"))
+        assert all(j["created_at"].endswith(("Z", "+00:00")) for j in c.get("/jobs").json())
+
+        # DELETE of an ended job is a conflict, not a silent no-op
+        assert job["state"] == "done"
+        r = c.delete(f"/jobs/{job['id']}")
+        assert r.status_code == 409 and "done" in r.json()["detail"]
+
+        # If-None-Match: the weak form of the ETag and * both revalidate
+        etag = c.get(f"/table/{slug}").headers["ETag"]
+        assert c.get(f"/table/{slug}", headers={"If-None-Match": f"W/{etag}"}).status_code == 304
+        assert c.get(f"/table/{slug}", headers={"If-None-Match": "*"}).status_code == 304
+        assert c.get(f"/table/{slug}", headers={"If-None-Match": '"other"'}).status_code == 200

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Iterator
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -33,13 +33,20 @@ _bearer = HTTPBearer(auto_error=False)
 def require_token(
     host: HostDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 ) -> None:
-    """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set."""
+    """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set: none
+    is 401 (authenticate), a wrong one 403 (authenticated, not allowed)."""
     token = host.settings.api_token
     if token is None:
         return
-    if creds is None or not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "missing or wrong bearer token",
+    if creds is None:
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this route needs 'Authorization: Bearer <GAS_API_TOKEN>'",
                             headers={"WWW-Authenticate": "Bearer"})
+    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
 
 
 TokenDep = Depends(require_token)
+TOKEN_RESPONSES: dict[int | str, dict[str, Any]] = {
+    401: {"description": "GAS_API_TOKEN is set and the request has no bearer token"},
+    403: {"description": "the bearer token is wrong"},
+}

@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from latency_service import crud
 from latency_service.api.convert import job_public
-from latency_service.api.deps import HostDep, SessionDep, TokenDep
+from latency_service.api.deps import TOKEN_RESPONSES, HostDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment, Job
 from latency_service.schemas import JobPublic, JobState, ProfileRequest
 from latency_service.service import RequestError
@@ -24,7 +24,7 @@ def _public(session: SessionDep, job: Job) -> JobPublic:
     "/profile", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED, dependencies=[TokenDep],
     summary="Queue a profiling job on this host's device",
     responses={200: {"model": JobPublic, "description": "an identical job is already queued or running"},
-               422: {"description": "a key or bound is invalid; the message names the field"}},
+               422: {"description": "a key or bound is invalid; the message names the field"}, **TOKEN_RESPONSES},
 )
 def profile(req: ProfileRequest, host: HostDep, session: SessionDep, response: Response) -> JobPublic:
     """Keys already stored for this device and environment are skipped unless ``force``. An
@@ -54,10 +54,18 @@ def job(job_id: str, session: SessionDep) -> JobPublic:
 
 
 @router.delete("/jobs/{job_id}", response_model=JobPublic, dependencies=[TokenDep],
-               responses={404: {"description": "no such job"}}, summary="Cancel a queued or running job")
+               responses={404: {"description": "no such job"},
+                          409: {"description": "the job has already ended (done, failed or cancelled)"},
+                          **TOKEN_RESPONSES},
+               summary="Cancel a queued or running job")
 def cancel(job_id: str, session: SessionDep) -> JobPublic:
     """Measurements already stored stay; the key in flight finishes and is kept."""
     found = crud.get_job(session, job_id=job_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
-    return _public(session, crud.cancel_job(session, job=found))
+    if found.state not in crud.ACTIVE:
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({found.state})")
+    job = crud.cancel_job(session, job=found)
+    if job.state != "cancelled":  # it ended between the read and the update
+        raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({job.state})")
+    return _public(session, job)

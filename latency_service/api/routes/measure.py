@@ -4,7 +4,7 @@ import asyncio
 
 from fastapi import APIRouter, HTTPException, status
 
-from latency_service.api.deps import HostDep, TokenDep
+from latency_service.api.deps import TOKEN_RESPONSES, HostDep, TokenDep
 from latency_service.schemas import MeasurePublic, MeasureRequest
 from latency_service.service import RequestError
 
@@ -14,7 +14,8 @@ router = APIRouter(tags=["measure"])
 @router.post(
     "/measure", response_model=MeasurePublic, dependencies=[TokenDep],
     summary="Time a derived network end to end, with the table's prediction beside it",
-    responses={422: {"description": "malformed genotype or a bound exceeded; the message names the field"}},
+    responses={422: {"description": "malformed genotype or a bound exceeded; the message names the field"},
+               **TOKEN_RESPONSES},
 )
 async def measure(req: MeasureRequest, host: HostDep) -> MeasurePublic:
     """Runs on the device worker, between two keys of any running profiling job, so it never

@@ -10,12 +10,12 @@ from fastapi import APIRouter, Header, HTTPException, Query, Response, status
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gas_core.keys import Dtype, MemoryFormat
+from gas_core.keys import INT32_MAX, Dtype, MemoryFormat
 from gas_core.ops import check_key
 from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
-from latency_service.api.deps import HostDep, SessionDep, TokenDep
+from latency_service.api.deps import TOKEN_RESPONSES, HostDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment
 from latency_service.schemas import (
     ComparePublic,
@@ -58,7 +58,7 @@ def table(
     host: HostDep,
     environment: str | None = None,
     dtype: Dtype | None = None,
-    batch: Annotated[int | None, Query(ge=1)] = None,
+    batch: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     memory_format: MemoryFormat | None = None,
     op: str | None = None,
     format: Literal["json", "csv"] = "json",
@@ -77,9 +77,16 @@ def table(
         cached = host.table_cache.put(cache_key, (body, media, etag))
     body, media, etag = cached
     headers = {"ETag": etag, "X-GAS-Environment": env.fingerprint, "Cache-Control": "no-cache"}
-    if if_none_match is not None and etag in [t.strip() for t in if_none_match.split(",")]:
+    if if_none_match is not None and etag_matches(if_none_match, etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
     return Response(content=body, media_type=media, headers=headers)
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: ``*`` matches any current representation, and If-None-Match uses the
+    weak comparison, so ``W/"x"`` matches ``"x"``."""
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
 
 
 def _render(session: Session, dev: Device, env: Environment, filters: dict, format: str,
@@ -134,7 +141,7 @@ def compare(
     devices: Annotated[str, Query(description="comma-separated tables, each a device slug (its newest environment) "
                                               "or slug@environment; at least two. Ratios are later / earlier")],
     dtype: Dtype | None = None,
-    batch: Annotated[int | None, Query(ge=1)] = None,
+    batch: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     memory_format: MemoryFormat | None = None,
     op: str | None = None,
 ) -> ComparePublic:
@@ -165,7 +172,7 @@ def compare(
     "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
     summary="Merge an exported table (gas-table export) into this database",
     responses={409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
-               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}},
+               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}, **TOKEN_RESPONSES},
 )
 def import_table(
     table: LatencyTable, session: SessionDep,
