@@ -48,13 +48,13 @@ class LatencyKey(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     op: str = Field(min_length=1, max_length=64, description="candidate op or fixed component name")
-    c_in: int = Field(ge=1, le=INT32_MAX, description="input channels (per input)")
-    c_out: int = Field(ge=1, le=INT32_MAX, description="output channels")
-    h: int = Field(ge=1, le=INT32_MAX, description="input height (output height for upsample)")
-    w: int = Field(ge=1, le=INT32_MAX, description="input width (output width for upsample)")
-    stride: int = Field(ge=1, le=INT32_MAX, description="spatial stride (upsample: scale factor)")
-    n_inputs: int = Field(default=1, ge=1, le=16, description="tensors fed (node_sum, concat)")
-    batch: int = Field(ge=1, le=INT32_MAX)
+    c_in: int = Field(ge=1, le=INT32_MAX, strict=True, description="input channels (per input)")
+    c_out: int = Field(ge=1, le=INT32_MAX, strict=True, description="output channels")
+    h: int = Field(ge=1, le=INT32_MAX, strict=True, description="input height (output height for upsample)")
+    w: int = Field(ge=1, le=INT32_MAX, strict=True, description="input width (output width for upsample)")
+    stride: int = Field(ge=1, le=INT32_MAX, strict=True, description="spatial stride (upsample: scale factor)")
+    n_inputs: int = Field(default=1, ge=1, le=16, strict=True, description="tensors fed (node_sum, concat)")
+    batch: int = Field(ge=1, le=INT32_MAX, strict=True)
     dtype: Dtype = "float32"
     memory_format: MemoryFormat = "contiguous"
     runtime: Runtime = "eager"

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime, ceil_div
 from gas_core.ops import OPS, PRIMITIVES
@@ -27,15 +27,15 @@ class NetworkLayout(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    num_cells: int = Field(default=14, ge=1, le=64)
-    nodes: int = Field(default=2, ge=1, le=6, description="intermediate nodes per cell")
-    init_channels: int = Field(default=8, ge=1, le=1024, description="C of the first cells")
-    reduction_cells: tuple[int, ...] = (3, 7)
-    stem_channels: tuple[int, ...] = (16, 16, 32)
-    stem_strides: tuple[int, ...] = (2, 1, 2)
+    num_cells: int = Field(default=14, strict=True, ge=1, le=64)
+    nodes: int = Field(default=2, strict=True, ge=1, le=6, description="intermediate nodes per cell")
+    init_channels: int = Field(default=8, strict=True, ge=1, le=1024, description="C of the first cells")
+    reduction_cells: tuple[StrictInt, ...] = (3, 7)
+    stem_channels: tuple[StrictInt, ...] = (16, 16, 32)
+    stem_strides: tuple[StrictInt, ...] = (2, 1, 2)
     head: Head = "aspp"
-    head_channels: int = Field(default=64, ge=1, le=4096)
-    num_classes: int = Field(default=19, ge=1, le=1000)
+    head_channels: int = Field(default=64, strict=True, ge=1, le=4096)
+    num_classes: int = Field(default=19, strict=True, ge=1, le=1000)
 
     @model_validator(mode="after")
     def _check(self) -> NetworkLayout:
@@ -166,10 +166,10 @@ def cell_shapes(
     h, w = input_hw
     if h < 1 or w < 1:
         raise ValueError(f"input size must be positive, got {input_hw}")
-    common = dict(batch=batch, dtype=dtype, memory_format=memory_format, runtime=runtime)
 
     def key(op: str, c_in: int, c_out: int, hw: tuple[int, int], stride: int = 1, n: int = 1) -> LatencyKey:
-        return LatencyKey(op=op, c_in=c_in, c_out=c_out, h=hw[0], w=hw[1], stride=stride, n_inputs=n, **common)
+        return LatencyKey(op=op, c_in=c_in, c_out=c_out, h=hw[0], w=hw[1], stride=stride, n_inputs=n, batch=batch,
+                          dtype=dtype, memory_format=memory_format, runtime=runtime)
 
     stem: list[LatencyKey] = []
     c, hw = 3, (h, w)

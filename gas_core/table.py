@@ -29,7 +29,7 @@ SLUG_PATTERN: Final = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$"
 """Lower-case words joined by single ``-``, ``_`` or ``.``: no ``/``, ``..``, ``,`` or ``@``,
 which would make a table impossible to fetch (``/table/{slug}``) or to name in ``/compare``
 (``slug@environment``, comma-separated)."""
-Int32 = Annotated[int, Field(ge=0, le=INT32_MAX)]
+Int32 = Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]
 
 
 def environment_fingerprint(info: Mapping[str, Any]) -> str:
@@ -75,8 +75,8 @@ class TableEntry(BaseModel):
     p90_us: float = Field(ge=0, allow_inf_nan=False)
     mean_us: float = Field(ge=0, allow_inf_nan=False)
     std_us: float = Field(ge=0, allow_inf_nan=False)
-    n_samples: int = Field(ge=1, le=INT32_MAX)
-    iters_per_sample: int = Field(ge=1, le=INT32_MAX)
+    n_samples: int = Field(ge=1, le=INT32_MAX, strict=True)
+    iters_per_sample: int = Field(ge=1, le=INT32_MAX, strict=True)
     timer: str
     method: dict[str, Any] | None = Field(default=None, description="profiler settings the row was timed with")
     gpu_clock_mhz: Int32 | None = None

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
 from gas_core.genotype import Genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat
@@ -26,12 +26,12 @@ class ProfileRequest(Versioned):
     """Either explicit ``keys``, or a ``layout`` + ``input_size`` expanded by gas_core's
     ``cell_shapes`` for every combination of ``batches`` × ``dtypes`` × ``memory_formats``."""
 
-    keys: list[LatencyKey] | None = Field(default=None, min_length=1)
+    keys: list[LatencyKey] | None = Field(default=None, min_length=1, max_length=100_000)
     layout: NetworkLayout | None = None
-    input_size: tuple[int, int] | None = Field(default=None, description="(H, W) of the network input")
-    batches: list[int] = Field(default=[1], min_length=1)
-    dtypes: list[Dtype] = Field(default=["float32"], min_length=1)
-    memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1)
+    input_size: tuple[StrictInt, StrictInt] | None = Field(default=None, description="(H, W) of the network input")
+    batches: list[StrictInt] = Field(default=[1], min_length=1, max_length=64)
+    dtypes: list[Dtype] = Field(default=["float32"], min_length=1, max_length=16)
+    memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1, max_length=16)
     force: bool = Field(default=False, description="re-time keys that are already stored")
 
     @model_validator(mode="after")
@@ -89,11 +89,11 @@ class DevicesPublic(Versioned):
 
 class MeasureRequest(Versioned):
     genotype: Genotype
-    input_size: tuple[int, int] = Field(description="(H, W) of the network input")
-    batch: int = Field(default=1, ge=1)
+    input_size: tuple[StrictInt, StrictInt] = Field(description="(H, W) of the network input")
+    batch: int = Field(default=1, ge=1, strict=True)
     dtype: Dtype = "float32"
     memory_format: MemoryFormat = "contiguous"
-    num_classes: int | None = Field(default=None, ge=1, le=1000)
+    num_classes: int | None = Field(default=None, ge=1, le=1000, strict=True)
 
     @model_validator(mode="after")
     def _check(self) -> MeasureRequest:

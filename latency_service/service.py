@@ -21,7 +21,7 @@ from gas_core.keys import LatencyKey, key_pixels
 from gas_core.latency import MissingLatencyKeys, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import check_key
-from gas_core.search_space import cell_shapes
+from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import crud, db
 from latency_service.core.config import Settings
 from latency_service.device import (
@@ -141,30 +141,47 @@ class Host:
             raise RequestError(f"{where}: activation of {key_pixels(key)} elements exceeds {s.max_elements}")
 
     def expand(self, req: ProfileRequest) -> list[LatencyKey]:
-        """The request's keys, deduplicated, in order, each checked against the bounds."""
+        """The request's keys, deduplicated, in order, each checked against the bounds. A layout
+        request is deduplicated and bounded *before* it is expanded: its size is known from one
+        configuration's keys times the distinct batches, dtypes and memory formats, so a small
+        body that asks for millions of keys costs nothing."""
         if req.keys is not None:
+            if len(req.keys) > self.settings.max_keys_per_job:
+                raise RequestError(f"keys: {len(req.keys)} exceed the bound {self.settings.max_keys_per_job} per job")
             keys = list(dict.fromkeys(req.keys))
             for i, k in enumerate(keys):
                 self.check_key_bounds(k, f"keys[{i}]")
         else:
             assert req.layout is not None and req.input_size is not None
-            h, w = req.input_size
-            if max(h, w) > self.settings.max_side:
-                raise RequestError(f"input_size: {h}×{w} exceeds the bound {self.settings.max_side} per side")
-            seen: dict[str, LatencyKey] = {}
-            for b in req.batches:
-                if b > self.settings.max_batch:
-                    raise RequestError(f"batches: {b} exceeds the bound {self.settings.max_batch}")
-                for dt in req.dtypes:
-                    for mf in req.memory_formats:
-                        for k in cell_shapes(req.layout, (h, w), b, dt, mf).all_keys():
-                            seen.setdefault(k.canonical, k)
-            keys = list(seen.values())
-            for k in keys:
-                self.check_key_bounds(k, "layout")
+            keys = self._expand_layout(req.layout, req.input_size, req)
         if len(keys) > self.settings.max_keys_per_job:
             raise RequestError(f"keys: {len(keys)} exceed the bound {self.settings.max_keys_per_job} per job")
         return keys
+
+    def _expand_layout(self, layout: NetworkLayout, size: tuple[int, int], req: ProfileRequest) -> list[LatencyKey]:
+        st = self.settings
+        h, w = size
+        if max(h, w) > st.max_side:
+            raise RequestError(f"input_size: {h}×{w} exceeds the bound {st.max_side} per side")
+        batches = list(dict.fromkeys(req.batches))
+        dtypes = list(dict.fromkeys(req.dtypes))
+        formats = list(dict.fromkeys(req.memory_formats))
+        for b in batches:
+            if b > st.max_batch:
+                raise RequestError(f"batches: {b} exceeds the bound {st.max_batch}")
+        one = cell_shapes(layout, (h, w), max(batches), dtypes[0], formats[0]).all_keys()
+        for k in one:  # channels and the largest activation do not depend on dtype or memory format
+            self.check_key_bounds(k, "layout")
+        if len(one) * len(batches) * len(dtypes) * len(formats) > st.max_keys_per_job:
+            raise RequestError(f"layout: {len(one)} keys × {len(batches)} batches × {len(dtypes)} dtypes × "
+                               f"{len(formats)} memory formats exceed the bound {st.max_keys_per_job} per job")
+        seen: dict[str, LatencyKey] = {}
+        for b in batches:
+            for dt in dtypes:
+                for mf in formats:
+                    for k in cell_shapes(layout, (h, w), b, dt, mf).all_keys():
+                        seen.setdefault(k.canonical, k)
+        return list(seen.values())
 
     def submit_profile(self, req: ProfileRequest) -> tuple[Job, bool]:
         keys = self.expand(req)
@@ -183,18 +200,27 @@ class Host:
 
     # ------------------------------------------------------------ end-to-end
     def check_measure_bounds(self, req: MeasureRequest) -> None:
+        """Every width and the largest activation of the network, before anything is built: the
+        keys of ``cell_shapes`` at this input are exactly the components the network runs, so
+        each is checked against the channel, side and element bounds (a stem of 8192 channels at
+        3584² would otherwise try to allocate tens of GB)."""
         s = self.settings
         h, w = req.input_size
         if max(h, w) > s.max_side:
             raise RequestError(f"input_size: {h}×{w} exceeds the bound {s.max_side} per side")
         if req.batch > s.max_batch:
             raise RequestError(f"batch: {req.batch} exceeds the bound {s.max_batch}")
-        classes = req.num_classes or req.genotype.layout.num_classes
-        elems = req.batch * h * w * max(classes, req.genotype.layout.stem_channels[0] // 4, 3)
-        if elems > s.max_elements:
-            raise RequestError(f"input_size/batch: the output of {elems} elements exceeds {s.max_elements}")
-        if req.genotype.layout.init_channels * 2 ** len(req.genotype.layout.reduction_cells) > s.max_channels:
-            raise RequestError("genotype.layout.init_channels: the widest cell exceeds the channel bound")
+        layout = req.genotype.layout
+        if req.num_classes is not None:
+            layout = layout.model_copy(update={"num_classes": req.num_classes})
+        widths = {"stem_channels": max(layout.stem_channels), "head_channels": layout.head_channels,
+                  "num_classes": layout.num_classes,
+                  "init_channels": layout.cell_channels(layout.num_cells - 1) * layout.nodes}
+        for name, c in widths.items():
+            if c > s.max_channels:
+                raise RequestError(f"genotype.layout.{name}: a width of {c} channels exceeds the bound {s.max_channels}")
+        for k in cell_shapes(layout, (h, w), req.batch, req.dtype, req.memory_format).all_keys():
+            self.check_key_bounds(k, "genotype.layout")
 
     def measure(self, req: MeasureRequest) -> MeasurePublic:
         """Time the derived network end to end and predict it from this host's table.
