@@ -9,12 +9,13 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.search_space import NetworkLayout
@@ -32,8 +33,7 @@ def _settings(database_url: str | None, device: str | None, threads: int | None)
     try:
         return Settings(**overrides)
     except ValidationError as err:
-        typer.echo(f"error: {err.errors()[0]['msg']}", err=True)
-        raise typer.Exit(2) from None
+        _fail(one_line(err))
 
 
 @contextmanager
@@ -96,9 +96,10 @@ def profile(
         layout = NetworkLayout.model_validate_json(layout_json.read_text()) if layout_json else NetworkLayout()
         req = ProfileRequest(layout=layout, input_size=input_size, batches=batch, dtypes=dtype,  # type: ignore[arg-type]
                              memory_formats=memory_format, force=force)
-    except (ValidationError, OSError) as err:
-        typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(2) from None
+    except ValidationError as err:
+        _fail(one_line(err, str(layout_json) if layout_json else ""))
+    except (OSError, UnicodeDecodeError) as err:
+        _fail(f"{layout_json}: {err}")
     with _host(settings) as host:
         job, _ = host.submit_profile(req)
         typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
@@ -134,15 +135,41 @@ def measure(
     settings = _settings(database_url, device, threads)
     logging.basicConfig(level=logging.WARNING)
     try:
-        req = MeasureRequest(genotype=Genotype.load(genotype), input_size=input_size, batch=batch,
-                             dtype=dtype, memory_format=memory_format)  # type: ignore[arg-type]
-    except (ValidationError, OSError, json.JSONDecodeError) as err:
-        typer.echo(f"error: {genotype}: {err}", err=True)
-        raise typer.Exit(2) from None
+        geno = Genotype.load(genotype)
+    except ValidationError as err:
+        _fail(one_line(err, str(genotype)))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        _fail(f"{genotype}: cannot read a genotype from it ({type(err).__name__}: {err})")
+    try:
+        req = MeasureRequest(genotype=geno, input_size=input_size, batch=batch, dtype=dtype,  # type: ignore[arg-type]
+                             memory_format=memory_format)  # type: ignore[arg-type]
+    except ValidationError as err:
+        _fail(one_line(err))
+    _require_database(settings)
     with _host(settings) as host:
         host.check_measure_bounds(req)
         result = host.measure(req)
     sys.stdout.write(result.model_dump_json(indent=2) + "\n")
+    if result.predicted_ms is None:
+        typer.echo(f"warning: this host's table lacks {len(result.missing_keys)} keys of the network, so there is no "
+                   f"prediction; run `gas-service profile --input-size {input_size[0]} {input_size[1]} --batch {batch} "
+                   f"--dtype {dtype} --memory-format {memory_format}` first", err=True)
+
+
+def _fail(msg: str, code: int = 2) -> NoReturn:
+    typer.echo(f"error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _require_database(settings: Settings) -> None:
+    """Measuring against a SQLite file that does not exist would create an empty one and print a
+    null prediction: say where the table was looked for instead."""
+    url = settings.database_url
+    if url.startswith("sqlite") and ":memory:" not in url:
+        path = Path(url.split("///", 1)[-1])
+        if not path.is_file():
+            _fail(f"no latency table at {url} ({path.resolve()} does not exist): run `gas-service profile` first, or "
+                  "give --database-url / GAS_DATABASE_URL")
 
 
 if __name__ == "__main__":

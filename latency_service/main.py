@@ -39,7 +39,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in (health, jobs, table, measure):
         app.include_router(module.router)
-    errors.install(app)
+    errors.install(app, settings.max_body_bytes)
     return app
 
 

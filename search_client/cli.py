@@ -27,6 +27,7 @@ from pydantic import ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
+from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
@@ -167,8 +168,9 @@ def parse_device_flags(device: str, target: str | None) -> tuple[str, str | None
 
 
 def _one_line(err: ValidationError) -> str:
+    """A SearchConfig/ComputeConfig error, named by its flag."""
     e = err.errors()[0]
-    return f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else e["msg"]
+    return f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else one_line(err)
 
 
 def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layout: NetworkLayout, dep: Deployment,
@@ -220,6 +222,10 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 def run(
     latency_url: Annotated[str | None, typer.Option(help="latency service base URL, e.g. http://127.0.0.1:8000 "
                                                          "(default GAS_LATENCY_URL)")] = None,
+    token: Annotated[str | None, typer.Option(
+        help="bearer token for a service that sets GAS_API_TOKEN (profiling missing keys, /measure) or "
+        "GAS_READ_TOKEN (default: GAS_API_TOKEN from the environment; prefer the variable, a flag shows in the "
+        "process list)")] = None,
     target: Annotated[str | None, typer.Option(
         help="table to search against: DEVICE or DEVICE@ENVIRONMENT (default: the service's own device, whose "
         "missing keys it profiles)")] = None,
@@ -281,7 +287,7 @@ def run(
     if url is None:
         _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
     dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
-    client = LatencyClient(url, token=ClientSettings().api_token)
+    client = LatencyClient(url, token=token or ClientSettings().api_token)
     try:
         _run(client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on or [], quiet)
     except ServiceError as err:

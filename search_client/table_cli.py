@@ -29,6 +29,9 @@ out = Console(soft_wrap=True)
 err = Console(stderr=True, soft_wrap=True)
 
 Url = Annotated[str | None, typer.Option("--latency-url", help="service base URL (default GAS_LATENCY_URL)")]
+Token = Annotated[str | None, typer.Option(
+    "--token", help="bearer token for a service that sets GAS_API_TOKEN or GAS_READ_TOKEN (default: GAS_API_TOKEN "
+    "from the environment; prefer the variable, a flag shows in the process list)")]
 DtypeOpt = Annotated[str | None, typer.Option(help="only rows of this dtype")]
 BatchOpt = Annotated[int | None, typer.Option(help="only rows of this batch", min=1)]
 FormatOpt = Annotated[str | None, typer.Option("--memory-format", help="only rows of this memory format")]
@@ -40,12 +43,12 @@ def _fail(msg: str, code: int) -> NoReturn:
     raise typer.Exit(code)
 
 
-def _client(url: str | None) -> LatencyClient:
+def _client(url: str | None, token: str | None) -> LatencyClient:
     settings = ClientSettings()
     url = url or settings.latency_url
     if url is None:
         _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
-    return LatencyClient(url, token=settings.api_token)  # type: ignore[arg-type]
+    return LatencyClient(url, token=token or settings.api_token)  # type: ignore[arg-type]
 
 
 def _ref(ref: str) -> tuple[str, str | None]:
@@ -70,9 +73,9 @@ def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log HT
 
 
 @app.command()
-def devices(latency_url: Url = None) -> None:
+def devices(latency_url: Url = None, token: Token = None) -> None:
     """Every device in the service's database, with its environments and their row counts."""
-    with _client(latency_url) as c:
+    with _client(latency_url, token) as c:
         try:
             result = c.devices()
         except ServiceError as exc:
@@ -94,14 +97,15 @@ def devices(latency_url: Url = None) -> None:
 @app.command()
 def show(
     table: Annotated[str, typer.Argument(help="DEVICE or DEVICE@ENVIRONMENT")],
-    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
+    memory_format: FormatOpt = None,
     op: OpOpt = None,
     sort: Annotated[Literal["key", "median", "op"], typer.Option(help="row order")] = "key",
     limit: Annotated[int | None, typer.Option(help="print at most this many rows", min=1)] = None,
 ) -> None:
     """A table's rows: median, p10, p90 (µs) and sample count per key, filtered as GET /table."""
     slug, env = _ref(table)
-    with _client(latency_url) as c:
+    with _client(latency_url, token) as c:
         try:
             t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
         except ServiceError as exc:
@@ -134,7 +138,8 @@ def show(
 def compare(
     a: Annotated[str, typer.Argument(help="reference table: DEVICE or DEVICE@ENVIRONMENT")],
     b: Annotated[str, typer.Argument(help="compared table; ratios are B / A")],
-    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
+    memory_format: FormatOpt = None,
     op: OpOpt = None,
     plot: Annotated[Path, typer.Option(help="PNG: per-op ratio bars and a log–log scatter of A against B")] = Path(
         "compare.png"),
@@ -144,7 +149,7 @@ def compare(
     rank correlation of the latencies (does the ranking of ops hold?), and a per-op summary."""
     for ref in (a, b):
         _ref(ref)
-    with _client(latency_url) as c:
+    with _client(latency_url, token) as c:
         try:
             result = c.compare([a, b], dtype=dtype, batch=batch, memory_format=memory_format, op=op)
         except ServiceError as exc:
@@ -178,12 +183,13 @@ def export(
         help="json: the versioned artefact (identity, method, every raw sample) that `import` reads; "
              "csv: one flat row per key")] = "json",
     output: Annotated[Path | None, typer.Option("--out", "-o", help="file to write (default DEVICE-ENV.FORMAT)")] = None,
-    latency_url: Url = None, dtype: DtypeOpt = None, batch: BatchOpt = None, memory_format: FormatOpt = None,
+    latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
+    memory_format: FormatOpt = None,
     op: OpOpt = None,
 ) -> None:
     """Write a table to a file."""
     slug, env = _ref(table)
-    with _client(latency_url) as c:
+    with _client(latency_url, token) as c:
         try:
             if format == "json":
                 t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op,
@@ -208,6 +214,9 @@ def read_table_file(path: Path) -> LatencyTable:
         raw = json.loads(path.read_text())
     except OSError as e:
         raise ValueError(f"cannot read {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file (a JSON export is); `gas-table import` reads the JSON written "
+                         "by `gas-table export --format json`") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not JSON ({e.msg} at line {e.lineno}); `gas-table import` reads the JSON "
                          "written by `gas-table export --format json`") from None
@@ -228,7 +237,7 @@ def import_(
     file: Annotated[Path, typer.Argument(help="a JSON export (gas-table export --format json)")],
     force: Annotated[bool, typer.Option(help="let the file's rows replace stored rows even when these are newer")] = (
         False),
-    latency_url: Url = None,
+    latency_url: Url = None, token: Token = None,
 ) -> None:
     """Merge an exported table into the service's database (device and environment are created if
     new). A stored row is replaced only by a newer one unless --force; re-importing a file changes
@@ -237,7 +246,7 @@ def import_(
         table = read_table_file(file)
     except ValueError as exc:
         _fail(str(exc), 2)
-    with _client(latency_url) as c:
+    with _client(latency_url, token) as c:
         try:
             r = c.import_table(table, force=force)
         except ServiceError as exc:

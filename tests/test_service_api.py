@@ -19,6 +19,8 @@ from latency_service import db
 from latency_service.models import Measurement
 from tests.support import Server, start_server, stop_server, wait_job
 
+REPO = Path(__file__).resolve().parent.parent
+
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
 TINY_REQ = {"layout": TINY.model_dump(mode="json"), "input_size": [32, 48]}
 KEY = {"op": "conv_3x3", "c_in": 8, "c_out": 8, "h": 16, "w": 16, "stride": 1, "batch": 1}
@@ -286,3 +288,78 @@ def test_bad_input_is_a_422_naming_the_field_never_a_500(server: Server) -> None
         assert c.get(f"/table/{slug}", headers={"If-None-Match": f"W/{etag}"}).status_code == 304
         assert c.get(f"/table/{slug}", headers={"If-None-Match": "*"}).status_code == 304
         assert c.get(f"/table/{slug}", headers={"If-None-Match": '"other"'}).status_code == 200
+
+
+def test_body_limits_and_unparseable_bodies(tmp_path: Path) -> None:
+    srv = start_server(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, {"GAS_MAX_BODY_BYTES": "4096"})
+    try:
+        with srv.client() as c:
+            big = json.dumps({"keys": [KEY] * 200})
+            assert len(big) > 4096
+            r = c.post("/profile", content=big, headers={"Content-Type": "application/json"})
+            assert r.status_code == 413 and "GAS_MAX_BODY_BYTES" in r.json()["message"]
+
+            def chunks():  # no Content-Length: the limit holds on the streamed body too
+                for _ in range(10):
+                    yield b" " * 1000
+
+            r = c.post("/profile", content=chunks(), headers={"Content-Type": "application/json"})
+            assert r.status_code == 413
+            r = c.post("/profile", content=b'{"keys": [', headers={"Content-Type": "application/json"})
+            assert r.status_code == 400 and "not valid JSON" in r.json()["message"], r.text
+            assert c.get("/health").status_code == 200  # the server is fine after all that
+    finally:
+        stop_server(srv)
+
+
+def test_gas_service_cli_errors_are_one_line(tmp_path: Path) -> None:
+    """Unknown op in a genotype, and measuring where no table exists: one line, exit 2, and no
+    empty ./gas.db left behind."""
+    import subprocess
+    import sys
+
+    g = json.loads(random_genotype(NetworkLayout(), torch.Generator().manual_seed(0)).to_json())
+    g["cells"][0]["edges"][0] = "conv_9x9"
+    (tmp_path / "bad.json").write_text(json.dumps(g))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "latency_service.cli", *args], capture_output=True, text=True,
+                              cwd=tmp_path, timeout=120, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO)})
+
+    r = cli("measure", "bad.json")
+    assert r.returncode == 2 and "unknown op 'conv_9x9'" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    g["cells"][0]["edges"][0] = "conv_3x3"
+    (tmp_path / "good.json").write_text(json.dumps(g))
+    r = cli("measure", "good.json", "--input-size", "32", "64")
+    assert r.returncode == 2 and "run `gas-service profile` first" in r.stderr, r.stderr
+    assert not (tmp_path / "gas.db").exists()
+
+
+def test_read_token_guards_reads_and_every_cli_passes_a_token(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    srv = start_server(f"sqlite:///{tmp_path / 'r.db'}", tmp_path, {"GAS_API_TOKEN": "s3cret", "GAS_READ_TOKEN": "r3ad"})
+    try:
+        with srv.client() as c:
+            assert c.get("/health").status_code == 200 and c.get("/openapi.json").status_code == 200
+            for path in ("/jobs", "/devices", "/device", "/table/x", "/compare?devices=a,b"):
+                assert c.get(path).status_code == 401, path
+                assert c.get(path, headers={"Authorization": "Bearer nope"}).status_code == 403, path
+            assert c.get("/jobs", headers={"Authorization": "Bearer r3ad"}).status_code == 200
+            assert c.get("/jobs", headers={"Authorization": "Bearer s3cret"}).status_code == 200
+            assert c.post("/profile", json={"keys": [KEY]}, headers={"Authorization": "Bearer r3ad"}).status_code == 403
+            spec = c.get("/openapi.json").json()["paths"]
+            assert {"401", "403"} <= set(spec["/table/{device}"]["get"]["responses"])
+
+        def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+            return subprocess.run([sys.executable, "-m", "search_client.table_cli", *args, "--latency-url", srv.url],
+                                  capture_output=True, text=True, timeout=120,
+                                  env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **(env or {})})
+
+        assert cli("devices").returncode == 1
+        assert cli("devices", "--token", "r3ad").returncode == 0
+        assert cli("devices", env={"GAS_API_TOKEN": "s3cret"}).returncode == 0
+        assert "s3cret" not in srv.log.read_text() and "r3ad" not in srv.log.read_text()
+    finally:
+        stop_server(srv)

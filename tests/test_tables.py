@@ -191,6 +191,9 @@ def test_compare_and_import_reject_bad_input(server: Server, tmp_path: Path) -> 
         assert code == 2 and needle in out, out
     code, out = _cli("import", str(tmp_path / "absent.json"), *url)
     assert code == 2 and "cannot read" in out
+    (tmp_path / "table.bin").write_bytes(bytes(range(256)) * 4)
+    code, out = _cli("import", str(tmp_path / "table.bin"), *url)
+    assert code == 2 and "table.bin is not a text file" in out and "\n" not in out.strip(), out
     code, out = _cli("compare", slug, "nope", *url)
     assert code == 1 and "unknown device" in out
     code, out = _cli("show", "@env", *url)

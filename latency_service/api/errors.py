@@ -5,22 +5,18 @@ cannot carry. This one names each field, says what is wrong with it and echoes a
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from gas_core.errors import where
 
 ECHO_CHARS = 120
 MAX_ERRORS = 20
-
-
-def _where(loc: tuple[Any, ...]) -> str:
-    """``('body', 'keys', 0, 'c_in')`` → ``body.keys[0].c_in``."""
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
 
 
 def _echo(value: Any) -> str:
@@ -32,14 +28,61 @@ async def validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
     errors = exc.errors()
     detail = [{"loc": [p if isinstance(p, int | str) else str(p) for p in e.get("loc", ())],
-               "field": _where(tuple(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", "")),
+               "field": where(tuple(e.get("loc", ()))), "msg": str(e.get("msg", "")), "type": str(e.get("type", "")),
                "input": _echo(e.get("input"))} for e in errors[:MAX_ERRORS]]
     summary = "; ".join(f"{d['field']}: {d['msg']}" for d in detail[:3])
     if len(errors) > 3:
         summary += f" (and {len(errors) - 3} more)"
-    return JSONResponse(status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
-                        content={"message": summary, "detail": detail})
+    unparseable = any(d["type"] == "json_invalid" for d in detail)
+    if unparseable:  # not JSON at all: a 400 saying where the parser stopped, not a schema error
+        ctx = next(e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid")
+        summary = f"body: not valid JSON ({ctx.get('error', 'parse error')}, at character {errors[0]['loc'][-1]})"
+    return JSONResponse(status_code=status.HTTP_400_BAD_REQUEST if unparseable else
+                        status.HTTP_422_UNPROCESSABLE_CONTENT, content={"message": summary, "detail": detail})
 
 
-def install(app: FastAPI) -> None:
+class BodyLimit:
+    """Pure ASGI middleware: a request body over ``limit`` bytes gets 413 before it is parsed —
+    at once when Content-Length says so, else as soon as the streamed body passes the limit."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope.get("headers", [])).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.limit:
+            await self._too_large(send)
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.limit:
+                    raise _TooLarge
+            return message
+
+        try:
+            await self.app(scope, counted, send)
+        except _TooLarge:
+            await self._too_large(send)
+
+    async def _too_large(self, send: Send) -> None:
+        body = json.dumps({"message": f"body: larger than the limit of {self.limit} bytes (GAS_MAX_BODY_BYTES)"})
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body.encode()})
+
+
+class _TooLarge(Exception):
+    pass
+
+
+def install(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_middleware(BodyLimit, limit=max_body_bytes)

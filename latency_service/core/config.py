@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     api_token: str | None = Field(
         default=None, description="when set, mutating routes need 'Authorization: Bearer <token>'"
     )
+    read_token: str | None = Field(
+        default=None, description="when set, read routes (tables, devices, jobs, compare) need this token or "
+        "api_token as 'Authorization: Bearer <token>'; /health and the docs stay open")
     device: str = Field(default="auto", description="'auto' (cuda:0 if present, else cpu), 'cpu' or 'cuda:N'")
     cpu_threads: int = Field(default=0, ge=0, le=512, description="torch threads on CPU; 0 = all of this host's CPUs")
     cudnn_benchmark: bool = True
@@ -52,6 +55,8 @@ class Settings(BaseSettings):
     max_side: int = Field(default=4096, ge=1, description="largest H or W of a key or a measured input")
     max_elements: int = Field(default=2**28, ge=1, description="largest activation (N·C·H·W) a request may allocate")
     max_keys_per_job: int = Field(default=20_000, ge=1)
+    max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest request body; larger ones get 413 "
+                                "before they are parsed (a full table export with every raw sample is a few MB)")
 
     # fleet: hosts sharing a database
     worker_id: str = Field(
@@ -64,7 +69,7 @@ class Settings(BaseSettings):
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
-    @field_validator("api_token")
+    @field_validator("api_token", "read_token")
     @classmethod
     def _token(cls, v: str | None) -> str | None:
         return v or None  # GAS_API_TOKEN= (empty, as docker compose passes an unset variable) means no token

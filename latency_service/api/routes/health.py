@@ -3,7 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
-from latency_service.api.deps import HostDep, SessionDep
+from latency_service.api.deps import READ_RESPONSES, HostDep, ReadDep, SessionDep
 from latency_service.schemas import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 
 router = APIRouter(tags=["host"])
@@ -20,7 +20,8 @@ def health(host: HostDep, session: SessionDep) -> HealthPublic:
     return HealthPublic(status="ok" if db_ok and worker else "degraded", database=db_ok, worker=worker)
 
 
-@router.get("/device", response_model=HostPublic, summary="This host's device identity and environment")
+@router.get("/device", response_model=HostPublic, summary="This host's device identity and environment",
+            dependencies=[ReadDep], responses=READ_RESPONSES)
 def device(host: HostDep) -> HostPublic:
     return HostPublic(
         device=DevicePublic(slug=host.device.slug, kind=host.device.kind, name=host.device.name,  # type: ignore[arg-type]

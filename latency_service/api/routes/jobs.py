@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 
 from latency_service import crud
 from latency_service.api.convert import job_public
-from latency_service.api.deps import TOKEN_RESPONSES, HostDep, SessionDep, TokenDep
+from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment, Job
 from latency_service.schemas import JobPublic, JobState, ProfileRequest
 from latency_service.service import RequestError
@@ -38,14 +38,16 @@ def profile(req: ProfileRequest, host: HostDep, session: SessionDep, response: R
     return _public(session, session.merge(job))
 
 
-@router.get("/jobs", response_model=list[JobPublic], summary="Recent jobs, newest first")
+@router.get("/jobs", response_model=list[JobPublic], summary="Recent jobs, newest first", dependencies=[ReadDep],
+            responses=READ_RESPONSES)
 def jobs(
     session: SessionDep, state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[JobPublic]:
     return [_public(session, j) for j in crud.list_jobs(session, state=state, limit=limit)]
 
 
-@router.get("/jobs/{job_id}", response_model=JobPublic, responses={404: {"description": "no such job"}})
+@router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[ReadDep],
+            responses={404: {"description": "no such job"}, **READ_RESPONSES})
 def job(job_id: str, session: SessionDep) -> JobPublic:
     found = crud.get_job(session, job_id=job_id)
     if found is None:

@@ -15,7 +15,7 @@ from gas_core.ops import check_key
 from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
-from latency_service.api.deps import TOKEN_RESPONSES, HostDep, SessionDep, TokenDep
+from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment
 from latency_service.schemas import (
     ComparePublic,
@@ -46,7 +46,9 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
     "/table/{device}",
     response_model=TablePublic,
     summary="A device's lookup table (newest environment unless one is named)",
+    dependencies=[ReadDep],
     responses={
+        **READ_RESPONSES,
         200: {"content": {"text/csv": {}}, "description": "JSON, or CSV with format=csv"},
         304: {"description": "unchanged since the ETag in If-None-Match"},
         404: {"description": "unknown device or environment"},
@@ -110,7 +112,8 @@ def _render(session: Session, dev: Device, env: Environment, filters: dict, form
     return body, media
 
 
-@router.get("/devices", response_model=DevicesPublic, summary="Every device in the database")
+@router.get("/devices", response_model=DevicesPublic, summary="Every device in the database", dependencies=[ReadDep],
+            responses=READ_RESPONSES)
 def devices(session: SessionDep) -> DevicesPublic:
     out = []
     for dev, envs in crud.device_summaries(session):
@@ -133,7 +136,8 @@ def _table_ref(session: Session, ref: str) -> tuple[Device, Environment]:
 
 @router.get(
     "/compare", response_model=ComparePublic, summary="Compare devices' (or environments') tables key by key",
-    responses={404: {"description": "unknown device or environment"},
+    dependencies=[ReadDep],
+    responses={**READ_RESPONSES, 404: {"description": "unknown device or environment"},
                422: {"description": "fewer than two tables, more than 8, or one named twice"}},
 )
 def compare(
