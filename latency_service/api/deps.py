@@ -30,35 +30,31 @@ SessionDep = Annotated[Session, Depends(get_session)]
 _bearer = HTTPBearer(auto_error=False)
 
 
-def require_token(
-    host: HostDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set: none
-    is 401 (authenticate), a wrong one 403 (authenticated, not allowed)."""
-    token = host.settings.api_token
-    if token is None:
-        return
-    if creds is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this route needs 'Authorization: Bearer <GAS_API_TOKEN>'",
-                            headers={"WWW-Authenticate": "Bearer"})
-    if not hmac.compare_digest(creds.credentials.encode(), token.encode()):
-        raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
 
 
-def require_read(
-    host: HostDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
-) -> None:
-    """Read routes are open unless ``GAS_READ_TOKEN`` is set; then they take it, or the write
-    token (``GAS_API_TOKEN``): 401 without a token, 403 with another one."""
-    read = host.settings.read_token
-    if read is None:
-        return
+def _check_bearer(creds: HTTPAuthorizationCredentials | None, accepted: list[str], name: str) -> None:
+    """No token: 401 (authenticate); a token that is none of ``accepted``: 403 (not allowed).
+    Constant-time comparison; the token itself is never logged or echoed."""
     if creds is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "this route needs 'Authorization: Bearer <GAS_READ_TOKEN>'",
+        raise HTTPException(status.HTTP_401_UNAUTHORIZED, f"this route needs 'Authorization: Bearer <{name}>'",
                             headers={"WWW-Authenticate": "Bearer"})
     given = creds.credentials.encode()
-    if not any(t is not None and hmac.compare_digest(given, t.encode()) for t in (read, host.settings.api_token)):
+    if not any(hmac.compare_digest(given, t.encode()) for t in accepted):
         raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
+
+
+def require_token(host: HostDep, creds: Credentials) -> None:
+    """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set."""
+    if host.settings.api_token is not None:
+        _check_bearer(creds, [host.settings.api_token], "GAS_API_TOKEN")
+
+
+def require_read(host: HostDep, creds: Credentials) -> None:
+    """Read routes are open unless ``GAS_READ_TOKEN`` is set; then they take it or the write token."""
+    st = host.settings
+    if st.read_token is not None:
+        _check_bearer(creds, [t for t in (st.read_token, st.api_token) if t is not None], "GAS_READ_TOKEN")
 
 
 TokenDep = Depends(require_token)
