@@ -13,13 +13,14 @@ from typing import Annotated, Any, NoReturn
 
 import typer
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from tqdm import tqdm
 
 from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.search_space import NetworkLayout
-from latency_service import crud
+from latency_service import crud, db
 from latency_service.core.config import Settings
 from latency_service.schemas import MeasureRequest, ProfileRequest
 from latency_service.service import Host, RequestError
@@ -72,6 +73,7 @@ def serve(
     from latency_service.main import create_app
 
     settings = _settings(database_url, device, threads)
+    _require_reachable(settings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower())
 
 
@@ -100,6 +102,7 @@ def profile(
         _fail(one_line(err, str(layout_json) if layout_json else ""))
     except (OSError, UnicodeDecodeError) as err:
         _fail(f"{layout_json}: {err}")
+    _require_reachable(settings)
     with _host(settings) as host:
         job, _ = host.submit_profile(req)
         typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
@@ -159,6 +162,18 @@ def measure(
 def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def _require_reachable(settings: Settings) -> None:
+    """Connect once (retrying for GAS_DB_WAIT_S): an unreachable database is one line and exit
+    1 here, not a traceback from inside the server's start-up."""
+    try:
+        db.wait_for(settings.database_url, settings.db_wait_s)
+    except OperationalError as err:
+        waited = f" after {settings.db_wait_s:g} s" if settings.db_wait_s else ""
+        reason = str(err.orig or err).strip().splitlines()[0]
+        _fail(f"database {db.redact(settings.database_url)} is unreachable{waited}: {reason} "
+              "(check GAS_DATABASE_URL; GAS_DB_WAIT_S retries at start-up)", 1)
 
 
 def _require_database(settings: Settings) -> None:

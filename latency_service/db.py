@@ -66,7 +66,7 @@ def wait_for(url: str, timeout_s: float) -> None:
             except OperationalError as err:
                 if time.monotonic() + delay > deadline:
                     raise
-                log.warning("database %s not reachable (%s); retrying in %.1fs", _redact(url),
+                log.warning("database %s not reachable (%s); retrying in %.1fs", redact(url),
                             str(err).splitlines()[0], delay)
                 time.sleep(delay)
                 delay = min(delay * 2, 5.0)
@@ -81,7 +81,7 @@ MIGRATION_LOCK = 0x4741534D
 def migrate(url: str, revision: str = "head") -> None:
     """``alembic upgrade``. On PostgreSQL under an advisory lock: the hosts of a fleet start
     together, and two concurrent upgrades of one database would both try to create the tables."""
-    log.info("alembic upgrade %s on %s", revision, _redact(url))
+    log.info("alembic upgrade %s on %s", revision, redact(url))
     cfg = alembic_config(url)
     if not url.startswith("postgresql"):
         command.upgrade(cfg, revision)
@@ -111,7 +111,7 @@ def session_factory(engine: Engine) -> sessionmaker[Session]:
     return sessionmaker(engine, expire_on_commit=False)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
     if "@" in url and "://" in url:
         scheme, rest = url.split("://", 1)
         return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -113,7 +113,7 @@ class Host:
                               stale_s=settings.job_stale_s)
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)
         log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
-                 db._redact(settings.database_url))
+                 db.redact(settings.database_url))
         if run_worker:
             worker.start()
         return host

@@ -68,6 +68,10 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         assert LatencyKey.from_canonical(e["key"]).key_hash == e["key_hash"]
         # ETag: unchanged table → 304
         assert c.get(f"/table/{slug}", headers={"If-None-Match": t.headers["etag"]}).status_code == 304
+        # gzip when the client accepts it, the same table once decoded
+        z = c.get(f"/table/{slug}", headers={"Accept-Encoding": "gzip"})
+        assert z.headers.get("content-encoding") == "gzip" and z.json() == body
+        assert "content-encoding" not in c.get(f"/table/{slug}", headers={"Accept-Encoding": "identity"}).headers
         # filters and CSV
         convs = c.get(f"/table/{slug}", params={"op": "conv_3x3"}).json()["entries"]
         assert convs and all(x["op"] == "conv_3x3" for x in convs)
@@ -363,3 +367,18 @@ def test_read_token_guards_reads_and_every_cli_passes_a_token(tmp_path: Path) ->
         assert "s3cret" not in srv.log.read_text() and "r3ad" not in srv.log.read_text()
     finally:
         stop_server(srv)
+
+
+def test_unreachable_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from tests.support import free_port
+
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GAS_DB_WAIT_S": "1",
+           "GAS_DATABASE_URL": f"postgresql+psycopg://gas:pw@127.0.0.1:{free_port()}/gas"}
+    r = subprocess.run([sys.executable, "-m", "latency_service.cli", "serve", "--port", str(free_port())],
+                       capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+    last = r.stderr.strip().splitlines()[-1]
+    assert r.returncode == 1 and "is unreachable after 1 s" in last and "Traceback" not in r.stderr, r.stderr
+    assert "pw" not in r.stderr  # the password is redacted
