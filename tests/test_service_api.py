@@ -376,9 +376,9 @@ def test_unreachable_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
     from tests.support import free_port
 
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GAS_DB_WAIT_S": "1",
-           "GAS_DATABASE_URL": f"postgresql+psycopg://gas:pw@127.0.0.1:{free_port()}/gas"}
+           "GAS_DATABASE_URL": f"postgresql+psycopg://gas:Pa55wOrd@127.0.0.1:{free_port()}/gas"}
     r = subprocess.run([sys.executable, "-m", "latency_service.cli", "serve", "--port", str(free_port())],
                        capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
     last = r.stderr.strip().splitlines()[-1]
     assert r.returncode == 1 and "is unreachable after 1 s" in last and "Traceback" not in r.stderr, r.stderr
-    assert "pw" not in r.stderr  # the password is redacted
+    assert "Pa55wOrd" not in r.stderr  # the password is redacted

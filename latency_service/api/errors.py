@@ -57,21 +57,26 @@ class BodyLimit:
         if length is not None and length.isdigit() and int(length) > self.limit:
             await self._too_large(send)
             return
-        seen = 0
+        seen, answered = 0, False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, answered
+            if answered:
+                return {"type": "http.disconnect"}
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.limit:
-                    raise _TooLarge
+                if seen > self.limit:  # answer now; the app sees a disconnect and whatever it says is dropped
+                    answered = True
+                    await self._too_large(send)
+                    return {"type": "http.disconnect"}
             return message
 
-        try:
-            await self.app(scope, counted, send)
-        except _TooLarge:
-            await self._too_large(send)
+        async def guarded(message: Message) -> None:
+            if not answered:
+                await send(message)
+
+        await self.app(scope, counted, guarded)
 
     async def _too_large(self, send: Send) -> None:
         body = json.dumps({"message": f"body: larger than the limit of {self.limit} bytes (GAS_MAX_BODY_BYTES)"})
@@ -79,9 +84,6 @@ class BodyLimit:
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body.encode()})
 
-
-class _TooLarge(Exception):
-    pass
 
 
 def install(app: FastAPI, max_body_bytes: int) -> None:
