@@ -85,7 +85,6 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """The error handler, gzip for large responses when the client accepts it (a table with its
     samples compresses ~3×), and the body limit outermost, so nothing reads an oversized body."""
