@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -38,6 +37,7 @@ import torch
 from bench.common import RESULTS, machine
 from gas_core.genotype import Genotype
 from gas_core.search_space import NetworkLayout
+from gas_core.table import compare_tables
 from tests.support import start_server, stop_server, wait_job
 
 OUT = RESULTS / "gpu"
@@ -108,10 +108,9 @@ class Check:
         slug = c.get("/device").json()["device"]["slug"]
         table = c.get(f"/table/{slug}", params={"samples": "true"}).json()
         (self.out / "table.json").write_text(json.dumps(table))
-        by = {dt: {e["key"].replace(dt, "DT"): e["median_us"] for e in table["entries"] if e["dtype"] == dt}
+        by = {dt: {e["key"].replace(dt, "DT"): (e["op"], e["median_us"]) for e in table["entries"] if e["dtype"] == dt}
               for dt in dtypes}
-        common = [k for k in by["float32"] if k in by["float16"] and by["float32"][k] > 0 and by["float16"][k] > 0]
-        geo = math.exp(sum(math.log(by["float16"][k] / by["float32"][k]) for k in common) / max(1, len(common)))
+        geo = compare_tables(by["float32"], by["float16"]).geomean_ratio
         timers = sorted({e["timer"] for e in table["entries"]})
         fig = {"input_size": list(self.size), "keys": {dt: len(v) for dt, v in by.items()}, "timers": timers,
                "profile_wall_s": round(time.perf_counter() - t0, 1), "float16_over_float32_geomean": geo}

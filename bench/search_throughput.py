@@ -23,13 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from bench.common import write_result
-from gas_core.latency import LatencyTerm, latency_loss
-from gas_core.search_space import NetworkLayout, cell_shapes
-from search_client.data import CITYSCAPES_ID_TO_TRAIN, IGNORE, Augment, Cityscapes, Synthetic
+from gas_core.search_space import NetworkLayout
+from search_client.data import CITYSCAPES_ID_TO_TRAIN, Augment, Cityscapes, Synthetic
 from search_client.search import (
     ComputeConfig,
     DistInfo,
@@ -37,7 +35,9 @@ from search_client.search import (
     build_state,
     make_loaders,
     train_epoch,
+    train_step,
 )
+from tests.ddp_search import term_for  # a stand-in table (µs ∝ work): the step's cost does not depend on its values
 
 CITYSCAPES_HW = (1024, 2048)
 
@@ -57,17 +57,11 @@ def write_cityscapes_pngs(root: Path, n: int, hw: tuple[int, int] = CITYSCAPES_H
                                           f"{stem}_gtFine_labelIds.png"))
 
 
-def flat_term(layout: NetworkLayout, size: tuple[int, int]) -> LatencyTerm:
-    """A stand-in table (µs ∝ work): the latency term's cost does not depend on its values."""
-    sh = cell_shapes(layout, size)
-    return LatencyTerm.from_table(sh, {k.canonical: 1.0 + k.h * k.w * k.c_in * k.c_out / 1e5 for k in sh.all_keys()})
-
-
 def loader_run(cfg: SearchConfig, compute: ComputeConfig, train: Cityscapes, epochs: int) -> list[dict]:
     """Steps through the real DataLoader; one row per timed epoch."""
     layout = NetworkLayout(num_classes=train.num_classes)
     d = DistInfo()
-    s = build_state(cfg, layout, flat_term(layout, train.augment.crop), compute, d)
+    s = build_state(cfg, layout, term_for(layout, train.augment.crop), compute, d)
     loaders = make_loaders(cfg, train, None, d, s.device, compute.workers or 0)
     rows = []
     for epoch in range(epochs + 1):
@@ -82,7 +76,7 @@ def memory_run(cfg: SearchConfig, compute: ComputeConfig, size: tuple[int, int],
     """Steps on one fixed batch already on the device: the step's own cost, no data pipeline."""
     layout = NetworkLayout(num_classes=19)
     d = DistInfo()
-    s = build_state(cfg, layout, flat_term(layout, size), compute, d)
+    s = build_state(cfg, layout, term_for(layout, size), compute, d)
     gen = torch.Generator().manual_seed(0)
     x, y = s.to_device(torch.randn(cfg.batch, 3, *size, generator=gen),
                        torch.randint(0, 19, (cfg.batch, *size), generator=gen))
@@ -93,15 +87,7 @@ def memory_run(cfg: SearchConfig, compute: ComputeConfig, size: tuple[int, int],
             torch.cuda.synchronize(s.device)
         t0 = time.perf_counter()
         for step in range(steps):
-            s.opt_w.zero_grad(set_to_none=True)
-            s.opt_a.zero_grad(set_to_none=True)
-            with s.autocast():
-                logits, z = s.model(x, generator=s.gumbel(0, epoch, step, 0))
-                ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
-            s.scaler.scale(latency_loss(ce, s.term(z), cfg.beta)).backward()
-            s.scaler.step(s.opt_w)
-            s.scaler.step(s.opt_a)
-            s.scaler.update()
+            train_step(s, cfg, d, epoch, step, lambda: (x, y))
         if s.device.type == "cuda":
             torch.cuda.synchronize(s.device)
         wall = time.perf_counter() - t0

@@ -198,7 +198,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[
                                     **key.model_dump(), **values))
             counts["added"] += 1
             continue
-        mine, theirs = as_utc(row.created_at), as_utc(e.created_at)
+        mine, theirs = row.created_at, as_utc(e.created_at)  # stored rows read back in UTC (UTCDateTime)
         if theirs > mine or (force and theirs != mine):
             for name, value in values.items():
                 setattr(row, name, value)

@@ -192,7 +192,7 @@ def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layo
 def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int) -> Path:
     geno_path = out / "genotype.json"
     result.genotype.save(geno_path)
-    plot_alpha(result.supernet.alpha_prime().cpu(), out / "alpha.png")
+    plot_alpha(result.supernet.alpha_prime().cpu(), result.genotype.layout.edge_sources(), out / "alpha.png")
     plot_history(result.history, out / "history.png", warmup_epochs)
     log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
     return geno_path
@@ -283,11 +283,12 @@ def run(
     except (DataRootError, ValueError) as err:
         _fail(str(err), 2)
     _setup_logging(d)
-    url = latency_url or ClientSettings().latency_url
+    settings = ClientSettings()
+    url = latency_url or settings.latency_url
     if url is None:
         _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
     dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
-    client = LatencyClient(url, token=token or ClientSettings().api_token)
+    client = LatencyClient(url, token=token or settings.api_token)
     try:
         _run(client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on or [], quiet)
     except ServiceError as err:

@@ -68,18 +68,12 @@ def format_report(r: Report) -> str:
     return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
 
 
-def _edge_names(edges: int) -> list[str]:
-    """``in0→n1``-style names in α's edge order (two cell inputs, then the nodes)."""
-    names, node, src = [], 0, 0
-    for _ in range(edges):
-        names.append(f"{'in' + str(src) if src < 2 else 'n' + str(src - 1)}→n{node + 1}")
-        src += 1
-        if src == node + 2:
-            node, src = node + 1, 0
-    return names
+def _edge_names(sources: list[tuple[int, int]]) -> list[str]:
+    """``in0→n1``-style names of :meth:`NetworkLayout.edge_sources` (sources 0, 1 are the inputs)."""
+    return [f"{'in' + str(src) if src < 2 else 'n' + str(src - 1)}→n{node + 1}" for src, node in sources]
 
 
-def plot_alpha(alpha_prime: torch.Tensor, path: Path) -> None:
+def plot_alpha(alpha_prime: torch.Tensor, sources: list[tuple[int, int]], path: Path) -> None:
     """softmax(α′) as one heat map: a row per (cell, edge), labelled, a column per op. The colour
     scale is fitted to the probabilities (uniform is 1/ops; a flat map means α has not moved), the
     chosen op of each edge is outlined, and its probability written in."""
@@ -92,7 +86,7 @@ def plot_alpha(alpha_prime: torch.Tensor, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(8, max(4, cells * edges * 0.17)))
     im = ax.imshow(flat.numpy(), aspect="auto", cmap="viridis", vmin=lo, vmax=hi)
     ax.set_xticks(range(ops), PRIMITIVES, rotation=45, ha="right", fontsize=8)
-    names = _edge_names(edges)
+    names = _edge_names(sources)
     ax.set_yticks(range(cells * edges), [f"cell {k} {names[e]}" for k in range(cells) for e in range(edges)],
                   fontsize=5.5)
     for k in range(1, cells):

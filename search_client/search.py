@@ -310,10 +310,40 @@ def build_state(
 # ---------------------------------------------------------------- one epoch
 
 
+def train_step(
+    s: SearchState, cfg: SearchConfig, d: DistInfo, epoch: int, step: int,
+    fetch: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+) -> torch.Tensor:
+    """One single-level step over ``cfg.accum`` micro-batches, each ``fetch()``-ed on the device:
+    weights by SGD, α and the GGM by Adam (not during warm-up). Returns [loss, CE, LAT µs] of
+    the step on the device (no host sync)."""
+    warm = epoch < cfg.warmup_epochs
+    s.opt_w.zero_grad(set_to_none=True)
+    s.opt_a.zero_grad(set_to_none=True)
+    sums = torch.zeros(3, device=s.device, dtype=torch.float64)
+    for m in range(cfg.accum):
+        x, y = fetch()
+        sync = isinstance(s.model, DDP) and m < cfg.accum - 1
+        with s.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
+            with s.autocast():
+                logits, z = s.model(x, generator=s.gumbel(cfg.seed, epoch, step, d.rank * cfg.accum + m),
+                                    expected=warm)
+                ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
+            lat = s.term(z)
+            loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
+            s.scaler.scale(loss / cfg.accum).backward()
+        sums += torch.stack([loss.detach(), ce.detach(), lat.detach()]).double() / cfg.accum
+    s.scaler.step(s.opt_w)
+    if not warm:
+        s.scaler.step(s.opt_a)
+    s.scaler.update()
+    return sums
+
+
 def train_epoch(
     s: SearchState, loader: DataLoader, cfg: SearchConfig, epoch: int, d: DistInfo, progress: bool,
 ) -> dict[str, float]:
-    """One epoch of single-level steps; returns mean loss, CE, LAT (µs, eq. 8–9 and whole
+    """One epoch of :func:`train_step`; returns mean loss, CE, LAT (µs, eqs. 8–9 and whole
     network), throughput and the share of the epoch spent waiting for data."""
     warm = epoch < cfg.warmup_epochs
     total = cfg.warmup_epochs + cfg.epochs
@@ -323,28 +353,17 @@ def train_epoch(
     sums = torch.zeros(3, device=s.device, dtype=torch.float64)  # loss, CE, LAT: one sync per epoch, not per step
     wait, images, t0 = 0.0, 0, time.perf_counter()
     it = iter(loader)
+
+    def fetch() -> tuple[torch.Tensor, torch.Tensor]:
+        nonlocal wait, images
+        t = time.perf_counter()
+        x, y = s.to_device(*next(it))
+        wait += time.perf_counter() - t
+        images += len(x) * d.world
+        return x, y
+
     for step in tqdm(range(steps), desc=desc, disable=not (progress and d.main), leave=False):
-        s.opt_w.zero_grad(set_to_none=True)
-        s.opt_a.zero_grad(set_to_none=True)
-        for m in range(cfg.accum):
-            t = time.perf_counter()
-            x, y = s.to_device(*next(it))
-            wait += time.perf_counter() - t
-            images += len(x) * d.world
-            sync = isinstance(s.model, DDP) and m < cfg.accum - 1
-            with s.model.no_sync() if sync else nullcontext():  # type: ignore[operator]
-                with s.autocast():
-                    logits, z = s.model(x, generator=s.gumbel(cfg.seed, epoch, step, d.rank * cfg.accum + m),
-                                        expected=warm)
-                    ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
-                lat = s.term(z)
-                loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
-                s.scaler.scale(loss / cfg.accum).backward()
-            sums += torch.stack([loss.detach(), ce.detach(), lat.detach()]).double() / cfg.accum
-        s.scaler.step(s.opt_w)
-        if not warm:
-            s.scaler.step(s.opt_a)
-        s.scaler.update()
+        sums += train_step(s, cfg, d, epoch, step, fetch)
     mean = (sums / max(steps, 1)).tolist()
     if s.device.type == "cuda":
         torch.cuda.synchronize(s.device)
