@@ -12,7 +12,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gas_core.keys import LatencyKey
-from gas_core.table import LatencyTable
+from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess
+from gas_core.table import LatencyTable, TableEntry
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
 from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_utc, utcnow
 from latency_service.profiler import Timing, samples_to_blob
@@ -92,7 +93,7 @@ def stored_hashes(session: Session, *, device_id: int, environment_id: int, hash
 
 def put_measurement(
     session: Session, *, device_id: int, environment_id: int, key: LatencyKey, timing: Timing,
-    method: dict[str, Any], telemetry: dict[str, int | None],
+    method: dict[str, Any], telemetry: dict[str, int | None], quality: RowQuality,
 ) -> Measurement:
     """Insert, or replace the stats of, the row of ``key``. Does not commit: the caller commits
     it together with the job's progress so both land or neither does."""
@@ -104,7 +105,8 @@ def put_measurement(
         )
     )
     values = dict(
-        **timing.summary(), method=method, samples=timing.samples_blob(), created_at=utcnow(), **telemetry
+        **timing.summary(), method=method, samples=timing.samples_blob(), created_at=utcnow(), **telemetry,
+        flagged=quality.flagged, quality=quality.model_dump(mode="json"),
     )
     if row is None:
         row = Measurement(
@@ -116,6 +118,22 @@ def put_measurement(
         for name, value in values.items():
             setattr(row, name, value)
     return row
+
+
+def flag_rows(session: Session, *, device_id: int, environment_id: int, hashes: Sequence[str], reason: str) -> int:
+    """Flag the rows of ``hashes`` for ``reason`` (appended to their verdict's reasons); returns
+    how many were not flagged before. Does not commit: the caller commits it with the job."""
+    newly = 0
+    for i in range(0, len(hashes), 500):
+        rows = session.scalars(select(Measurement).where(
+            Measurement.device_id == device_id, Measurement.environment_id == environment_id,
+            Measurement.key_hash.in_(hashes[i : i + 500])))
+        for row in rows:
+            newly += not row.flagged
+            quality = dict(row.quality or {})
+            row.quality = {**quality, "flagged": True, "reasons": [*quality.get("reasons", []), reason]}
+            row.flagged = True
+    return newly
 
 
 def _filtered(q, *, device_id: int, environment_id: int, dtype: str | None, batch: int | None,  # type: ignore[no-untyped-def]
@@ -158,10 +176,12 @@ class ImportConflict(RuntimeError):
     """The file disagrees with what the database holds (another kind of device under the slug)."""
 
 
-def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[str, Any]:
+def import_table(session: Session, *, table: LatencyTable, force: bool, policy: QualityPolicy) -> dict[str, Any]:
     """Merge an exported table into the database in one transaction: rows of new keys are added,
     a stored row is replaced only by a newer one (or by any with ``force``), so re-importing an
     old export never rolls a table back. The caller has validated every entry (keys, samples).
+    Every row's verdict is recomputed from its samples under this service's ``policy``; a flag the
+    file carries (the host drifted while the row was timed) is kept with its reasons.
     Returns the counts of :class:`latency_service.schemas.ImportPublic`."""
     counts = dict(added=0, replaced=0, kept=0, skipped=0, created_device=False, created_environment=False)
     dev = get_device(session, slug=table.device.slug)
@@ -185,11 +205,12 @@ def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[
     }
     for e in table.entries:
         assert e.samples_us is not None
+        quality = imported_quality(e, policy)
         values = dict(
             median_us=e.median_us, p10_us=e.p10_us, p90_us=e.p90_us, mean_us=e.mean_us, std_us=e.std_us,
             n_samples=e.n_samples, iters_per_sample=e.iters_per_sample, timer=e.timer, method=e.method or {},
             samples=samples_to_blob(e.samples_us), gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
-            created_at=as_utc(e.created_at),
+            created_at=as_utc(e.created_at), flagged=quality.flagged, quality=quality.model_dump(mode="json"),
         )
         row = stored.get(e.key_hash)
         if row is None:
@@ -211,14 +232,33 @@ def import_table(session: Session, *, table: LatencyTable, force: bool) -> dict[
     return counts
 
 
-def lookup(session: Session, *, device_id: int, environment_id: int) -> dict[str, float]:
-    """Canonical key → median µs: the mapping gas_core's latency term consumes."""
+def imported_quality(entry: TableEntry, policy: QualityPolicy) -> RowQuality:
+    """The verdict of an imported row: from its own samples, plus the reasons the file gives."""
+    assert entry.samples_us is not None
+    given = entry.quality
+    mine = assess(entry.samples_us, policy, attempts=given.attempts if given else 1)
+    if given is None or not given.reasons:
+        return mine if not entry.flagged else mine.model_copy(update={"flagged": True})
+    reasons = list(dict.fromkeys([*mine.reasons, *given.reasons]))
+    return mine.model_copy(update={"reasons": reasons, "flagged": True})
+
+
+def row_stats(session: Session, *, device_id: int, environment_id: int) -> dict[str, RowStat]:
+    """Canonical key → (median µs, its standard error, flagged): a prediction with its uncertainty."""
     rows = session.execute(
-        select(Measurement.key, Measurement.median_us).where(
+        select(Measurement.key, Measurement.median_us, Measurement.quality, Measurement.flagged).where(
             Measurement.device_id == device_id, Measurement.environment_id == environment_id
         )
     )
-    return {k: v for k, v in rows}
+    return {k: RowStat(med, float((q or {}).get("median_se_us", 0.0)), bool(flag)) for k, med, q, flag in rows}
+
+
+def latest_host_noise(session: Session, *, device_id: int, environment_id: int) -> HostNoise | None:
+    """The reference workload through the most recent job of this (device, environment) that timed it."""
+    job = session.scalar(
+        select(Job).where(Job.device_id == device_id, Job.environment_id == environment_id, Job.host_noise.is_not(None))
+        .order_by(Job.created_at.desc()).limit(1))
+    return HostNoise.model_validate(job.host_noise) if job is not None and job.host_noise else None
 
 
 def device_summaries(session: Session) -> list[tuple[Device, list[tuple[Environment, int]]]]:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from gas_core.table import environment_fingerprint
+from latency_service.profiler import cpu_caches
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def cpu_identity() -> DeviceIdentity:
         slug=f"cpu-{slugify(model)}-{threads}t",
         kind="cpu",
         name=model,
-        info={"model": model, "cores": cores, "threads": threads, "machine": platform.machine()},
+        info={"model": model, "cores": cores, "threads": threads, "machine": platform.machine(), **cpu_knobs(),
+              "caches": {f"L{level}": size for level, size in cpu_caches().items()}},
     )
 
 
@@ -157,17 +159,36 @@ def identify(device: torch.device) -> DeviceIdentity:
     return gpu_identity(device.index or 0) if device.type == "cuda" else cpu_identity()
 
 
+def cpu_knobs() -> dict[str, Any]:
+    """Host settings that change CPU timings and that the kernel reports: SMT on or off and the
+    frequency governor of cpu0 (absent on most VMs). Only what is readable is included."""
+    knobs: dict[str, Any] = {}
+    for name, path in (("smt", "/sys/devices/system/cpu/smt/active"),
+                       ("cpu_governor", "/sys/devices/system/cpu/cpu0/cpufreq/scaling_governor")):
+        try:
+            knobs[name] = Path(path).read_text().strip()
+        except OSError:
+            continue
+    return knobs
+
+
 def environment(
-    device: torch.device, threads: int, cudnn_benchmark: bool, timing: str = "context"
+    device: torch.device, threads: int, cudnn_benchmark: bool, timing: str = "context",
+    cpu_affinity: str | None = None,
 ) -> EnvironmentIdentity:
     """The software that changes timings, including the timing method: tables measured with
-    another method are another environment, never mixed."""
+    another method are another environment, never mixed. On a CPU also the CPU affinity
+    (``GAS_CPU_AFFINITY``) when set: pinned and unpinned tables are not mixed.
+    (SMT and the governor are in the device's info, :func:`cpu_identity`: they describe the
+    machine, and adding them here would orphan every table stored before they were recorded.)"""
     info: dict[str, Any] = {
         "torch": torch.__version__,
         "threads": threads,
         "timing": timing,
         "python": platform.python_version(),
     }
+    if device.type == "cpu" and cpu_affinity is not None:
+        info["cpu_affinity"] = cpu_affinity
     if device.type == "cuda":
         nv = _nvml()
         info.update(

@@ -16,9 +16,10 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from datetime import timedelta
 from typing import Any
 
@@ -27,18 +28,40 @@ from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
+from gas_core.quality import HostNoise, QualityPolicy, ReferencePoint, RowQuality, assess
 from latency_service import crud
 from latency_service.device import gpu_telemetry
 from latency_service.models import Job, utcnow
-from latency_service.profiler import Method, time_key
+from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, time_reference
 
 log = logging.getLogger(__name__)
+
+class QueueFull(RuntimeError):
+    """Too many measurements wait for the device; the API answers 503 with Retry-After."""
+
+
+KeyTimer = Callable[[LatencyKey, torch.device, Method], Timing]
+ReferenceTimer = Callable[[torch.device], Timing]
+
+
+@dataclass(frozen=True)
+class Trust:
+    """How the worker guards the figures it stores (settings ``GAS_QUALITY_*``, ``GAS_RETIME_*``,
+    ``GAS_REFERENCE_*``)."""
+
+    policy: QualityPolicy = field(default_factory=QualityPolicy)
+    retime_max: int = 2
+    retime_pause_s: float = 1.0
+    reference_every_s: float = 30.0
+    reference_drift_pct: float = 10.0
 
 
 class DeviceWorker:
     def __init__(
         self, sessions: sessionmaker[Session], device: torch.device, device_id: int, environment_id: int,
-        method: Method, owner: str, stale_s: float = 300.0, poll_s: float = 0.5,
+        method: Method, owner: str, stale_s: float = 300.0, poll_s: float = 0.5, trust: Trust | None = None,
+        timer: KeyTimer = time_key, reference: ReferenceTimer = time_reference,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.sessions = sessions
         self.device = device
@@ -52,6 +75,10 @@ class DeviceWorker:
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._seen: set[str] = set()  # jobs this process has worked on
+        self.trust = trust or Trust()
+        self.timer, self.reference, self.clock = timer, reference, clock
+        self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
+        self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
     # ------------------------------------------------------------ control
@@ -59,9 +86,21 @@ class DeviceWorker:
         self._thread.start()
 
     def stop(self, timeout: float = 30) -> None:
+        """Stop after the key or measurement in flight, waiting at most ``timeout`` s; queued
+        measurements are cancelled. A key still being timed when the wait ends is abandoned
+        uncommitted (the process exits; its transaction rolls back) and re-timed on resume."""
         self._stop.set()
         self._wake.set()
+        while True:
+            try:
+                _, fut = self._tasks.get_nowait()
+            except queue.Empty:
+                break
+            fut.cancel()
         self._thread.join(timeout)
+        if self._thread.is_alive():
+            log.warning("device worker still timing after %.0f s; the key in flight is rolled back and re-timed "
+                        "on resume", timeout)
 
     def alive(self) -> bool:
         return self._thread.is_alive()
@@ -69,12 +108,20 @@ class DeviceWorker:
     def wake(self) -> None:
         self._wake.set()
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run ``fn`` on the worker thread between two keys; returns its future."""
+    def submit(self, fn: Callable[[], Any], limit: int | None = None) -> Future:
+        """Run ``fn`` on the worker thread between two keys; returns its future. With ``limit``,
+        raises :class:`QueueFull` when that many tasks already wait (the caller sheds load
+        instead of queueing work nobody may still want). Cancelling the future before it runs
+        (a client that went away) drops the task."""
+        if limit is not None and self._tasks.qsize() >= limit:
+            raise QueueFull(f"{self._tasks.qsize()} measurements already queued (limit {limit}); retry later")
         fut: Future = Future()
         self._tasks.put((fn, fut))
         self._wake.set()
         return fut
+
+    def queued(self) -> int:
+        return self._tasks.qsize()
 
     # ------------------------------------------------------------ loop
     def _run(self) -> None:
@@ -93,18 +140,19 @@ class DeviceWorker:
         log.info("device worker stopped")
 
     def _run_tasks(self) -> bool:
-        ran = False
+        """Run the next task that is still wanted (cancelled ones are dropped); at most one, so a
+        stream of measurements alternates with a running job's keys and never starves it."""
         while True:
             try:
                 fn, fut = self._tasks.get_nowait()
             except queue.Empty:
-                return ran
-            ran = True
+                return False
             if fut.set_running_or_notify_cancel():
                 try:
                     fut.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 — the future carries it to the caller
                     fut.set_exception(err)
+                return True
 
     def _job_step(self) -> bool:
         """Advance the job :func:`crud.next_job` picks until it ends or a measurement or shutdown
@@ -133,6 +181,8 @@ class DeviceWorker:
         stored = set() if job.force else crud.stored_hashes(
             s, device_id=job.device_id, environment_id=job.environment_id, hashes=[k.key_hash for k in keys]
         )
+        if not (job.host_noise or {}).get("points") and not self._reference_point(s, job):
+            return True
         for key in keys:
             s.refresh(job)
             if job.state != "running":  # cancelled from the API
@@ -145,30 +195,91 @@ class DeviceWorker:
                 if not self._progress(s, job, skipped=True):
                     return True
                 continue
-            error = None
+            error, quality = None, None
             try:
-                timing = time_key(key, self.device, self.method)
+                timing, quality = self._time_checked(key)
                 crud.put_measurement(
                     s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
-                    method=asdict(self.method), telemetry=self._telemetry(),
+                    method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
                 )
             except Exception as err:  # a key that cannot run here (OOM, unsupported dtype…)
                 s.rollback()
                 s.refresh(job)
                 log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
-                error = f"{key.canonical}: {type(err).__name__}: {err}"
-            if not self._progress(s, job, error=error):
+                error, quality = f"{key.canonical}: {type(err).__name__}: {err}", None
+            if not self._progress(s, job, error=error, quality=quality):
                 return True  # cancelled or taken over while this key was timed: it is rolled back
+            if quality is not None:
+                self._stretch.setdefault(job.id, []).append(key.key_hash)
+            due = self.clock() - self._last_ref.get(job.id, float("-inf")) >= self.trust.reference_every_s
+            if due and not self._reference_point(s, job):
+                return True
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
         s.refresh(job)
+        if not self._reference_point(s, job):
+            return True
         if not self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow()):
             return True  # cancelled after the last key
-        log.info("job %s %s: %d timed, %d skipped, %d errors", job.id, job.state,
-                 job.total - job.skipped - len(job.errors), job.skipped, len(job.errors))
+        noise = HostNoise.model_validate(job.host_noise) if job.host_noise else None
+        log.info("job %s %s: %d timed, %d skipped, %d errors, %d flagged, %d re-timed; host reference drift %s",
+                 job.id, job.state, job.total - job.skipped - len(job.errors), job.skipped, len(job.errors),
+                 job.flagged, job.retimed, "n/a" if noise is None or noise.drift_pct is None
+                 else f"{noise.drift_pct:.1f} % (spread {noise.spread_pct:.0f} %)")
         return True
 
-    def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None) -> bool:
+    def _time_checked(self, key: LatencyKey) -> tuple[Timing, RowQuality]:
+        """Time ``key``; while its samples are unstable, pause and time it again, at most
+        ``retime_max`` more times. Returns the steadiest attempt (smallest spread) with its
+        verdict, which stays flagged if no attempt was stable."""
+        best: tuple[Timing, RowQuality] | None = None
+        attempt = 0
+        for attempt in range(1, self.trust.retime_max + 2):
+            timing = self.timer(key, self.device, self.method)
+            q = assess(timing.samples_us, self.trust.policy, attempt)
+            if not q.flagged:
+                return timing, q
+            if best is None or q.spread < best[1].spread:
+                best = (timing, q)
+            if attempt > self.trust.retime_max or self._stop.is_set():
+                break
+            log.info("%s unstable (%s): re-timing in %.1f s", key.canonical, "; ".join(q.reasons),
+                     self.trust.retime_pause_s)
+            self._stop.wait(self.trust.retime_pause_s)
+        assert best is not None
+        log.warning("%s stored flagged after %d attempts: %s", key.canonical, attempt, "; ".join(best[1].reasons))
+        return best[0], best[1].model_copy(update={"attempts": attempt})
+
+    def _reference_point(self, s: Session, job: Job) -> bool:
+        """Time the reference workload and record it with the job. When it has moved beyond the
+        threshold since the job's first point, flag the keys timed since the previous point: the
+        host itself ran differently while they were timed. False if the job is no longer ours."""
+        summ = self.reference(self.device).summary()
+        point = ReferencePoint(done=job.done, at=utcnow(), median_us=float(summ["median_us"]),
+                               p10_us=float(summ["p10_us"]), p90_us=float(summ["p90_us"]))
+        noise = (HostNoise.model_validate(job.host_noise) if job.host_noise else
+                 HostNoise(reference=REFERENCE_KEY.canonical, threshold_pct=self.trust.reference_drift_pct))
+        moved = noise.moved(point)
+        noise.points.append(point)
+        stretch = self._stretch.pop(job.id, [])
+        self._last_ref[job.id] = self.clock()
+        newly = 0
+        if moved is not None and abs(moved) > noise.threshold_pct and stretch:
+            reason = f"timed while the host's reference workload moved {moved:+.0f} % (threshold {noise.threshold_pct:.0f} %)"
+            newly = crud.flag_rows(s, device_id=job.device_id, environment_id=job.environment_id, hashes=stretch,
+                                   reason=reason)
+            log.warning("job %s: host reference moved %+.1f %% after %d keys; flagged %d key(s) timed meanwhile",
+                        job.id, moved, job.done, len(stretch))
+        q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
+        if crud.rows_changed(s.execute(q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly))):
+            s.commit()
+            s.refresh(job)
+            return True
+        s.rollback()
+        return False
+
+    def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,
+                  quality: RowQuality | None = None) -> bool:
         """Count one key done (and beat the heartbeat) in the transaction that holds its
         measurement, only while the job is still running under this worker: after a DELETE or a
         take-over both are rolled back, so a stalled host never overwrites the new owner's progress."""
@@ -177,6 +288,10 @@ class DeviceWorker:
             values["skipped"] = Job.skipped + 1
         if error is not None:
             values["errors"] = [*job.errors, error]
+        if quality is not None and quality.flagged:
+            values["flagged"] = Job.flagged + 1
+        if quality is not None and quality.attempts > 1:
+            values["retimed"] = Job.retimed + 1
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
         if crud.rows_changed(s.execute(q.values(**values))):
             s.commit()

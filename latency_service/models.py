@@ -113,6 +113,9 @@ class Measurement(Base):
     samples: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, µs per run
     gpu_clock_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
     gpu_temp_c: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    """Stored although unstable (gas_core.quality): its samples, or the host while it ran."""
+    quality: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # gas_core.quality.RowQuality
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -147,6 +150,9 @@ class Job(Base):
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # worker id of the host running it
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    flagged: Mapped[int] = mapped_column(Integer, default=0)  # keys stored flagged
+    retimed: Mapped[int] = mapped_column(Integer, default=0)  # keys timed more than once before being stored
+    host_noise: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # gas_core.quality.HostNoise
 
 
 class E2EMeasurement(Base):

@@ -13,12 +13,14 @@ from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import nn
 
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
 from gas_core.ops import PRIMITIVES, build_timing_case
+from gas_core.quality import median_se, quantile
 
 
 @dataclass(frozen=True)
@@ -52,10 +54,7 @@ class Timing:
         return statistics.median(self.samples_us)
 
     def quantile(self, q: float) -> float:
-        xs = sorted(self.samples_us)
-        pos = q * (len(xs) - 1)
-        lo, hi = math.floor(pos), math.ceil(pos)
-        return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+        return quantile(self.samples_us, q)
 
     def summary(self) -> dict[str, float | int | str]:
         """Location statistics are floored at 0: a paired (context) difference below zero means
@@ -98,12 +97,9 @@ def resolved(samples_us: list[float]) -> bool:
     difference of two runs of a millisecond or more; on a noisy host a few samples can put its
     median at or below zero, and the floored table entry would call a real conv free. Ops that
     really cost nothing (identity) stay unresolved and just take the extra samples."""
-    n = len(samples_us)
-    if n < 3:
+    if len(samples_us) < 3:
         return False
-    med = statistics.median(samples_us)
-    mad = statistics.median(abs(x - med) for x in samples_us)
-    return med > 2 * 1.2533 * 1.4826 * mad / math.sqrt(n)
+    return statistics.median(samples_us) > 2 * median_se(samples_us)
 
 
 def time_callable(
@@ -191,17 +187,40 @@ def time_callable(
     return Timing(samples, n, timer + ("+context" if context is not None else ""), timed)
 
 
-def default_flush_bytes(device: torch.device) -> int:
-    """Twice the last private cache level the timed op would otherwise keep its weights in:
-    the per-core L2 on CPU (from sysfs; 4 MiB if unknown), the L2 on a GPU."""
+FlushLevel = Literal["l2", "llc"]
+
+
+def cpu_caches(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> dict[int, int]:
+    """This host's data (or unified) cache sizes in bytes by level, as the kernel reports them for
+    cpu0 (``{1: 32768, 2: 524288, 3: 33554432}`` on a 2-core EPYC VM); empty if unreadable."""
+    sizes: dict[int, int] = {}
+    for index in sorted(root.glob("index*")):
+        try:
+            if (index / "type").read_text().strip() == "Instruction":
+                continue
+            level = int((index / "level").read_text())
+            text = (index / "size").read_text().strip().upper()
+            mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
+            sizes[level] = int(text.rstrip("KMG")) * mult
+        except (OSError, ValueError):
+            continue
+    return sizes
+
+
+def default_flush_bytes(device: torch.device, level: FlushLevel = "l2") -> int:
+    """Bytes the timing context writes between two runs of an op: twice a cache size read from
+    this host (sysfs on CPU, the device properties on a GPU), never assumed. ``l2`` = the per-core
+    L2, ``llc`` = the last cache level (a GPU's L2 either way; a CPU's L3 where it has one).
+    Flushing the L3 is right only when the rest of the network evicts it: on a 2-core EPYC at
+    96×192 the whole network fits in its 32 MiB L3 and an LLC flush over-predicted by +17 %
+    against +9 % for 2 × L2 (docs/timing.md). 4 MiB when the host reports nothing."""
     if device.type == "cuda":
         return 2 * int(getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20))
-    try:
-        text = Path("/sys/devices/system/cpu/cpu0/cache/index2/size").read_text().strip().upper()
-        mult = {"K": 2**10, "M": 2**20, "G": 2**30}.get(text[-1], 1)
-        return 2 * int(text.rstrip("KMG")) * mult
-    except (OSError, ValueError):
+    caches = cpu_caches()
+    if not caches:
         return 4 * 2**20
+    size = caches[max(caches)] if level == "llc" else caches.get(2, caches[max(caches)])
+    return 2 * size
 
 
 def context_case(
@@ -243,6 +262,20 @@ def time_key(key: LatencyKey, device: torch.device, method: Method, seed: int = 
         flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
         ctx = context_case(device, key.dtype, key.memory_format, flush, args) if method.context else None
         return time_callable(lambda: module(*args), device, method, ctx)
+
+
+REFERENCE_KEY = LatencyKey(op="conv_3x3", c_in=32, c_out=32, h=64, w=128, stride=1, n_inputs=1, batch=1,
+                           dtype="float32", memory_format="contiguous")
+"""The host's reference workload: one fixed conv (≈ 75 MFLOP, a few ms on a 2-core CPU), timed
+the same way on every host and at every point of a job, so its drift is the host's own."""
+REFERENCE_METHOD = Method(warmup_runs=3, warmup_ms=20.0, samples=10, min_sample_ms=1.0)
+"""Short: it runs at the start of a job, every ``GAS_REFERENCE_EVERY_S`` and at the end, and
+before every ``/measure`` (about 0.1–0.3 s on a CPU)."""
+
+
+def time_reference(device: torch.device) -> Timing:
+    """Time :data:`REFERENCE_KEY` in isolation with :data:`REFERENCE_METHOD`."""
+    return time_key(REFERENCE_KEY, device, REFERENCE_METHOD)
 
 
 def time_network(

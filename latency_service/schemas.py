@@ -6,10 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
 
 from gas_core.genotype import Genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat
+from gas_core.quality import Agreement, HostNoise
 from gas_core.search_space import NetworkLayout
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
 
@@ -62,6 +63,24 @@ class JobPublic(Versioned):
     finished_at: datetime | None
     owner: str | None = Field(default=None, description="worker id (GAS_WORKER_ID) of the host running the job")
     heartbeat_at: datetime | None = None
+    flagged: int = Field(default=0, description="keys stored flagged: still unstable after re-timing, or timed while "
+                         "the host's reference workload drifted")
+    retimed: int = Field(default=0, description="keys timed more than once because their first samples were unstable")
+    host_noise: HostNoise | None = Field(default=None, description="the reference workload timed at the job's start, "
+                                         "between keys and at its end")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def warnings(self) -> list[str]:
+        """What a user should know about this job's figures, in words."""
+        out = []
+        if self.flagged:
+            out.append(f"{self.flagged} key(s) stored flagged (unstable): predictions using them are unreliable; "
+                       "re-profile on a quiet host with force=true")
+        if self.host_noise is not None and self.host_noise.exceeded:
+            out.append(f"the host's reference workload drifted {self.host_noise.drift_pct:.0f} % during the job "
+                       f"(threshold {self.host_noise.threshold_pct:.0f} %): the host was not steady")
+        return out
 
 
 # a table and its parts are gas_core's artefact: the same model is served, exported and imported
@@ -77,6 +96,8 @@ class HostPublic(Versioned):
     device: DevicePublic
     environment: EnvironmentPublic
     torch_device: str
+    host_noise: HostNoise | None = Field(default=None, description="the reference workload through this "
+                                         "environment's most recent job: how steady the host was")
 
 
 class DeviceSummary(DevicePublic):
@@ -110,6 +131,7 @@ class MeasurePublic(Versioned):
     dtype: str
     memory_format: str
     median_ms: float
+    p10_ms: float | None = None
     p90_ms: float
     mean_ms: float
     std_ms: float
@@ -118,6 +140,9 @@ class MeasurePublic(Versioned):
     predicted_ms: float | None = Field(description="plain sum of the table over the network's keys; null if keys miss")
     missing_keys: list[str] = Field(default_factory=list)
     error_pct: float | None = Field(description="(predicted − measured) / measured × 100")
+    agreement: Agreement | None = Field(
+        default=None, description="both sides as intervals, whether the error lies within the timing noise, and "
+        "plain-words warnings (flagged rows, a host that drifted, an error larger than the noise); null if keys miss")
 
 
 class TableRef(BaseModel):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import statistics
 import threading
 from collections import OrderedDict
 from collections.abc import Hashable
@@ -21,6 +23,7 @@ from gas_core.keys import LatencyKey, key_pixels
 from gas_core.latency import MissingLatencyKeys, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import check_key
+from gas_core.quality import HostNoise, agreement, median_se, predict_with_uncertainty
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import crud, db
 from latency_service.core.config import Settings
@@ -32,9 +35,9 @@ from latency_service.device import (
     identify,
     resolve_device,
 )
-from latency_service.jobs import DeviceWorker
+from latency_service.jobs import DeviceWorker, Trust
 from latency_service.models import Job
-from latency_service.profiler import Method, default_flush_bytes, time_network
+from latency_service.profiler import Method, default_flush_bytes, time_network, time_reference
 from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileRequest
 
 log = logging.getLogger(__name__)
@@ -64,6 +67,19 @@ class LRU:
         return value
 
 
+def pin_cpus(settings: Settings) -> None:
+    """Apply ``GAS_CPU_AFFINITY`` to this process (and the threads it starts later)."""
+    cpus = settings.cpu_set()
+    if cpus is None:
+        return
+    try:
+        os.sched_setaffinity(0, cpus)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"GAS_CPU_AFFINITY={settings.cpu_affinity}: cannot pin to these CPUs "
+                         f"(this host has {sorted(os.sched_getaffinity(0))} available): {err}") from None
+    log.info("pinned to CPUs %s", settings.cpu_affinity)
+
+
 class RequestError(ValueError):
     """Bad input; the message names the field. The API maps it to 422, the CLI to exit 2."""
 
@@ -86,6 +102,7 @@ class Host:
         """Migrate the database, identify this host, register it, and start the worker (which
         resumes any job a previous process left queued or running)."""
         tdev = resolve_device(settings.device)
+        pin_cpus(settings)
         threads = settings.cpu_threads or host_cpus()
         if tdev.type == "cpu":
             torch.set_num_threads(threads)
@@ -97,9 +114,11 @@ class Host:
         engine = db.make_engine(settings.database_url)
         sessions = db.session_factory(engine)
         ident = identify(tdev)
-        flush = settings.timing_flush_bytes if settings.timing_flush_bytes is not None else default_flush_bytes(tdev)
+        flush = settings.timing_flush_bytes
+        if flush is None:
+            flush = default_flush_bytes(tdev, settings.timing_flush_level)
         timing = f"context+flush{flush}" if settings.timing_context else "isolated"
-        env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark, timing)
+        env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark, timing, settings.cpu_affinity)
         with sessions() as s:
             dev_row = crud.get_or_create_device(s, ident=ident)
             env_row = crud.get_or_create_environment(s, device=dev_row, ident=env)
@@ -109,8 +128,11 @@ class Host:
             min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
             context=settings.timing_context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
         )
+        trust = Trust(policy=settings.quality_policy(), retime_max=settings.retime_max,
+                      retime_pause_s=settings.retime_pause_s, reference_every_s=settings.reference_every_s,
+                      reference_drift_pct=settings.reference_drift_pct)
         worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
-                              stale_s=settings.job_stale_s)
+                              stale_s=settings.job_stale_s, trust=trust)
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)
         log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
                  db.redact(settings.database_url))
@@ -120,7 +142,7 @@ class Host:
 
     def close(self) -> None:
         if self.worker.alive():
-            self.worker.stop()
+            self.worker.stop(timeout=self.settings.shutdown_grace_s / 2)
         self.engine.dispose()
 
     # ------------------------------------------------------------ profiling
@@ -234,18 +256,27 @@ class Host:
         st = self.settings
         method = Method(warmup_runs=st.e2e_warmup_runs, warmup_ms=st.warmup_ms, samples=st.e2e_samples,
                         min_sample_ms=st.min_sample_ms, max_iters_per_sample=st.max_iters_per_sample)
+        reference_now = time_reference(self.torch_device)
         timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, self.torch_device, method)
         summ = timing.summary()
         shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format)
+        median = float(summ["median_us"])
         with self.sessions() as s:
-            table = crud.lookup(s, device_id=self.device_id, environment_id=self.environment_id)
+            rows = crud.row_stats(s, device_id=self.device_id, environment_id=self.environment_id)
             predicted: float | None
             missing: list[str] = []
             try:
-                predicted = predict_latency_us(genotype, shapes, table)
+                predicted = predict_latency_us(genotype, shapes, {k: r.median_us for k, r in rows.items()})
             except MissingLatencyKeys as err:
                 predicted, missing = None, [k.canonical for k in err.missing]
-            median = float(summ["median_us"])
+            agree = None
+            if predicted is not None:
+                noise = crud.latest_host_noise(s, device_id=self.device_id, environment_id=self.environment_id)
+                agree = agreement(
+                    predict_with_uncertainty(genotype, shapes, rows), median, median_se(timing.samples_us),
+                    measured_spread=(float(summ["p90_us"]) - float(summ["p10_us"])) / median if median > 0 else None,
+                    host_drift_pct=_drift_pct(noise, reference_now.median_us), drift_threshold_pct=st.reference_drift_pct,
+                )
             crud.add_e2e(
                 s, device_id=self.device_id, environment_id=self.environment_id,
                 genotype=json.loads(genotype.model_dump_json()),
@@ -258,8 +289,16 @@ class Host:
         return MeasurePublic(
             device=self.device.slug, environment=self.env.fingerprint, input_size=req.input_size, batch=req.batch,
             dtype=req.dtype, memory_format=req.memory_format, median_ms=median / 1e3,
-            p90_ms=float(summ["p90_us"]) / 1e3, mean_ms=float(summ["mean_us"]) / 1e3,
+            p10_ms=float(summ["p10_us"]) / 1e3, p90_ms=float(summ["p90_us"]) / 1e3, mean_ms=float(summ["mean_us"]) / 1e3,
             std_ms=float(summ["std_us"]) / 1e3, n_samples=int(summ["n_samples"]), fps=req.batch * 1e6 / median,
             predicted_ms=None if predicted is None else predicted / 1e3, missing_keys=missing,
-            error_pct=None if predicted is None else (predicted - median) / median * 100,
+            error_pct=None if predicted is None else (predicted - median) / median * 100, agreement=agree,
         )
+
+
+def _drift_pct(noise: HostNoise | None, reference_now_us: float) -> float | None:
+    """The reference workload now against its median over the job that timed the table, %."""
+    if noise is None or not noise.points:
+        return None
+    then = statistics.median(p.median_us for p in noise.points)
+    return (reference_now_us / then - 1) * 100 if then > 0 else None

@@ -208,7 +208,7 @@ def measure_and_report(client: LatencyClient, result: SearchResult, geno_path: P
         memory_format=m.memory_format, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
         measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
         val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
-        predicted_on=others,
+        predicted_on=others, agreement=m.agreement,
     )
     (out / "report.json").write_text(report.model_dump_json(indent=2))
     typer.echo("\npredicted vs measured (derived network)\n" + format_report(report))

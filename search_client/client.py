@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
+from gas_core.quality import Agreement
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEnvironment
 
 log = logging.getLogger(__name__)
@@ -99,6 +100,7 @@ class MeasureResult(_Model):
     predicted_ms: float | None
     missing_keys: list[str]
     error_pct: float | None
+    agreement: Agreement | None = None
 
 
 class LatencyClient:

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 from pydantic import BaseModel, Field  # noqa: E402
 
 from gas_core.ops import PRIMITIVES  # noqa: E402
+from gas_core.quality import Agreement  # noqa: E402
 from gas_core.table import TableComparison  # noqa: E402
 
 
@@ -44,16 +45,26 @@ class Report(BaseModel):
     val_miou: float | None
     genotype: str
     predicted_on: list[DevicePrediction] = Field(default_factory=list)
+    agreement: Agreement | None = Field(default=None, description="both sides as intervals, whether the error lies "
+                                        "within the timing noise, and warnings")
 
 
 def format_report(r: Report) -> str:
+    """The report as aligned lines; with an agreement, both latencies as ± intervals, the verdict,
+    and every warning in words after the table (an error is never shown without its noise)."""
+    a = r.agreement
     pred = "n/a" if r.predicted_ms is None else f"{r.predicted_ms:.3f}"
+    if a is not None:
+        pred += f" ± {a.predicted_pm_ms:.3f}"
+    meas = f"{r.measured_median_ms:.3f}" + (f" ± {a.measured_pm_ms:.3f}" if a is not None else "")
     err = "n/a" if r.error_pct is None else f"{r.error_pct:+.1f} %"
+    if a is not None:
+        err += f" ({'within' if a.within_noise else 'beyond'} the timing noise of ±{a.noise_pct:.1f} %)"
     rows = [
         ("device", r.device), ("environment", r.environment),
         ("input", f"{r.batch}×3×{r.input_size[0]}×{r.input_size[1]} {r.dtype} {r.memory_format}"),
         ("predicted latency (table)", f"{pred} ms"),
-        ("measured latency median", f"{r.measured_median_ms:.3f} ms"),
+        ("measured latency median", f"{meas} ms"),
         ("measured latency p90", f"{r.measured_p90_ms:.3f} ms"),
         ("measured FPS", f"{r.fps:.1f}"),
         ("error (pred − meas) / meas", err),
@@ -64,8 +75,13 @@ def format_report(r: Report) -> str:
         if p.predicted_ms is not None and r.predicted_ms:
             pred_p += f" (× {p.predicted_ms / r.predicted_ms:.2f} of this device's prediction)"
         rows.append((f"predicted on {p.device}@{p.environment}", pred_p))
+    if a is not None and a.host_drift_pct is not None:
+        rows.append(("host now vs. while profiled", f"{a.host_drift_pct:+.1f} % (reference workload)"))
     width = max(len(k) for k, _ in rows)
-    return "\n".join(f"  {k:<{width}}  {v}" for k, v in rows)
+    lines = [f"  {k:<{width}}  {v}" for k, v in rows]
+    for w in a.warnings if a is not None else []:
+        lines.append(f"  WARNING: {w}")
+    return "\n".join(lines)
 
 
 def _edge_names(sources: list[tuple[int, int]]) -> list[str]:

@@ -103,7 +103,8 @@ def show(
     sort: Annotated[Literal["key", "median", "op"], typer.Option(help="row order")] = "key",
     limit: Annotated[int | None, typer.Option(help="print at most this many rows", min=1)] = None,
 ) -> None:
-    """A table's rows: median, p10, p90 (µs) and sample count per key, filtered as GET /table."""
+    """A table's rows: median, p10, p90 (µs), sample count and verdict per key, filtered as GET /table.
+    A flagged row (⚑) was stored although unstable; its reasons are listed under the table."""
     slug, env = _ref(table)
     with _client(latency_url, token) as c:
         try:
@@ -123,14 +124,23 @@ def show(
     rt = Table(title=title)
     rt.add_column("op", no_wrap=True)
     cols = ["c_in→c_out", "h×w", "s", "n", *(["b", "dtype", "format"] if per_row else []), "median µs", "p10 µs",
-            "p90 µs", "samples"]
+            "p90 µs", "samples", "flag"]
     for col in cols:
         rt.add_column(col, justify="left" if col in ("dtype", "format") else "right", no_wrap=True)
     for e in rows:
         rt.add_row(e.op, f"{e.c_in}→{e.c_out}", f"{e.h}×{e.w}", str(e.stride), str(e.n_inputs),
                    *([str(e.batch), e.dtype, e.memory_format] if per_row else []), _us(e.median_us), _us(e.p10_us),
-                   _us(e.p90_us), str(e.n_samples))
+                   _us(e.p90_us), str(e.n_samples), "⚑" if e.flagged else "")
     out.print(rt)
+    flagged = [e for e in t.entries if e.flagged]
+    if flagged:
+        out.print(f"[bold yellow]{len(flagged)} of {len(t.entries)} rows flagged[/] (unstable when timed; "
+                  "predictions that use them are unreliable; re-profile with force on a quiet host):")
+        for e in flagged[:20]:
+            reasons = "; ".join(e.quality.reasons) if e.quality else "flagged"
+            out.print(f"  ⚑ {e.key}: {reasons}", highlight=False, markup=False)
+        if len(flagged) > 20:
+            out.print(f"  … and {len(flagged) - 20} more", highlight=False)
     out.print(f"environment: {', '.join(f'{k}={v}' for k, v in sorted(t.environment.info.items()))}", highlight=False)
 
 

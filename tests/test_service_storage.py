@@ -12,6 +12,7 @@ from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
 from gas_core.keys import LatencyKey
+from gas_core.quality import assess
 from latency_service import crud, db, device
 from latency_service.jobs import DeviceWorker
 from latency_service.models import Job, Measurement
@@ -53,16 +54,17 @@ def test_measurement_unique_per_device_env_key(db_url: str) -> None:
     with sessions() as s:
         dev, env = _device_env(s)
         crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
-                             telemetry={})
+                             telemetry={}, quality=assess(timing.samples_us))
         s.commit()
         # put again: an update, not a second row
         crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
-                             telemetry={})
+                             telemetry={}, quality=assess(timing.samples_us))
         s.commit()
         assert s.scalar(select(func.count()).select_from(Measurement)) == 1
         row = s.scalars(select(Measurement)).one()
         assert samples_from_blob(row.samples) == pytest.approx(timing.samples_us, rel=1e-6)
-        assert crud.lookup(s, device_id=dev.id, environment_id=env.id) == {KEY.canonical: row.median_us}
+        stats = crud.row_stats(s, device_id=dev.id, environment_id=env.id)
+        assert {k: r.median_us for k, r in stats.items()} == {KEY.canonical: row.median_us}
         s.add(Measurement(device_id=dev.id, environment_id=env.id, key_hash=KEY.key_hash, key=KEY.canonical,
                           **KEY.model_dump(), **timing.summary(), method={}, samples=b""))
         with pytest.raises(IntegrityError):
@@ -133,7 +135,7 @@ def test_jobs_are_claimed_once_and_taken_over_only_when_stale(db_url: str) -> No
         for owner, kept in (("host-a", False), ("host-b", True)):
             worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, FAST, owner=owner)
             crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=KEY, timing=timing, method={},
-                                 telemetry={})
+                                 telemetry={}, quality=assess(timing.samples_us))
             assert worker._progress(s, job) is kept
             s.refresh(job)
             assert s.scalar(select(func.count()).select_from(Measurement)) == int(kept)

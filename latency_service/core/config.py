@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gas_core.quality import QualityPolicy
+
 
 class Settings(BaseSettings):
     """Every knob of the service. Bounds keep a single request from exhausting the host."""
@@ -42,12 +44,42 @@ class Settings(BaseSettings):
     context_min_sample_ms: float = Field(default=5.0, gt=0, le=10_000,
                                          description="shortest sample with context timing (paired differences)")
     timing_flush_bytes: int | None = Field(
-        default=None, ge=0, description="bytes the timing context writes to evict caches; unset = 2 × L2"
+        default=None, ge=0, description="bytes the timing context writes to evict caches; unset = from "
+        "timing_flush_level, read from this host"
     )
+    timing_flush_level: Literal["l2", "llc"] = Field(
+        default="l2", description="cache the default flush is sized from, as this host reports it: twice the "
+        "per-core L2 (l2) or twice the last cache level (llc; a GPU's L2 either way). llc made CPU predictions "
+        "worse where the network fits in the L3 (docs/timing.md)")
+    cpu_affinity: str | None = Field(
+        default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
+        description="CPUs the service may run on, e.g. '0-3' or '0,2' (sched_setaffinity; pins timing away from "
+        "other work); recorded in the environment fingerprint. Unset = every CPU the process may use")
+
+    # trust in the figures (docs/timing.md, "Trusting the figures")
+    quality_max_spread: float = Field(default=1.5, gt=0, description="a row whose (p90 − p10) / median exceeds "
+                                      "this is unstable: re-timed, then stored flagged")
+    quality_max_nonpositive: float = Field(default=0.1, ge=0, le=1, description="a row with a larger share of "
+                                           "samples ≤ 0 (paired differences) is unstable")
+    quality_resolution_us: float = Field(default=5.0, ge=0, description="medians below this are at the timer's "
+                                         "resolution: their spread is judged in µs against it")
+    retime_max: int = Field(default=2, ge=0, le=10, description="re-timings of an unstable key before it is stored "
+                            "flagged")
+    retime_pause_s: float = Field(default=1.0, ge=0, le=60, description="pause before each re-timing (lets a burst "
+                                  "of other work on the host pass)")
+    reference_every_s: float = Field(default=30.0, gt=0, description="seconds between two timings of the host's "
+                                     "reference workload during a job (also timed at its start and end)")
+    reference_drift_pct: float = Field(default=10.0, gt=0, description="drift of the reference workload beyond "
+                                       "which the keys timed meanwhile are flagged")
 
     # end-to-end measurement
     e2e_warmup_runs: int = Field(default=5, ge=1)
     e2e_samples: int = Field(default=20, ge=3, le=10_000)
+
+    measure_queue: int = Field(default=4, ge=1, le=1000, description="measurements that may wait for the device; "
+                               "more get 503 with Retry-After")
+    shutdown_grace_s: float = Field(default=8.0, ge=0, le=300, description="on SIGTERM, seconds to let requests "
+                                    "and the key in flight finish before exiting (Docker allows 10)")
 
     # request bounds
     max_channels: int = Field(default=4096, ge=1)
@@ -80,6 +112,20 @@ class Settings(BaseSettings):
         if not (v.startswith("sqlite") or v.startswith("postgresql")):
             raise ValueError("GAS_DATABASE_URL must be sqlite:///… or postgresql+psycopg://…")
         return v
+
+    def cpu_set(self) -> set[int] | None:
+        """``cpu_affinity`` as a set of CPU numbers."""
+        if self.cpu_affinity is None:
+            return None
+        cpus: set[int] = set()
+        for part in self.cpu_affinity.split(","):
+            lo, _, hi = part.partition("-")
+            cpus.update(range(int(lo), int(hi or lo) + 1))
+        return cpus
+
+    def quality_policy(self) -> QualityPolicy:
+        return QualityPolicy(max_spread=self.quality_max_spread, max_nonpositive=self.quality_max_nonpositive,
+                             resolution_us=self.quality_resolution_us)
 
     @field_validator("device")
     @classmethod

@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
+from latency_service import crud
 from latency_service.api.deps import READ_RESPONSES, HostDep, ReadDep, SessionDep
 from latency_service.schemas import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 
@@ -22,8 +23,9 @@ def health(host: HostDep, session: SessionDep) -> HealthPublic:
 
 @router.get("/device", response_model=HostPublic, summary="This host's device identity and environment",
             dependencies=[ReadDep], responses=READ_RESPONSES)
-def device(host: HostDep) -> HostPublic:
+def device(host: HostDep, session: SessionDep) -> HostPublic:
     return HostPublic(
+        host_noise=crud.latest_host_noise(session, device_id=host.device_id, environment_id=host.environment_id),
         device=DevicePublic(slug=host.device.slug, kind=host.device.kind, name=host.device.name,  # type: ignore[arg-type]
                             info=host.device.info),
         environment=EnvironmentPublic(fingerprint=host.env.fingerprint, info=host.env.info),

@@ -179,7 +179,7 @@ def compare(
                422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}, **TOKEN_RESPONSES},
 )
 def import_table(
-    table: LatencyTable, session: SessionDep,
+    table: LatencyTable, session: SessionDep, host: HostDep,
     force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
 ) -> ImportPublic:
     problems = []
@@ -200,7 +200,7 @@ def import_table(
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
     try:
-        counts = crud.import_table(session, table=table, force=force)
+        counts = crud.import_table(session, table=table, force=force, policy=host.settings.quality_policy())
     except crud.ImportConflict as err:
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None

@@ -1,0 +1,227 @@
+"""How far to trust a timing: a verdict per table row, the host's own noise, and an uncertainty
+on every prediction (docs/timing.md, "Trusting the figures").
+
+A latency table is only as good as the host was quiet while it was timed. On a shared 2-core VM
+one key was stored with p10 = 0 and a standard deviation as large as its median, and the demo
+then printed a +1310 % error as if it were a finding. Three things guard against that:
+
+* :func:`assess` gives every row a verdict computed from its own samples (the service re-times an
+  unstable key a bounded number of times, then stores it *flagged*);
+* :class:`HostNoise` records a fixed reference workload timed at the start of a job, between its
+  keys and at its end: if the host itself slowed down, the keys timed meanwhile are flagged;
+* :func:`predict_with_uncertainty` and :func:`agreement` put an interval on both sides of a
+  predicted-vs-measured comparison and say, in words, whether the difference is within the noise.
+
+Pure maths over samples and pydantic wire models: the service stores and serves them, the search
+client prints them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Mapping, Sequence
+from datetime import datetime
+from typing import Final, NamedTuple
+
+from pydantic import BaseModel, ConfigDict, Field, computed_field
+
+from gas_core.genotype import Genotype
+from gas_core.latency import derived_keys
+from gas_core.search_space import NetworkShapes
+
+# 1.2533 = √(π/2): the median's standard error relative to the mean's for normal samples;
+# 1.4826 turns a MAD into a standard deviation.
+_MEDIAN_SE: Final = 1.2533 * 1.4826
+COVERAGE: Final = 2.0
+"""Half-width of every interval in standard errors (≈ 95 % for normal errors)."""
+
+
+def median_se(samples: Sequence[float]) -> float:
+    """Standard error of the median from the MAD, robust to the outliers a shared host produces:
+    1.2533 · 1.4826 · MAD / √n. 0 for fewer than two samples."""
+    n = len(samples)
+    if n < 2:
+        return 0.0
+    med = statistics.median(samples)
+    mad = statistics.median(abs(x - med) for x in samples)
+    return _MEDIAN_SE * mad / math.sqrt(n)
+
+
+def quantile(samples: Sequence[float], q: float) -> float:
+    """Linear-interpolated quantile (numpy's default), ``samples`` non-empty."""
+    xs = sorted(samples)
+    pos = q * (len(xs) - 1)
+    lo, hi = math.floor(pos), math.ceil(pos)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+class QualityPolicy(BaseModel):
+    """When a row's samples are too unstable to store unflagged. Defaults from the 2-core VMs
+    this was built on (docs/timing.md): a typical key's p10–p90 width there is about its median,
+    the stored-but-useless ``stem_conv`` rows had p10 = 0 and a width of twice the median."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    max_spread: float = Field(default=1.5, gt=0, description="largest (p90 − p10) / median")
+    max_nonpositive: float = Field(default=0.1, ge=0, le=1, description="largest share of samples ≤ 0 (paired "
+                                   "differences where the op did not show above the context's noise)")
+    resolution_us: float = Field(default=5.0, ge=0, description="below this median a row is at the timer's "
+                                 "resolution (identity, skip): its spread is judged in µs against this, not in %")
+
+
+class RowQuality(BaseModel):
+    """A row's verdict and the figures it rests on."""
+
+    model_config = ConfigDict(extra="forbid")
+    spread: float = Field(description="(p90 − p10) / max(median, resolution)")
+    nonpositive_share: float = Field(ge=0, le=1, description="share of samples ≤ 0")
+    median_se_us: float = Field(ge=0, description="standard error of the median, µs (MAD-based)")
+    attempts: int = Field(default=1, ge=1, description="times the key was timed before it was stored")
+    flagged: bool
+    reasons: list[str] = Field(default_factory=list, description="why it is flagged, in words")
+
+
+def assess(samples_us: Sequence[float], policy: QualityPolicy = QualityPolicy(), attempts: int = 1,
+           extra_reasons: Sequence[str] = ()) -> RowQuality:
+    """The verdict on one row from its raw samples (µs per run, paired differences may be ≤ 0).
+    ``extra_reasons`` flag it for causes outside its samples (the host drifted while it ran)."""
+    if not samples_us:
+        raise ValueError("assess: no samples")
+    med = max(0.0, statistics.median(samples_us))
+    floor = max(med, policy.resolution_us)
+    spread = (quantile(samples_us, 0.9) - quantile(samples_us, 0.1)) / floor if floor > 0 else 0.0
+    nonpos = sum(x <= 0 for x in samples_us) / len(samples_us)
+    reasons = []
+    if spread > policy.max_spread:
+        reasons.append(f"p10–p90 spread {spread * 100:.0f} % of the median (limit {policy.max_spread * 100:.0f} %)")
+    if med > policy.resolution_us and nonpos > policy.max_nonpositive:
+        reasons.append(f"{nonpos * 100:.0f} % of samples ≤ 0 (limit {policy.max_nonpositive * 100:.0f} %)")
+    reasons += list(extra_reasons)
+    return RowQuality(spread=spread, nonpositive_share=nonpos, median_se_us=median_se(samples_us),
+                      attempts=attempts, flagged=bool(reasons), reasons=reasons)
+
+
+# ---------------------------------------------------------------- host noise
+
+
+class ReferencePoint(BaseModel):
+    """One timing of the reference workload: after ``done`` keys of the job."""
+
+    done: int = Field(ge=0)
+    at: datetime
+    median_us: float = Field(ge=0)
+    p10_us: float = Field(ge=0)
+    p90_us: float = Field(ge=0)
+
+
+class HostNoise(BaseModel):
+    """The reference workload timed through a job: how much the host itself moved. Drift is each
+    point's median against the first; spread is the median over points of (p90 − p10) / median.
+    (No ``extra="forbid"``: it is stored and read back with its computed fields.)"""
+
+    reference: str = Field(description="canonical latency key of the reference workload")
+    threshold_pct: float = Field(gt=0, description="drift beyond which the keys timed meanwhile are flagged")
+    points: list[ReferencePoint] = Field(default_factory=list)
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def drift_pct(self) -> float | None:
+        """Largest |median / first median − 1| over the points, %."""
+        if len(self.points) < 2 or self.points[0].median_us <= 0:
+            return None
+        m0 = self.points[0].median_us
+        return max(abs(p.median_us / m0 - 1) for p in self.points[1:]) * 100
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def spread_pct(self) -> float | None:
+        """Median over the points of their (p90 − p10) / median, %."""
+        rel = [(p.p90_us - p.p10_us) / p.median_us * 100 for p in self.points if p.median_us > 0]
+        return statistics.median(rel) if rel else None
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def exceeded(self) -> bool:
+        return self.drift_pct is not None and self.drift_pct > self.threshold_pct
+
+    def moved(self, point: ReferencePoint) -> float | None:
+        """``point``'s drift from the first point, % (signed: + = the host got slower)."""
+        if not self.points or self.points[0].median_us <= 0:
+            return None
+        return (point.median_us / self.points[0].median_us - 1) * 100
+
+
+# ---------------------------------------------------------------- predictions with uncertainty
+
+
+class RowStat(NamedTuple):
+    median_us: float
+    se_us: float
+    flagged: bool
+
+
+class Prediction(BaseModel):
+    """A table's prediction of a network with the uncertainty its rows carry."""
+
+    predicted_us: float
+    se_us: float = Field(description="standard error of the sum: each distinct key's median SE times its count, "
+                         "added in quadrature (keys timed separately, their sampling errors independent)")
+    flagged_keys: list[str] = Field(default_factory=list, description="flagged rows the network uses")
+
+
+def predict_with_uncertainty(genotype: Genotype, shapes: NetworkShapes, rows: Mapping[str, RowStat]) -> Prediction:
+    """Σ medians over :func:`gas_core.latency.derived_keys` and its standard error. A key the
+    network runs k times contributes k·se (the same row, so the same error). Raises
+    ``KeyError`` for a key the table lacks; callers check with the plain prediction first."""
+    counts: dict[str, int] = {}
+    for k in derived_keys(genotype, shapes):
+        counts[k.canonical] = counts.get(k.canonical, 0) + 1
+    total = math.fsum(rows[k].median_us * n for k, n in counts.items())
+    se = math.sqrt(math.fsum((rows[k].se_us * n) ** 2 for k, n in counts.items()))
+    return Prediction(predicted_us=total, se_us=se, flagged_keys=sorted(k for k in counts if rows[k].flagged))
+
+
+class Agreement(BaseModel):
+    """Predicted against measured, each ± ``COVERAGE`` standard errors, and what to make of it."""
+
+    predicted_ms: float
+    predicted_pm_ms: float = Field(description="half-width of the prediction's interval")
+    measured_ms: float
+    measured_pm_ms: float = Field(description="half-width of the measured median's interval")
+    error_pct: float = Field(description="(predicted − measured) / measured × 100")
+    noise_pct: float = Field(description="the error the noise alone could explain, ± %")
+    within_noise: bool
+    flagged_keys: int = Field(ge=0)
+    host_drift_pct: float | None = Field(default=None, description="the reference workload now against while the "
+                                         "table was timed, % (+ = slower now)")
+    warnings: list[str] = Field(default_factory=list, description="plain-words reasons to distrust the figures")
+
+
+def agreement(pred: Prediction, measured_us: float, measured_se_us: float, *, measured_spread: float | None = None,
+              host_drift_pct: float | None = None, drift_threshold_pct: float = 10.0) -> Agreement:
+    """Is the prediction's error within the noise of both sides? ``measured_spread`` is the
+    measurement's (p90 − p10) / median, ``host_drift_pct`` the reference now against while the
+    table was timed. Every reason to distrust the figures becomes one plain sentence."""
+    err = (pred.predicted_us - measured_us) / measured_us * 100
+    pm_p, pm_m = COVERAGE * pred.se_us, COVERAGE * measured_se_us
+    noise = math.hypot(pm_p, pm_m) / measured_us * 100
+    within = abs(err) <= noise
+    warnings = []
+    if pred.flagged_keys:
+        warnings.append(f"the table holds {len(pred.flagged_keys)} flagged row(s) this network uses: they were "
+                        "unstable when timed, so the prediction is unreliable; re-profile them on a quiet host "
+                        "(POST /profile with force=true)")
+    if host_drift_pct is not None and abs(host_drift_pct) > drift_threshold_pct:
+        warnings.append(f"this host runs the reference workload {abs(host_drift_pct):.0f} % "
+                        f"{'slower' if host_drift_pct > 0 else 'faster'} now than while the table was timed: "
+                        "the host changed (load, frequency), so table and measurement are not comparable")
+    if measured_spread is not None and measured_spread > 0.5:
+        warnings.append(f"the measurement itself was noisy (p10–p90 spread {measured_spread * 100:.0f} % of its "
+                        "median): another process was probably competing for this host")
+    if not within:
+        warnings.append(f"the error of {err:+.1f} % is larger than the timing noise explains (±{noise:.1f} %): "
+                        "either the host changed between profiling and measuring, or the table's method does not "
+                        "match how this network runs here (docs/timing.md)")
+    return Agreement(predicted_ms=pred.predicted_us / 1e3, predicted_pm_ms=pm_p / 1e3, measured_ms=measured_us / 1e3,
+                     measured_pm_ms=pm_m / 1e3, error_pct=err, noise_pct=noise, within_noise=within,
+                     flagged_keys=len(pred.flagged_keys), host_drift_pct=host_drift_pct, warnings=warnings)
