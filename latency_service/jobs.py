@@ -113,27 +113,36 @@ class DeviceWorker:
         raises :class:`QueueFull` when that many tasks already wait (the caller sheds load
         instead of queueing work nobody may still want). Cancelling the future before it runs
         (a client that went away) drops the task."""
-        if limit is not None and self._tasks.qsize() >= limit:
-            raise QueueFull(f"{self._tasks.qsize()} measurements already queued (limit {limit}); retry later")
+        if limit is not None and (waiting := self.queued()) >= limit:
+            raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
         fut: Future = Future()
         self._tasks.put((fn, fut))
         self._wake.set()
         return fut
 
     def queued(self) -> int:
-        return self._tasks.qsize()
+        """Tasks waiting that someone still wants (a cancelled one leaves at the next dequeue)."""
+        with self._tasks.mutex:
+            return sum(not fut.cancelled() for _, fut in self._tasks.queue)
 
     # ------------------------------------------------------------ loop
     def _run(self) -> None:
         log.info("device worker started on %s", self.device)
+        failures = 0
         while not self._stop.is_set():
             if self._run_tasks():
                 continue
             try:
                 worked = self._job_step()
-            except Exception:
-                log.exception("device worker step failed")
-                worked = False
+                failures = 0
+            except Exception as err:  # the database went away (restart, network): retry with backoff
+                failures += 1
+                log.warning("device worker step failed (%s: %s); the key in flight was not stored and is "
+                            "retried in %.1f s", type(err).__name__, str(err).splitlines()[0] if str(err) else "",
+                            min(30.0, self.poll_s * 2 ** failures))
+                log.debug("device worker step failed", exc_info=True)
+                self._stop.wait(min(30.0, self.poll_s * 2 ** failures))
+                continue
             if not worked:
                 self._wake.wait(self.poll_s)
                 self._wake.clear()
@@ -198,15 +207,15 @@ class DeviceWorker:
             error, quality = None, None
             try:
                 timing, quality = self._time_checked(key)
+            except Exception as err:  # a key that cannot run here (OOM, unsupported dtype, an op that raises)
+                self._release_device_memory()
+                log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
+                error = f"{key.canonical}: {type(err).__name__}: {err}"
+            else:  # a database error here propagates: the step ends uncommitted and the key is re-timed
                 crud.put_measurement(
                     s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
                     method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
                 )
-            except Exception as err:  # a key that cannot run here (OOM, unsupported dtype…)
-                s.rollback()
-                s.refresh(job)
-                log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
-                error, quality = f"{key.canonical}: {type(err).__name__}: {err}", None
             if not self._progress(s, job, error=error, quality=quality):
                 return True  # cancelled or taken over while this key was timed: it is rolled back
             if quality is not None:
@@ -308,6 +317,12 @@ class DeviceWorker:
         s.commit()
         s.refresh(job)
         return bool(done)
+
+    def _release_device_memory(self) -> None:
+        """After a key failed (an out-of-memory above all), hand its cached blocks back so the
+        next key does not fail for want of memory the failed one still holds."""
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def _telemetry(self) -> dict[str, int | None]:
         if self.device.type == "cuda":

@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi_offline import FastAPIOffline
 
 from latency_service.api import errors
 from latency_service.api.routes import health, jobs, measure, table
@@ -30,7 +31,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             host.close()
 
-    app = FastAPI(
+    # /docs and /redoc from assets installed with the fastapi-offline package, not a CDN: a lab's
+    # service often has no internet, and the CDN pages then render blank
+    app = FastAPIOffline(
         title="GAS latency service",
         version=API_VERSION,
         description="Per-device latency lookup tables for GAS: profiles every candidate op at the exact "

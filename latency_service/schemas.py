@@ -6,9 +6,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Final, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
 
-from gas_core.genotype import Genotype
+from gas_core.genotype import Genotype, random_genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat
 from gas_core.quality import Agreement, HostNoise
 from gas_core.search_space import NetworkLayout
@@ -23,9 +24,21 @@ class Versioned(BaseModel):
     schema_version: Literal[1] = SCHEMA_VERSION
 
 
+# Valid bodies in the schema: clients and fuzzers (schemathesis in CI) start from them
+_EXAMPLE_LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16,
+                                num_classes=4)
+_EXAMPLE_GENOTYPE = random_genotype(_EXAMPLE_LAYOUT, torch.Generator().manual_seed(0))
+
+
 class ProfileRequest(Versioned):
     """Either explicit ``keys``, or a ``layout`` + ``input_size`` expanded by gas_core's
     ``cell_shapes`` for every combination of ``batches`` × ``dtypes`` × ``memory_formats``."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"keys": [{"op": "conv_3x3", "c_in": 8, "c_out": 8, "h": 16, "w": 32, "stride": 1, "batch": 1}]},
+        {"layout": _EXAMPLE_LAYOUT.model_dump(mode="json"), "input_size": [32, 48], "batches": [1],
+         "dtypes": ["float32"]},
+    ]})
 
     keys: list[LatencyKey] | None = Field(default=None, min_length=1, max_length=100_000)
     layout: NetworkLayout | None = None
@@ -109,6 +122,9 @@ class DevicesPublic(Versioned):
 
 
 class MeasureRequest(Versioned):
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"genotype": _EXAMPLE_GENOTYPE.model_dump(mode="json"), "input_size": [32, 48], "batch": 1},
+    ]})
     genotype: Genotype
     input_size: tuple[StrictInt, StrictInt] = Field(description="(H, W) of the network input")
     batch: int = Field(default=1, ge=1, strict=True)

@@ -85,7 +85,13 @@ def fetch_latency_term(
                                f"run gas-search against that table's host")
         job = client.profile(missing)
         with tqdm(total=job.total, desc=f"profiling {slug}", unit="key", disable=not progress) as bar:
-            client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
+            done = client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
+        noise = done.host_noise
+        log.info("profiled %d keys: %d re-timed, %d flagged; host reference drift %s", done.total, done.retimed,
+                 done.flagged, "n/a" if noise is None or noise.drift_pct is None
+                 else f"{noise.drift_pct:.1f} % (spread {noise.spread_pct:.0f} %)")
+        for w in done.warnings:
+            log.warning("profiling: %s", w)
         table = lookup()
     try:
         return LatencyTerm.from_table(shapes, table), slug

@@ -10,11 +10,11 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
-from gas_core.quality import Agreement
+from gas_core.quality import Agreement, HostNoise
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEnvironment
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,10 @@ class JobInfo(_Model):
     done: int
     skipped: int
     errors: list[str]
+    flagged: int = 0
+    retimed: int = 0
+    host_noise: HostNoise | None = None
+    warnings: list[str] = Field(default_factory=list)
 
 
 class TableRefInfo(_Model):

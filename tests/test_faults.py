@@ -1,0 +1,201 @@
+"""Faults a shared latency service meets, each survived: an op that raises or runs out of memory,
+a /measure queue flooded by clients that then leave, SIGTERM mid-job, PostgreSQL restarted
+mid-job. Behaviour only: durations below are lower bounds set by the timing settings, never
+assertions on how fast this host is."""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from sqlalchemy import func, select
+
+from gas_core.genotype import random_genotype
+from gas_core.keys import LatencyKey
+from gas_core.search_space import NetworkLayout
+from latency_service import crud, db, device
+from latency_service.jobs import DeviceWorker, QueueFull, Trust
+from latency_service.models import E2EMeasurement, Measurement
+from latency_service.profiler import Method, Timing
+from tests.support import PgCluster, pg_bin, start_server, stop_server, wait_job
+
+STEADY = [100.0, 101.0, 99.0, 100.0, 100.0]
+TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
+KEYS = [{"op": "conv_3x3", "c_in": 8, "c_out": 8, "h": 16, "w": 16 + 8 * i, "stride": 1, "batch": 1} for i in range(8)]
+SLOW_KEYS = {"GAS_SAMPLES": "100", "GAS_MIN_SAMPLE_MS": "5", "GAS_CONTEXT_MIN_SAMPLE_MS": "5"}
+"""Every key takes at least 100 × 5 ms × 2 (paired) = 1 s, whatever the host: a job is mid-key
+most of the time."""
+
+
+def test_an_op_that_raises_or_runs_out_of_memory_fails_its_key_and_the_job_goes_on(db_url: str) -> None:
+    keys = [LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8, w=8 * (i + 1), stride=1, batch=1) for i in range(4)]
+
+    def timer(key: LatencyKey, dev: torch.device, method: Method) -> Timing:
+        if key == keys[1]:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 52.00 GiB")
+        if key == keys[2]:
+            raise ValueError("unsupported on this device")
+        return Timing(samples_us=STEADY, iters_per_sample=1, timer="fake", timed_ns=0)
+
+    db.migrate(db_url)
+    engine = db.make_engine(db_url)
+    sessions = db.session_factory(engine)
+    with sessions() as s:
+        dev = crud.get_or_create_device(s, ident=device.cpu_identity())
+        env = crud.get_or_create_environment(s, device=dev, ident=device.environment(torch.device("cpu"), 1, False))
+        job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=keys, force=False)
+        worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, Method(), owner="me", trust=Trust(),
+                              timer=timer, reference=lambda d: Timing([1.0, 1.0, 1.0], 1, "fake", 0))
+        worker._job_step()
+        s.refresh(job)
+        assert job.state == "failed" and job.done == 4  # every key was tried
+        assert [e.split(": ")[1] for e in job.errors] == ["OutOfMemoryError", "ValueError"]
+        assert keys[1].canonical in job.errors[0] and "52.00 GiB" in job.errors[0]
+        stored = set(s.scalars(select(Measurement.key)))
+        assert stored == {keys[0].canonical, keys[3].canonical}
+    engine.dispose()
+
+
+def test_measure_queue_is_bounded_fair_and_forgets_cancelled_work() -> None:
+    """Deterministic half of the queue rules, on a worker whose thread is not started."""
+    worker = DeviceWorker(None, torch.device("cpu"), 1, 1, Method(), owner="me")  # type: ignore[arg-type]
+    ran: list[str] = []
+    a = worker.submit(lambda: ran.append("a"), limit=2)
+    worker.submit(lambda: ran.append("b"), limit=2)
+    with pytest.raises(QueueFull, match="2 measurements already queued"):
+        worker.submit(lambda: ran.append("c"), limit=2)
+    assert a.cancel()  # the client of a went away before it ran
+    assert worker.queued() == 1
+    worker.submit(lambda: ran.append("d"), limit=2)  # a's place is free again
+    assert worker._run_tasks() and ran == ["b"]  # one task per call: a running job's keys alternate with them
+    assert worker._run_tasks() and ran == ["b", "d"]
+    assert not worker._run_tasks() and worker.queued() == 0
+
+
+def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) -> None:
+    """Live: one measurement runs (≥ 3 s: 30 samples of ≥ 100 ms), one waits and its client gives
+    up after 1 s, so it never runs; a third is refused with 503 while the queue is full; a fourth,
+    sent after the second left, is accepted."""
+    slow = {"GAS_MEASURE_QUEUE": "1", "GAS_E2E_SAMPLES": "30", "GAS_MIN_SAMPLE_MS": "100"}
+    srv = start_server(f"sqlite:///{tmp_path / 'q.db'}", tmp_path, slow)
+    body = {"genotype": json.loads(random_genotype(TINY, torch.Generator().manual_seed(0)).to_json()),
+            "input_size": [32, 48]}
+    results: dict[str, int] = {}
+
+    def post(name: str, timeout: float) -> None:
+        try:
+            with srv.client(timeout=timeout) as c:
+                results[name] = c.post("/measure", json=body).status_code
+        except httpx.TimeoutException:
+            results[name] = -1
+
+    try:
+        first = threading.Thread(target=post, args=("first", 120))
+        first.start()
+        time.sleep(1.0)
+        leaver = threading.Thread(target=post, args=("leaver", 1.0))
+        leaver.start()
+        time.sleep(0.3)
+        with srv.client() as c:
+            refused = c.post("/measure", json=body)
+        assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
+        assert "already queued" in refused.json()["detail"]
+        leaver.join()
+        deadline = time.monotonic() + 10
+        while "measure cancelled before it ran" not in srv.log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        post("last", 120)
+        first.join()
+        assert results == {"first": 200, "leaver": -1, "last": 200}
+        assert "measure cancelled before it ran" in srv.log.read_text()
+    finally:
+        stop_server(srv)
+    engine = db.make_engine(f"sqlite:///{tmp_path / 'q.db'}")
+    with db.session_factory(engine)() as s:
+        assert s.scalar(select(func.count()).select_from(E2EMeasurement)) == 2  # the leaver's never ran
+    engine.dispose()
+
+
+def _rows(url: str) -> tuple[int, int]:
+    engine = db.make_engine(url)
+    with db.session_factory(engine)() as s:
+        rows = s.scalar(select(func.count()).select_from(Measurement)) or 0
+        distinct = s.scalar(select(func.count(func.distinct(Measurement.key_hash)))) or 0
+    engine.dispose()
+    return rows, distinct
+
+
+def _start_job(srv, body: dict, at_least: int) -> str:  # type: ignore[no-untyped-def]
+    with srv.client() as c:
+        job_id = c.post("/profile", json=body).json()["id"]
+        deadline = time.monotonic() + 120
+        while c.get(f"/jobs/{job_id}").json()["done"] < at_least and time.monotonic() < deadline:
+            time.sleep(0.05)
+    return job_id
+
+
+def test_sigterm_mid_job_exits_within_10s_and_rolls_the_key_back(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 't.db'}"
+    body, n = {"keys": KEYS}, len(KEYS)
+    srv = start_server(url, tmp_path, SLOW_KEYS)
+    try:
+        job_id = _start_job(srv, body, 2)
+        t0 = time.monotonic()
+        srv.proc.send_signal(signal.SIGTERM)
+        srv.proc.wait(30)
+        took = time.monotonic() - t0
+    finally:
+        stop_server(srv)
+    assert took <= 10, f"SIGTERM took {took:.1f} s"
+    rows, _ = _rows(url)
+    engine = db.make_engine(url)
+    with db.session_factory(engine)() as s:
+        job = crud.get_job(s, job_id=job_id)
+        assert job is not None and job.state == "running" and rows == job.done < n  # no row without its progress
+    engine.dispose()
+    srv = start_server(url, tmp_path)  # fast timing: finish the job
+    try:
+        with srv.client() as c:
+            job_after = wait_job(c, job_id, timeout=120)
+        assert job_after["state"] == "done" and job_after["done"] == n
+    finally:
+        stop_server(srv)
+    assert _rows(url) == (n, n)
+
+
+@pytest.mark.postgres
+def test_postgres_restarted_mid_job_the_job_carries_on(tmp_path: Path) -> None:
+    bindir = pg_bin()
+    if bindir is None:
+        pytest.skip("PostgreSQL binaries (initdb) not found")
+    cluster = PgCluster(bindir).start()
+    try:
+        url = cluster.create_db()
+        body, n = {"keys": KEYS}, len(KEYS)
+        srv = start_server(url, tmp_path, SLOW_KEYS)
+        try:
+            job_id = _start_job(srv, body, 2)
+            cluster.restart()
+            deadline = time.monotonic() + 300
+            while True:
+                try:
+                    with srv.client() as c:
+                        job = c.get(f"/jobs/{job_id}").json()
+                    if job["state"] not in ("queued", "running") or time.monotonic() > deadline:
+                        break
+                except (httpx.HTTPError, json.JSONDecodeError):
+                    pass
+                time.sleep(0.5)
+            assert job["state"] == "done" and job["done"] == n and not job["errors"], job
+        finally:
+            stop_server(srv)
+        assert "device worker step failed" in srv.log.read_text()  # it did see the database go away
+        assert _rows(url) == (n, n)
+    finally:
+        cluster.stop()
