@@ -77,7 +77,7 @@ def serve(
     # SIGTERM: half the grace for open requests, half for the worker (Host.close), so a container
     # stops inside Docker's 10 s with the key in flight rolled back
     uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s / 2)))
+                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s / 2)), timeout_keep_alive=30)
 
 
 @app.command()

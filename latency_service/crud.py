@@ -285,24 +285,26 @@ def create_job(
     session: Session, *, device_id: int, environment_id: int, request_hash: str, keys: list[LatencyKey], force: bool
 ) -> tuple[Job, bool]:
     """(job, created). An identical request already queued or running returns that job; the
-    partial unique index on ``request_hash`` makes this hold across processes too."""
-    existing = find_active_job(session, request_hash=request_hash)
-    if existing is not None:
-        return existing, False
-    job = Job(
-        id=str(uuid.uuid4()), device_id=device_id, environment_id=environment_id, request_hash=request_hash,
-        state="queued", keys=[k.canonical for k in keys], force=force, total=len(keys), done=0, skipped=0, errors=[],
-    )
-    session.add(job)
-    try:
-        session.commit()
-    except IntegrityError:
-        session.rollback()
+    partial unique index on ``request_hash`` makes this hold across processes too. When a
+    concurrent identical request wins the insert and its job has already ended (all its keys
+    were stored), the insert is simply tried again."""
+    for _ in range(5):
         existing = find_active_job(session, request_hash=request_hash)
-        if existing is None:
-            raise
-        return existing, False
-    return job, True
+        if existing is not None:
+            return existing, False
+        job = Job(
+            id=str(uuid.uuid4()), device_id=device_id, environment_id=environment_id, request_hash=request_hash,
+            state="queued", keys=[k.canonical for k in keys], force=force, total=len(keys), done=0, skipped=0,
+            errors=[],
+        )
+        session.add(job)
+        try:
+            session.commit()
+        except IntegrityError:
+            session.rollback()
+            continue
+        return job, True
+    raise RuntimeError(f"could not queue the job for request {request_hash[:12]}: it kept racing identical requests")
 
 
 def get_job(session: Session, *, job_id: str) -> Job | None:

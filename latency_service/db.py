@@ -28,10 +28,18 @@ def _migrations_dir() -> Path:
 MIGRATIONS = _migrations_dir()
 
 
+POOL_CONNECTIONS = 40
+"""Connections a service may hold: one per API worker thread (``Host.start`` caps anyio's thread
+pool one below it) and one for the device worker. With fewer connections than threads, 64
+concurrent requests left every thread waiting on the pool and /health took 30 s (its timeout)."""
+
+
 def make_engine(url: str) -> Engine:
-    """SQLite gets WAL and a busy timeout so the profiling worker and the API can share it."""
+    """SQLite gets WAL and a busy timeout so the profiling worker and the API can share it. The
+    pool opens up to :data:`POOL_CONNECTIONS` (a fleet's PostgreSQL needs that many per host)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=5,
+                               max_overflow=POOL_CONNECTIONS - 5)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]
@@ -42,7 +50,7 @@ def make_engine(url: str) -> Engine:
             cur.close()
 
         return engine
-    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+    return create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=POOL_CONNECTIONS - 10)
 
 
 def alembic_config(url: str) -> Config:

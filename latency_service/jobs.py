@@ -79,6 +79,7 @@ class DeviceWorker:
         self.timer, self.reference, self.clock = timer, reference, clock
         self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
         self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
+        self.on_write: Callable[[], None] | None = None  # told after rows are committed (table caches)
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
     # ------------------------------------------------------------ control
@@ -282,6 +283,8 @@ class DeviceWorker:
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
         if crud.rows_changed(s.execute(q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly))):
             s.commit()
+            if newly:
+                self._wrote()
             s.refresh(job)
             return True
         s.rollback()
@@ -304,9 +307,14 @@ class DeviceWorker:
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
         if crud.rows_changed(s.execute(q.values(**values))):
             s.commit()
+            self._wrote()
             return True
         s.rollback()
         return False
+
+    def _wrote(self) -> None:
+        if self.on_write is not None:
+            self.on_write()
 
     @staticmethod
     def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:

@@ -7,9 +7,11 @@ import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import anyio.to_thread
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 
+from latency_service import db
 from latency_service.api import errors
 from latency_service.api.routes import health, jobs, measure, table
 from latency_service.core.config import Settings, get_settings
@@ -26,6 +28,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         host = Host.start(settings)
         app.state.host = host
+        # fewer API threads than pooled connections: a thread never waits on the pool for a
+        # connection that only another thread could hand back (latency_service/db.py)
+        anyio.to_thread.current_default_thread_limiter().total_tokens = db.POOL_CONNECTIONS - 2
         try:
             yield
         finally:

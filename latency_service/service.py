@@ -3,12 +3,14 @@ device and environment, the device worker, and the operations both front ends ne
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import logging
 import os
 import statistics
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Hashable
 from dataclasses import dataclass, field
@@ -80,6 +82,55 @@ def pin_cpus(settings: Settings) -> None:
     log.info("pinned to CPUs %s", settings.cpu_affinity)
 
 
+@dataclass(frozen=True)
+class Rendered:
+    """One table response, rendered once: its bytes, gzip-compressed bytes and ETag."""
+
+    body: bytes
+    gzip_body: bytes
+    media: str
+    etag: str
+    environment: str
+
+    @classmethod
+    def of(cls, body: bytes, media: str, environment: str) -> Rendered:
+        return cls(body, gzip.compress(body, 6), media, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', environment)
+
+
+class TableCache:
+    """Rendered tables by version, and which version each request saw last. A request seen less
+    than ``ttl_s`` ago with no write by this host since is answered without touching the database:
+    under load the device/environment/version queries, not the bytes, were what cost (64 clients:
+    p50 0.26–0.56 s, p99 1.8–4.0 s on a 44 KB table). Rows written by other hosts of a fleet show
+    within ``ttl_s``."""
+
+    def __init__(self, ttl_s: float, size: int = 64) -> None:
+        self.ttl_s = ttl_s
+        self._rendered = LRU(size)
+        self._recent = LRU(size)
+        self._generation = 0
+
+    def rendered(self, version: Hashable) -> Rendered | None:
+        return self._rendered.get(version)  # type: ignore[no-any-return]
+
+    def put(self, version: Hashable, rendered: Rendered) -> Rendered:
+        return self._rendered.put(version, rendered)  # type: ignore[no-any-return]
+
+    def recent(self, request: Hashable) -> Rendered | None:
+        hit = self._recent.get(request)
+        if hit is None:
+            return None
+        rendered, generation, expires = hit
+        return rendered if generation == self._generation and time.monotonic() < expires else None
+
+    def remember(self, request: Hashable, rendered: Rendered) -> None:
+        self._recent.put(request, (rendered, self._generation, time.monotonic() + self.ttl_s))
+
+    def invalidate(self) -> None:
+        """This host wrote rows: no remembered version is known any more."""
+        self._generation += 1
+
+
 class RequestError(ValueError):
     """Bad input; the message names the field. The API maps it to 422, the CLI to exit 2."""
 
@@ -95,7 +146,7 @@ class Host:
     worker: DeviceWorker
     engine: Engine
     sessions: sessionmaker[Session]
-    table_cache: LRU = field(default_factory=LRU)
+    table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
 
     @classmethod
     def start(cls, settings: Settings, *, run_worker: bool = True) -> Host:
@@ -133,7 +184,9 @@ class Host:
                       reference_drift_pct=settings.reference_drift_pct)
         worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
                               stale_s=settings.job_stale_s, trust=trust)
-        host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions)
+        cache = TableCache(settings.table_version_ttl_s)
+        worker.on_write = cache.invalidate
+        host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions, cache)
         log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
                  db.redact(settings.database_url))
         if run_worker:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hmac
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request, status
@@ -13,16 +13,25 @@ from sqlalchemy.orm import Session
 from latency_service.service import Host
 
 
-def get_host(request: Request) -> Host:
+async def get_host(request: Request) -> Host:
+    # async (no I/O): a sync dependency costs a thread-pool hop per request
     return request.app.state.host
 
 
 HostDep = Annotated[Host, Depends(get_host)]
 
 
-def get_session(host: HostDep) -> Iterator[Session]:
-    with host.sessions() as session:
+async def get_session(host: HostDep) -> AsyncIterator[Session]:
+    """A session per request, opened and closed on the event loop. A sync generator here ran its
+    exit on a worker thread: under 64 concurrent requests every worker thread waited for a pooled
+    connection that only a finished request's exit, itself waiting for a thread, would return
+    (/health took 30 s, the pool's timeout). Creating a session takes no connection; closing one
+    hands it back at once, without a thread."""
+    session = host.sessions()
+    try:
         yield session
+    finally:
+        session.close()
 
 
 SessionDep = Annotated[Session, Depends(get_session)]
@@ -44,13 +53,13 @@ def _check_bearer(creds: HTTPAuthorizationCredentials | None, accepted: list[str
         raise HTTPException(status.HTTP_403_FORBIDDEN, "wrong bearer token")
 
 
-def require_token(host: HostDep, creds: Credentials) -> None:
+async def require_token(host: HostDep, creds: Credentials) -> None:
     """Mutating routes need ``Authorization: Bearer <GAS_API_TOKEN>`` when the token is set."""
     if host.settings.api_token is not None:
         _check_bearer(creds, [host.settings.api_token], "GAS_API_TOKEN")
 
 
-def require_read(host: HostDep, creds: Credentials) -> None:
+async def require_read(host: HostDep, creds: Credentials) -> None:
     """Read routes are open unless ``GAS_READ_TOKEN`` is set; then they take it or the write token."""
     st = host.settings
     if st.read_token is not None:

@@ -6,16 +6,19 @@ cannot carry. This one names each field, says what is wrong with it and echoes a
 from __future__ import annotations
 
 import json
+import logging
 from typing import Any
 
 from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gas_core.errors import where
 
+log = logging.getLogger(__name__)
 ECHO_CHARS = 120
 MAX_ERRORS = 20
 
@@ -85,9 +88,18 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
+async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """The database refused or dropped the connection (a restart, a failover, SQLite locked past
+    its busy timeout): a 503 the client may retry, not a 500 that looks like a bug here."""
+    log.warning("%s %s: database unavailable: %s", request.method, request.url.path, str(exc).splitlines()[0])
+    return JSONResponse(status_code=status.HTTP_503_SERVICE_UNAVAILABLE, headers={"Retry-After": "1"},
+                        content={"message": "database unavailable (restarting or busy); retry shortly"})
+
+
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """The error handler, gzip for large responses when the client accepts it (a table with its
     samples compresses ~3×), and the body limit outermost, so nothing reads an oversized body."""
     app.add_exception_handler(RequestValidationError, validation_error)
+    app.add_exception_handler(OperationalError, database_unavailable)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     app.add_middleware(BodyLimit, limit=max_body_bytes)

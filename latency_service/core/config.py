@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(default=8.0, ge=0, le=300, description="on SIGTERM, seconds to let requests "
                                     "and the key in flight finish before exiting (Docker allows 10)")
 
+    table_version_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="GET /table answers from its "
+                                       "pre-rendered bytes for this long after it last read the table's version "
+                                       "(this host's own writes are seen at once; other hosts' within this)")
+
     # request bounds
     max_channels: int = Field(default=4096, ge=1)
     max_batch: int = Field(default=64, ge=1)

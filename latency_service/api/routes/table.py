@@ -1,12 +1,12 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import logging
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -27,6 +27,7 @@ from latency_service.schemas import (
     TablePublic,
     TableRef,
 )
+from latency_service.service import Host, Rendered
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tables"])
@@ -54,9 +55,8 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
         404: {"description": "unknown device or environment"},
     },
 )
-def table(
+async def table(
     device: str,
-    session: SessionDep,
     host: HostDep,
     environment: str | None = None,
     dtype: Dtype | None = None,
@@ -66,22 +66,41 @@ def table(
     format: Literal["json", "csv"] = "json",
     samples: bool = Query(False, description="include every raw sample (µs) of each row"),
     if_none_match: Annotated[str | None, Header()] = None,
+    accept_encoding: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
-    dev, env = _device_env(session, device, environment)
-    filters: dict[str, Any] = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch, memory_format=memory_format,
-                   op=op)
-    version = crud.table_version(session, **filters)
-    cache_key = (tuple(filters.items()), format, samples, version)
-    cached = host.table_cache.get(cache_key)
-    if cached is None:
-        body, media = _render(session, dev, env, filters, format, samples)
-        etag = '"' + hashlib.sha256(body).hexdigest()[:32] + '"'
-        cached = host.table_cache.put(cache_key, (body, media, etag))
-    body, media, etag = cached
-    headers = {"ETag": etag, "X-GAS-Environment": env.fingerprint, "Cache-Control": "no-cache"}
-    if if_none_match is not None and etag_matches(if_none_match, etag):
+    """Served from pre-rendered bytes (JSON or CSV, plain and gzip) whenever the table's version
+    is known: for ``GAS_TABLE_VERSION_TTL_S`` after it was read, or until this host writes a row.
+    Only then are the device, environment and version looked up again (on a worker thread: the
+    known-version path never leaves the event loop), and the table re-rendered only when its
+    version changed."""
+    request_key = (device, environment, dtype, batch, memory_format, op, format, samples)
+    rendered = host.table_cache.recent(request_key)
+    if rendered is None:
+        rendered = await run_in_threadpool(_current, host, request_key)
+    headers = {"ETag": rendered.etag, "X-GAS-Environment": rendered.environment, "Cache-Control": "no-cache",
+               "Vary": "Accept-Encoding"}
+    if if_none_match is not None and etag_matches(if_none_match, rendered.etag):
         return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    return Response(content=body, media_type=media, headers=headers)
+    if accept_encoding is not None and "gzip" in accept_encoding.lower():
+        return Response(content=rendered.gzip_body, media_type=rendered.media,
+                        headers={**headers, "Content-Encoding": "gzip"})
+    return Response(content=rendered.body, media_type=rendered.media, headers=headers)
+
+
+def _current(host: Host, request_key: tuple) -> Rendered:
+    """The table's current version, rendered (from the cache when that version was seen)."""
+    device, environment, dtype, batch, memory_format, op, format, samples = request_key
+    with host.sessions() as session:
+        dev, env = _device_env(session, device, environment)
+        filters: dict[str, Any] = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
+                                       memory_format=memory_format, op=op)
+        version = (tuple(filters.items()), format, samples, crud.table_version(session, **filters))
+        rendered = host.table_cache.rendered(version)
+        if rendered is None:
+            body, media = _render(session, dev, env, filters, format, samples)
+            rendered = host.table_cache.put(version, Rendered.of(body, media, env.fingerprint))
+    host.table_cache.remember(request_key, rendered)
+    return rendered
 
 
 def etag_matches(if_none_match: str, etag: str) -> bool:
@@ -208,5 +227,6 @@ def import_table(
         session.rollback()
         raise HTTPException(status.HTTP_409_CONFLICT,
                             "a concurrent write to the same table (a profiling job); retry the import") from None
+    host.table_cache.invalidate()
     log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
     return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)
