@@ -46,16 +46,20 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
 
 class Augment:
     """Flip, scale in [scale_min, scale_max], crop to ``crop`` (H, W); identity when ``train`` is
-    False except the resize to ``crop`` (for validation at a fixed size)."""
+    False except the resize to ``crop`` (for validation at a fixed size). With ``keep_label`` the
+    label keeps its original size (evaluation the way Cityscapes users score: the network runs at
+    its input size, its prediction is upsampled to the 1024×2048 label)."""
 
-    def __init__(self, crop: tuple[int, int], train: bool, scale: tuple[float, float] = (0.5, 2.0)) -> None:
-        self.crop, self.train, self.scale = crop, train, scale
+    def __init__(self, crop: tuple[int, int], train: bool, scale: tuple[float, float] = (0.5, 2.0),
+                 keep_label: bool = False) -> None:
+        self.crop, self.train, self.scale, self.keep_label = crop, train, scale, keep_label
 
     def __call__(self, img: torch.Tensor, lbl: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         ch, cw = self.crop
         if not self.train:
             img = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-            lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
+            if not self.keep_label:
+                lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
             return img, lbl
         if torch.rand((), generator=gen) < 0.5:
             img, lbl = img.flip(-1), lbl.flip(-1)
@@ -195,9 +199,11 @@ class Synthetic(SegDataset):
 
 def build_datasets(
     name: str, root: str | Path | None, crop: tuple[int, int], seed: int, synthetic_size: Sequence[int] = (64, 16),
+    scale: tuple[float, float] = (0.5, 2.0), full_size_labels: bool = False,
 ) -> tuple[SegDataset, SegDataset]:
-    """(train, val). Train uses the paper's augmentation; val is resized to ``crop``."""
-    train_aug, val_aug = Augment(crop, True), Augment(crop, False)
+    """(train, val). Train uses the paper's augmentation; val images are resized to ``crop``, and
+    so are their labels unless ``full_size_labels``."""
+    train_aug, val_aug = Augment(crop, True, scale), Augment(crop, False, keep_label=full_size_labels)
     if name == "synthetic":
         src = (max(crop[0], 64), max(crop[1], 64))
         return (Synthetic(synthetic_size[0], src, train_aug, seed, split_seed=1),

@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 import torch.distributed as dist
@@ -204,7 +204,16 @@ class EpochBatches(Sampler[list[Any]]):
         return len(self.make(self.epoch))
 
 
-def rank_micro_batches(n: int, cfg: SearchConfig, d: DistInfo, epoch: int) -> list[list[tuple[int, int]]]:
+class StepPlan(Protocol):
+    """What batching needs of a config (the search's and gas-train's both have it)."""
+
+    batch: int
+    accum: int
+    seed: int
+    max_steps: int | None
+
+
+def rank_micro_batches(n: int, cfg: StepPlan, d: DistInfo, epoch: int) -> list[list[tuple[int, int]]]:
     """This rank's micro-batches of every step of ``epoch``, in order: ``accum`` per step, each
     of ``batch / (world·accum)`` ``(epoch, index)`` pairs; slot ``rank·accum + m`` of each global
     batch from :func:`search_client.data.global_batches`."""

@@ -1,0 +1,299 @@
+"""Retraining and evaluating a derived network (paper §4.2): SGD with a poly learning rate
+0.01 → 0, batch 8, online bootstrapping, random flip, scale 0.5–2.0 and crop — on the same
+devices, torchrun/NCCL, AMP and DataLoader machinery as the search (search_client.search).
+
+Online bootstrapping (Wu et al., 2016, as the paper uses it): the cross-entropy is averaged
+over the hardest pixels only — the ``bootstrap_fraction`` of a batch's labelled pixels with the
+highest loss, but never fewer than ``bootstrap_min_kept`` (or all of them, if fewer are
+labelled). Easy pixels (most of the road and sky) stop dominating the gradient.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+from collections.abc import Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from gas_core.genotype import Genotype
+from gas_core.network import GASNet
+from search_client.data import IGNORE, SegDataset, confusion, miou
+from search_client.search import ComputeConfig, DistInfo, EpochBatches, default_workers, rank_micro_batches, resolve_device
+
+log = logging.getLogger(__name__)
+TRAIN_CHECKPOINT_KIND = "gas-train-checkpoint"
+
+
+class TrainConfig(BaseModel):
+    """The paper's retraining recipe as defaults; every part is a flag of ``gas-train``."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = 1
+    epochs: int = Field(default=200, ge=1, description="training epochs (paper: 200 on Cityscapes)")
+    batch: int = Field(default=8, ge=1, description="global batch (all ranks and accumulation steps together)")
+    accum: int = Field(default=1, ge=1, description="micro-batches accumulated per step on each rank")
+    lr: float = Field(default=0.01, gt=0, description="initial SGD learning rate, decayed by poly to 0")
+    poly_power: float = Field(default=0.9, gt=0, description="lr = lr0 · (1 − step / steps)^power")
+    momentum: float = Field(default=0.9, ge=0, lt=1, description="SGD momentum")
+    weight_decay: float = Field(default=5e-4, ge=0, description="SGD weight decay")
+    bootstrap_fraction: float = Field(default=0.25, gt=0, le=1, description="online bootstrapping: share of a "
+                                      "batch's labelled pixels, hardest first, that the loss averages over (1 = "
+                                      "plain cross-entropy)")
+    bootstrap_min_kept: int = Field(default=4096, ge=1, description="online bootstrapping: keep at least this "
+                                    "many pixels per batch")
+    scale_min: float = Field(default=0.5, gt=0, description="random scale, lower bound")
+    scale_max: float = Field(default=2.0, gt=0, description="random scale, upper bound")
+    seed: int = Field(default=0, description="seeds weights, batches and augmentation")
+    max_steps: int | None = Field(default=None, ge=1, description="cap the steps per epoch (smoke runs)")
+
+
+def bootstrapped_ce(logits: torch.Tensor, target: torch.Tensor, fraction: float, min_kept: int) -> torch.Tensor:
+    """Cross-entropy averaged over the hardest pixels. ``logits`` [N, C, H, W] (upsampled to the
+    label), ``target`` [N, H, W] with 255 = ignore. Keeps ``max(min_kept, ⌈fraction · valid⌉)``
+    pixels, capped at the valid count."""
+    loss = F.cross_entropy(logits.float(), target, ignore_index=IGNORE, reduction="none").flatten()
+    valid = loss[target.flatten() != IGNORE]
+    if valid.numel() == 0:
+        return logits.sum() * 0.0
+    k = min(valid.numel(), max(min_kept, math.ceil(fraction * valid.numel())))
+    return valid.topk(k, sorted=False).values.mean()
+
+
+@dataclass
+class TrainState:
+    net: nn.Module
+    model: GASNet
+    opt: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    compute: ComputeConfig
+    total_steps: int
+    step: int = 0
+    history: list[dict] = field(default_factory=list)
+
+    def autocast(self) -> Any:
+        if self.compute.amp == "off":
+            return nullcontext()
+        dtype = torch.bfloat16 if self.compute.amp == "bf16" else torch.float16
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmt = torch.channels_last if self.compute.channels_last else torch.contiguous_format
+        return (x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True))
+
+
+def build_model(genotype: Genotype, device: torch.device, compute: ComputeConfig, d: DistInfo, seed: int,
+                ) -> tuple[GASNet, nn.Module]:
+    torch.manual_seed(seed)
+    model = GASNet(genotype).to(device)
+    if compute.channels_last:
+        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net: nn.Module = model
+    if d.world > 1:
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net
+
+
+def make_train_loaders(cfg: TrainConfig, train: SegDataset, val: SegDataset | None, d: DistInfo,
+                       device: torch.device, workers: int | None, eval_batch: int = 2,
+                       ) -> tuple[DataLoader, DataLoader | None, list[EpochBatches]]:
+    """Train: this rank's slot of every global batch (the search's sampler); val: this rank's
+    shard, one image at a time when labels keep their original size."""
+    n_workers = default_workers(d.local_world) if workers is None else workers
+    opts: dict[str, Any] = {"num_workers": n_workers, "pin_memory": device.type == "cuda",
+                            "persistent_workers": n_workers > 0}
+    train_s = EpochBatches(lambda e: rank_micro_batches(len(train), cfg, d, e))
+    samplers = [train_s]
+    val_loader = None
+    if val is not None:
+        shard = list(range(d.rank, len(val), d.world))
+        val_s = EpochBatches(lambda e: [shard[j : j + eval_batch] for j in range(0, len(shard), eval_batch)])
+        val_loader = DataLoader(val, batch_sampler=val_s, **opts)
+        samplers.append(val_s)
+    return DataLoader(train, batch_sampler=train_s, **opts), val_loader, samplers
+
+
+def poly_lr(cfg: TrainConfig, step: int, total: int) -> float:
+    return cfg.lr * (1 - min(step, total) / total) ** cfg.poly_power
+
+
+def train_epoch(s: TrainState, cfg: TrainConfig, loader: DataLoader, epoch: int, progress: bool) -> dict[str, float]:
+    """One epoch of SGD with the poly schedule set per step; returns mean loss and last lr."""
+    s.net.train()
+    losses: list[float] = []
+    lr = poly_lr(cfg, s.step, s.total_steps)
+    batches: Iterator = iter(loader)
+    n_steps = len(loader) // cfg.accum
+    with tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False) as bar:
+        for _ in range(n_steps):
+            lr = poly_lr(cfg, s.step, s.total_steps)
+            for g in s.opt.param_groups:
+                g["lr"] = lr
+            s.opt.zero_grad(set_to_none=True)
+            total = 0.0
+            for _m in range(cfg.accum):
+                x, y = s.to_device(*next(batches))
+                with s.autocast():
+                    logits = s.net(x)
+                loss = bootstrapped_ce(logits, y, cfg.bootstrap_fraction, cfg.bootstrap_min_kept) / cfg.accum
+                s.scaler.scale(loss).backward()
+                total += float(loss.detach())
+            s.scaler.step(s.opt)
+            s.scaler.update()
+            s.step += 1
+            losses.append(total)
+            bar.update()
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.5f}")
+    return {"loss": sum(losses) / max(1, len(losses)), "lr": lr}
+
+
+def predict(model: nn.Module, x: torch.Tensor, out_hw: tuple[int, int], flip: bool = False,
+            scales: tuple[float, ...] = (1.0,)) -> torch.Tensor:
+    """Class probabilities [N, C, *out_hw] for ``x`` [N, 3, H, W]: averaged over ``scales`` (the
+    input resized by each) and, with ``flip``, the mirrored input; upsampled to ``out_hw`` (the
+    label's own size: Cityscapes is scored at 1024×2048 whatever size the network runs at)."""
+    h, w = x.shape[-2:]
+    acc = None
+    for sc in scales:
+        xs = x if sc == 1.0 else F.interpolate(x, size=(round(h * sc), round(w * sc)), mode="bilinear",
+                                               align_corners=False)
+        views = [(xs, False), (xs.flip(-1), True)] if flip else [(xs, False)]
+        for v, flipped in views:
+            p = F.interpolate(model(v).float(), size=out_hw, mode="bilinear", align_corners=False).softmax(1)
+            p = p.flip(-1) if flipped else p
+            acc = p if acc is None else acc + p
+    assert acc is not None
+    return acc
+
+
+@torch.no_grad()
+def evaluate_confusion(model: nn.Module, loader: DataLoader, num_classes: int, device: torch.device,
+                       d: DistInfo, flip: bool = False, scales: tuple[float, ...] = (1.0,),
+                       progress: bool = False) -> torch.Tensor:
+    """Confusion matrix [C, C] (rows = truth) over this rank's shard, all-reduced across ranks."""
+    model.eval()
+    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    for x, y in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+        x, y = x.to(device), y.to(device)
+        conf += confusion(predict(model, x, tuple(y.shape[-2:]), flip, scales).argmax(1), y, num_classes)
+    if d.world > 1:
+        dist.all_reduce(conf)
+    return conf.cpu()
+
+
+def checkpoint_payload(s: TrainState, cfg: TrainConfig, genotype: Genotype, epoch: int,
+                       input_size: tuple[int, int]) -> dict:
+    return {"kind": TRAIN_CHECKPOINT_KIND, "schema_version": 1, "epoch": epoch, "config": cfg.model_dump(mode="json"),
+            "input_size": list(input_size),
+            "genotype": genotype.model_dump(mode="json"), "model": s.model.state_dict(), "opt": s.opt.state_dict(),
+            "scaler": s.scaler.state_dict(), "step": s.step, "history": s.history}
+
+
+def save_checkpoint(payload: dict, path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)  # atomic: a crash mid-save keeps the previous checkpoint
+
+
+class CheckpointError(ValueError):
+    """Not a readable gas-train checkpoint, or one of another network; one line for the CLI."""
+
+
+def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
+    """A gas-train checkpoint, checked: a file that is not one says so in one line."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path}: no such file")
+    try:
+        ck = torch.load(path, map_location=device, weights_only=False)
+    except Exception as err:  # truncated, not a torch file, pickled garbage
+        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({type(err).__name__})") from None
+    if not isinstance(ck, dict) or ck.get("kind") != TRAIN_CHECKPOINT_KIND:
+        raise CheckpointError(f"checkpoint {path}: not a gas-train checkpoint (no kind={TRAIN_CHECKPOINT_KIND!r})")
+    return ck
+
+
+def init_from(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
+    """Copy the tensors of ``path`` whose name and shape match ``model``'s (pretrained weights,
+    another genotype's checkpoint, a gas-train checkpoint); returns (matched, unmatched) names of
+    the model. Accepts a bare state_dict or a dict holding one under ``model``/``state_dict``."""
+    if not path.is_file():
+        raise CheckpointError(f"--init {path}: no such file")
+    try:
+        raw = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as err:
+        raise CheckpointError(f"--init {path}: not a readable torch checkpoint ({type(err).__name__})") from None
+    state = raw.get("model", raw.get("state_dict", raw)) if isinstance(raw, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"--init {path}: holds no state_dict of tensors")
+    own = model.state_dict()
+    matched = [k for k, v in state.items() if k in own and own[k].shape == v.shape]
+    model.load_state_dict({k: state[k] for k in matched}, strict=False)
+    return matched, sorted(set(own) - set(matched))
+
+
+def write_csv(history: list[dict], path: Path) -> None:
+    if not history:
+        return
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(history[0]))
+        w.writeheader()
+        w.writerows(history)
+
+
+def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: SegDataset | None, out: Path,
+          compute: ComputeConfig, d: DistInfo, resume: bool = False, init: Path | None = None,
+          progress: bool = True) -> TrainState:
+    """The loop: a checkpoint (``out/last.pt``) and a CSV row (``out/train_log.csv``) per epoch."""
+    device = resolve_device(compute.device, d.local_rank, d.world)
+    model, net = build_model(genotype, device, compute, d, cfg.seed)
+    if init is not None:
+        matched, unmatched = init_from(model, init)
+        log.info("--init %s: %d tensors matched by name and shape, %d did not%s", init, len(matched), len(unmatched),
+                 f" (first: {', '.join(unmatched[:5])})" if unmatched else "")
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16")
+    loader, val_loader, samplers = make_train_loaders(cfg, train_ds, val_ds, d, device, compute.workers)
+    steps_per_epoch = len(rank_micro_batches(len(train_ds), cfg, d, 0)) // cfg.accum
+    if steps_per_epoch == 0:
+        raise ValueError(f"--batch {cfg.batch}: the training set has only {len(train_ds)} images")
+    s = TrainState(net, model, opt, scaler, device, compute, steps_per_epoch * cfg.epochs)
+    out.mkdir(parents=True, exist_ok=True)
+    start = 0
+    if resume and (out / "last.pt").is_file():
+        ck = read_checkpoint(out / "last.pt", device)
+        if ck["config"] != cfg.model_dump(mode="json") or ck["genotype"] != genotype.model_dump(mode="json"):
+            raise CheckpointError(f"{out / 'last.pt'} was written for another genotype or recipe; use a new --out")
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        scaler.load_state_dict(ck["scaler"])
+        s.step, s.history, start = ck["step"], ck["history"], ck["epoch"] + 1
+        log.info("resumed at epoch %d/%d", start + 1, cfg.epochs)
+    for epoch in range(start, cfg.epochs):
+        for sm in samplers:
+            sm.set_epoch(epoch)
+        train_ds.set_epoch(epoch)
+        stats = train_epoch(s, cfg, loader, epoch, progress and d.main)
+        val = math.nan
+        if val_loader is not None:
+            val = miou(evaluate_confusion(model, val_loader, train_ds.num_classes, device, d))
+        s.history.append({"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "val_miou": val})
+        if d.main:
+            save_checkpoint(checkpoint_payload(s, cfg, genotype, epoch, train_ds.augment.crop),
+                            out / "last.pt")
+            write_csv(s.history, out / "train_log.csv")
+            log.info("epoch %d/%d  loss %.4f  lr %.5f  val mIoU %.3f", epoch + 1, cfg.epochs, stats["loss"],
+                     stats["lr"], val)
+    return s

@@ -1,0 +1,334 @@
+"""``gas-train``, ``gas-eval``, ``gas-export``: from a searched ``genotype.json`` to a trained,
+evaluated, deployable network — the paper's Table 1 row (mIoU, latency, FPS) for your device.
+
+Devices, AMP, DataLoader workers and ``torchrun`` work exactly as in ``gas-search``
+(``torchrun --nproc_per_node N -m search_client.train_cli train …``: NCCL, one GPU per rank).
+Bad input (a missing data root, a genotype whose classes do not match the dataset, a corrupt or
+foreign checkpoint) is one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import platform
+import sys
+from pathlib import Path
+from typing import Annotated, Literal, NoReturn
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+import typer  # noqa: E402
+from pydantic import BaseModel, ValidationError  # noqa: E402
+
+from gas_core.errors import one_line  # noqa: E402
+from gas_core.genotype import Genotype  # noqa: E402
+from gas_core.network import GASNet  # noqa: E402
+from search_client.client import LatencyClient, ServiceError  # noqa: E402
+from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
+from search_client.export import export  # noqa: E402
+from search_client.search import ComputeConfig, DistInfo, init_distributed, resolve_device  # noqa: E402
+from search_client.train import (  # noqa: E402
+    CheckpointError,
+    TrainConfig,
+    evaluate_confusion,
+    make_train_loaders,
+    read_checkpoint,
+    train,
+)
+
+log = logging.getLogger("gas-train")
+Dataset = Literal["synthetic", "cityscapes", "camvid"]
+CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
+               "synthetic": ("background", "disc", "rectangle", "stripes")}
+_T = TrainConfig()
+_C = ComputeConfig()
+
+
+def _h(name: str) -> str:
+    f = TrainConfig.model_fields.get(name) or ComputeConfig.model_fields[name]
+    return f.description or name
+
+
+def _fail(tool: str, msg: str, code: int = 2) -> NoReturn:
+    typer.echo(f"{tool}: error: {msg}", err=True)
+    raise typer.Exit(code)
+
+
+def _setup_logging(d: DistInfo) -> None:
+    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+
+def read_genotype(path: Path) -> Genotype:
+    try:
+        return Genotype.model_validate_json(path.read_text())
+    except OSError as err:
+        raise ValueError(f"genotype {path}: {err.strerror}") from None
+    except (ValidationError, UnicodeDecodeError) as err:
+        detail = one_line(err) if isinstance(err, ValidationError) else "not UTF-8 text"
+        raise ValueError(f"genotype {path}: not a GAS genotype ({detail})") from None
+
+
+def datasets_for(genotype: Genotype, dataset: str, data_root: Path | None, size: tuple[int, int], seed: int,
+                 synthetic_size: tuple[int, int], scale: tuple[float, float] = (0.5, 2.0),
+                 full_size_labels: bool = False) -> tuple[SegDataset, SegDataset]:
+    """The datasets, checked against the genotype: its layout must predict the dataset's classes."""
+    train_ds, val_ds = build_datasets(dataset, data_root, size, seed, synthetic_size, scale, full_size_labels)
+    if genotype.layout.num_classes != train_ds.num_classes:
+        raise ValueError(f"the genotype's layout predicts {genotype.layout.num_classes} classes but {dataset} has "
+                         f"{train_ds.num_classes}; search with a layout of {train_ds.num_classes} classes")
+    return train_ds, val_ds
+
+
+# ---------------------------------------------------------------- gas-train
+
+train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@train_app.command(help=__doc__)
+def train_cmd(
+    genotype: Annotated[Path, typer.Argument(help="genotype.json written by gas-search")],
+    dataset: Annotated[Dataset, typer.Option(help="training data")] = "synthetic",
+    data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout (Cityscapes: "
+                                                        "leftImg8bit/ and gtFine/; CamVid: train/, trainannot/, …)")] = None,
+    input_size: Annotated[tuple[int, int], typer.Option(help="H W of the training crops (paper: 769 1537)")] = (
+        256, 512),
+    epochs: Annotated[int, typer.Option(help=_h("epochs"))] = _T.epochs,
+    batch: Annotated[int, typer.Option(help=_h("batch"))] = _T.batch,
+    accum: Annotated[int, typer.Option(help=_h("accum"))] = _T.accum,
+    lr: Annotated[float, typer.Option(help=_h("lr"))] = _T.lr,
+    poly_power: Annotated[float, typer.Option(help=_h("poly_power"))] = _T.poly_power,
+    momentum: Annotated[float, typer.Option(help=_h("momentum"))] = _T.momentum,
+    weight_decay: Annotated[float, typer.Option(help=_h("weight_decay"))] = _T.weight_decay,
+    bootstrap_fraction: Annotated[float, typer.Option(help=_h("bootstrap_fraction"))] = _T.bootstrap_fraction,
+    bootstrap_min_kept: Annotated[int, typer.Option(help=_h("bootstrap_min_kept"))] = _T.bootstrap_min_kept,
+    scale_min: Annotated[float, typer.Option(help=_h("scale_min"))] = _T.scale_min,
+    scale_max: Annotated[float, typer.Option(help=_h("scale_max"))] = _T.scale_max,
+    seed: Annotated[int, typer.Option(help=_h("seed"))] = _T.seed,
+    max_steps: Annotated[int | None, typer.Option(help=_h("max_steps"))] = None,
+    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
+    amp: Annotated[Literal["off", "bf16", "fp16"], typer.Option(help=_h("amp"))] = _C.amp,
+    channels_last: Annotated[bool, typer.Option(help=_h("channels_last"))] = _C.channels_last,
+    workers: Annotated[int | None, typer.Option(help=_h("workers"))] = _C.workers,
+    synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
+    init: Annotated[Path | None, typer.Option(help="start from these weights (a state_dict or checkpoint, e.g. "
+                                                   "ImageNet-pretrained); tensors are matched by name and shape and "
+                                                   "the counts of matched and unmatched ones are logged")] = None,
+    out: Annotated[Path, typer.Option(help="output directory: last.pt every epoch, train_log.csv")] = Path(
+        "runs/train"),
+    resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt (same genotype and recipe)")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+) -> None:
+    """Retrain a derived network with the paper's recipe (SGD, poly lr, online bootstrapping)."""
+    try:
+        geno = read_genotype(genotype)
+        cfg = TrainConfig(epochs=epochs, batch=batch, accum=accum, lr=lr, poly_power=poly_power, momentum=momentum,
+                          weight_decay=weight_decay, bootstrap_fraction=bootstrap_fraction,
+                          bootstrap_min_kept=bootstrap_min_kept, scale_min=scale_min, scale_max=scale_max, seed=seed,
+                          max_steps=max_steps)
+        compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
+        d = init_distributed(device)
+        resolve_device(device, d.local_rank, d.world)
+        if cfg.batch % (d.world * cfg.accum):
+            raise ValueError(f"--batch {cfg.batch} is not divisible by {d.world} ranks × --accum {cfg.accum}")
+        train_ds, val_ds = datasets_for(geno, dataset, data_root, input_size, seed, synthetic_size,
+                                        (scale_min, scale_max))
+    except ValidationError as err:
+        _fail("gas-train", one_line(err))
+    except (DataRootError, ValueError) as err:
+        _fail("gas-train", str(err))
+    _setup_logging(d)
+    try:
+        s = train(cfg, geno, train_ds, val_ds, out, compute, d, resume=resume, init=init, progress=not quiet)
+    except CheckpointError as err:
+        _fail("gas-train", str(err))
+    if d.main:
+        last = s.history[-1] if s.history else {}
+        typer.echo(f"trained {len(s.history)} epochs: loss {last.get('loss', math.nan):.4f}, val mIoU "
+                   f"{last.get('val_miou', math.nan):.3f}; checkpoint {out / 'last.pt'}, log {out / 'train_log.csv'}")
+
+
+# ---------------------------------------------------------------- gas-eval
+
+eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+class LatencyRow(BaseModel):
+    device: str
+    environment: str
+    latency_ms: float
+    fps: float
+    predicted_ms: float | None
+    error_pct: float | None
+    within_noise: bool | None
+
+
+class EvalReport(BaseModel):
+    schema_version: Literal[1] = 1
+    kind: Literal["gas-eval"] = "gas-eval"
+    checkpoint: str
+    dataset: str
+    split: str
+    input_size: tuple[int, int]
+    flip: bool
+    scales: list[float]
+    images: int
+    miou: float
+    per_class_iou: dict[str, float | None]
+    latency: LatencyRow | None = None
+
+
+def plot_confusion(conf: torch.Tensor, names: tuple[str, ...], path: Path) -> None:
+    """Row-normalised confusion (truth → prediction), so rare classes are as readable as roads."""
+    rows = conf.double()
+    norm = rows / rows.sum(1, keepdim=True).clamp(min=1)
+    fig, ax = plt.subplots(figsize=(1.2 + 0.45 * len(names), 1 + 0.45 * len(names)))
+    im = ax.imshow(norm.numpy(), cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set(xlabel="predicted class", ylabel="true class", title="confusion (each row sums to 1)")
+    fig.colorbar(im, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+@eval_app.command(help=__doc__)
+def eval_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
+    dataset: Annotated[Dataset, typer.Option(help="evaluation data (its val split)")] = "synthetic",
+    data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
+    input_size: Annotated[tuple[int, int] | None, typer.Option(
+        help="H W the network runs at (paper: 769 1537); predictions are scored at the labels' own size "
+        "(1024×2048 on Cityscapes). Default: the training crop size")] = None,
+    flip: Annotated[bool, typer.Option(help="average with the horizontally flipped image")] = False,
+    scales: Annotated[list[float] | None, typer.Option(
+        "--scale", help="multi-scale evaluation: input scale factors to average, repeatable (default 1.0)")] = None,
+    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
+    synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
+    latency_url: Annotated[str | None, typer.Option(
+        help="also measure this network on a latency service (POST /measure) and report latency, FPS and the "
+        "table's prediction beside the mIoU")] = None,
+    token: Annotated[str | None, typer.Option(help="bearer token for that service (default GAS_API_TOKEN)")] = None,
+    out: Annotated[Path, typer.Option(help="directory for eval.json and confusion.png")] = Path("runs/eval"),
+) -> None:
+    """mIoU and per-class IoU under the dataset's class names, a confusion-matrix PNG, as JSON."""
+    try:
+        ck = read_checkpoint(checkpoint)
+        geno = Genotype.model_validate(ck["genotype"])
+        cfg = TrainConfig.model_validate(ck["config"])
+        d = init_distributed(device)
+        dev = resolve_device(device, d.local_rank, d.world)
+        size = input_size or (int(ck["input_size"][0]), int(ck["input_size"][1]))
+        _, val_ds = datasets_for(geno, dataset, data_root, size, cfg.seed, synthetic_size, full_size_labels=True)
+    except (CheckpointError, DataRootError, ValueError, ValidationError) as err:
+        _fail("gas-eval", one_line(err) if isinstance(err, ValidationError) else str(err))
+    _setup_logging(d)
+    model = GASNet(geno)
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as err:
+        _fail("gas-eval", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
+    model.to(dev)
+    _, val_loader, _ = make_train_loaders(cfg, val_ds, val_ds, d, dev, 0, eval_batch=1)
+    assert val_loader is not None
+    sc = tuple(scales or [1.0])
+    conf = evaluate_confusion(model, val_loader, val_ds.num_classes, dev, d, flip, sc, progress=True)
+    names = CLASS_NAMES[dataset]
+    inter = conf.diag().double()
+    union = conf.sum(0).double() + conf.sum(1).double() - inter
+    per_class = {n: (float(inter[i] / union[i]) if union[i] > 0 else None) for i, n in enumerate(names)}
+    present = [v for v in per_class.values() if v is not None]
+    report = EvalReport(checkpoint=str(checkpoint), dataset=dataset, split="val", input_size=size, flip=flip,
+                        scales=list(sc), images=len(val_ds), miou=sum(present) / max(1, len(present)),
+                        per_class_iou=per_class)
+    if latency_url is not None:
+        report.latency = _measure(latency_url, token, geno, size)
+    out.mkdir(parents=True, exist_ok=True)
+    plot_confusion(conf, names, out / "confusion.png")
+    (out / "eval.json").write_text(report.model_dump_json(indent=2))
+    typer.echo(_format_eval(report))
+    typer.echo(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+
+
+def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int]) -> LatencyRow:
+    from search_client.cli import ClientSettings
+
+    settings = ClientSettings()
+    try:
+        with LatencyClient(url, token=token or settings.api_token) as client:
+            m = client.measure(geno, size, batch=1, dtype="float32", memory_format="contiguous")
+    except ServiceError as err:
+        _fail("gas-eval", str(err), 1)
+    return LatencyRow(device=m.device, environment=m.environment, latency_ms=m.median_ms, fps=m.fps,
+                      predicted_ms=m.predicted_ms, error_pct=m.error_pct,
+                      within_noise=m.agreement.within_noise if m.agreement else None)
+
+
+def _format_eval(r: EvalReport) -> str:
+    lines = [f"{r.dataset} {r.split}: {r.images} images at {r.input_size[0]}×{r.input_size[1]}"
+             f"{' + flip' if r.flip else ''}{' scales ' + ','.join(map(str, r.scales)) if r.scales != [1.0] else ''}",
+             f"  mIoU {r.miou:.4f}"]
+    lines += [f"  {n:<14} {'n/a' if v is None else f'{v:.4f}'}" for n, v in r.per_class_iou.items()]
+    if r.latency is not None:
+        lt = r.latency
+        pred = "n/a" if lt.predicted_ms is None else f"{lt.predicted_ms:.3f} ms ({lt.error_pct:+.1f} %)"
+        lines.append(f"  {lt.device}: latency {lt.latency_ms:.3f} ms, {lt.fps:.1f} FPS; table predicted {pred}")
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- gas-export
+
+export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
+
+
+@export_app.command(help=__doc__)
+def export_cmd(
+    checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
+    input_size: Annotated[tuple[int, int], typer.Option(help="H W the exported network takes (batch is dynamic)")],
+    runs: Annotated[int, typer.Option(help="timed runs per runtime (median, p10, p90 reported)", min=3)] = 20,
+    out: Annotated[Path, typer.Option(help="directory for model.onnx, model.ts and export.json")] = Path(
+        "runs/export"),
+) -> None:
+    """Fold BN, write ONNX (dynamic batch) and TorchScript, check both against eager, time them."""
+    try:
+        ck = read_checkpoint(checkpoint)
+        geno = Genotype.model_validate(ck["genotype"])
+        model = GASNet(geno)
+        model.load_state_dict(ck["model"])
+    except (CheckpointError, ValidationError) as err:
+        _fail("gas-export", one_line(err) if isinstance(err, ValidationError) else str(err))
+    except RuntimeError as err:
+        _fail("gas-export", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
+    torch.set_num_threads(torch.get_num_threads())
+    art = export(model, geno, input_size, out, host=f"{platform.processor() or platform.machine()}, "
+                 f"{torch.get_num_threads()} threads, torch {torch.__version__}", runs=runs)
+    for c in art.checks:
+        typer.echo(f"{c.format:<12} {c.path}: max |diff| {c.max_abs_diff:.2e} (relative {c.max_rel_diff:.2e}, "
+                   f"tolerance {c.tolerance:.0e}) {'ok' if c.passed else 'FAILED'}")
+    for name, t in art.timing_ms.items():
+        typer.echo(f"{name:<16} median {t['median']:.3f} ms (p10 {t['p10']:.3f}, p90 {t['p90']:.3f}), batch 1")
+    typer.echo(f"folded {art.batchnorm_folded} batch norms; wrote {out / 'export.json'}")
+    if not all(c.passed for c in art.checks):
+        raise typer.Exit(1)
+
+
+def train_main() -> None:
+    train_app()
+
+
+def eval_main() -> None:
+    eval_app()
+
+
+def export_main() -> None:
+    export_app()
+
+
+if __name__ == "__main__":
+    train_main()
