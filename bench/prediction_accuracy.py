@@ -113,11 +113,11 @@ def main() -> None:
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--flush", action="append", choices=["l2", "llc"],
                     help="cache level the context table's flush is sized from (repeat to compare; the first "
-                    "one's table is calibrated and searched against); default llc")
+                    "one's table is calibrated and searched against); default l2, the service's default")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=RESULTS / "prediction_accuracy.png")
     args = ap.parse_args()
-    args.flush = list(dict.fromkeys(args.flush or ["llc"]))
+    args.flush = list(dict.fromkeys(args.flush or ["l2"]))
     dev = {"GAS_DEVICE": args.device}
     flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
     size = tuple(args.input_size)

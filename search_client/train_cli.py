@@ -166,6 +166,7 @@ class LatencyRow(BaseModel):
     predicted_ms: float | None
     error_pct: float | None
     within_noise: bool | None
+    warnings: list[str] = []
 
 
 class EvalReport(BaseModel):
@@ -267,7 +268,8 @@ def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int])
         _fail("gas-eval", str(err), 1)
     return LatencyRow(device=m.device, environment=m.environment, latency_ms=m.median_ms, fps=m.fps,
                       predicted_ms=m.predicted_ms, error_pct=m.error_pct,
-                      within_noise=m.agreement.within_noise if m.agreement else None)
+                      within_noise=m.agreement.within_noise if m.agreement else None,
+                      warnings=m.agreement.warnings if m.agreement else [])
 
 
 def _format_eval(r: EvalReport) -> str:
@@ -279,6 +281,7 @@ def _format_eval(r: EvalReport) -> str:
         lt = r.latency
         pred = "n/a" if lt.predicted_ms is None else f"{lt.predicted_ms:.3f} ms ({lt.error_pct:+.1f} %)"
         lines.append(f"  {lt.device}: latency {lt.latency_ms:.3f} ms, {lt.fps:.1f} FPS; table predicted {pred}")
+        lines += [f"  WARNING: {w}" for w in lt.warnings]
     return "\n".join(lines)
 
 

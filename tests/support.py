@@ -15,6 +15,7 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -150,3 +151,34 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
             return job
         time.sleep(0.1)
     raise TimeoutError(f"job {job_id} still {job.get('state')} after {timeout}s")
+
+
+@dataclass
+class WorkerRig:
+    """A migrated database holding one queued job of ``keys`` for this CPU, and a device worker
+    (thread not started: tests step it) with injected timers."""
+
+    engine: Any
+    session: Any
+    job: Any
+    worker: Any
+    device_row: Any
+    environment_row: Any
+
+
+def worker_rig(db_url: str, keys: list, **worker_kwargs: Any) -> WorkerRig:
+    import torch
+
+    from latency_service import crud, db, device
+    from latency_service.jobs import DeviceWorker
+    from latency_service.profiler import Method
+
+    db.migrate(db_url)
+    engine = db.make_engine(db_url)
+    sessions = db.session_factory(engine)
+    s = sessions()
+    dev = crud.get_or_create_device(s, ident=device.cpu_identity())
+    env = crud.get_or_create_environment(s, device=dev, ident=device.environment(torch.device("cpu"), 1, False))
+    job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=keys, force=False)
+    worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, Method(), owner="me", **worker_kwargs)
+    return WorkerRig(engine, s, job, worker, dev, env)

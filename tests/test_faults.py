@@ -19,11 +19,11 @@ from sqlalchemy import func, select
 from gas_core.genotype import random_genotype
 from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout
-from latency_service import crud, db, device
+from latency_service import crud, db
 from latency_service.jobs import DeviceWorker, QueueFull, Trust
 from latency_service.models import E2EMeasurement, Measurement
 from latency_service.profiler import Method, Timing
-from tests.support import PgCluster, pg_bin, start_server, stop_server, wait_job
+from tests.support import PgCluster, pg_bin, start_server, stop_server, wait_job, worker_rig
 
 STEADY = [100.0, 101.0, 99.0, 100.0, 100.0]
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
@@ -43,16 +43,10 @@ def test_an_op_that_raises_or_runs_out_of_memory_fails_its_key_and_the_job_goes_
             raise ValueError("unsupported on this device")
         return Timing(samples_us=STEADY, iters_per_sample=1, timer="fake", timed_ns=0)
 
-    db.migrate(db_url)
-    engine = db.make_engine(db_url)
-    sessions = db.session_factory(engine)
-    with sessions() as s:
-        dev = crud.get_or_create_device(s, ident=device.cpu_identity())
-        env = crud.get_or_create_environment(s, device=dev, ident=device.environment(torch.device("cpu"), 1, False))
-        job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=keys, force=False)
-        worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, Method(), owner="me", trust=Trust(),
-                              timer=timer, reference=lambda d: Timing([1.0, 1.0, 1.0], 1, "fake", 0))
-        worker._job_step()
+    rig = worker_rig(db_url, keys, trust=Trust(), timer=timer, reference=lambda d: Timing([1.0, 1.0, 1.0], 1, "fake", 0))
+    s, job, engine = rig.session, rig.job, rig.engine
+    with s:
+        rig.worker._job_step()
         s.refresh(job)
         assert job.state == "failed" and job.done == 4  # every key was tried
         assert [e.split(": ")[1] for e in job.errors] == ["OutOfMemoryError", "ValueError"]

@@ -34,14 +34,14 @@ from gas_core.quality import (
 )
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.table import TABLE_KIND, LatencyTable
-from latency_service import crud, db, device
+from latency_service import crud, db
 from latency_service.api.convert import entry_public, job_public
-from latency_service.jobs import DeviceWorker, Trust
+from latency_service.jobs import Trust
 from latency_service.models import Job, Measurement
 from latency_service.profiler import Method, Timing
 from search_client.report import Report, format_report
 from search_client.table_cli import app as table_app
-from tests.support import Server
+from tests.support import Server, worker_rig
 
 STABLE = [100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0]
 # the stored-but-useless stem_conv rows of issue 12: p10 = 0, std about the median
@@ -149,17 +149,11 @@ def test_worker_retimes_flags_and_reports(db_url: str) -> None:
         return _timing([m * 0.98, m, m * 1.02])
 
     tick = itertools.count()
-    db.migrate(db_url)
-    engine = db.make_engine(db_url)
-    sessions = db.session_factory(engine)
-    with sessions() as s:
-        dev = crud.get_or_create_device(s, ident=device.cpu_identity())
-        env = crud.get_or_create_environment(s, device=dev, ident=device.environment(torch.device("cpu"), 1, False))
-        job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=keys, force=False)
-        worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, Method(), owner="me",
-                              trust=Trust(retime_max=2, retime_pause_s=0, reference_every_s=2,
-                                          reference_drift_pct=10),
-                              timer=noisy, reference=reference, clock=lambda: float(next(tick)))
+    rig = worker_rig(db_url, keys, trust=Trust(retime_max=2, retime_pause_s=0, reference_every_s=2,
+                                               reference_drift_pct=10),
+                     timer=noisy, reference=reference, clock=lambda: float(next(tick)))
+    s, job, worker, dev, env, engine = rig.session, rig.job, rig.worker, rig.device_row, rig.environment_row, rig.engine
+    with s:
         for _ in range(10):
             worker._job_step()
             s.refresh(job)
