@@ -23,7 +23,7 @@ from gas_core.search_space import NetworkLayout
 from latency_service import crud, db
 from latency_service.core.config import Settings
 from latency_service.schemas import MeasureRequest, ProfileRequest
-from latency_service.service import Host, RequestError
+from latency_service.service import Host, RequestError, pin_cpus
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 
@@ -32,9 +32,13 @@ def _settings(database_url: str | None, device: str | None, threads: int | None)
     overrides: dict[str, Any] = {k: v for k, v in (("database_url", database_url), ("device", device), ("cpu_threads", threads))
                  if v is not None}
     try:
-        return Settings(**overrides)
+        settings = Settings(**overrides)
+        pin_cpus(settings)  # a CPU set this host lacks is one line here, not a start-up traceback
     except ValidationError as err:
         _fail(one_line(err))
+    except ValueError as err:
+        _fail(str(err))
+    return settings
 
 
 @contextmanager

@@ -36,6 +36,7 @@ from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, ti
 
 log = logging.getLogger(__name__)
 
+
 class QueueFull(RuntimeError):
     """Too many measurements wait for the device; the API answers 503 with Retry-After."""
 

@@ -253,3 +253,48 @@ def test_flags_are_served_shown_exported_and_warned_about(server: Server, tmp_pa
     out = CliRunner().invoke(table_app, ["show", f"{slug}@{env}", "--latency-url", server.url])
     assert out.exit_code == 0, out.output
     assert f"{len(flagged)} of {len(table.entries)} rows flagged" in out.output and "⚑" in out.output
+
+
+# ---------------------------------------------------------------- the method adapts to the host
+
+
+def test_flush_is_sized_from_the_caches_the_host_reports(tmp_path: Path) -> None:
+    from latency_service.profiler import cpu_caches
+
+    for i, (level, kind, size) in enumerate([(1, "Data", "32K"), (1, "Instruction", "32K"), (2, "Unified", "512K"),
+                                             (3, "Unified", "32768K")]):
+        d = tmp_path / f"index{i}"
+        d.mkdir()
+        (d / "level").write_text(f"{level}\n")
+        (d / "type").write_text(f"{kind}\n")
+        (d / "size").write_text(f"{size}\n")
+    assert cpu_caches(tmp_path) == {1: 32 * 2**10, 2: 512 * 2**10, 3: 32 * 2**20}
+    assert cpu_caches(tmp_path / "absent") == {}
+
+
+def test_cpu_affinity_is_applied_and_part_of_the_environment(tmp_path: Path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import start_server, stop_server
+
+    cpu = min(os.sched_getaffinity(0))
+    srv = start_server(f"sqlite:///{tmp_path / 'a.db'}", tmp_path, {"GAS_CPU_AFFINITY": str(cpu)})
+    try:
+        with srv.client() as c:
+            pinned = c.get("/device").json()["environment"]
+    finally:
+        stop_server(srv)
+    srv = start_server(f"sqlite:///{tmp_path / 'a.db'}", tmp_path)
+    try:
+        with srv.client() as c:
+            free = c.get("/device").json()["environment"]
+    finally:
+        stop_server(srv)
+    assert pinned["info"]["cpu_affinity"] == str(cpu) and "cpu_affinity" not in free["info"]
+    assert pinned["fingerprint"] != free["fingerprint"]
+    bad = subprocess.run([sys.executable, "-m", "latency_service.cli", "serve"], capture_output=True, text=True,
+                         env={**os.environ, "GAS_CPU_AFFINITY": "4000", "GAS_DATABASE_URL": f"sqlite:///{tmp_path}/b.db"},
+                         timeout=120)
+    assert bad.returncode == 2 and "GAS_CPU_AFFINITY=4000" in bad.stderr and "Traceback" not in bad.stderr
