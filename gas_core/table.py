@@ -22,7 +22,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from gas_core.keys import INT32_MAX, LatencyKey
-from gas_core.quality import RowQuality, RowStat
+from gas_core.quality import RowQuality
 
 TABLE_SCHEMA_VERSION: Final = 1
 TABLE_KIND: Final = "gas-latency-table"
@@ -113,13 +113,6 @@ class LatencyTable(BaseModel):
     def lookup(self) -> dict[str, float]:
         """Canonical key → median µs: what :class:`gas_core.latency.LatencyTerm` consumes."""
         return {e.key: e.median_us for e in self.entries}
-
-    def row_stats(self) -> dict[str, RowStat]:
-        """Canonical key → (median, its standard error, flagged): what
-        :func:`gas_core.quality.predict_with_uncertainty` consumes. A row without a verdict
-        (an export from before verdicts existed, no samples) counts with an SE of 0."""
-        return {e.key: RowStat(e.median_us, e.quality.median_se_us if e.quality else 0.0, e.flagged)
-                for e in self.entries}
 
     @model_validator(mode="after")
     def _unique_keys(self) -> LatencyTable:

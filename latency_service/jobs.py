@@ -192,7 +192,8 @@ class DeviceWorker:
         stored = set() if job.force else crud.stored_hashes(
             s, device_id=job.device_id, environment_id=job.environment_id, hashes=[k.key_hash for k in keys]
         )
-        if not (job.host_noise or {}).get("points") and not self._reference_point(s, job):
+        times_keys = any(k.key_hash not in stored for k in keys)  # a job of stored keys times nothing: no reference
+        if times_keys and not (job.host_noise or {}).get("points") and not self._reference_point(s, job):
             return True
         for key in keys:
             s.refresh(job)
@@ -228,7 +229,7 @@ class DeviceWorker:
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
         s.refresh(job)
-        if not self._reference_point(s, job):
+        if times_keys and not self._reference_point(s, job):
             return True
         if not self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow()):
             return True  # cancelled after the last key

@@ -309,27 +309,29 @@ class Host:
         st = self.settings
         method = Method(warmup_runs=st.e2e_warmup_runs, warmup_ms=st.warmup_ms, samples=st.e2e_samples,
                         min_sample_ms=st.min_sample_ms, max_iters_per_sample=st.max_iters_per_sample)
-        reference_now = time_reference(self.torch_device)
-        timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, self.torch_device, method)
-        summ = timing.summary()
         shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format)
-        median = float(summ["median_us"])
         with self.sessions() as s:
             rows = crud.row_stats(s, device_id=self.device_id, environment_id=self.environment_id)
-            predicted: float | None
-            missing: list[str] = []
-            try:
-                predicted = predict_latency_us(genotype, shapes, {k: r.median_us for k, r in rows.items()})
-            except MissingLatencyKeys as err:
-                predicted, missing = None, [k.canonical for k in err.missing]
-            agree = None
-            if predicted is not None:
-                noise = crud.latest_host_noise(s, device_id=self.device_id, environment_id=self.environment_id)
-                agree = agreement(
-                    predict_with_uncertainty(genotype, shapes, rows), median, median_se(timing.samples_us),
-                    measured_spread=(float(summ["p90_us"]) - float(summ["p10_us"])) / median if median > 0 else None,
-                    host_drift_pct=_drift_pct(noise, reference_now.median_us), drift_threshold_pct=st.reference_drift_pct,
-                )
+            noise = crud.latest_host_noise(s, device_id=self.device_id, environment_id=self.environment_id)
+        predicted: float | None
+        missing: list[str] = []
+        try:
+            predicted = predict_latency_us(genotype, shapes, {k: r.median_us for k, r in rows.items()})
+        except MissingLatencyKeys as err:
+            predicted, missing = None, [k.canonical for k in err.missing]
+        # the reference right before the network: how the host runs now against while the table was timed
+        reference_us = time_reference(self.torch_device).median_us if predicted is not None and noise else None
+        timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, self.torch_device, method)
+        summ = timing.summary()
+        median = float(summ["median_us"])
+        agree = None
+        if predicted is not None:
+            agree = agreement(
+                predict_with_uncertainty(genotype, shapes, rows), median, median_se(timing.samples_us),
+                measured_spread=(float(summ["p90_us"]) - float(summ["p10_us"])) / median if median > 0 else None,
+                host_drift_pct=_drift_pct(noise, reference_us), drift_threshold_pct=st.reference_drift_pct,
+            )
+        with self.sessions() as s:
             crud.add_e2e(
                 s, device_id=self.device_id, environment_id=self.environment_id,
                 genotype=json.loads(genotype.model_dump_json()),
@@ -349,9 +351,9 @@ class Host:
         )
 
 
-def _drift_pct(noise: HostNoise | None, reference_now_us: float) -> float | None:
+def _drift_pct(noise: HostNoise | None, reference_now_us: float | None) -> float | None:
     """The reference workload now against its median over the job that timed the table, %."""
-    if noise is None or not noise.points:
+    if noise is None or not noise.points or reference_now_us is None:
         return None
     then = statistics.median(p.median_us for p in noise.points)
     return (reference_now_us / then - 1) * 100 if then > 0 else None

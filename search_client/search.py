@@ -120,6 +120,9 @@ class ComputeConfig(BaseModel):
     workers: int | None = Field(default=None, ge=0, description="DataLoader workers per rank (0: load in the "
                                 "training process; default: the host's cores / ranks on it, at most 8)")
 
+    def loader_workers(self, d: DistInfo) -> int:
+        return self.workers if self.workers is not None else default_workers(d.local_world)
+
 
 def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
     """``auto|cpu|cuda|cuda:N`` → a device; raises ValueError with a one-line reason."""
@@ -239,41 +242,42 @@ class Loaders:
 
 
 def make_loaders(
-    cfg: SearchConfig, train: SegDataset, val: SegDataset | None, d: DistInfo, device: torch.device, workers: int,
+    cfg: StepPlan, train: SegDataset, val: SegDataset | None, d: DistInfo, device: torch.device, workers: int,
     eval_batch: int = 4, calib_batches: int = 8,
 ) -> Loaders:
     """Train (this rank's slice of each step), BN-calibration (the same few training batches on
-    every rank, so every rank evaluates the same statistics) and validation (this rank's shard)."""
+    every rank, so every rank evaluates the same statistics; none with ``calib_batches=0``) and
+    validation (this rank's shard)."""
     opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda",
                             "persistent_workers": workers > 0}
     train_s = EpochBatches(lambda e: rank_micro_batches(len(train), cfg, d, e))
     loaders = Loaders(DataLoader(train, batch_sampler=train_s, **opts), None, None, [train_s])
-    if val is not None:
+    if val is not None and calib_batches > 0:
         n_cal = min(len(train), calib_batches * eval_batch)
         calib_s = EpochBatches(lambda e: [[(e, i) for i in range(j, min(j + eval_batch, n_cal))]
                                           for j in range(0, n_cal, eval_batch)])
-        shard = list(range(d.rank, len(val), d.world))
-        val_s = EpochBatches(lambda e: [shard[j : j + eval_batch] for j in range(0, len(shard), eval_batch)])
         loaders.calib = DataLoader(train, batch_sampler=calib_s, **opts)
-        loaders.val = DataLoader(val, batch_sampler=val_s, **opts)
-        loaders.samplers += [calib_s, val_s]
+        loaders.samplers.append(calib_s)
+    if val is not None:
+        loaders.val, val_s = sharded_loader(val, d, eval_batch, opts)
+        loaders.samplers.append(val_s)
     return loaders
+
+
+def sharded_loader(ds: SegDataset, d: DistInfo, batch: int, opts: dict[str, Any]) -> tuple[DataLoader, EpochBatches]:
+    """Evaluation batches of this rank's shard (every ``world``-th sample from ``rank``)."""
+    shard = list(range(d.rank, len(ds), d.world))
+    sampler = EpochBatches(lambda e: [shard[j : j + batch] for j in range(0, len(shard), batch)])
+    return DataLoader(ds, batch_sampler=sampler, **opts), sampler
 
 
 # ---------------------------------------------------------------- state
 
 
-@dataclass
-class SearchState:
-    """Everything a step touches, on one device."""
+@dataclass(kw_only=True)
+class OnDevice:
+    """Where a model computes (the search's and gas-train's state both are one)."""
 
-    net: Supernet
-    model: nn.Module  # the DDP wrapper under torchrun, else ``net``
-    term: LatencyTerm
-    opt_w: torch.optim.Optimizer
-    opt_a: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
@@ -285,6 +289,30 @@ class SearchState:
         """Non-blocking copies from pinned memory on CUDA; channels-last when asked."""
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return (x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True))
+
+
+def place_model(net: nn.Module, device: torch.device, compute: ComputeConfig, d: DistInfo) -> nn.Module:
+    """Move ``net`` to ``device`` (channels-last when asked) in place; return what the steps call:
+    the DDP wrapper under torchrun, else ``net`` itself."""
+    net.to(device)
+    if compute.channels_last:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    if d.world > 1:
+        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    return net
+
+
+@dataclass(kw_only=True)
+class SearchState(OnDevice):
+    """Everything a step touches, on one device."""
+
+    net: Supernet
+    model: nn.Module  # the DDP wrapper under torchrun, else ``net``
+    term: LatencyTerm
+    opt_w: torch.optim.Optimizer
+    opt_a: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
 
     def gumbel(self, seed: int, epoch: int, step: int, slot: int) -> torch.Generator:
         """The Gumbel noise of (seed, epoch, step, slot), drawn on the compute device."""
@@ -299,12 +327,7 @@ def build_state(
     device = resolve_device(compute.device, d.local_rank, d.world)
     torch.manual_seed(cfg.seed)
     net = Supernet(layout, cells=cfg.cells, ggm=cfg.ggm, graph=cfg.graph, ggm_dim=cfg.ggm_dim, gamma=cfg.gamma)
-    net = net.to(device)
-    if compute.channels_last:
-        net = net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    model: nn.Module = net
-    if d.world > 1:
-        model = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    model = place_model(net, device, compute, d)
     opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.lr_w, momentum=cfg.momentum, weight_decay=cfg.wd_w)
     groups: list[dict[str, Any]] = [{"params": [net.alpha]},
                                     {"params": list(net.ggm.parameters()), "lr": cfg.lr_ggm or cfg.lr_a}]
@@ -312,8 +335,9 @@ def build_state(
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt_w, T_max=cfg.warmup_epochs + cfg.epochs,
                                                        eta_min=cfg.lr_w_min)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16")
-    return SearchState(net, model, term.to(device), opt_w, opt_a, sched, scaler, device, AMP_DTYPES[compute.amp],
-                       compute.channels_last)
+    return SearchState(net=net, model=model, term=term.to(device), opt_w=opt_w, opt_a=opt_a, sched=sched,
+                       scaler=scaler, device=device, amp_dtype=AMP_DTYPES[compute.amp],
+                       channels_last=compute.channels_last)
 
 
 # ---------------------------------------------------------------- one epoch
@@ -476,8 +500,7 @@ def search(
     if len(train) < cfg.batch:
         raise ValueError(f"the training set has {len(train)} samples, fewer than one batch of {cfg.batch}")
     s = build_state(cfg, layout, term, compute, d)
-    workers = compute.workers if compute.workers is not None else default_workers(d.local_world)
-    loaders = make_loaders(cfg, train, val, d, s.device, workers)
+    loaders = make_loaders(cfg, train, val, d, s.device, compute.loader_workers(d))
     out.mkdir(parents=True, exist_ok=True)
     ckpt_path, log_path = out / "checkpoint.pt", out / "search_log.csv"
     history: list[dict] = []

@@ -14,24 +14,31 @@ import csv
 import logging
 import math
 from collections.abc import Iterator
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gas_core.genotype import Genotype
 from gas_core.network import GASNet
 from search_client.data import IGNORE, SegDataset, confusion, miou
-from search_client.search import ComputeConfig, DistInfo, EpochBatches, default_workers, rank_micro_batches, resolve_device
+from search_client.search import (
+    AMP_DTYPES,
+    ComputeConfig,
+    DistInfo,
+    OnDevice,
+    make_loaders,
+    place_model,
+    rank_micro_batches,
+    resolve_device,
+)
 
 log = logging.getLogger(__name__)
 TRAIN_CHECKPOINT_KIND = "gas-train-checkpoint"
@@ -72,58 +79,15 @@ def bootstrapped_ce(logits: torch.Tensor, target: torch.Tensor, fraction: float,
     return valid.topk(k, sorted=False).values.mean()
 
 
-@dataclass
-class TrainState:
-    net: nn.Module
+@dataclass(kw_only=True)
+class TrainState(OnDevice):
+    net: nn.Module  # the DDP wrapper under torchrun, else ``model``
     model: GASNet
     opt: torch.optim.SGD
     scaler: torch.amp.GradScaler
-    device: torch.device
-    compute: ComputeConfig
     total_steps: int
     step: int = 0
     history: list[dict] = field(default_factory=list)
-
-    def autocast(self) -> Any:
-        if self.compute.amp == "off":
-            return nullcontext()
-        dtype = torch.bfloat16 if self.compute.amp == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmt = torch.channels_last if self.compute.channels_last else torch.contiguous_format
-        return (x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True))
-
-
-def build_model(genotype: Genotype, device: torch.device, compute: ComputeConfig, d: DistInfo, seed: int,
-                ) -> tuple[GASNet, nn.Module]:
-    torch.manual_seed(seed)
-    model = GASNet(genotype).to(device)
-    if compute.channels_last:
-        model = model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    net: nn.Module = model
-    if d.world > 1:
-        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return model, net
-
-
-def make_train_loaders(cfg: TrainConfig, train: SegDataset, val: SegDataset | None, d: DistInfo,
-                       device: torch.device, workers: int | None, eval_batch: int = 2,
-                       ) -> tuple[DataLoader, DataLoader | None, list[EpochBatches]]:
-    """Train: this rank's slot of every global batch (the search's sampler); val: this rank's
-    shard, one image at a time when labels keep their original size."""
-    n_workers = default_workers(d.local_world) if workers is None else workers
-    opts: dict[str, Any] = {"num_workers": n_workers, "pin_memory": device.type == "cuda",
-                            "persistent_workers": n_workers > 0}
-    train_s = EpochBatches(lambda e: rank_micro_batches(len(train), cfg, d, e))
-    samplers = [train_s]
-    val_loader = None
-    if val is not None:
-        shard = list(range(d.rank, len(val), d.world))
-        val_s = EpochBatches(lambda e: [shard[j : j + eval_batch] for j in range(0, len(shard), eval_batch)])
-        val_loader = DataLoader(val, batch_sampler=val_s, **opts)
-        samplers.append(val_s)
-    return DataLoader(train, batch_sampler=train_s, **opts), val_loader, samplers
 
 
 def poly_lr(cfg: TrainConfig, step: int, total: int) -> float:
@@ -258,18 +222,21 @@ def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: Se
           progress: bool = True) -> TrainState:
     """The loop: a checkpoint (``out/last.pt``) and a CSV row (``out/train_log.csv``) per epoch."""
     device = resolve_device(compute.device, d.local_rank, d.world)
-    model, net = build_model(genotype, device, compute, d, cfg.seed)
+    torch.manual_seed(cfg.seed)
+    model = GASNet(genotype)
+    net = place_model(model, device, compute, d)
     if init is not None:
         matched, unmatched = init_from(model, init)
         log.info("--init %s: %d tensors matched by name and shape, %d did not%s", init, len(matched), len(unmatched),
                  f" (first: {', '.join(unmatched[:5])})" if unmatched else "")
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=compute.amp == "fp16")
-    loader, val_loader, samplers = make_train_loaders(cfg, train_ds, val_ds, d, device, compute.workers)
+    loaders = make_loaders(cfg, train_ds, val_ds, d, device, compute.loader_workers(d), eval_batch=2, calib_batches=0)
     steps_per_epoch = len(rank_micro_batches(len(train_ds), cfg, d, 0)) // cfg.accum
     if steps_per_epoch == 0:
         raise ValueError(f"--batch {cfg.batch}: the training set has only {len(train_ds)} images")
-    s = TrainState(net, model, opt, scaler, device, compute, steps_per_epoch * cfg.epochs)
+    s = TrainState(net=net, model=model, opt=opt, scaler=scaler, total_steps=steps_per_epoch * cfg.epochs,
+                   device=device, amp_dtype=AMP_DTYPES[compute.amp], channels_last=compute.channels_last)
     out.mkdir(parents=True, exist_ok=True)
     start = 0
     if resume and (out / "last.pt").is_file():
@@ -282,13 +249,12 @@ def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: Se
         s.step, s.history, start = ck["step"], ck["history"], ck["epoch"] + 1
         log.info("resumed at epoch %d/%d", start + 1, cfg.epochs)
     for epoch in range(start, cfg.epochs):
-        for sm in samplers:
-            sm.set_epoch(epoch)
+        loaders.set_epoch(epoch)
         train_ds.set_epoch(epoch)
-        stats = train_epoch(s, cfg, loader, epoch, progress and d.main)
+        stats = train_epoch(s, cfg, loaders.train, epoch, progress and d.main)
         val = math.nan
-        if val_loader is not None:
-            val = miou(evaluate_confusion(model, val_loader, train_ds.num_classes, device, d))
+        if loaders.val is not None:
+            val = miou(evaluate_confusion(model, loaders.val, train_ds.num_classes, device, d))
         s.history.append({"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "val_miou": val})
         if d.main:
             save_checkpoint(checkpoint_payload(s, cfg, genotype, epoch, train_ds.augment.crop),

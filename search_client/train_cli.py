@@ -27,15 +27,15 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
+from search_client.cli import ClientSettings  # noqa: E402
 from search_client.client import LatencyClient, ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
-from search_client.search import ComputeConfig, DistInfo, init_distributed, resolve_device  # noqa: E402
+from search_client.search import ComputeConfig, DistInfo, init_distributed, resolve_device, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
     TrainConfig,
     evaluate_confusion,
-    make_train_loaders,
     read_checkpoint,
     train,
 )
@@ -236,8 +236,7 @@ def eval_cmd(
     except RuntimeError as err:
         _fail("gas-eval", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
     model.to(dev)
-    _, val_loader, _ = make_train_loaders(cfg, val_ds, val_ds, d, dev, 0, eval_batch=1)
-    assert val_loader is not None
+    val_loader, _ = sharded_loader(val_ds, d, 1, {"num_workers": 0})  # labels at their own size: one at a time
     sc = tuple(scales or [1.0])
     conf = evaluate_confusion(model, val_loader, val_ds.num_classes, dev, d, flip, sc, progress=True)
     names = CLASS_NAMES[dataset]
@@ -258,8 +257,6 @@ def eval_cmd(
 
 
 def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int]) -> LatencyRow:
-    from search_client.cli import ClientSettings
-
     settings = ClientSettings()
     try:
         with LatencyClient(url, token=token or settings.api_token) as client:
@@ -308,7 +305,6 @@ def export_cmd(
         _fail("gas-export", one_line(err) if isinstance(err, ValidationError) else str(err))
     except RuntimeError as err:
         _fail("gas-export", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
-    torch.set_num_threads(torch.get_num_threads())
     art = export(model, geno, input_size, out, host=f"{platform.processor() or platform.machine()}, "
                  f"{torch.get_num_threads()} threads, torch {torch.__version__}", runs=runs)
     for c in art.checks:
