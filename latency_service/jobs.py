@@ -81,6 +81,7 @@ class DeviceWorker:
         self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
         self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
         self.on_write: Callable[[], None] | None = None  # told after rows are committed (table caches)
+        self.measuring = False  # a submitted task (a /measure) runs now
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
     # ------------------------------------------------------------ control
@@ -159,10 +160,13 @@ class DeviceWorker:
             except queue.Empty:
                 return False
             if fut.set_running_or_notify_cancel():
+                self.measuring = True
                 try:
                     fut.set_result(fn())
                 except BaseException as err:  # noqa: BLE001 — the future carries it to the caller
                     fut.set_exception(err)
+                finally:
+                    self.measuring = False
                 return True
 
     def _job_step(self) -> bool:

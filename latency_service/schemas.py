@@ -196,3 +196,5 @@ class HealthPublic(Versioned):
     status: Literal["ok", "degraded"]
     database: bool
     worker: bool
+    measuring: bool = Field(default=False, description="a /measure is being timed on the device now")
+    measure_queue: int = Field(default=0, description="measurements waiting for the device (GAS_MEASURE_QUEUE at most)")

@@ -73,10 +73,11 @@ def test_measure_queue_is_bounded_fair_and_forgets_cancelled_work() -> None:
 
 
 def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) -> None:
-    """Live: one measurement runs (≥ 3 s: 30 samples of ≥ 100 ms), one waits and its client gives
-    up after 1 s, so it never runs; a third is refused with 503 while the queue is full; a fourth,
-    sent after the second left, is accepted."""
-    slow = {"GAS_MEASURE_QUEUE": "1", "GAS_E2E_SAMPLES": "30", "GAS_MIN_SAMPLE_MS": "100"}
+    """Live: one measurement runs (≥ 6 s: 60 samples of ≥ 100 ms), one waits and its client gives
+    up after 3 s, so it never runs; a third is refused with 503 while the queue is full; a fourth,
+    sent after the second left, is accepted. Each step waits for the state /health reports, not
+    for a time, so a slow host only makes it slower."""
+    slow = {"GAS_MEASURE_QUEUE": "1", "GAS_E2E_SAMPLES": "60", "GAS_MIN_SAMPLE_MS": "100"}
     srv = start_server(f"sqlite:///{tmp_path / 'q.db'}", tmp_path, slow)
     body = {"genotype": json.loads(random_genotype(TINY, torch.Generator().manual_seed(0)).to_json()),
             "input_size": [32, 48]}
@@ -92,10 +93,10 @@ def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) ->
     try:
         first = threading.Thread(target=post, args=("first", 120))
         first.start()
-        time.sleep(1.0)
-        leaver = threading.Thread(target=post, args=("leaver", 1.0))
+        _await_health(srv, lambda h: h["measuring"])
+        leaver = threading.Thread(target=post, args=("leaver", 3.0))
         leaver.start()
-        time.sleep(0.3)
+        _await_health(srv, lambda h: h["measure_queue"] == 1)
         with srv.client() as c:
             refused = c.post("/measure", json=body)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
@@ -114,6 +115,16 @@ def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) ->
     with db.session_factory(engine)() as s:
         assert s.scalar(select(func.count()).select_from(E2EMeasurement)) == 2  # the leaver's never ran
     engine.dispose()
+
+
+def _await_health(srv, ok, timeout: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with srv.client() as c:
+            if ok(c.get("/health").json()):
+                return
+        time.sleep(0.05)
+    raise TimeoutError("the service never reached the expected /health state")
 
 
 def _rows(url: str) -> tuple[int, int]:

@@ -18,7 +18,8 @@ def health(host: HostDep, session: SessionDep) -> HealthPublic:
     except Exception:
         db_ok = False
     worker = host.worker.alive()
-    return HealthPublic(status="ok" if db_ok and worker else "degraded", database=db_ok, worker=worker)
+    return HealthPublic(status="ok" if db_ok and worker else "degraded", database=db_ok, worker=worker,
+                        measuring=host.worker.measuring, measure_queue=host.worker.queued())
 
 
 @router.get("/device", response_model=HostPublic, summary="This host's device identity and environment",
