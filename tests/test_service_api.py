@@ -36,7 +36,8 @@ def _n_keys(layout: NetworkLayout, hw: tuple[int, int]) -> int:
 
 def test_health_device_openapi(server: Server) -> None:
     with server.client() as c:
-        assert c.get("/health").json() == {"schema_version": 1, "status": "ok", "database": True, "worker": True}
+        assert c.get("/health").json() == {"schema_version": 1, "status": "ok", "database": True, "worker": True,
+                                            "measuring": False, "measure_queue": 0}
         dev = c.get("/device").json()
         assert dev["device"]["kind"] == "cpu" and dev["device"]["slug"].startswith("cpu-")
         assert dev["environment"]["info"]["threads"] == 1
