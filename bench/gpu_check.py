@@ -55,6 +55,7 @@ class Check:
         self.cuda = args.device.startswith("cuda")
         self.amps = ["off", "bf16"] if self.cuda else ["off"]  # bf16 autocast on a CPU is emulated: slow, no figure
         self.summary: dict[str, dict] = {}
+        self.t0 = time.perf_counter()
 
     def write(self, name: str, payload: dict) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
@@ -75,6 +76,11 @@ class Check:
             traceback.print_exc()
             self.summary[name] = {"ok": False, "wall_s": round(time.perf_counter() - t0, 1),
                                   "error": f"{type(err).__name__}: {err}"[:2000]}
+        self.write_summary()  # after every step: a run stopped by a time limit still leaves its figures
+
+    def write_summary(self) -> None:
+        self.write("summary", {"device": self.args.device, "quick": self.args.quick, "steps": self.summary,
+                               "wall_s": round(time.perf_counter() - self.t0, 1)})
 
     # ------------------------------------------------------------ service steps
 
@@ -112,7 +118,9 @@ class Check:
               for dt in dtypes}
         geo = compare_tables(by["float32"], by["float16"]).geomean_ratio
         timers = sorted({e["timer"] for e in table["entries"]})
+        flagged = {dt: sum(1 for e in table["entries"] if e["dtype"] == dt and e.get("flagged")) for dt in dtypes}
         fig = {"input_size": list(self.size), "keys": {dt: len(v) for dt, v in by.items()}, "timers": timers,
+               "flagged": flagged, "job_warnings": job.get("warnings", []), "host_noise": job.get("host_noise"),
                "profile_wall_s": round(time.perf_counter() - t0, 1), "float16_over_float32_geomean": geo}
         self.write("tables", fig)
         return fig
@@ -151,12 +159,13 @@ class Check:
 
     def prediction_accuracy(self) -> dict:
         path = self.out / "prediction_accuracy.json"
-        n = ["--eval", "3", "--calib", "3", "--passes", "1"] if self.args.quick else ["--passes", "3"]
+        n_eval, n_calib, passes = (3, 3, 1) if self.args.quick else self.args.accuracy
+        n = ["--eval", str(n_eval), "--calib", str(n_calib), "--passes", str(passes)]
         self.py("-m", "bench.prediction_accuracy", "--device", self.args.device, "--input-size", str(self.size[0]),
                 str(self.size[1]), "--out", str(path), "--plot", str(self.out / "prediction_accuracy.png"), *n,
                 timeout=1800)
         res = json.loads(path.read_text())["results"]
-        return {k: {m: round(v, 3) for m, v in res[k].items()} for k in ("context_sum", "calibrated")}
+        return {k: {m: round(v, 3) for m, v in res[k].items()} for k in res if k.endswith("_sum") or k == "calibrated"}
 
     def search_speed(self) -> dict:
         mem, png = self.out / "search_speed.json", self.out / "search_throughput.json"
@@ -192,7 +201,11 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0", help="cuda:N, or cpu to test the orchestration without a GPU")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["service", "prediction_accuracy", "search_speed", "torchrun"])
+                    choices=["service", "prediction_accuracy", "search_speed", "torchrun"],
+                    help="run only these steps, in the order given (default: all, in the order above)")
+    ap.add_argument("--accuracy", type=int, nargs=3, default=(20, 12, 3), metavar=("EVAL", "CALIB", "PASSES"),
+                    help="prediction_accuracy: networks evaluated, networks calibrated on, timing passes of each "
+                         "(fewer for a short lease; --quick uses 3 3 1)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -200,16 +213,13 @@ def main() -> None:
               f"{torch.__version__}; nothing to check (CUDA paths only). Exiting 0.")
         return
     chk = Check(args)
-    t0 = time.perf_counter()
-    want = set(args.only or ["service", "prediction_accuracy", "search_speed", "torchrun"])
-    if "service" in want:
-        chk.service_steps()
-    for name in ("prediction_accuracy", "search_speed", "torchrun"):
-        if name in want:
+    for name in dict.fromkeys(args.only or ["service", "prediction_accuracy", "search_speed", "torchrun"]):
+        if name == "service":
+            chk.service_steps()
+        else:
             chk.step(name, getattr(chk, name))
-    chk.write("summary", {"device": args.device, "quick": args.quick, "wall_s": round(time.perf_counter() - t0, 1),
-                          "steps": chk.summary})
-    print(f"\n=== summary ({time.perf_counter() - t0:.0f} s; JSON in {args.out}) ===")
+    chk.write_summary()
+    print(f"\n=== summary ({time.perf_counter() - chk.t0:.0f} s; JSON in {args.out}) ===")
     for name, s in chk.summary.items():
         status = "ok  " if s["ok"] else "FAIL"
         detail = s.get("error") or ", ".join(f"{k}={v}" for k, v in s.items() if k not in ("ok", "error"))
