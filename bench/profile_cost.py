@@ -62,7 +62,7 @@ def main() -> None:
                    "method": {"samples": settings.samples, "warmup_runs": settings.warmup_runs,
                               "warmup_ms": settings.warmup_ms, "min_sample_ms": settings.min_sample_ms}},
         "keys": len(rows), "job_state": cur.state, "wall_s": wall, "op_time_s": timed, "op_time_fraction": timed / wall,
-        "timing": "context" if settings.timing_context else "isolated",
+        "timing": "context" if settings.context_timing(host.torch_device.type) else "isolated",
         "ms_per_key": wall / len(rows) * 1e3, "timed_s_per_op": per_op,
     }, args.out)
 

@@ -168,7 +168,8 @@ class Host:
         flush = settings.timing_flush_bytes
         if flush is None:
             flush = default_flush_bytes(tdev, settings.timing_flush_level)
-        timing = f"context+flush{flush}" if settings.timing_context else "isolated"
+        context = settings.context_timing(tdev.type)
+        timing = f"context+flush{flush}" if context else "isolated"
         env = environment(tdev, torch.get_num_threads(), settings.cudnn_benchmark, timing, settings.cpu_affinity)
         with sessions() as s:
             dev_row = crud.get_or_create_device(s, ident=ident)
@@ -177,7 +178,7 @@ class Host:
         method = Method(
             warmup_runs=settings.warmup_runs, warmup_ms=settings.warmup_ms, samples=settings.samples,
             min_sample_ms=settings.min_sample_ms, max_iters_per_sample=settings.max_iters_per_sample,
-            context=settings.timing_context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
+            context=context, flush_bytes=flush, context_min_sample_ms=settings.context_min_sample_ms,
         )
         trust = Trust(policy=settings.quality_policy(), retime_max=settings.retime_max,
                       retime_pause_s=settings.retime_pause_s, reference_every_s=settings.reference_every_s,

@@ -461,9 +461,18 @@ def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list
     s.opt_w.load_state_dict(ck["opt_w"])
     s.opt_a.load_state_dict(ck["opt_a"])
     s.sched.load_state_dict(ck["sched"])
-    if "scaler" in ck:
-        s.scaler.load_state_dict(ck["scaler"])
+    restore_scaler(s.scaler, ck.get("scaler"))
     return ck["history"], ck["epoch"] + 1
+
+
+def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> None:
+    """Load a gradient scaler's state when the checkpoint has one. A run without fp16 saves a
+    disabled scaler's empty state; resuming it under fp16 (a CPU checkpoint moved to a GPU, say)
+    starts the scale afresh instead of failing in torch's ``load_state_dict``."""
+    if state:
+        scaler.load_state_dict(state)
+    elif scaler.is_enabled():
+        log.info("the checkpoint has no gradient-scaler state (written without fp16): the loss scale starts afresh")
 
 
 # ---------------------------------------------------------------- the search

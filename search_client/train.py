@@ -38,6 +38,7 @@ from search_client.search import (
     place_model,
     rank_micro_batches,
     resolve_device,
+    restore_scaler,
 )
 
 log = logging.getLogger(__name__)
@@ -245,7 +246,7 @@ def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: Se
             raise CheckpointError(f"{out / 'last.pt'} was written for another genotype or recipe; use a new --out")
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
-        scaler.load_state_dict(ck["scaler"])
+        restore_scaler(scaler, ck.get("scaler"))
         s.step, s.history, start = ck["step"], ck["history"], ck["epoch"] + 1
         log.info("resumed at epoch %d/%d", start + 1, cfg.epochs)
     for epoch in range(start, cfg.epochs):

@@ -205,6 +205,24 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
         search(other, LAYOUT, train, val, term, tmp_path / "cut", resume=True, progress=False)
 
 
+def test_fp16_resumes_a_checkpoint_written_without_a_scaler() -> None:
+    """A run without fp16 saves a disabled scaler's empty state; under fp16 (enabled scaler) it must
+    resume with a fresh scale, not fail in torch (found on an H200: CPU checkpoint → cuda fp16)."""
+    from search_client.search import restore_scaler
+
+    saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
+    assert saved == {}
+    fresh = torch.amp.GradScaler("cpu", enabled=True, init_scale=1024.0)
+    with pytest.raises(RuntimeError):
+        fresh.load_state_dict(saved)  # what resuming did before
+    restore_scaler(fresh, saved)
+    assert fresh.get_scale() == 1024.0
+    restore_scaler(fresh, None)  # a checkpoint from before scalers were saved
+    used = torch.amp.GradScaler("cpu", enabled=True, init_scale=8.0)
+    restore_scaler(fresh, used.state_dict())
+    assert fresh.get_scale() == 8.0
+
+
 def _gas_search(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search_client", *args], cwd=cwd, capture_output=True, text=True,
                           timeout=600)

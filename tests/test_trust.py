@@ -298,3 +298,14 @@ def test_cpu_affinity_is_applied_and_part_of_the_environment(tmp_path: Path) -> 
                          env={**os.environ, "GAS_CPU_AFFINITY": "4000", "GAS_DATABASE_URL": f"sqlite:///{tmp_path}/b.db"},
                          timeout=120)
     assert bad.returncode == 2 and "GAS_CPU_AFFINITY=4000" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_timing_method_defaults_by_device_and_the_setting_wins() -> None:
+    """Unset, the method is the one measured best on each kind of device (docs/timing.md):
+    context timing on a CPU, isolated on a GPU. GAS_TIMING_CONTEXT overrides it either way."""
+    from latency_service.core.config import Settings
+
+    assert Settings().context_timing("cpu") is True
+    assert Settings().context_timing("cuda") is False
+    assert Settings(timing_context=True).context_timing("cuda") is True
+    assert Settings(timing_context=False).context_timing("cpu") is False
