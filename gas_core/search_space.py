@@ -134,20 +134,15 @@ class NetworkShapes:
         return self.stem + [k for keys in self.cell_fixed for k in keys] + self.head
 
     def all_keys(self) -> list[LatencyKey]:
-        """Every distinct key, in first-seen order (duplicates collapse)."""
-        seen: dict[str, LatencyKey] = {}
-        for key in self.stem:
-            seen.setdefault(key.canonical, key)
+        """Every distinct key, in first-seen order (duplicates collapse: keys are hashable and
+        equal by value)."""
+        seen: dict[LatencyKey, None] = dict.fromkeys(self.stem)
         for k, cell in enumerate(self.edges):
             for edge in cell:
-                for op_key in edge:
-                    if op_key is not None:
-                        seen.setdefault(op_key.canonical, op_key)
-            for key in self.cell_fixed[k]:
-                seen.setdefault(key.canonical, key)
-        for key in self.head:
-            seen.setdefault(key.canonical, key)
-        return list(seen.values())
+                seen.update(dict.fromkeys(op_key for op_key in edge if op_key is not None))
+            seen.update(dict.fromkeys(self.cell_fixed[k]))
+        seen.update(dict.fromkeys(self.head))
+        return list(seen)
 
 
 def cell_shapes(
@@ -167,9 +162,14 @@ def cell_shapes(
     if h < 1 or w < 1:
         raise ValueError(f"input size must be positive, got {input_hw}")
 
+    made: dict[tuple, LatencyKey] = {}  # cells of one shape repeat their keys: build each key once
+
     def key(op: str, c_in: int, c_out: int, hw: tuple[int, int], stride: int = 1, n: int = 1) -> LatencyKey:
-        return LatencyKey(op=op, c_in=c_in, c_out=c_out, h=hw[0], w=hw[1], stride=stride, n_inputs=n, batch=batch,
-                          dtype=dtype, memory_format=memory_format, runtime=runtime)
+        args = (op, c_in, c_out, hw, stride, n)
+        if args not in made:
+            made[args] = LatencyKey(op=op, c_in=c_in, c_out=c_out, h=hw[0], w=hw[1], stride=stride, n_inputs=n,
+                                    batch=batch, dtype=dtype, memory_format=memory_format, runtime=runtime)
+        return made[args]
 
     stem: list[LatencyKey] = []
     c, hw = 3, (h, w)

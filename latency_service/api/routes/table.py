@@ -74,9 +74,8 @@ async def table(
     known-version path never leaves the event loop), and the table re-rendered only when its
     version changed."""
     request_key = (device, environment, dtype, batch, memory_format, op, format, samples)
-    rendered = host.table_cache.recent(request_key)
-    if rendered is None:
-        rendered = await run_in_threadpool(_current, host, request_key)
+    rendered = await host.table_cache.current(
+        request_key, lambda generation: run_in_threadpool(_current, host, request_key, generation))
     headers = {"ETag": rendered.etag, "X-GAS-Environment": rendered.environment, "Cache-Control": "no-cache",
                "Vary": "Accept-Encoding"}
     if if_none_match is not None and etag_matches(if_none_match, rendered.etag):
@@ -87,7 +86,7 @@ async def table(
     return Response(content=rendered.body, media_type=rendered.media, headers=headers)
 
 
-def _current(host: Host, request_key: tuple) -> Rendered:
+def _current(host: Host, request_key: tuple, generation: int) -> Rendered:
     """The table's current version, rendered (from the cache when that version was seen)."""
     device, environment, dtype, batch, memory_format, op, format, samples = request_key
     with host.sessions() as session:
@@ -99,7 +98,7 @@ def _current(host: Host, request_key: tuple) -> Rendered:
         if rendered is None:
             body, media = _render(session, dev, env, filters, format, samples)
             rendered = host.table_cache.put(version, Rendered.of(body, media, env.fingerprint))
-    host.table_cache.remember(request_key, rendered)
+    host.table_cache.remember(request_key, rendered, generation)
     return rendered
 
 
