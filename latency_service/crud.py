@@ -9,7 +9,7 @@ from typing import Any, cast
 
 from sqlalchemy import CursorResult, Result, func, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from gas_core.keys import LatencyKey
 from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess
@@ -278,7 +278,11 @@ def device_summaries(session: Session) -> list[tuple[Device, list[tuple[Environm
 
 
 def find_active_job(session: Session, *, request_hash: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.request_hash == request_hash, Job.state.in_(ACTIVE)))
+    """The queued or running job of this request, without its key list (loaded on access): a
+    resent ``/profile`` answers with the job's progress, and decoding thousands of keys per
+    request was most of that route's cost under load."""
+    q = select(Job).options(defer(Job.keys)).where(Job.request_hash == request_hash, Job.state.in_(ACTIVE))
+    return session.scalar(q)
 
 
 def create_job(

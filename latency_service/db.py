@@ -38,8 +38,10 @@ def make_engine(url: str) -> Engine:
     """SQLite gets WAL and a busy timeout so the profiling worker and the API can share it. The
     pool opens up to :data:`POOL_CONNECTIONS` (a fleet's PostgreSQL needs that many per host)."""
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=5,
-                               max_overflow=POOL_CONNECTIONS - 5)
+        # every connection kept: an overflow connection is closed when returned and re-opened
+        # (with its pragmas) on the next burst, which showed in profiles under load
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30},
+                               pool_size=POOL_CONNECTIONS, max_overflow=0)
 
         @event.listens_for(engine, "connect")
         def _pragmas(dbapi_conn, _record) -> None:  # type: ignore[no-untyped-def]

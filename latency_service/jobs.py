@@ -80,7 +80,10 @@ class DeviceWorker:
         self.timer, self.reference, self.clock = timer, reference, clock
         self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
         self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
-        self.on_write: Callable[[], None] | None = None  # told after rows are committed (table caches)
+        # told after rows are committed (table caches): the key stored, or None when rows it cannot
+        # name changed (flags set on a stretch of keys)
+        self.on_write: Callable[[LatencyKey | None], None] | None = None
+        self.on_job_end: Callable[[], None] | None = None  # told when a job this worker ran ends
         self.measuring = False  # a submitted task (a /measure) runs now
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
@@ -223,7 +226,7 @@ class DeviceWorker:
                     s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
                     method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
                 )
-            if not self._progress(s, job, error=error, quality=quality):
+            if not self._progress(s, job, error=error, quality=quality, stored=key if error is None else None):
                 return True  # cancelled or taken over while this key was timed: it is rolled back
             if quality is not None:
                 self._stretch.setdefault(job.id, []).append(key.key_hash)
@@ -235,8 +238,11 @@ class DeviceWorker:
         s.refresh(job)
         if times_keys and not self._reference_point(s, job):
             return True
-        if not self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow()):
-            return True  # cancelled after the last key
+        ended = self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow())
+        if self.on_job_end is not None:
+            self.on_job_end()  # ended here, or cancelled after the last key: either way no longer active
+        if not ended:
+            return True
         noise = HostNoise.model_validate(job.host_noise) if job.host_noise else None
         log.info("job %s %s: %d timed, %d skipped, %d errors, %d flagged, %d re-timed; host reference drift %s",
                  job.id, job.state, job.total - job.skipped - len(job.errors), job.skipped, len(job.errors),
@@ -290,14 +296,14 @@ class DeviceWorker:
         if crud.rows_changed(s.execute(q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly))):
             s.commit()
             if newly:
-                self._wrote()
+                self._wrote(None)
             s.refresh(job)
             return True
         s.rollback()
         return False
 
     def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,
-                  quality: RowQuality | None = None) -> bool:
+                  quality: RowQuality | None = None, stored: LatencyKey | None = None) -> bool:
         """Count one key done (and beat the heartbeat) in the transaction that holds its
         measurement, only while the job is still running under this worker: after a DELETE or a
         take-over both are rolled back, so a stalled host never overwrites the new owner's progress."""
@@ -313,14 +319,15 @@ class DeviceWorker:
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
         if crud.rows_changed(s.execute(q.values(**values))):
             s.commit()
-            self._wrote()
+            if stored is not None:
+                self._wrote(stored)
             return True
         s.rollback()
         return False
 
-    def _wrote(self) -> None:
+    def _wrote(self, key: LatencyKey | None) -> None:
         if self.on_write is not None:
-            self.on_write()
+            self.on_write(key)
 
     @staticmethod
     def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:

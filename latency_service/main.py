@@ -13,6 +13,7 @@ from fastapi_offline import FastAPIOffline
 
 from latency_service import db
 from latency_service.api import errors
+from latency_service.api.fastpath import CachedTableReads
 from latency_service.api.routes import health, jobs, measure, table
 from latency_service.core.config import Settings, get_settings
 from latency_service.service import Host
@@ -48,6 +49,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (health, jobs, table, measure):
         app.include_router(module.router)
     errors.install(app, settings.max_body_bytes)
+    app.add_middleware(CachedTableReads)  # outermost: a remembered table read skips everything else
     return app
 
 

@@ -12,7 +12,7 @@ import os
 import statistics
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Awaitable, Callable, Hashable
 from dataclasses import dataclass, field
 from typing import Any
@@ -95,21 +95,77 @@ class Rendered:
 
     @classmethod
     def of(cls, body: bytes, media: str, environment: str) -> Rendered:
+        media = f"{media}; charset=utf-8" if media.startswith("text/") else media
         return cls(body, gzip.compress(body, 6), media, '"' + hashlib.sha256(body).hexdigest()[:32] + '"', environment)
+
+    def answer(self, if_none_match: str | None, accept_encoding: str | None) -> tuple[int, dict[str, str], bytes]:
+        """(status, headers, body) for a request with these headers: 304 when its ETag matches,
+        gzip bytes when the client accepts them. One place for both ways a table is served (the
+        route and the cached-read fast path)."""
+        headers = {"ETag": self.etag, "X-GAS-Environment": self.environment, "Cache-Control": "no-cache",
+                   "Vary": "Accept-Encoding"}
+        if if_none_match is not None and etag_matches(if_none_match, self.etag):
+            return 304, headers, b""
+        if accept_encoding is not None and "gzip" in accept_encoding.lower():
+            return 200, {**headers, "Content-Type": self.media, "Content-Encoding": "gzip"}, self.gzip_body
+        return 200, {**headers, "Content-Type": self.media}, self.body
+
+
+def etag_matches(if_none_match: str, etag: str) -> bool:
+    """RFC 9110 §13.1.2: ``*`` matches any current representation, and If-None-Match uses the
+    weak comparison, so ``W/"x"`` matches ``"x"``."""
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
+
+
+@dataclass(frozen=True)
+class TableScope:
+    """Which rows a table request reads: one device and environment, each filter ``None`` for
+    any. A write outside it (another batch, dtype, op) leaves that request's answer valid."""
+
+    device_id: int
+    environment_id: int
+    dtype: str | None = None
+    batch: int | None = None
+    memory_format: str | None = None
+    op: str | None = None
+
+    def touched_by(self, write: TableWrite | None) -> bool:
+        if write is None:  # rows unknown (an import, flags set on a stretch of keys)
+            return True
+        k = write.key
+        return (write.device_id == self.device_id and write.environment_id == self.environment_id
+                and all(f is None or f == v for f, v in ((self.dtype, k.dtype), (self.batch, k.batch),
+                                                         (self.memory_format, k.memory_format), (self.op, k.op))))
+
+
+@dataclass(frozen=True)
+class TableWrite:
+    """One row this host stored."""
+
+    device_id: int
+    environment_id: int
+    key: LatencyKey
 
 
 class TableCache:
     """Rendered tables by version, and which version each request saw last. A request seen less
-    than ``ttl_s`` ago with no write by this host since is answered without touching the database:
-    under load the device/environment/version queries, not the bytes, were what cost (64 clients:
-    p50 0.26–0.56 s, p99 1.8–4.0 s on a 44 KB table). Rows written by other hosts of a fleet show
-    within ``ttl_s``."""
+    than ``ttl_s`` ago with no write by this host *to the rows it reads* since is answered without
+    touching the database: under load the device/environment/version queries, not the bytes, were
+    what cost (64 clients: p50 0.26–0.56 s, p99 1.8–4.0 s on a 44 KB table), and while a job runs
+    a write lands every ~0.1 s. Rows written by other hosts of a fleet show within ``ttl_s``."""
 
-    def __init__(self, ttl_s: float, size: int = 64) -> None:
+    WRITE_LOG = 4096
+    """Writes remembered to decide whether a remembered answer is still valid; an answer older
+    than the log is treated as stale."""
+
+    def __init__(self, ttl_s: float, size: int = 256) -> None:
         self.ttl_s = ttl_s
         self._rendered = LRU(size)
         self._recent = LRU(size)
         self._generation = 0
+        self._writes: deque[tuple[int, TableWrite | None]] = deque(maxlen=self.WRITE_LOG)
+        self._lock = threading.Lock()  # the worker thread writes, the event loop reads
         self._inflight: dict[Hashable, tuple[int, asyncio.Future[Rendered]]] = {}
 
     @property
@@ -146,20 +202,34 @@ class TableCache:
         return self._rendered.put(version, rendered)  # type: ignore[no-any-return]
 
     def recent(self, request: Hashable) -> Rendered | None:
+        """The remembered answer to ``request`` if its TTL holds and no write since touched its rows."""
         hit = self._recent.get(request)
         if hit is None:
             return None
-        rendered, generation, expires = hit
-        return rendered if generation == self._generation and time.monotonic() < expires else None
+        rendered, generation, expires, scope = hit
+        if time.monotonic() >= expires:
+            return None
+        with self._lock:
+            now = self._generation
+            if generation != now:
+                if not self._writes or self._writes[0][0] > generation + 1:
+                    return None  # writes since then have left the log
+                if any(gen > generation and scope.touched_by(w) for gen, w in self._writes):
+                    return None
+        if generation != now:  # still valid: the writes since were elsewhere; skip them next time
+            self._recent.put(request, (rendered, now, expires, scope))
+        return rendered  # type: ignore[no-any-return]
 
-    def remember(self, request: Hashable, rendered: Rendered, generation: int) -> None:
-        """``rendered`` answers ``request`` until the TTL passes or this host writes after
-        ``generation`` (the generation read before the lookup: a write during it is not missed)."""
-        self._recent.put(request, (rendered, generation, time.monotonic() + self.ttl_s))
+    def remember(self, request: Hashable, rendered: Rendered, generation: int, scope: TableScope) -> None:
+        """``rendered`` answers ``request`` until the TTL passes or this host writes into ``scope``
+        after ``generation`` (the generation read before the lookup: a write during it is not missed)."""
+        self._recent.put(request, (rendered, generation, time.monotonic() + self.ttl_s, scope))
 
-    def invalidate(self) -> None:
-        """This host wrote rows: no remembered version is known any more."""
-        self._generation += 1
+    def invalidate(self, write: TableWrite | None = None) -> None:
+        """This host wrote ``write`` (``None``: rows it cannot name): answers that read it are stale."""
+        with self._lock:
+            self._generation += 1
+            self._writes.append((self._generation, write))
 
 
 class RequestError(ValueError):
@@ -179,6 +249,12 @@ class Host:
     sessions: sessionmaker[Session]
     table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
     plans: LRU = field(default_factory=lambda: LRU(64))
+    active_jobs: LRU = field(default_factory=lambda: LRU(256))
+    """request hash → (job, expires, jobs generation): the queued or running job a resent
+    ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
+    counts may be that old; ``GET /jobs/{id}`` is always current). Forgotten when a job of this
+    host ends or is cancelled."""
+    jobs_generation: int = 0
     """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
     same request (gas-search before every search, a fleet script): expanding the default layout
     costs ~3 ms of Python, a lookup ~20 µs."""
@@ -221,8 +297,10 @@ class Host:
         worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
                               stale_s=settings.job_stale_s, trust=trust)
         cache = TableCache(settings.table_version_ttl_s)
-        worker.on_write = cache.invalidate
+        worker.on_write = lambda key: cache.invalidate(
+            None if key is None else TableWrite(device_id=device_id, environment_id=env_id, key=key))
         host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions, cache)
+        worker.on_job_end = host.job_ended
         log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
                  db.redact(settings.database_url))
         if run_worker:
@@ -308,6 +386,7 @@ class Host:
 
     def submit_profile(self, req: ProfileRequest) -> tuple[Job, bool]:
         keys, request_hash = self.plan_profile(req)
+        generation = self.jobs_generation
         with self.sessions() as s:
             job, created = crud.create_job(
                 s, device_id=self.device_id, environment_id=self.environment_id, request_hash=request_hash,
@@ -316,7 +395,23 @@ class Host:
         if created:
             log.info("job %s queued: %d keys (force=%s)", job.id, job.total, req.force)
             self.worker.wake()
+        if job.state in crud.ACTIVE:
+            self.active_jobs.put(request_hash, (job, time.monotonic() + self.settings.table_version_ttl_s, generation))
         return job, created
+
+    def known_active_job(self, req: ProfileRequest) -> Job | None:
+        """The active job of a request this host planned and answered moments ago, without a
+        database query or a thread (``None``: ask :meth:`submit_profile`)."""
+        planned = self.plans.get(req.model_dump_json())
+        hit = self.active_jobs.get(planned[1]) if planned is not None else None
+        if hit is None:
+            return None
+        job, expires, generation = hit
+        return job if time.monotonic() < expires and generation == self.jobs_generation else None  # type: ignore[no-any-return]
+
+    def job_ended(self) -> None:
+        """A job of this host ended or was cancelled: a resent request must reach the database."""
+        self.jobs_generation += 1
 
     # ------------------------------------------------------------ end-to-end
     def check_measure_bounds(self, req: MeasureRequest) -> None:

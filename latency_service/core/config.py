@@ -84,7 +84,8 @@ class Settings(BaseSettings):
 
     table_version_ttl_s: float = Field(default=1.0, ge=0, le=3600, description="GET /table answers from its "
                                        "pre-rendered bytes for this long after it last read the table's version "
-                                       "(this host's own writes are seen at once; other hosts' within this)")
+                                       "(this host's own writes are seen at once; other hosts' within this); a "
+                                       "resent POST /profile returns its active job from memory for as long")
 
     # request bounds
     max_channels: int = Field(default=4096, ge=1)

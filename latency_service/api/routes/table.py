@@ -3,9 +3,10 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Hashable
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Header, HTTPException, Query, Response, status
+from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
@@ -16,6 +17,7 @@ from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
+from latency_service.api.fastpath import raw_request_key
 from latency_service.models import Device, Environment
 from latency_service.schemas import (
     ComparePublic,
@@ -27,7 +29,7 @@ from latency_service.schemas import (
     TablePublic,
     TableRef,
 )
-from latency_service.service import Host, Rendered
+from latency_service.service import Host, Rendered, TableScope
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tables"])
@@ -56,6 +58,7 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
     },
 )
 async def table(
+    request: Request,
     device: str,
     host: HostDep,
     environment: str | None = None,
@@ -69,26 +72,21 @@ async def table(
     accept_encoding: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
     """Served from pre-rendered bytes (JSON or CSV, plain and gzip) whenever the table's version
-    is known: for ``GAS_TABLE_VERSION_TTL_S`` after it was read, or until this host writes a row.
-    Only then are the device, environment and version looked up again (on a worker thread: the
-    known-version path never leaves the event loop), and the table re-rendered only when its
-    version changed."""
-    request_key = (device, environment, dtype, batch, memory_format, op, format, samples)
+    is known: for ``GAS_TABLE_VERSION_TTL_S`` after it was read, or until this host writes a row
+    (then the cached-read fast path answers repeats of this exact request before routing,
+    docs/architecture.md). Only then are the device, environment and version looked up again
+    (on a worker thread), and the table re-rendered only when its version changed."""
+    params = (device, environment, dtype, batch, memory_format, op, format, samples)
     rendered = await host.table_cache.current(
-        request_key, lambda generation: run_in_threadpool(_current, host, request_key, generation))
-    headers = {"ETag": rendered.etag, "X-GAS-Environment": rendered.environment, "Cache-Control": "no-cache",
-               "Vary": "Accept-Encoding"}
-    if if_none_match is not None and etag_matches(if_none_match, rendered.etag):
-        return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers=headers)
-    if accept_encoding is not None and "gzip" in accept_encoding.lower():
-        return Response(content=rendered.gzip_body, media_type=rendered.media,
-                        headers={**headers, "Content-Encoding": "gzip"})
-    return Response(content=rendered.body, media_type=rendered.media, headers=headers)
+        raw_request_key(request.scope),
+        lambda generation: run_in_threadpool(_current, host, params, raw_request_key(request.scope), generation))
+    code, headers, body = rendered.answer(if_none_match, accept_encoding)
+    return Response(content=body, status_code=code, headers=headers)
 
 
-def _current(host: Host, request_key: tuple, generation: int) -> Rendered:
+def _current(host: Host, params: tuple, request_key: Hashable, generation: int) -> Rendered:
     """The table's current version, rendered (from the cache when that version was seen)."""
-    device, environment, dtype, batch, memory_format, op, format, samples = request_key
+    device, environment, dtype, batch, memory_format, op, format, samples = params
     with host.sessions() as session:
         dev, env = _device_env(session, device, environment)
         filters: dict[str, Any] = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
@@ -98,15 +96,9 @@ def _current(host: Host, request_key: tuple, generation: int) -> Rendered:
         if rendered is None:
             body, media = _render(session, dev, env, filters, format, samples)
             rendered = host.table_cache.put(version, Rendered.of(body, media, env.fingerprint))
-    host.table_cache.remember(request_key, rendered, generation)
+    host.table_cache.remember(request_key, rendered, generation,
+                              TableScope(dev.id, env.id, dtype, batch, memory_format, op))
     return rendered
-
-
-def etag_matches(if_none_match: str, etag: str) -> bool:
-    """RFC 9110 §13.1.2: ``*`` matches any current representation, and If-None-Match uses the
-    weak comparison, so ``W/"x"`` matches ``"x"``."""
-    tags = [t.strip() for t in if_none_match.split(",")]
-    return "*" in tags or etag in [t.removeprefix("W/") for t in tags]
 
 
 def _render(session: Session, dev: Device, env: Environment, filters: dict, format: str,
