@@ -249,15 +249,16 @@ class Host:
     sessions: sessionmaker[Session]
     table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
     plans: LRU = field(default_factory=lambda: LRU(64))
-    active_jobs: LRU = field(default_factory=lambda: LRU(256))
-    """request hash → (job, expires, jobs generation): the queued or running job a resent
-    ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
-    counts may be that old; ``GET /jobs/{id}`` is always current). Forgotten when a job of this
-    host ends or is cancelled."""
-    jobs_generation: int = 0
     """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
     same request (gas-search before every search, a fleet script): expanding the default layout
     costs ~3 ms of Python, a lookup ~20 µs."""
+    active_jobs: LRU = field(default_factory=lambda: LRU(256))
+    """request hash → (job, expires, jobs generation): the queued or running job a resent
+    ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
+    counts may be that old, and a job ended by another host of a fleet may show as active that
+    long; ``GET /jobs/{id}`` is always current). Forgotten when a job of this host ends or is
+    cancelled."""
+    jobs_generation: int = 0
 
     @classmethod
     def start(cls, settings: Settings, *, run_worker: bool = True) -> Host:

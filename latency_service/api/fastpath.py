@@ -1,7 +1,7 @@
 """Cached table reads answered before routing.
 
 A ``GET /table/...`` that this host answered moments ago (same path and query string, within
-``GAS_TABLE_VERSION_TTL_S`` and with no write by this host since) is served from the
+``GAS_TABLE_VERSION_TTL_S``, and no write by this host since to the rows it reads) is served from the
 pre-rendered bytes by this ASGI middleware, without FastAPI's routing, parameter validation and
 dependency resolution: under 64 clients those cost more than the answer itself (the service ran
 at ~1/2 to ~1/3.5 the throughput of a static server returning the same bytes). Nothing is

@@ -130,8 +130,8 @@ class Settings(BaseSettings):
         return cpus
 
     def context_timing(self, device_type: str) -> bool:
-        """The timing method for a device of this type ("cpu", "cuda"): the setting when given, else context timing on a
-        CPU and isolated timing on a GPU. On an H200 at 769×1537 the isolated sum predicted 13
+        """The timing method for a device of this type ("cpu", "cuda"): the setting when given,
+        else context timing on a CPU and isolated timing on a GPU. On an H200 at 769×1537 the isolated sum predicted 13
         networks within 4.7 % and 3.3 % (median, two runs) and context timing over-predicted by
         12 % and 28 %; on 2-core CPUs context timing was the better one (docs/timing.md)."""
         return self.timing_context if self.timing_context is not None else device_type != "cuda"
