@@ -226,10 +226,11 @@ class DeviceWorker:
                     s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
                     method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
                 )
-            if not self._progress(s, job, error=error, quality=quality, stored=key if error is None else None):
+            if not self._progress(s, job, error=error, quality=quality):
                 return True  # cancelled or taken over while this key was timed: it is rolled back
-            if quality is not None:
+            if quality is not None:  # timed and stored
                 self._stretch.setdefault(job.id, []).append(key.key_hash)
+                self._wrote(key)
             due = self.clock() - self._last_ref.get(job.id, float("-inf")) >= self.trust.reference_every_s
             if due and not self._reference_point(s, job):
                 return True
@@ -303,7 +304,7 @@ class DeviceWorker:
         return False
 
     def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,
-                  quality: RowQuality | None = None, stored: LatencyKey | None = None) -> bool:
+                  quality: RowQuality | None = None) -> bool:
         """Count one key done (and beat the heartbeat) in the transaction that holds its
         measurement, only while the job is still running under this worker: after a DELETE or a
         take-over both are rolled back, so a stalled host never overwrites the new owner's progress."""
@@ -319,8 +320,6 @@ class DeviceWorker:
         q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
         if crud.rows_changed(s.execute(q.values(**values))):
             s.commit()
-            if stored is not None:
-                self._wrote(stored)
             return True
         s.rollback()
         return False

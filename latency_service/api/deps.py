@@ -61,9 +61,9 @@ async def require_token(host: HostDep, creds: Credentials) -> None:
 
 async def require_read(host: HostDep, creds: Credentials) -> None:
     """Read routes are open unless ``GAS_READ_TOKEN`` is set; then they take it or the write token."""
-    st = host.settings
-    if st.read_token is not None:
-        _check_bearer(creds, [t for t in (st.read_token, st.api_token) if t is not None], "GAS_READ_TOKEN")
+    tokens = host.settings.read_tokens()
+    if tokens is not None:
+        _check_bearer(creds, tokens, "GAS_READ_TOKEN")
 
 
 TokenDep = Depends(require_token)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hmac
 
+from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from latency_service.core.config import Settings
@@ -26,20 +27,11 @@ def raw_request_key(scope: Scope) -> tuple[str, bytes]:
     return scope["path"], scope["query_string"]
 
 
-def _headers(scope: Scope) -> dict[bytes, str]:
-    """Request headers by lower-case name; repeated headers joined with ', ' (RFC 9110 §5.3)."""
-    out: dict[bytes, str] = {}
-    for name, value in scope["headers"]:
-        v = value.decode("latin-1")
-        out[name] = f"{out[name]}, {v}" if name in out else v
-    return out
-
-
-def _authorised(settings: Settings, headers: dict[bytes, str]) -> bool:
-    if settings.read_token is None:
+def _authorised(settings: Settings, headers: Headers) -> bool:
+    tokens = settings.read_tokens()
+    if tokens is None:
         return True
-    given = headers.get(b"authorization", "").encode("latin-1")
-    tokens = [t for t in (settings.read_token, settings.api_token) if t is not None]
+    given = headers.get("authorization", "").encode("latin-1")
     return any(hmac.compare_digest(given, f"Bearer {t}".encode()) for t in tokens)
 
 
@@ -54,9 +46,9 @@ class CachedTableReads:
             host = getattr(scope["app"].state, "host", None)
             rendered = host.table_cache.recent(raw_request_key(scope)) if host is not None else None
             if host is not None and rendered is not None:
-                headers = _headers(scope)
+                headers = Headers(scope=scope)
                 if _authorised(host.settings, headers):
-                    code, out, body = rendered.answer(headers.get(b"if-none-match"), headers.get(b"accept-encoding"))
+                    code, out, body = rendered.answer(headers.get("if-none-match"), headers.get("accept-encoding"))
                     raw = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in out.items()]
                     if code != 304:
                         raw.append((b"content-length", str(len(body)).encode()))

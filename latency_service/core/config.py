@@ -129,6 +129,13 @@ class Settings(BaseSettings):
             cpus.update(range(int(lo), int(hi or lo) + 1))
         return cpus
 
+    def read_tokens(self) -> list[str] | None:
+        """The bearer tokens a read accepts (the read token or the write token); ``None``: reads
+        are open (no ``GAS_READ_TOKEN``)."""
+        if self.read_token is None:
+            return None
+        return [t for t in (self.read_token, self.api_token) if t is not None]
+
     def context_timing(self, device_type: str) -> bool:
         """The timing method for a device of this type ("cpu", "cuda"): the setting when given,
         else context timing on a CPU and isolated timing on a GPU. On an H200 at 769×1537 the isolated sum predicted 13

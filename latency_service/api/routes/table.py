@@ -4,6 +4,7 @@ import csv
 import io
 import logging
 from collections.abc import Hashable
+from dataclasses import asdict
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -77,9 +78,9 @@ async def table(
     docs/architecture.md). Only then are the device, environment and version looked up again
     (on a worker thread), and the table re-rendered only when its version changed."""
     params = (device, environment, dtype, batch, memory_format, op, format, samples)
+    key = raw_request_key(request.scope)
     rendered = await host.table_cache.current(
-        raw_request_key(request.scope),
-        lambda generation: run_in_threadpool(_current, host, params, raw_request_key(request.scope), generation))
+        key, lambda generation: run_in_threadpool(_current, host, params, key, generation))
     code, headers, body = rendered.answer(if_none_match, accept_encoding)
     return Response(content=body, status_code=code, headers=headers)
 
@@ -89,15 +90,14 @@ def _current(host: Host, params: tuple, request_key: Hashable, generation: int) 
     device, environment, dtype, batch, memory_format, op, format, samples = params
     with host.sessions() as session:
         dev, env = _device_env(session, device, environment)
-        filters: dict[str, Any] = dict(device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
-                                       memory_format=memory_format, op=op)
+        scope = TableScope(dev.id, env.id, dtype, batch, memory_format, op)
+        filters: dict[str, Any] = asdict(scope)
         version = (tuple(filters.items()), format, samples, crud.table_version(session, **filters))
         rendered = host.table_cache.rendered(version)
         if rendered is None:
             body, media = _render(session, dev, env, filters, format, samples)
             rendered = host.table_cache.put(version, Rendered.of(body, media, env.fingerprint))
-    host.table_cache.remember(request_key, rendered, generation,
-                              TableScope(dev.id, env.id, dtype, batch, memory_format, op))
+    host.table_cache.remember(request_key, rendered, generation, scope)
     return rendered
 
 
