@@ -21,7 +21,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from datetime import timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from sqlalchemy import update
@@ -33,12 +33,30 @@ from latency_service import crud
 from latency_service.device import gpu_telemetry
 from latency_service.models import Job, utcnow
 from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, time_reference
+from latency_service.schemas import MeasurePublic, MeasureRequest
 
 log = logging.getLogger(__name__)
 
 
 class QueueFull(RuntimeError):
     """Too many measurements wait for the device; the API answers 503 with Retry-After."""
+
+
+class DeviceRunner(Protocol):
+    """What the API needs of whatever owns the timing device: a :class:`DeviceWorker` thread, or
+    a :class:`latency_service.worker_process.WorkerProcess` running one in a child process."""
+
+    on_write: Callable[[LatencyKey | None], None] | None
+    on_job_end: Callable[[], None] | None
+
+    @property
+    def measuring(self) -> bool: ...  # a /measure is being timed (or about to be, after the key in flight)
+    def start(self) -> None: ...
+    def stop(self, timeout: float = 30) -> None: ...
+    def alive(self) -> bool: ...
+    def wake(self) -> None: ...  # a job was queued
+    def queued(self) -> int: ...  # measurements waiting that someone still wants
+    def submit_measure(self, req: MeasureRequest, limit: int | None = None) -> Future[MeasurePublic]: ...
 
 
 KeyTimer = Callable[[LatencyKey, torch.device, Method], Timing]
@@ -85,6 +103,7 @@ class DeviceWorker:
         self.on_write: Callable[[LatencyKey | None], None] | None = None
         self.on_job_end: Callable[[], None] | None = None  # told when a job this worker ran ends
         self.measuring = False  # a submitted task (a /measure) runs now
+        self.measure: Callable[[MeasureRequest], MeasurePublic] | None = None  # Host.measure, set by the host
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
 
     # ------------------------------------------------------------ control
@@ -126,6 +145,13 @@ class DeviceWorker:
         self._wake.set()
         return fut
 
+    def submit_measure(self, req: MeasureRequest, limit: int | None = None) -> Future[MeasurePublic]:
+        """Time ``req`` end to end on the worker (see :meth:`submit`)."""
+        measure = self.measure
+        if measure is None:
+            raise RuntimeError("this worker was given no measure function (Host.start sets it)")
+        return self.submit(lambda: measure(req), limit)
+
     def queued(self) -> int:
         """Tasks waiting that someone still wants (a cancelled one leaves at the next dequeue)."""
         with self._tasks.mutex:
@@ -136,10 +162,11 @@ class DeviceWorker:
         log.info("device worker started on %s", self.device)
         failures = 0
         while not self._stop.is_set():
-            if self._run_tasks():
-                continue
-            try:
-                worked = self._job_step()
+            measured = self._run_tasks()
+            if self._stop.is_set():
+                break
+            try:  # then at least one key of a running job, however many measurements wait
+                worked = self._job_step() or measured
                 failures = 0
             except Exception as err:  # the database went away (restart, network): retry with backoff
                 failures += 1

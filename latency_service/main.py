@@ -27,7 +27,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        host = Host.start(settings)
+        host = Host.start(settings, worker_process=settings.worker_process)
         app.state.host = host
         # fewer API threads than pooled connections: a thread never waits on the pool for a
         # connection that only another thread could hand back (latency_service/db.py)

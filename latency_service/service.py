@@ -38,7 +38,7 @@ from latency_service.device import (
     identify,
     resolve_device,
 )
-from latency_service.jobs import DeviceWorker, Trust
+from latency_service.jobs import DeviceRunner, DeviceWorker, Trust
 from latency_service.models import Job
 from latency_service.profiler import Method, default_flush_bytes, time_network, time_reference
 from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileRequest
@@ -236,46 +236,35 @@ class RequestError(ValueError):
     """Bad input; the message names the field. The API maps it to 422, the CLI to exit 2."""
 
 
-@dataclass
-class Host:
+def configure_torch(settings: Settings, tdev: torch.device) -> None:
+    """CPU pinning, torch threads and cuDNN autotuning, the same in every process that times
+    (they are part of the environment fingerprint)."""
+    pin_cpus(settings)
+    if tdev.type == "cpu":
+        torch.set_num_threads(settings.cpu_threads or host_cpus())
+    else:
+        torch.backends.cudnn.benchmark = settings.cudnn_benchmark
+
+
+@dataclass(frozen=True)
+class HostSpec:
+    """Everything a device worker needs, computed once at start-up; picklable, so a worker
+    process gets the identity the API registered instead of identifying the host again."""
+
     settings: Settings
     torch_device: torch.device
     device: DeviceIdentity
     env: EnvironmentIdentity
     device_id: int
     environment_id: int
-    worker: DeviceWorker
-    engine: Engine
-    sessions: sessionmaker[Session]
-    table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
-    plans: LRU = field(default_factory=lambda: LRU(64))
-    """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
-    same request (gas-search before every search, a fleet script): expanding the default layout
-    costs ~3 ms of Python, a lookup ~20 µs."""
-    active_jobs: LRU = field(default_factory=lambda: LRU(256))
-    """request hash → (job, expires, jobs generation): the queued or running job a resent
-    ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
-    counts may be that old, and a job ended by another host of a fleet may show as active that
-    long; ``GET /jobs/{id}`` is always current). Forgotten when a job of this host ends or is
-    cancelled."""
-    jobs_generation: int = 0
+    method: Method
+    trust: Trust
 
     @classmethod
-    def start(cls, settings: Settings, *, run_worker: bool = True) -> Host:
-        """Migrate the database, identify this host, register it, and start the worker (which
-        resumes any job a previous process left queued or running)."""
+    def prepare(cls, settings: Settings, sessions: sessionmaker[Session]) -> HostSpec:
+        """Configure torch, identify this host and register it in the (migrated) database."""
         tdev = resolve_device(settings.device)
-        pin_cpus(settings)
-        threads = settings.cpu_threads or host_cpus()
-        if tdev.type == "cpu":
-            torch.set_num_threads(threads)
-        else:
-            torch.backends.cudnn.benchmark = settings.cudnn_benchmark
-        if settings.db_wait_s > 0:
-            db.wait_for(settings.database_url, settings.db_wait_s)
-        db.migrate(settings.database_url)
-        engine = db.make_engine(settings.database_url)
-        sessions = db.session_factory(engine)
+        configure_torch(settings, tdev)
         ident = identify(tdev)
         flush = settings.timing_flush_bytes
         if flush is None:
@@ -295,15 +284,68 @@ class Host:
         trust = Trust(policy=settings.quality_policy(), retime_max=settings.retime_max,
                       retime_pause_s=settings.retime_pause_s, reference_every_s=settings.reference_every_s,
                       reference_drift_pct=settings.reference_drift_pct)
-        worker = DeviceWorker(sessions, tdev, device_id, env_id, method, owner=settings.worker_id,
-                              stale_s=settings.job_stale_s, trust=trust)
+        return cls(settings, tdev, ident, env, device_id, env_id, method, trust)
+
+    def device_worker(self, sessions: sessionmaker[Session]) -> DeviceWorker:
+        """The worker thread for this host (not started)."""
+        return DeviceWorker(sessions, self.torch_device, self.device_id, self.environment_id, self.method,
+                            owner=self.settings.worker_id, stale_s=self.settings.job_stale_s, trust=self.trust)
+
+
+@dataclass
+class Host:
+    settings: Settings
+    torch_device: torch.device
+    device: DeviceIdentity
+    env: EnvironmentIdentity
+    device_id: int
+    environment_id: int
+    worker: DeviceRunner
+    engine: Engine
+    sessions: sessionmaker[Session]
+    table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
+    plans: LRU = field(default_factory=lambda: LRU(64))
+    """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
+    same request (gas-search before every search, a fleet script): expanding the default layout
+    costs ~3 ms of Python, a lookup ~20 µs."""
+    active_jobs: LRU = field(default_factory=lambda: LRU(256))
+    """request hash → (job, expires, jobs generation): the queued or running job a resent
+    ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
+    counts may be that old, and a job ended by another host of a fleet may show as active that
+    long; ``GET /jobs/{id}`` is always current). Forgotten when a job of this host ends or is
+    cancelled."""
+    jobs_generation: int = 0
+
+    @classmethod
+    def start(cls, settings: Settings, *, run_worker: bool = True, worker_process: bool = False) -> Host:
+        """Migrate the database, identify this host, register it, and start the worker (which
+        resumes any job a previous process left queued or running). With ``worker_process`` the
+        worker runs in a child process (the HTTP service: its event loop and the timings then do
+        not share an interpreter lock, see :mod:`latency_service.worker_process`); else on a
+        thread of this one (the CLI, the tests)."""
+        if settings.db_wait_s > 0:
+            db.wait_for(settings.database_url, settings.db_wait_s)
+        db.migrate(settings.database_url)
+        engine = db.make_engine(settings.database_url)
+        sessions = db.session_factory(engine)
+        spec = HostSpec.prepare(settings, sessions)
         cache = TableCache(settings.table_version_ttl_s)
+        worker: DeviceRunner
+        if worker_process:
+            from latency_service.worker_process import WorkerProcess
+
+            worker = WorkerProcess(spec)
+        else:
+            worker = spec.device_worker(sessions)
         worker.on_write = lambda key: cache.invalidate(
-            None if key is None else TableWrite(device_id=device_id, environment_id=env_id, key=key))
-        host = cls(settings, tdev, ident, env, device_id, env_id, worker, engine, sessions, cache)
+            None if key is None else TableWrite(device_id=spec.device_id, environment_id=spec.environment_id, key=key))
+        host = cls(settings, spec.torch_device, spec.device, spec.env, spec.device_id, spec.environment_id, worker,
+                   engine, sessions, cache)
         worker.on_job_end = host.job_ended
-        log.info("device %s (%s), environment %s, database %s", ident.slug, tdev, env.fingerprint,
-                 db.redact(settings.database_url))
+        if isinstance(worker, DeviceWorker):
+            worker.measure = host.measure
+        log.info("device %s (%s), environment %s, database %s", spec.device.slug, spec.torch_device,
+                 spec.env.fingerprint, db.redact(settings.database_url))
         if run_worker:
             worker.start()
         return host

@@ -107,6 +107,32 @@ class Server:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(10)
 
+    def worker_pids(self) -> list[int]:
+        """The service's device-worker process (a child running multiprocessing's spawn_main)."""
+        return [pid for pid in child_pids(self.proc.pid)
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes()]
+
+
+def child_pids(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (Linux ``/proc``)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, ppid = stat.read_text().rsplit(")", 1)[1].split()[:2]
+        except (OSError, IndexError, ValueError):
+            continue
+        if int(ppid) == pid and state != "Z":
+            found.append(int(stat.parent.name))
+    return found
+
+
+def running(pid: int) -> bool:
+    """``pid`` exists and is not a zombie (an orphan's reaper may be slow, or absent in a container)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
 
 def start_server(db: str, tmp: Path, extra_env: dict[str, str] | None = None) -> Server:
     """``gas-service serve`` in a subprocess, polled on /health until ready."""

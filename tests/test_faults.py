@@ -23,7 +23,9 @@ from latency_service import crud, db
 from latency_service.jobs import DeviceWorker, QueueFull, Trust
 from latency_service.models import E2EMeasurement, Measurement
 from latency_service.profiler import Method, Timing
-from tests.support import PgCluster, pg_bin, start_server, stop_server, wait_job, worker_rig
+from latency_service.schemas import MeasurePublic, MeasureRequest
+from latency_service.worker_process import WorkerProcess
+from tests.support import PgCluster, pg_bin, running, start_server, stop_server, wait_job, worker_rig
 
 STEADY = [100.0, 101.0, 99.0, 100.0, 100.0]
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
@@ -70,6 +72,39 @@ def test_measure_queue_is_bounded_fair_and_forgets_cancelled_work() -> None:
     assert worker._run_tasks() and ran == ["b"]  # one task per call: a running job's keys alternate with them
     assert worker._run_tasks() and ran == ["b", "d"]
     assert not worker._run_tasks() and worker.queued() == 0
+
+
+def test_worker_process_queue_hands_the_child_one_wanted_measurement_at_a_time() -> None:
+    """The service's half of the worker-process protocol, on a handle whose child never starts:
+    the queue stays with the service (a leaver's measurement is dropped before the child sees
+    it), the child gets one measurement at a time, each answer resolves its own future and
+    hands over the next, and the child's write reports reach the table caches."""
+    wp = WorkerProcess(spec=None)
+    child = wp._child_conn
+    written: list[LatencyKey | None] = []
+    wp.on_write = written.append
+    req = MeasureRequest.model_validate({"genotype": json.loads(random_genotype(TINY, torch.Generator().manual_seed(0))
+                                                                .to_json()), "input_size": [32, 48]})
+    first, leaver, third = (wp.submit_measure(req, limit=2) for _ in range(3))
+    with pytest.raises(QueueFull, match="2 measurements already queued"):
+        wp.submit_measure(req, limit=2)
+    assert wp.measuring and wp.queued() == 2
+    sent = child.recv()
+    assert sent[:2] == ("measure", 0) and MeasureRequest.model_validate_json(sent[2]) == req
+    assert leaver.cancel() and wp.queued() == 1  # its client went away: never sent
+    result = MeasurePublic(device="d", environment="e", input_size=(32, 48), batch=1, dtype="float32",
+                           memory_format="contiguous", median_ms=2.0, p90_ms=2.5, mean_ms=2.1, std_ms=0.1,
+                           n_samples=5, fps=500.0, predicted_ms=None, error_pct=None)
+    wp._handle(("result", 0, result.model_dump_json()))
+    assert first.result(timeout=0) == result
+    assert child.recv()[:2] == ("measure", 2) and not child.poll()  # the third; the leaver was skipped
+    wp._handle(("error", 2, RuntimeError("CUDA out of memory")))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        third.result(timeout=0)
+    assert not wp.measuring and wp.queued() == 0
+    wp._handle(("wrote", LatencyKey(**KEYS[0]).canonical))
+    wp._handle(("wrote", None))
+    assert written == [LatencyKey(**KEYS[0]), None]
 
 
 def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) -> None:
@@ -153,6 +188,7 @@ def test_sigterm_mid_job_exits_within_10s_and_rolls_the_key_back(tmp_path: Path)
     srv = start_server(url, tmp_path, SLOW_KEYS)
     try:
         job_id = _start_job(srv, body, 2)
+        (worker,) = srv.worker_pids()
         t0 = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(30)
@@ -160,6 +196,7 @@ def test_sigterm_mid_job_exits_within_10s_and_rolls_the_key_back(tmp_path: Path)
     finally:
         stop_server(srv)
     assert took <= 10, f"SIGTERM took {took:.1f} s"
+    assert not running(worker), "the device worker process outlived its service"
     rows, _ = _rows(url)
     engine = db.make_engine(url)
     with db.session_factory(engine)() as s:

@@ -17,7 +17,7 @@ from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import db
 from latency_service.models import Measurement
-from tests.support import Server, start_server, stop_server, wait_job
+from tests.support import Server, running, start_server, stop_server, wait_job
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -182,7 +182,12 @@ def test_kill9_mid_job_resumes_without_duplicates(db_url: str, tmp_path: Path) -
             deadline = time.monotonic() + 60
             while c.get(f"/jobs/{job_id}").json()["done"] < 5 and time.monotonic() < deadline:
                 time.sleep(0.05)
+        (worker,) = srv.worker_pids()  # the job runs in the service's device-worker process
         srv.kill9()
+        deadline = time.monotonic() + 10
+        while running(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(worker), "the device worker outlived a kill -9 of its service"
     finally:
         stop_server(srv)
     engine = db.make_engine(db_url)

@@ -77,6 +77,9 @@ class Settings(BaseSettings):
     e2e_warmup_runs: int = Field(default=5, ge=1)
     e2e_samples: int = Field(default=20, ge=3, le=10_000)
 
+    worker_process: bool = Field(default=True, description="run the device worker in a child process of the HTTP "
+                                 "service, so timings never wait for the API's interpreter lock (under 64 clients "
+                                 "a worker thread advanced a job ~15× slower); False keeps it a thread")
     measure_queue: int = Field(default=4, ge=1, le=1000, description="measurements that may wait for the device; "
                                "more get 503 with Retry-After")
     shutdown_grace_s: float = Field(default=8.0, ge=0, le=300, description="on SIGTERM, seconds to let requests "

@@ -33,7 +33,7 @@ async def measure(req: MeasureRequest, host: HostDep, request: Request) -> Measu
     except RequestError as err:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(err)) from None
     try:
-        fut = host.worker.submit(lambda: host.measure(req), limit=host.settings.measure_queue)
+        fut = host.worker.submit_measure(req, limit=host.settings.measure_queue)
     except QueueFull as err:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, str(err), headers={"Retry-After": "5"}) from None
     waiting = asyncio.wrap_future(fut)
