@@ -35,7 +35,7 @@ from tests.support import PgCluster, free_port, pg_bin, start_server, stop_serve
 TABLE = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": [256, 512]}
 """The served table: every key of the default layout at 256×512 (58 rows, ~40 KB of JSON)."""
 JOB = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": [128, 256],
-       "batches": [1, 2, 3, 4, 6, 8, 12, 16]}
+       "batches": [1, 2, 3, 4, 6, 8, 12, 16, 24, 32]}
 """The job that runs during the load: other keys (its batch-1 rows join the served table as they
 are timed, so reads see a table that changes), long enough to outlast both load phases."""
 MIX = (("read", 0.6), ("revalidate", 0.3), ("profile", 0.1))

@@ -37,11 +37,15 @@ import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Any
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 from gas_core.keys import LatencyKey
-from latency_service.jobs import QueueFull
+from latency_service.jobs import DeviceWorker, QueueFull
 from latency_service.schemas import MeasurePublic, MeasureRequest
+
+if TYPE_CHECKING:
+    from latency_service.service import HostSpec
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -50,7 +54,7 @@ PR_SET_PDEATHSIG = 1
 class WorkerProcess:
     """The parent's handle on the child: a :class:`latency_service.jobs.DeviceRunner`."""
 
-    def __init__(self, spec: Any) -> None:  # HostSpec (service.py imports this module, not the reverse)
+    def __init__(self, spec: HostSpec | None) -> None:  # None: never started (tests of the protocol)
         self.spec = spec
         self.on_write: Callable[[LatencyKey | None], None] | None = None
         self.on_job_end: Callable[[], None] | None = None
@@ -85,7 +89,7 @@ class WorkerProcess:
         for _, _, fut in waiting:
             fut.cancel()
         self._send(("stop", timeout))
-        self._proc.join(timeout + 1)
+        self._proc.join(timeout)
         if self._proc.is_alive():
             log.warning("device worker process still timing after %.0f s: killed; the key in flight is rolled back "
                         "and re-timed on resume", timeout)
@@ -169,7 +173,7 @@ class WorkerProcess:
 
 
 # ---------------------------------------------------------------- child
-def child_main(conn: multiprocessing.connection.Connection, spec: Any, parent_pid: int) -> None:
+def child_main(conn: multiprocessing.connection.Connection, spec: HostSpec, parent_pid: int) -> None:
     """Entry point of the worker process: a Host whose worker thread times, relaying to ``conn``."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
@@ -205,7 +209,7 @@ def child_main(conn: multiprocessing.connection.Connection, spec: Any, parent_pi
         engine.dispose()
 
 
-def _serve(conn: multiprocessing.connection.Connection, worker: Any, send: Callable[[tuple[Any, ...]], None]) -> None:
+def _serve(conn: multiprocessing.connection.Connection, worker: DeviceWorker, send: Callable[[tuple[Any, ...]], None]) -> None:
     """The parent's requests, until it says stop or goes away."""
     while True:
         try:
@@ -220,8 +224,13 @@ def _serve(conn: multiprocessing.connection.Connection, worker: Any, send: Calla
         if kind == "wake":
             worker.wake()
         elif kind == "measure":
-            task_id, req = message[1], MeasureRequest.model_validate_json(message[2])
-            worker.submit_measure(req).add_done_callback(lambda f, i=task_id: send(_outcome(i, f)))
+            task_id: int = message[1]
+            fut = worker.submit_measure(MeasureRequest.model_validate_json(message[2]))
+            fut.add_done_callback(partial(_report, send, task_id))
+
+
+def _report(send: Callable[[tuple[Any, ...]], None], task_id: int, fut: Future[MeasurePublic]) -> None:
+    send(_outcome(task_id, fut))
 
 
 def _outcome(task_id: int, fut: Future[MeasurePublic]) -> tuple[Any, ...]:
