@@ -17,10 +17,10 @@ from sqlalchemy import select
 
 from bench.common import write_result
 from gas_core.search_space import NetworkLayout
+from gas_core.wire import ProfileRequest
 from latency_service import crud
 from latency_service.core.config import Settings
 from latency_service.models import Measurement
-from latency_service.schemas import ProfileRequest
 from latency_service.service import Host
 
 

@@ -182,7 +182,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
     old export never rolls a table back. The caller has validated every entry (keys, samples).
     Every row's verdict is recomputed from its samples under this service's ``policy``; a flag the
     file carries (the host drifted while the row was timed) is kept with its reasons.
-    Returns the counts of :class:`latency_service.schemas.ImportPublic`."""
+    Returns the counts of :class:`gas_core.wire.ImportPublic`."""
     counts = dict(added=0, replaced=0, kept=0, skipped=0, created_device=False, created_environment=False)
     dev = get_device(session, slug=table.device.slug)
     if dev is None:

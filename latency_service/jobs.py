@@ -29,11 +29,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
 from gas_core.quality import HostNoise, QualityPolicy, ReferencePoint, RowQuality, assess
+from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service import crud
 from latency_service.device import gpu_telemetry
 from latency_service.models import Job, utcnow
 from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, time_reference
-from latency_service.schemas import MeasurePublic, MeasureRequest
 
 log = logging.getLogger(__name__)
 

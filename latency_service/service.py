@@ -28,6 +28,7 @@ from gas_core.network import GASNet
 from gas_core.ops import check_key
 from gas_core.quality import HostNoise, agreement, median_se, predict_with_uncertainty
 from gas_core.search_space import NetworkLayout, cell_shapes
+from gas_core.wire import MeasurePublic, MeasureRequest, ProfileRequest
 from latency_service import crud, db
 from latency_service.core.config import Settings
 from latency_service.device import (
@@ -41,7 +42,6 @@ from latency_service.device import (
 from latency_service.jobs import DeviceRunner, DeviceWorker, Trust
 from latency_service.models import Job
 from latency_service.profiler import Method, default_flush_bytes, time_network, time_reference
-from latency_service.schemas import MeasurePublic, MeasureRequest, ProfileRequest
 
 log = logging.getLogger(__name__)
 

@@ -41,8 +41,8 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from gas_core.keys import LatencyKey
+from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service.jobs import DeviceWorker, QueueFull
-from latency_service.schemas import MeasurePublic, MeasureRequest
 
 if TYPE_CHECKING:
     from latency_service.service import HostSpec

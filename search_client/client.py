@@ -1,6 +1,6 @@
 """HTTP client of the latency service: timeouts, retries with exponential backoff on connection
-errors and 5xx, and typed response models (only the fields the client reads; unknown fields are
-ignored so a newer service stays compatible). Imports gas_core, never latency_service."""
+errors and 5xx, bodies built and read with the API's own models (:mod:`gas_core.wire`; responses
+ignore unknown fields, so a newer service stays readable). Imports gas_core, never latency_service."""
 
 from __future__ import annotations
 
@@ -10,12 +10,21 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ValidationError
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
-from gas_core.quality import Agreement, HostNoise
-from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEnvironment
+from gas_core.table import LatencyTable
+from gas_core.wire import (
+    ComparePublic,
+    DevicesPublic,
+    HostPublic,
+    ImportPublic,
+    JobPublic,
+    MeasurePublic,
+    MeasureRequest,
+    ProfileRequest,
+)
 
 log = logging.getLogger(__name__)
 T = TypeVar("T", bound=BaseModel)
@@ -23,64 +32,6 @@ T = TypeVar("T", bound=BaseModel)
 
 class ServiceError(RuntimeError):
     """One line a user can act on (unreachable service, unknown device, failed job)."""
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="ignore")
-
-
-class HostInfo(_Model):
-    device: TableDevice
-    environment: TableEnvironment
-
-
-class JobInfo(_Model):
-    id: str
-    state: str
-    total: int
-    done: int
-    skipped: int
-    errors: list[str]
-    flagged: int = 0
-    retimed: int = 0
-    host_noise: HostNoise | None = None
-    warnings: list[str] = Field(default_factory=list)
-
-
-class TableRefInfo(_Model):
-    device: str
-    environment: str
-    entries: int
-
-
-class PairInfo(TableComparison):
-    model_config = ConfigDict(extra="ignore")
-    a: TableRefInfo
-    b: TableRefInfo
-
-
-class CompareResult(_Model):
-    tables: list[TableRefInfo]
-    pairs: list[PairInfo]
-
-
-class ImportResult(_Model):
-    device: str
-    environment: str
-    created_device: bool
-    created_environment: bool
-    added: int
-    replaced: int
-    kept: int
-    skipped: int
-
-
-class DeviceSummaryInfo(TableDevice):
-    environments: list[TableEnvironment]
-
-
-class DevicesResult(_Model):
-    devices: list[DeviceSummaryInfo]
 
 
 def split_ref(ref: str) -> tuple[str, str | None]:
@@ -91,20 +42,20 @@ def split_ref(ref: str) -> tuple[str, str | None]:
     return slug, env or None
 
 
-class MeasureResult(_Model):
-    device: str
-    environment: str
-    input_size: tuple[int, int]
-    batch: int
-    dtype: str
-    memory_format: str
-    median_ms: float
-    p90_ms: float
-    fps: float
-    predicted_ms: float | None
-    missing_keys: list[str]
-    error_pct: float | None
-    agreement: Agreement | None = None
+def _body(model: type[BaseModel], what: str, **fields: Any) -> dict[str, Any]:
+    """A request body checked by the API's own model before it is sent: a bad value is one
+    :class:`ServiceError` line naming the field, as the service's 422 would be."""
+    try:
+        return model(**fields).model_dump(mode="json", exclude_none=True)
+    except ValidationError as err:
+        raise ServiceError(f"{what}: {_first_error(err)}") from None
+
+
+def _first_error(err: Exception) -> str:
+    if isinstance(err, ValidationError):
+        first = err.errors()[0]
+        return f"{'.'.join(str(p) for p in first['loc']) or 'body'}: {first['msg']}"
+    return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
 class LatencyClient:
@@ -146,7 +97,10 @@ class LatencyClient:
 
     def _json(self, r: httpx.Response, model: type[T], what: str) -> T:
         self._check(r, what)
-        return model.model_validate(r.json())
+        try:
+            return model.model_validate(r.json())
+        except (ValueError, ValidationError) as err:  # not JSON, or not this API (another service, a proxy page)
+            raise ServiceError(f"{what}: unexpected response from {self.base_url}: {_first_error(err)}") from None
 
     @staticmethod
     def _check(r: httpx.Response, what: str) -> None:
@@ -159,8 +113,8 @@ class LatencyClient:
             raise ServiceError(f"{what}: HTTP {r.status_code}: {detail}")
 
     # ------------------------------------------------------------ routes
-    def host(self) -> HostInfo:
-        return self._json(self._request("GET", "/device"), HostInfo, "GET /device")
+    def host(self) -> HostPublic:
+        return self._json(self._request("GET", "/device"), HostPublic, "GET /device")
 
     def table(self, device: str, *, dtype: str | None = None, batch: int | None = None,
               memory_format: str | None = None, environment: str | None = None, op: str | None = None,
@@ -184,28 +138,28 @@ class LatencyClient:
         given = dict(dtype=dtype, batch=batch, memory_format=memory_format, environment=environment, op=op, **extra)
         return {k: v for k, v in given.items() if v is not None}
 
-    def devices(self) -> DevicesResult:
-        return self._json(self._request("GET", "/devices"), DevicesResult, "GET /devices")
+    def devices(self) -> DevicesPublic:
+        return self._json(self._request("GET", "/devices"), DevicesPublic, "GET /devices")
 
     def compare(self, refs: list[str], *, dtype: str | None = None, batch: int | None = None,
-                memory_format: str | None = None, op: str | None = None) -> CompareResult:
+                memory_format: str | None = None, op: str | None = None) -> ComparePublic:
         params = self._table_params(dtype, batch, memory_format, None, op, devices=",".join(refs))
-        return self._json(self._request("GET", "/compare", params=params), CompareResult, "GET /compare")
+        return self._json(self._request("GET", "/compare", params=params), ComparePublic, "GET /compare")
 
-    def import_table(self, table: LatencyTable, *, force: bool = False) -> ImportResult:
+    def import_table(self, table: LatencyTable, *, force: bool = False) -> ImportPublic:
         r = self._request("POST", "/table/import", params={"force": force}, content=table.model_dump_json(),
                           headers={"Content-Type": "application/json"}, timeout=600)
-        return self._json(r, ImportResult, "POST /table/import")
+        return self._json(r, ImportPublic, "POST /table/import")
 
-    def profile(self, keys: list[LatencyKey], force: bool = False) -> JobInfo:
-        body = {"keys": [k.model_dump() for k in keys], "force": force}
-        return self._json(self._request("POST", "/profile", json=body), JobInfo, "POST /profile")
+    def profile(self, keys: list[LatencyKey], force: bool = False) -> JobPublic:
+        body = _body(ProfileRequest, "POST /profile", keys=keys, force=force)
+        return self._json(self._request("POST", "/profile", json=body), JobPublic, "POST /profile")
 
-    def job(self, job_id: str) -> JobInfo:
-        return self._json(self._request("GET", f"/jobs/{job_id}"), JobInfo, f"GET /jobs/{job_id}")
+    def job(self, job_id: str) -> JobPublic:
+        return self._json(self._request("GET", f"/jobs/{job_id}"), JobPublic, f"GET /jobs/{job_id}")
 
-    def wait_job(self, job_id: str, on_progress: Callable[[JobInfo], None] | None = None, poll_s: float = 0.5,
-                 timeout_s: float = 24 * 3600) -> JobInfo:
+    def wait_job(self, job_id: str, on_progress: Callable[[JobPublic], None] | None = None, poll_s: float = 0.5,
+                 timeout_s: float = 24 * 3600) -> JobPublic:
         deadline = time.monotonic() + timeout_s
         while True:
             job = self.job(job_id)
@@ -221,8 +175,8 @@ class LatencyClient:
             time.sleep(poll_s)
 
     def measure(self, genotype: Genotype, input_size: tuple[int, int], *, batch: int, dtype: str,
-                memory_format: str) -> MeasureResult:
-        body = {"genotype": genotype.model_dump(mode="json"), "input_size": list(input_size), "batch": batch,
-                "dtype": dtype, "memory_format": memory_format}
+                memory_format: str) -> MeasurePublic:
+        body = _body(MeasureRequest, "POST /measure", genotype=genotype, input_size=input_size, batch=batch,
+                     dtype=dtype, memory_format=memory_format)
         r = self._request("POST", "/measure", json=body, timeout=1800)
-        return self._json(r, MeasureResult, "POST /measure")
+        return self._json(r, MeasurePublic, "POST /measure")

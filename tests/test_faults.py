@@ -19,11 +19,11 @@ from sqlalchemy import func, select
 from gas_core.genotype import random_genotype
 from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout
+from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service import crud, db
 from latency_service.jobs import DeviceWorker, QueueFull, Trust
 from latency_service.models import E2EMeasurement, Measurement
 from latency_service.profiler import Method, Timing
-from latency_service.schemas import MeasurePublic, MeasureRequest
 from latency_service.worker_process import WorkerProcess
 from tests.support import PgCluster, pg_bin, running, start_server, stop_server, wait_job, worker_rig
 

@@ -15,11 +15,11 @@ import torch
 
 from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout
+from gas_core.wire import ProfileRequest
 from latency_service.api.fastpath import CachedTableReads
 from latency_service.core.config import Settings
 from latency_service.jobs import Trust
 from latency_service.profiler import Method, Timing
-from latency_service.schemas import ProfileRequest
 from latency_service.service import Host, Rendered, TableCache, TableScope, TableWrite
 from tests.support import start_server, stop_server, wait_job, worker_rig
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from gas_core.genotype import Genotype
+from gas_core.genotype import Genotype, random_genotype
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import Supernet
@@ -136,11 +136,19 @@ def test_client_retries_5xx_with_backoff() -> None:
         if len(calls) < 3:
             return httpx.Response(503, text="busy")
         return httpx.Response(200, json={"device": {"slug": "s", "kind": "cpu", "name": "n"},
-                                         "environment": {"fingerprint": "f"}})
+                                         "environment": {"fingerprint": "f"}, "torch_device": "cpu",
+                                         "added_by_a_newer_service": 1})
 
     with LatencyClient("http://svc", backoff=0.01, transport=httpx.MockTransport(handler)) as c:
-        assert c.host().device.slug == "s"
+        assert c.host().device.slug == "s"  # the API's own model, tolerant of fields it does not know
     assert len(calls) == 3
+    with LatencyClient("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(200, text="<html>"))) as c:
+        with pytest.raises(ServiceError, match="GET /device: unexpected response") as err:
+            c.host()
+        assert "\n" not in str(err.value)
+        with pytest.raises(ServiceError, match="POST /measure: dtype: Input should be"):
+            c.measure(random_genotype(NetworkLayout(num_cells=3, reduction_cells=(1,)), torch.Generator().manual_seed(0)),
+                      (32, 48), batch=1, dtype="float63", memory_format="contiguous")
     with LatencyClient("http://svc", retries=1, backoff=0.01,
                        transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom"))) as c:
         with pytest.raises(ServiceError, match="500"):

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Any
 
 from gas_core.quality import HostNoise
+from gas_core.wire import DevicePublic, EntryPublic, JobPublic
 from latency_service.models import Device, Job, Measurement
 from latency_service.profiler import samples_from_blob
-from latency_service.schemas import DevicePublic, EntryPublic, JobPublic
 
 
 def device_row_public(dev: Device) -> DevicePublic:

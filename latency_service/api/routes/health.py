@@ -3,9 +3,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
+from gas_core.wire import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 from latency_service import crud
 from latency_service.api.deps import READ_RESPONSES, HostDep, ReadDep, SessionDep
-from latency_service.schemas import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 
 router = APIRouter(tags=["host"])
 

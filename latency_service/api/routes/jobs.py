@@ -5,11 +5,11 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 
+from gas_core.wire import JobPublic, JobState, ProfileRequest
 from latency_service import crud
 from latency_service.api.convert import job_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
 from latency_service.models import Device, Environment, Job
-from latency_service.schemas import JobPublic, JobState, ProfileRequest
 from latency_service.service import RequestError
 
 router = APIRouter(tags=["jobs"])

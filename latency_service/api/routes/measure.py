@@ -5,9 +5,9 @@ import logging
 
 from fastapi import APIRouter, HTTPException, Request, Response, status
 
+from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service.api.deps import TOKEN_RESPONSES, HostDep, TokenDep
 from latency_service.jobs import QueueFull
-from latency_service.schemas import MeasurePublic, MeasureRequest
 from latency_service.service import RequestError
 
 router = APIRouter(tags=["measure"])

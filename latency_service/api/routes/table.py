@@ -15,12 +15,7 @@ from sqlalchemy.orm import Session
 from gas_core.keys import INT32_MAX, Dtype, MemoryFormat
 from gas_core.ops import check_key
 from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
-from latency_service import crud
-from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
-from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
-from latency_service.api.fastpath import raw_request_key
-from latency_service.models import Device, Environment
-from latency_service.schemas import (
+from gas_core.wire import (
     ComparePublic,
     DevicesPublic,
     DeviceSummary,
@@ -30,6 +25,11 @@ from latency_service.schemas import (
     TablePublic,
     TableRef,
 )
+from latency_service import crud
+from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
+from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
+from latency_service.api.fastpath import raw_request_key
+from latency_service.models import Device, Environment
 from latency_service.service import Host, Rendered, TableScope
 
 log = logging.getLogger(__name__)

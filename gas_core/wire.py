@@ -1,5 +1,7 @@
-"""Pydantic bodies of the HTTP API (request ``…Request`` / response ``…Public``), each with
-``schema_version``. ORM models live in :mod:`latency_service.models`."""
+"""Bodies of the latency service's HTTP API (request ``…Request`` / response ``…Public``), each
+with ``schema_version``: written once here, served by ``latency_service`` and read by
+``search_client``. Requests forbid unknown fields (a typo is a 422 naming it, not a silently
+ignored option); responses ignore them, so an older client keeps reading a newer service."""
 
 from __future__ import annotations
 
@@ -20,8 +22,16 @@ JobState = Literal["queued", "running", "done", "failed", "cancelled"]
 
 
 class Versioned(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    """A response body."""
+
+    model_config = ConfigDict(extra="ignore")
     schema_version: Literal[1] = SCHEMA_VERSION
+
+
+class VersionedRequest(Versioned):
+    """A request body."""
+
+    model_config = ConfigDict(extra="forbid")
 
 
 # Valid bodies in the schema: clients and fuzzers (schemathesis in CI) start from them
@@ -30,7 +40,7 @@ _EXAMPLE_LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels
 _EXAMPLE_GENOTYPE = random_genotype(_EXAMPLE_LAYOUT, torch.Generator().manual_seed(0))
 
 
-class ProfileRequest(Versioned):
+class ProfileRequest(VersionedRequest):
     """Either explicit ``keys``, or a ``layout`` + ``input_size`` expanded by gas_core's
     ``cell_shapes`` for every combination of ``batches`` × ``dtypes`` × ``memory_formats``."""
 
@@ -121,7 +131,7 @@ class DevicesPublic(Versioned):
     devices: list[DeviceSummary]
 
 
-class MeasureRequest(Versioned):
+class MeasureRequest(VersionedRequest):
     model_config = ConfigDict(json_schema_extra={"examples": [
         {"genotype": _EXAMPLE_GENOTYPE.model_dump(mode="json"), "input_size": [32, 48], "batch": 1},
     ]})
