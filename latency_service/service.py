@@ -42,6 +42,7 @@ from latency_service.device import (
 from latency_service.jobs import DeviceRunner, DeviceWorker, Trust
 from latency_service.models import Job
 from latency_service.profiler import Method, default_flush_bytes, time_network, time_reference
+from latency_service.worker_process import WorkerProcess
 
 log = logging.getLogger(__name__)
 
@@ -330,24 +331,25 @@ class Host:
         sessions = db.session_factory(engine)
         spec = HostSpec.prepare(settings, sessions)
         cache = TableCache(settings.table_version_ttl_s)
-        worker: DeviceRunner
-        if worker_process:
-            from latency_service.worker_process import WorkerProcess
-
-            worker = WorkerProcess(spec)
-        else:
-            worker = spec.device_worker(sessions)
+        worker: DeviceRunner = WorkerProcess(spec) if worker_process else spec.device_worker(sessions)
         worker.on_write = lambda key: cache.invalidate(
             None if key is None else TableWrite(device_id=spec.device_id, environment_id=spec.environment_id, key=key))
-        host = cls(settings, spec.torch_device, spec.device, spec.env, spec.device_id, spec.environment_id, worker,
-                   engine, sessions, cache)
+        host = cls.of(spec, worker, engine, sessions, cache)
         worker.on_job_end = host.job_ended
-        if isinstance(worker, DeviceWorker):
-            worker.measure = host.measure
         log.info("device %s (%s), environment %s, database %s", spec.device.slug, spec.torch_device,
                  spec.env.fingerprint, db.redact(settings.database_url))
         if run_worker:
             worker.start()
+        return host
+
+    @classmethod
+    def of(cls, spec: HostSpec, worker: DeviceRunner, engine: Engine, sessions: sessionmaker[Session],
+           cache: TableCache | None = None) -> Host:
+        """The host object on a prepared identity; a :class:`DeviceWorker` gets its measure function."""
+        host = cls(spec.settings, spec.torch_device, spec.device, spec.env, spec.device_id, spec.environment_id,
+                   worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s))
+        if isinstance(worker, DeviceWorker):
+            worker.measure = host.measure
         return host
 
     def close(self) -> None:

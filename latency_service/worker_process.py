@@ -68,6 +68,7 @@ class WorkerProcess:
         self._ids = itertools.count()
         self._lock = threading.Lock()  # pending/inflight and the pipe's sending end
         self._reader = threading.Thread(target=self._read, name="gas-device-worker-reader", daemon=True)
+        self._gone = False  # the child exited: nothing more can be timed
 
     # ------------------------------------------------------------ DeviceRunner
     @property
@@ -111,6 +112,8 @@ class WorkerProcess:
         the future before the child was handed it drops it."""
         fut: Future[MeasurePublic] = Future()
         with self._lock:
+            if self._gone:
+                raise QueueFull(f"the device worker process exited (code {self._proc.exitcode}); see the service log")
             waiting = sum(not f.cancelled() for _, _, f in self._pending)
             if limit is not None and waiting >= limit:
                 raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
@@ -146,12 +149,16 @@ class WorkerProcess:
             except (EOFError, OSError):
                 break
             self._handle(message)
-        self._proc.join(5)
+        if self._proc.pid is not None:
+            self._proc.join(5)
         with self._lock:
-            lost = list(self._inflight.values())
+            self._gone = True
+            lost = [*self._inflight.values(), *(fut for _, _, fut in self._pending)]
             self._inflight.clear()
+            self._pending.clear()
         for fut in lost:
-            fut.set_exception(RuntimeError("the device worker process exited during the measurement"))
+            if fut.running() or fut.set_running_or_notify_cancel():  # handed over, or waiting and still wanted
+                fut.set_exception(RuntimeError("the device worker process exited before the measurement ended"))
         log.log(logging.INFO if self._proc.exitcode == 0 else logging.ERROR,
                 "device worker process exited with code %s", self._proc.exitcode)
 
@@ -186,9 +193,7 @@ def child_main(conn: multiprocessing.connection.Connection, spec: HostSpec, pare
     engine = db.make_engine(settings.database_url)
     sessions = db.session_factory(engine)
     worker = spec.device_worker(sessions)
-    host = Host(settings, spec.torch_device, spec.device, spec.env, spec.device_id, spec.environment_id, worker,
-                engine, sessions)
-    worker.measure = host.measure
+    Host.of(spec, worker, engine, sessions)  # gives the worker Host.measure
     lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:

@@ -105,6 +105,14 @@ def test_worker_process_queue_hands_the_child_one_wanted_measurement_at_a_time()
     wp._handle(("wrote", LatencyKey(**KEYS[0]).canonical))
     wp._handle(("wrote", None))
     assert written == [LatencyKey(**KEYS[0]), None]
+    handed, waiting = wp.submit_measure(req), wp.submit_measure(req)
+    child.close()  # the child died (a crash, an OOM kill): what it held and what waited fail, later ones are refused
+    wp._read()
+    for fut in (handed, waiting):
+        with pytest.raises(RuntimeError, match="exited before the measurement ended"):
+            fut.result(timeout=0)
+    with pytest.raises(QueueFull, match="device worker process exited"):
+        wp.submit_measure(req)
 
 
 def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) -> None:
