@@ -149,13 +149,19 @@ class MeasureRequest(VersionedRequest):
         return self
 
 
-class MeasurePublic(Versioned):
+class MeasuredOn(Versioned):
+    """Where and how a network was timed end to end: the service's answer and the search
+    client's report both start with it."""
+
     device: str
     environment: str
     input_size: tuple[int, int]
     batch: int
     dtype: str
     memory_format: str
+
+
+class MeasurePublic(MeasuredOn):
     median_ms: float
     p10_ms: float | None = None
     p90_ms: float

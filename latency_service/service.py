@@ -295,12 +295,10 @@ class HostSpec:
 
 @dataclass
 class Host:
-    settings: Settings
-    torch_device: torch.device
-    device: DeviceIdentity
-    env: EnvironmentIdentity
-    device_id: int
-    environment_id: int
+    """This host's identity (``spec``, fixed at start-up), its device worker, its database, and
+    what the service remembers between requests."""
+
+    spec: HostSpec
     worker: DeviceRunner
     engine: Engine
     sessions: sessionmaker[Session]
@@ -316,6 +314,31 @@ class Host:
     long; ``GET /jobs/{id}`` is always current). Forgotten when a job of this host ends or is
     cancelled."""
     jobs_generation: int = 0
+
+    # the identity's parts, as the routes and the CLI read them
+    @property
+    def settings(self) -> Settings:
+        return self.spec.settings
+
+    @property
+    def torch_device(self) -> torch.device:
+        return self.spec.torch_device
+
+    @property
+    def device(self) -> DeviceIdentity:
+        return self.spec.device
+
+    @property
+    def env(self) -> EnvironmentIdentity:
+        return self.spec.env
+
+    @property
+    def device_id(self) -> int:
+        return self.spec.device_id
+
+    @property
+    def environment_id(self) -> int:
+        return self.spec.environment_id
 
     @classmethod
     def start(cls, settings: Settings, *, run_worker: bool = True, worker_process: bool = False) -> Host:
@@ -346,8 +369,7 @@ class Host:
     def of(cls, spec: HostSpec, worker: DeviceRunner, engine: Engine, sessions: sessionmaker[Session],
            cache: TableCache | None = None) -> Host:
         """The host object on a prepared identity; a :class:`DeviceWorker` gets its measure function."""
-        host = cls(spec.settings, spec.torch_device, spec.device, spec.env, spec.device_id, spec.environment_id,
-                   worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s))
+        host = cls(spec, worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s))
         if isinstance(worker, DeviceWorker):
             worker.measure = host.measure
         return host

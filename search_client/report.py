@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Literal
 
 import matplotlib
 
@@ -17,6 +16,7 @@ from pydantic import BaseModel, Field  # noqa: E402
 from gas_core.ops import PRIMITIVES  # noqa: E402
 from gas_core.quality import Agreement  # noqa: E402
 from gas_core.table import TableComparison  # noqa: E402
+from gas_core.wire import MeasuredOn  # noqa: E402
 
 
 class DevicePrediction(BaseModel):
@@ -28,14 +28,7 @@ class DevicePrediction(BaseModel):
     missing_keys: int
 
 
-class Report(BaseModel):
-    schema_version: Literal[1] = 1
-    device: str
-    environment: str
-    input_size: tuple[int, int]
-    batch: int
-    dtype: str
-    memory_format: str
+class Report(MeasuredOn):
     predicted_ms: float | None
     measured_median_ms: float
     measured_p90_ms: float
