@@ -338,6 +338,19 @@ def next_job(session: Session, *, device_id: int, environment_id: int, owner: st
     )
 
 
+def fail_key(session: Session, *, job_id: str, owner: str, index: int, error: str) -> bool:
+    """Count key ``index`` of a running job failed with ``error`` — only if the job is still
+    ``owner``'s and still at that key (the worker process died while timing it, so nothing else
+    recorded it). Its restarted worker then goes on with the next key. Commits."""
+    job = session.get(Job, job_id)
+    if job is None:
+        return False
+    q = update(Job).where(Job.id == job_id, Job.state == "running", Job.owner == owner, Job.done == index)
+    won = rows_changed(session.execute(q.values(done=Job.done + 1, errors=[*job.errors, error], heartbeat_at=utcnow())))
+    session.commit()
+    return bool(won)
+
+
 def claim_job(session: Session, *, job: Job, owner: str) -> bool:
     """Compare-and-swap ``job`` to ``running`` under ``owner``: only if its state, owner and
     heartbeat are still what ``job`` says, so two hosts never both take it. Commits."""

@@ -102,6 +102,8 @@ class DeviceWorker:
         # name changed (flags set on a stretch of keys)
         self.on_write: Callable[[LatencyKey | None], None] | None = None
         self.on_job_end: Callable[[], None] | None = None  # told when a job this worker ran ends
+        # told (job id, index, key) before a key is timed and (None, None, None) once its progress is committed
+        self.on_key: Callable[[str | None, int | None, LatencyKey | None], None] | None = None
         self.measuring = False  # a submitted task (a /measure) runs now
         self.measure: Callable[[MeasureRequest], MeasurePublic] | None = None  # Host.measure, set by the host
         self._thread = threading.Thread(target=self._run, name="gas-device-worker", daemon=True)
@@ -242,6 +244,8 @@ class DeviceWorker:
                     return True
                 continue
             error, quality = None, None
+            if self.on_key is not None:  # a worker process's parent fails this key should the process die on it
+                self.on_key(job.id, job.done, key)
             try:
                 timing, quality = self._time_checked(key)
             except Exception as err:  # a key that cannot run here (OOM, unsupported dtype, an op that raises)
@@ -253,7 +257,10 @@ class DeviceWorker:
                     s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
                     method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
                 )
-            if not self._progress(s, job, error=error, quality=quality):
+            progressed = self._progress(s, job, error=error, quality=quality)
+            if self.on_key is not None:
+                self.on_key(None, None, None)
+            if not progressed:
                 return True  # cancelled or taken over while this key was timed: it is rolled back
             if quality is not None:  # timed and stored
                 self._stretch.setdefault(job.id, []).append(key.key_hash)

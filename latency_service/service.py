@@ -354,7 +354,7 @@ class Host:
         sessions = db.session_factory(engine)
         spec = HostSpec.prepare(settings, sessions)
         cache = TableCache(settings.table_version_ttl_s)
-        worker: DeviceRunner = WorkerProcess(spec) if worker_process else spec.device_worker(sessions)
+        worker: DeviceRunner = WorkerProcess(spec, sessions) if worker_process else spec.device_worker(sessions)
         worker.on_write = lambda key: cache.invalidate(
             None if key is None else TableWrite(device_id=spec.device_id, environment_id=spec.environment_id, key=key))
         host = cls.of(spec, worker, engine, sessions, cache)

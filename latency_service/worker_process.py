@@ -14,8 +14,10 @@ measurement is handed to the child at a time. Messages over one duplex pipe:
 
 - parent → child: ``("wake",)`` a job was queued; ``("measure", id, request JSON)``;
   ``("stop", timeout_s)``.
-- child → parent: ``("wrote", canonical key | None)`` rows committed (table caches);
-  ``("job_end",)``; ``("result", id, MeasurePublic JSON)`` or ``("error", id, exception)``.
+- child → parent: ``("key", job id, index, canonical key)`` before a key is timed and
+  ``("key", None, None, None)`` once its progress is committed (the key to fail should the child
+  die); ``("wrote", canonical key | None)`` rows committed (table caches); ``("job_end",)``;
+  ``("result", id, MeasurePublic JSON)`` or ``("error", id, exception)``.
 
 The child dies with its parent (``PR_SET_PDEATHSIG`` on Linux, and the pipe's end-of-file
 everywhere): a ``kill -9`` of the service must not leave a worker timing a job that the restarted
@@ -34,6 +36,7 @@ import pickle
 import signal
 import sys
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -42,9 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from gas_core.keys import LatencyKey
 from gas_core.wire import MeasurePublic, MeasureRequest
+from latency_service import crud
 from latency_service.jobs import DeviceWorker, QueueFull
 
 if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
     from latency_service.service import HostSpec
 
 log = logging.getLogger(__name__)
@@ -52,23 +58,36 @@ PR_SET_PDEATHSIG = 1
 
 
 class WorkerProcess:
-    """The parent's handle on the child: a :class:`latency_service.jobs.DeviceRunner`."""
+    """The parent's handle on the child: a :class:`latency_service.jobs.DeviceRunner` that also
+    supervises it. A child that dies on its own (the kernel's OOM killer, a crash in a backend)
+    is restarted after :data:`RESTART_PAUSE_S`; the key it was timing is failed with the reason,
+    so the job goes on instead of dying on that key again, and the measurement it was timing
+    fails. More than :data:`RESTARTS` deaths within :data:`RESTART_WINDOW_S` and it stays down:
+    ``/health`` says degraded and ``/measure`` answers 503."""
 
-    def __init__(self, spec: HostSpec | None) -> None:  # None: never started (tests of the protocol)
-        self.spec = spec
+    RESTARTS = 3
+    RESTART_WINDOW_S = 600.0
+    RESTART_PAUSE_S = 1.0
+
+    def __init__(self, spec: HostSpec | None, sessions: sessionmaker[Session] | None = None) -> None:
+        """``spec`` None: never started (tests of the protocol); ``sessions`` records a key the
+        child died on."""
+        self.spec, self.sessions = spec, sessions
         self.on_write: Callable[[LatencyKey | None], None] | None = None
         self.on_job_end: Callable[[], None] | None = None
-        ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads or CUDA
-        self._conn, child_conn = ctx.Pipe(duplex=True)
-        self._proc = ctx.Process(target=child_main, args=(child_conn, spec, os.getpid()),
-                                 name="gas-device-worker", daemon=True)
-        self._child_conn = child_conn
+        self._ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads or CUDA
+        self._conn, self._child_conn = self._ctx.Pipe(duplex=True)
+        self._proc = self._new_process()
         self._pending: deque[tuple[int, MeasureRequest, Future[MeasurePublic]]] = deque()
         self._inflight: dict[int, Future[MeasurePublic]] = {}
         self._ids = itertools.count()
-        self._lock = threading.Lock()  # pending/inflight and the pipe's sending end
-        self._reader = threading.Thread(target=self._read, name="gas-device-worker-reader", daemon=True)
-        self._gone = False  # the child exited: nothing more can be timed
+        self._lock = threading.Lock()  # the queue, the flags and the pipe's sending end
+        self._up = False  # a child is running and reading the pipe
+        self._gone = False  # given up: nothing more can be timed
+        self._stopping = threading.Event()
+        self._key: tuple[str, int, str] | None = None  # (job, index, key) the child is timing
+        self._deaths: deque[float] = deque()
+        self._supervisor = threading.Thread(target=self._supervise, name="gas-device-worker-supervisor", daemon=True)
 
     # ------------------------------------------------------------ DeviceRunner
     @property
@@ -76,14 +95,13 @@ class WorkerProcess:
         return bool(self._inflight)
 
     def start(self) -> None:
-        self._proc.start()
-        self._child_conn.close()  # the child holds its end; EOF here then means the child is gone
-        self._reader.start()
-        log.info("device worker process %d started", self._proc.pid)
+        self._launch()
+        self._supervisor.start()
 
     def stop(self, timeout: float = 30) -> None:
         """Ask the child to stop after the key or measurement in flight; kill it when ``timeout``
         passes (its uncommitted key rolls back and is re-timed on resume)."""
+        self._stopping.set()
         with self._lock:
             waiting = list(self._pending)
             self._pending.clear()
@@ -108,12 +126,13 @@ class WorkerProcess:
             return sum(not fut.cancelled() for _, _, fut in self._pending)
 
     def submit_measure(self, req: MeasureRequest, limit: int | None = None) -> Future[MeasurePublic]:
-        """Queue ``req``; :class:`QueueFull` when ``limit`` measurements already wait. Cancelling
-        the future before the child was handed it drops it."""
+        """Queue ``req``; :class:`QueueFull` when ``limit`` measurements already wait or the
+        worker is down for good. Cancelling the future before the child was handed it drops it."""
         fut: Future[MeasurePublic] = Future()
         with self._lock:
             if self._gone:
-                raise QueueFull(f"the device worker process exited (code {self._proc.exitcode}); see the service log")
+                raise QueueFull(f"the device worker process is down ({_exit_reason(self._proc.exitcode)}, "
+                                f"{len(self._deaths)} times in {self.RESTART_WINDOW_S:.0f} s); see the service log")
             waiting = sum(not f.cancelled() for _, _, f in self._pending)
             if limit is not None and waiting >= limit:
                 raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
@@ -121,11 +140,88 @@ class WorkerProcess:
         self._dispatch()
         return fut
 
-    # ------------------------------------------------------------ parent internals
+    # ------------------------------------------------------------ the child's life
+    def _new_process(self) -> multiprocessing.process.BaseProcess:
+        return self._ctx.Process(target=child_main, args=(self._child_conn, self.spec, os.getpid()),
+                                 name="gas-device-worker", daemon=True)
+
+    def _launch(self) -> None:
+        self._proc.start()
+        self._child_conn.close()  # the child holds its end; EOF here then means the child is gone
+        with self._lock:
+            self._up = True
+        log.info("device worker process %d started", self._proc.pid)
+        self._dispatch()
+
+    def _supervise(self) -> None:
+        """Relay the child's messages; when it dies on its own, account for what it held and
+        restart it, until the service stops it or it dies too often."""
+        while True:
+            self._read()
+            if self._stopping.is_set():
+                log.info("device worker process exited with code %s", self._proc.exitcode)
+                return
+            if not self._after_death():
+                return
+            self._stopping.wait(self.RESTART_PAUSE_S)
+            if self._stopping.is_set():
+                return
+            with self._lock:
+                self._conn, self._child_conn = self._ctx.Pipe(duplex=True)
+                self._proc = self._new_process()
+            self._launch()
+
+    def _read(self) -> None:
+        """The child's messages until it exits; then the measurement it held fails."""
+        while True:
+            try:
+                message = self._conn.recv()
+            except (EOFError, OSError):
+                break
+            self._handle(message)
+        if self._proc.pid is not None:
+            self._proc.join(5)
+        with self._lock:
+            self._up = False
+            lost = list(self._inflight.values())
+            self._inflight.clear()
+        why = "exited" if self._stopping.is_set() else _exit_reason(self._proc.exitcode)
+        _fail(lost, f"the device worker process {why} before the measurement ended")
+
+    def _after_death(self) -> bool:
+        """Fail the key the child died on, log why; False (and everything waiting fails) when it
+        died too often to restart."""
+        why, key, self._key = _exit_reason(self._proc.exitcode), self._key, None
+        if key is not None and self.sessions is not None and self.spec is not None:
+            job_id, index, canonical = key
+            with self.sessions() as s:
+                failed = crud.fail_key(s, job_id=job_id, owner=self.spec.settings.worker_id, index=index,
+                                       error=f"{canonical}: WorkerDied: the device worker process {why} while timing it")
+            log.error("device worker process %s while timing %s (job %s, key %d)%s", why, canonical, job_id, index,
+                      ": that key is failed and the job goes on" if failed else "")
+        else:
+            log.error("device worker process %s", why)
+        now = time.monotonic()
+        self._deaths.append(now)
+        while self._deaths and self._deaths[0] < now - self.RESTART_WINDOW_S:
+            self._deaths.popleft()
+        if len(self._deaths) <= self.RESTARTS:
+            log.warning("restarting the device worker process in %.0f s", self.RESTART_PAUSE_S)
+            return True
+        log.error("the device worker process died %d times in %.0f s: not restarted; the service stays degraded "
+                  "until it is restarted", len(self._deaths), self.RESTART_WINDOW_S)
+        with self._lock:
+            self._gone = True
+            waiting = [fut for _, _, fut in self._pending]
+            self._pending.clear()
+        _fail(waiting, "the device worker process is down")
+        return False
+
+    # ------------------------------------------------------------ messages
     def _dispatch(self) -> None:
         """Hand the child the next wanted measurement when it has none."""
         with self._lock:
-            while not self._inflight and self._pending:
+            while self._up and not self._inflight and self._pending:
                 task_id, req, fut = self._pending.popleft()
                 if fut.set_running_or_notify_cancel():
                     self._inflight[task_id] = fut
@@ -141,30 +237,11 @@ class WorkerProcess:
         except (OSError, ValueError):  # the child is gone; _read reports it
             pass
 
-    def _read(self) -> None:
-        """Relay the child's messages until it exits; then fail what it was given."""
-        while True:
-            try:
-                message = self._conn.recv()
-            except (EOFError, OSError):
-                break
-            self._handle(message)
-        if self._proc.pid is not None:
-            self._proc.join(5)
-        with self._lock:
-            self._gone = True
-            lost = [*self._inflight.values(), *(fut for _, _, fut in self._pending)]
-            self._inflight.clear()
-            self._pending.clear()
-        for fut in lost:
-            if fut.running() or fut.set_running_or_notify_cancel():  # handed over, or waiting and still wanted
-                fut.set_exception(RuntimeError("the device worker process exited before the measurement ended"))
-        log.log(logging.INFO if self._proc.exitcode == 0 else logging.ERROR,
-                "device worker process exited with code %s", self._proc.exitcode)
-
     def _handle(self, message: tuple[Any, ...]) -> None:
         kind = message[0]
-        if kind == "wrote" and self.on_write is not None:
+        if kind == "key":
+            self._key = None if message[1] is None else (message[1], message[2], message[3])
+        elif kind == "wrote" and self.on_write is not None:
             self.on_write(None if message[1] is None else LatencyKey.from_canonical(message[1]))
         elif kind == "job_end" and self.on_job_end is not None:
             self.on_job_end()
@@ -177,6 +254,23 @@ class WorkerProcess:
                 else:
                     fut.set_exception(message[2])
             self._dispatch()
+
+
+def _fail(futures: list[Future[MeasurePublic]], why: str) -> None:
+    for fut in futures:
+        if fut.running() or fut.set_running_or_notify_cancel():  # handed over, or waiting and still wanted
+            fut.set_exception(RuntimeError(why))
+
+
+def _exit_reason(code: int | None) -> str:
+    """A child's exit code in words (negative: the signal that killed it)."""
+    if code is None:
+        return "exited"
+    if code < 0:
+        name = signal.Signals(-code).name if -code in signal.valid_signals() else f"signal {-code}"
+        hint = " (the kernel's OOM killer when host memory ran out, or kill -9)" if -code == signal.SIGKILL else ""
+        return f"was killed by {name}{hint}"
+    return f"exited with code {code}"
 
 
 # ---------------------------------------------------------------- child
@@ -205,6 +299,7 @@ def child_main(conn: multiprocessing.connection.Connection, spec: HostSpec, pare
 
     worker.on_write = lambda key: send(("wrote", None if key is None else key.canonical))
     worker.on_job_end = lambda: send(("job_end",))
+    worker.on_key = lambda job_id, index, key: send(("key", job_id, index, None if key is None else key.canonical))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stops the worker on the way out (finally below)
     worker.start()
     try:

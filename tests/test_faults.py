@@ -6,6 +6,7 @@ assertions on how fast this host is."""
 from __future__ import annotations
 
 import json
+import os
 import signal
 import threading
 import time
@@ -80,7 +81,7 @@ def test_worker_process_queue_hands_the_child_one_wanted_measurement_at_a_time()
     it), the child gets one measurement at a time, each answer resolves its own future and
     hands over the next, and the child's write reports reach the table caches."""
     wp = WorkerProcess(spec=None)
-    child = wp._child_conn
+    child, wp._up = wp._child_conn, True  # as if launched: the test reads the child's end of the pipe
     written: list[LatencyKey | None] = []
     wp.on_write = written.append
     req = MeasureRequest.model_validate({"genotype": json.loads(random_genotype(TINY, torch.Generator().manual_seed(0))
@@ -106,12 +107,17 @@ def test_worker_process_queue_hands_the_child_one_wanted_measurement_at_a_time()
     wp._handle(("wrote", None))
     assert written == [LatencyKey(**KEYS[0]), None]
     handed, waiting = wp.submit_measure(req), wp.submit_measure(req)
-    child.close()  # the child died (a crash, an OOM kill): what it held and what waited fail, later ones are refused
+    child.close()  # the child died (a crash, an OOM kill): the measurement it held fails, the next one waits
     wp._read()
-    for fut in (handed, waiting):
-        with pytest.raises(RuntimeError, match="exited before the measurement ended"):
-            fut.result(timeout=0)
-    with pytest.raises(QueueFull, match="device worker process exited"):
+    with pytest.raises(RuntimeError, match="exited before the measurement ended"):
+        handed.result(timeout=0)
+    assert not waiting.done() and wp.queued() == 1
+    assert wp._after_death()  # restarted: the waiting one goes to the new child
+    wp.RESTARTS = 1
+    assert not wp._after_death()  # a second death within the window: down for good
+    with pytest.raises(RuntimeError, match="device worker process is down"):
+        waiting.result(timeout=0)
+    with pytest.raises(QueueFull, match="device worker process is down"):
         wp.submit_measure(req)
 
 
@@ -188,6 +194,35 @@ def _start_job(srv, body: dict, at_least: int) -> str:  # type: ignore[no-untype
         while c.get(f"/jobs/{job_id}").json()["done"] < at_least and time.monotonic() < deadline:
             time.sleep(0.05)
     return job_id
+
+
+def test_a_worker_process_killed_mid_key_fails_that_key_is_restarted_and_the_job_goes_on(tmp_path: Path) -> None:
+    """The kernel's OOM killer (here kill -9) takes the device worker mid-job: the service
+    restarts it, the key it was timing is failed with the reason (so a key that kills the worker
+    cannot do it forever), the job ends with every key accounted for, and the new worker
+    measures. Reference points are rare here, so the kill almost surely lands inside a key; if
+    it lands between two, no key is failed and the same accounting holds."""
+    url = f"sqlite:///{tmp_path / 'k.db'}"
+    srv = start_server(url, tmp_path, {**SLOW_KEYS, "GAS_REFERENCE_EVERY_S": "3600"})
+    try:
+        job_id = _start_job(srv, {"keys": KEYS}, 2)
+        (worker,) = srv.worker_pids()
+        os.kill(worker, signal.SIGKILL)
+        with srv.client() as c:
+            job = wait_job(c, job_id, timeout=300)
+            assert job["done"] == len(KEYS) and job["state"] in ("done", "failed")
+            assert all("WorkerDied" in e and "killed by SIGKILL" in e for e in job["errors"]) and len(job["errors"]) <= 1
+            _await_health(srv, lambda h: h["worker"] and h["status"] == "ok")
+            assert srv.worker_pids() != [worker]
+            body = {"genotype": json.loads(random_genotype(TINY, torch.Generator().manual_seed(0)).to_json()),
+                    "input_size": [32, 48]}
+            assert c.post("/measure", json=body).status_code == 200
+        log = srv.log.read_text()
+        assert "device worker process was killed by SIGKILL" in log and "restarting the device worker" in log
+    finally:
+        stop_server(srv)
+    rows, distinct = _rows(url)
+    assert rows == distinct == len(KEYS) - len(job["errors"])  # each key stored once, or failed
 
 
 def test_sigterm_mid_job_exits_within_10s_and_rolls_the_key_back(tmp_path: Path) -> None:
