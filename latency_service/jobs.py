@@ -124,6 +124,8 @@ class DeviceWorker:
             except queue.Empty:
                 break
             fut.cancel()
+        if self._thread.ident is None:  # never started (the CLI's measure)
+            return
         self._thread.join(timeout)
         if self._thread.is_alive():
             log.warning("device worker still timing after %.0f s; the key in flight is rolled back and re-timed "

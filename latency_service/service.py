@@ -375,8 +375,9 @@ class Host:
         return host
 
     def close(self) -> None:
-        if self.worker.alive():
-            self.worker.stop(timeout=self.settings.shutdown_grace_s / 2)
+        """Stop the worker (also one between two lives of a worker process: it must not be
+        restarted while the service exits) and release the database."""
+        self.worker.stop(timeout=self.settings.shutdown_grace_s / 2)
         self.engine.dispose()
 
     # ------------------------------------------------------------ profiling

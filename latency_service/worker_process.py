@@ -101,13 +101,15 @@ class WorkerProcess:
     def stop(self, timeout: float = 30) -> None:
         """Ask the child to stop after the key or measurement in flight; kill it when ``timeout``
         passes (its uncommitted key rolls back and is re-timed on resume)."""
-        self._stopping.set()
-        with self._lock:
+        with self._lock:  # the supervisor relaunches under this lock: no new life begins after this
+            self._stopping.set()
             waiting = list(self._pending)
             self._pending.clear()
         for _, _, fut in waiting:
             fut.cancel()
         self._send(("stop", timeout))
+        if self._proc.pid is None:  # never started
+            return
         self._proc.join(timeout)
         if self._proc.is_alive():
             log.warning("device worker process still timing after %.0f s: killed; the key in flight is rolled back "
@@ -146,12 +148,15 @@ class WorkerProcess:
                                  name="gas-device-worker", daemon=True)
 
     def _launch(self) -> None:
+        with self._lock:
+            self._start_locked()
+        self._dispatch()
+
+    def _start_locked(self) -> None:
         self._proc.start()
         self._child_conn.close()  # the child holds its end; EOF here then means the child is gone
-        with self._lock:
-            self._up = True
+        self._up = True
         log.info("device worker process %d started", self._proc.pid)
-        self._dispatch()
 
     def _supervise(self) -> None:
         """Relay the child's messages; when it dies on its own, account for what it held and
@@ -164,12 +169,13 @@ class WorkerProcess:
             if not self._after_death():
                 return
             self._stopping.wait(self.RESTART_PAUSE_S)
-            if self._stopping.is_set():
-                return
             with self._lock:
+                if self._stopping.is_set():
+                    return
                 self._conn, self._child_conn = self._ctx.Pipe(duplex=True)
                 self._proc = self._new_process()
-            self._launch()
+                self._start_locked()
+            self._dispatch()
 
     def _read(self) -> None:
         """The child's messages until it exits; then the measurement it held fails."""
