@@ -12,10 +12,10 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -44,37 +44,82 @@ def _lut(mapping: dict[int, int]) -> np.ndarray:
     return lut
 
 
+class _Axis(NamedTuple):
+    """Where each output position of one axis reads from the source image (see :func:`_axis`)."""
+
+    i0: torch.Tensor  # bilinear: the lower source index (int64, [n])
+    i1: torch.Tensor  # and the upper one
+    w1: torch.Tensor  # weight of i1 (float32, [n])
+    near: torch.Tensor  # nearest-neighbour source index (labels)
+    inside: torch.Tensor  # False where the position lies in the padding (bool, [n])
+
+
+def _axis(offset: int, n: int, src_len: int, scaled_len: int, flip: bool) -> _Axis:
+    """Positions ``offset … offset+n−1`` of an axis resized from ``src_len`` to ``scaled_len`` and
+    padded at the end, optionally flipped before the resize: the source indices and weights
+    ``F.interpolate`` would use (bilinear with ``align_corners=False``, and ``nearest``), in its
+    float32 arithmetic, so sampling only the crop gives the crop of the resized image."""
+    dst = torch.arange(offset, offset + n, dtype=torch.float32)
+    scale = torch.tensor(src_len / scaled_len, dtype=torch.float32)
+    src = (scale * (dst + 0.5) - 0.5).clamp(min=0)
+    i0 = src.long().clamp(max=src_len - 1)  # truncation is floor here: src ≥ 0
+    i1 = (i0 + 1).clamp(max=src_len - 1)
+    w1 = (src - i0).clamp(0, 1)
+    near = (dst * scale).floor().long().clamp(max=src_len - 1)
+    if flip:
+        i0, i1, near = src_len - 1 - i0, src_len - 1 - i1, src_len - 1 - near
+    return _Axis(i0, i1, w1, near, dst < scaled_len)
+
+
+def _resample(img: torch.Tensor, lbl: torch.Tensor, rows: _Axis, cols: _Axis,
+              label_too: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output pixels only, gathered from the source: image [3, H, W] (uint8 0–255 or float
+    0–1) → float32 [3, h, w] in 0–1 (bilinear, 0 in the padding); label [H, W] → int64 [h, w]
+    (nearest, ignore in the padding). A full-size float copy of a 1024×2048 image, and of it scaled
+    up to 2×, was most of a sample's cost (177 → ~60 ms on one EPYC core, bench/search_throughput.py)."""
+    r0, r1, c0, c1 = rows.i0[:, None], rows.i1[:, None], cols.i0[None, :], cols.i1[None, :]
+    wy, wx = rows.w1[:, None], cols.w1[None, :]
+
+    def at(r: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        return img[:, r, c].float()
+
+    out = (1 - wy) * ((1 - wx) * at(r0, c0) + wx * at(r0, c1)) + wy * ((1 - wx) * at(r1, c0) + wx * at(r1, c1))
+    if img.dtype == torch.uint8:
+        out = out / 255.0
+    inside = rows.inside[:, None] & cols.inside[None, :]
+    out = out * inside
+    if label_too:
+        lbl = lbl[rows.near[:, None], cols.near[None, :]].long().masked_fill(~inside, IGNORE)
+    return out, lbl
+
+
 class Augment:
     """Flip, scale in [scale_min, scale_max], crop to ``crop`` (H, W); identity when ``train`` is
     False except the resize to ``crop`` (for validation at a fixed size). With ``keep_label`` the
     label keeps its original size (evaluation the way Cityscapes users score: the network runs at
-    its input size, its prediction is upsampled to the 1024×2048 label)."""
+    its input size, its prediction is upsampled to the 1024×2048 label). Only the output pixels are
+    computed: the same values as resizing the whole image with ``F.interpolate`` and cropping
+    (tests/test_search_client.py checks it), without the full-size work."""
 
     def __init__(self, crop: tuple[int, int], train: bool, scale: tuple[float, float] = (0.5, 2.0),
                  keep_label: bool = False) -> None:
         self.crop, self.train, self.scale, self.keep_label = crop, train, scale, keep_label
 
     def __call__(self, img: torch.Tensor, lbl: torch.Tensor, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """``img`` [3, H, W] uint8 or float 0–1, ``lbl`` [H, W] integer → float32 [3, h, w] 0–1,
+        int64 [h, w] (full size with ``keep_label``)."""
         ch, cw = self.crop
-        if not self.train:
-            img = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
-            if not self.keep_label:
-                lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
-            return img, lbl
-        if torch.rand((), generator=gen) < 0.5:
-            img, lbl = img.flip(-1), lbl.flip(-1)
-        s = self.scale[0] + (self.scale[1] - self.scale[0]) * float(torch.rand((), generator=gen))
         h, w = img.shape[-2:]
+        if not self.train:
+            rows, cols = _axis(0, ch, h, ch, False), _axis(0, cw, w, cw, False)
+            out, out_lbl = _resample(img, lbl, rows, cols, label_too=not self.keep_label)
+            return out, out_lbl.long()
+        flip = bool(torch.rand((), generator=gen) < 0.5)
+        s = self.scale[0] + (self.scale[1] - self.scale[0]) * float(torch.rand((), generator=gen))
         nh, nw = max(1, round(h * s)), max(1, round(w * s))
-        img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
-        lbl = F.interpolate(lbl[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
-        ph, pw = max(0, ch - nh), max(0, cw - nw)
-        if ph or pw:
-            img = F.pad(img, (0, pw, 0, ph))
-            lbl = F.pad(lbl, (0, pw, 0, ph), value=IGNORE)
-        y = int(torch.randint(0, img.shape[-2] - ch + 1, (), generator=gen))
-        x = int(torch.randint(0, img.shape[-1] - cw + 1, (), generator=gen))
-        return img[:, y : y + ch, x : x + cw], lbl[y : y + ch, x : x + cw]
+        y = int(torch.randint(0, max(nh, ch) - ch + 1, (), generator=gen))
+        x = int(torch.randint(0, max(nw, cw) - cw + 1, (), generator=gen))
+        return _resample(img, lbl, _axis(y, ch, h, nh, False), _axis(x, cw, w, nw, flip), label_too=True)
 
 
 class SegDataset(Dataset):
@@ -94,12 +139,15 @@ class SegDataset(Dataset):
         return len(self.items)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Image uint8 [3, H, W] (a view of the decoded HWC array: :class:`Augment` reads only the
+        pixels it needs, so nothing full-size is converted) and label uint8 [H, W] in train ids
+        (255 = ignore)."""
         img_path, lbl_path = self.items[i]
-        img = np.asarray(Image.open(img_path).convert("RGB"), dtype=np.float32) / 255.0
-        lbl = np.asarray(Image.open(lbl_path), dtype=np.uint8)
+        img = np.array(Image.open(img_path).convert("RGB"), dtype=np.uint8)
+        lbl = np.array(Image.open(lbl_path), dtype=np.uint8)
         if self.lut is not None:
             lbl = self.lut[lbl]
-        return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(lbl.astype(np.int64))
+        return torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(lbl)
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``item`` is an index (augmented for :meth:`set_epoch`'s epoch) or ``(epoch, index)``:

@@ -208,3 +208,34 @@ def worker_rig(db_url: str, keys: list, **worker_kwargs: Any) -> WorkerRig:
     job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=keys, force=False)
     worker = DeviceWorker(sessions, torch.device("cpu"), dev.id, env.id, Method(), owner="me", **worker_kwargs)
     return WorkerRig(engine, s, job, worker, dev, env)
+
+
+def augment_whole_image(aug: Any, img: Any, lbl: Any, gen: Any) -> tuple[Any, Any]:
+    """The augmentation done the obvious way — flip, resize the whole image with F.interpolate,
+    pad, crop — drawing the same random numbers in the same order: the reference for
+    search_client.data.Augment (tests) and what it replaced (bench/loader_cost.py)."""
+    import torch
+    import torch.nn.functional as F
+
+    from search_client.data import IGNORE
+
+    ch, cw = aug.crop
+    img = img.float() / 255 if img.dtype == torch.uint8 else img
+    lbl = lbl.long()
+    if not aug.train:
+        img = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+        if not aug.keep_label:
+            lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
+        return img, lbl
+    if torch.rand((), generator=gen) < 0.5:
+        img, lbl = img.flip(-1), lbl.flip(-1)
+    s = aug.scale[0] + (aug.scale[1] - aug.scale[0]) * float(torch.rand((), generator=gen))
+    h, w = img.shape[-2:]
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    lbl = F.interpolate(lbl[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    ph, pw = max(0, ch - nh), max(0, cw - nw)
+    img, lbl = F.pad(img, (0, pw, 0, ph)), F.pad(lbl, (0, pw, 0, ph), value=IGNORE)
+    y = int(torch.randint(0, img.shape[-2] - ch + 1, (), generator=gen))
+    x = int(torch.randint(0, img.shape[-1] - cw + 1, (), generator=gen))
+    return img[:, y : y + ch, x : x + cw], lbl[y : y + ch, x : x + cw]

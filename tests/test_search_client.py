@@ -34,7 +34,7 @@ from search_client.data import (
     miou,
 )
 from search_client.search import SearchConfig, search
-from tests.support import Server, start_server, stop_server
+from tests.support import Server, augment_whole_image, start_server, stop_server
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = NetworkLayout(num_cells=4, reduction_cells=(1, 3), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
@@ -111,6 +111,27 @@ def test_augmentation_is_reproducible_and_in_range() -> None:
     ds.set_epoch(1)
     assert not torch.equal(ds[1][0], a[0])
     assert a[0].shape == (3, 32, 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32])
+def test_augment_computes_only_the_crop_yet_equals_resizing_the_whole_image(dtype: torch.dtype) -> None:
+    """Sampling only the output pixels gives what resizing the whole image and cropping gives:
+    every scale (down, up, ×2 exactly, padded when smaller than the crop), both flips, odd
+    sizes, uint8 images as loaded from PNGs and float ones, and the validation resize."""
+    g = torch.Generator().manual_seed(0)
+    for h, w in ((37, 53), (64, 128), (20, 30)):
+        raw = torch.randint(0, 256, (3, h, w), generator=g, dtype=torch.uint8)
+        img = raw if dtype == torch.uint8 else raw.float() / 255
+        lbl = torch.randint(0, 20, (h, w), generator=g, dtype=torch.uint8)
+        for aug in (Augment((24, 40), True), Augment((24, 40), True, scale=(2.0, 2.0)),
+                    Augment((48, 64), True, scale=(0.5, 0.75)), Augment((16, 24), False),
+                    Augment((16, 24), False, keep_label=True)):
+            for seed in range(12):
+                got = aug(img, lbl, torch.Generator().manual_seed(seed))
+                want = augment_whole_image(aug, img, lbl, torch.Generator().manual_seed(seed))
+                assert got[0].dtype == torch.float32 and got[1].dtype == torch.long
+                assert got[0].shape == want[0].shape and torch.allclose(got[0], want[0], atol=1e-5), (h, w, seed)
+                assert torch.equal(got[1], want[1]), (h, w, seed)
 
 
 def test_miou() -> None:
