@@ -302,7 +302,7 @@ class Host:
     worker: DeviceRunner
     engine: Engine
     sessions: sessionmaker[Session]
-    table_cache: TableCache = field(default_factory=lambda: TableCache(1.0))
+    table_cache: TableCache
     plans: LRU = field(default_factory=lambda: LRU(64))
     """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
     same request (gas-search before every search, a fleet script): expanding the default layout
