@@ -40,6 +40,12 @@ KEY_HASH_LEN = 32
 INT32_MAX = 2**31 - 1
 """Upper bound of every integer field of a key or a table row: what SQLite and PostgreSQL
 integer columns hold, so an absurd value is a 422 naming the field, not a database overflow."""
+MAX_US = 1e12
+"""Upper bound of every stored latency statistic and sample (µs; about 11.6 days): a sum of any
+table's rows stays finite, so no arithmetic on stored figures can overflow."""
+MIN_RATIO_US = 1e-3
+"""Latencies below this (1 ns) are below any timer's resolution: a ratio against one is
+undefined (null), never an underflow or an overflow."""
 
 
 class LatencyKey(BaseModel):

@@ -56,6 +56,22 @@ def quantile(samples: Sequence[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
 
 
+def sample_stats(samples_us: Sequence[float]) -> dict[str, float | int]:
+    """A row's statistics from its raw samples, as the service stores them. Location statistics
+    are floored at 0: a paired (context) difference below zero means the op costs less than the
+    timing resolution (an identity skip), and a negative table entry would reward an op in the
+    latency term. The raw samples keep their sign. ``samples_us`` non-empty."""
+    xs = list(samples_us)
+    return {
+        "median_us": max(0.0, statistics.median(xs)),
+        "p10_us": max(0.0, quantile(xs, 0.1)),
+        "p90_us": max(0.0, quantile(xs, 0.9)),
+        "mean_us": max(0.0, statistics.fmean(xs)),
+        "std_us": statistics.stdev(xs) if len(xs) > 1 else 0.0,
+        "n_samples": len(xs),
+    }
+
+
 class QualityPolicy(BaseModel):
     """When a row's samples are too unstable to store unflagged. Defaults from the 2-core VMs
     this was built on (docs/timing.md): a typical key's p10–p90 width there is about its median,

@@ -12,7 +12,7 @@ channels, reduction positions (3, 7), head channels, cell 0 taking the stem outp
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
 
@@ -20,6 +20,11 @@ from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime, ceil_div
 from gas_core.ops import OPS, PRIMITIVES
 
 Head = Literal["aspp", "ppm"]
+MAX_WIDTH = 2**20
+"""Widest tensor (channels) a layout may describe: far beyond any real network, far below the
+32-bit bound of a latency key's columns, so an absurd layout is a 422 naming its field rather
+than a key that fails its own validation deep inside the service."""
+Width = Annotated[int, Field(strict=True, ge=1, le=MAX_WIDTH)]
 
 
 class NetworkLayout(BaseModel):
@@ -30,9 +35,9 @@ class NetworkLayout(BaseModel):
     num_cells: int = Field(default=14, strict=True, ge=1, le=64)
     nodes: int = Field(default=2, strict=True, ge=1, le=6, description="intermediate nodes per cell")
     init_channels: int = Field(default=8, strict=True, ge=1, le=1024, description="C of the first cells")
-    reduction_cells: tuple[StrictInt, ...] = (3, 7)
-    stem_channels: tuple[StrictInt, ...] = (16, 16, 32)
-    stem_strides: tuple[StrictInt, ...] = (2, 1, 2)
+    reduction_cells: tuple[StrictInt, ...] = Field(default=(3, 7), max_length=64)
+    stem_channels: tuple[Width, ...] = Field(default=(16, 16, 32), max_length=16)
+    stem_strides: tuple[StrictInt, ...] = Field(default=(2, 1, 2), max_length=16)
     head: Head = "aspp"
     head_channels: int = Field(default=64, strict=True, ge=1, le=4096)
     num_classes: int = Field(default=19, strict=True, ge=1, le=1000)
@@ -49,6 +54,10 @@ class NetworkLayout(BaseModel):
             raise ValueError("reduction_cells must be strictly increasing")
         if any(not 0 <= r < self.num_cells for r in self.reduction_cells):
             raise ValueError(f"reduction_cells must lie in [0, {self.num_cells})")
+        widest = self.cell_channels(self.num_cells - 1) * self.nodes
+        if widest > MAX_WIDTH:
+            raise ValueError(f"reduction_cells: init_channels {self.init_channels} doubled at {len(self.reduction_cells)} "
+                             f"reductions makes the last cell {widest} channels wide, beyond {MAX_WIDTH}")
         return self
 
     @property

@@ -19,9 +19,9 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
-from gas_core.keys import INT32_MAX, LatencyKey
+from gas_core.keys import INT32_MAX, MAX_US, MIN_RATIO_US, LatencyKey
 from gas_core.quality import RowQuality
 
 TABLE_SCHEMA_VERSION: Final = 1
@@ -31,6 +31,48 @@ SLUG_PATTERN: Final = r"^[a-z0-9]+(?:[._-][a-z0-9]+)*$"
 which would make a table impossible to fetch (``/table/{slug}``) or to name in ``/compare``
 (``slug@environment``, comma-separated)."""
 Int32 = Annotated[int, Field(ge=0, le=INT32_MAX, strict=True)]
+Micros = Annotated[float, Field(ge=0, le=MAX_US, allow_inf_nan=False)]
+
+JSON_MAX_DEPTH: Final = 8
+JSON_MAX_BYTES: Final = 16_384
+
+
+def json_depth(value: Any) -> int:
+    """Nesting depth of a JSON value, iteratively (a recursive walk is what failed on 300 levels)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, d = stack.pop()
+        if isinstance(v, dict | list):
+            deepest = max(deepest, d)
+            stack.extend((c, d + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return deepest
+
+
+def _bounded(value: dict[str, Any]) -> dict[str, Any]:
+    depth = json_depth(value)
+    if depth > JSON_MAX_DEPTH:
+        raise ValueError(f"nested {depth} levels deep; at most {JSON_MAX_DEPTH}")
+    size = len(json.dumps(value))
+    if size > JSON_MAX_BYTES:
+        raise ValueError(f"{size} bytes as JSON; at most {JSON_MAX_BYTES}")
+    return value
+
+
+FreeJson = Annotated[dict[str, Any], AfterValidator(_bounded)]
+"""A free-form object from outside (device and environment info, a row's method): bounded in
+depth and size, so an import cannot store something no later response can serialize."""
+
+
+def clip_json(value: Any, depth: int = JSON_MAX_DEPTH) -> Any:
+    """``value`` with every container deeper than ``depth`` replaced by a string saying so: what
+    the service answers for a free-form field stored before imports were bounded."""
+    if not isinstance(value, dict | list):
+        return value
+    if depth <= 1 and any(isinstance(c, dict | list) for c in (value.values() if isinstance(value, dict) else value)):
+        return f"<clipped: nested deeper than {JSON_MAX_DEPTH} levels>"
+    if isinstance(value, dict):
+        return {k: clip_json(v, depth - 1) for k, v in value.items()}
+    return [clip_json(v, depth - 1) for v in value]
 
 
 def environment_fingerprint(info: Mapping[str, Any]) -> str:
@@ -44,14 +86,17 @@ class TableDevice(BaseModel):
                       description="stable name of the hardware, e.g. nvidia-h100-80gb-hbm3")
     kind: Literal["cpu", "cuda"]
     name: str = Field(max_length=256)
-    info: dict[str, Any] = Field(default_factory=dict)
+    info: FreeJson = Field(default_factory=dict)
 
 
 class TableEnvironment(BaseModel):
     fingerprint: str = Field(min_length=1, max_length=32)
-    info: dict[str, Any] = Field(default_factory=dict)
+    info: FreeJson = Field(default_factory=dict)
     entries: int | None = Field(default=None, description="rows of this environment")
     created_at: datetime | None = None
+    origin: Literal["measured", "imported"] | None = Field(
+        default=None, description="measured: a host of this service's database timed it (a device's default table "
+        "prefers these); imported: it came from a file. Ignored on import")
 
 
 class TableEntry(BaseModel):
@@ -71,22 +116,22 @@ class TableEntry(BaseModel):
     dtype: str
     memory_format: str
     runtime: str
-    median_us: float = Field(ge=0, allow_inf_nan=False)
-    p10_us: float = Field(ge=0, allow_inf_nan=False)
-    p90_us: float = Field(ge=0, allow_inf_nan=False)
-    mean_us: float = Field(ge=0, allow_inf_nan=False)
-    std_us: float = Field(ge=0, allow_inf_nan=False)
+    median_us: Micros
+    p10_us: Micros
+    p90_us: Micros
+    mean_us: Micros
+    std_us: Micros
     n_samples: int = Field(ge=1, le=INT32_MAX, strict=True)
     iters_per_sample: int = Field(ge=1, le=INT32_MAX, strict=True)
     timer: str
-    method: dict[str, Any] | None = Field(default=None, description="profiler settings the row was timed with")
+    method: FreeJson | None = Field(default=None, description="profiler settings the row was timed with")
     gpu_clock_mhz: Int32 | None = None
     gpu_temp_c: Int32 | None = None
     flagged: bool = Field(default=False, description="stored although unstable: its samples spread too far, or the "
                           "host drifted while it was timed; see quality.reasons")
     quality: RowQuality | None = Field(default=None, description="the verdict and the figures it rests on")
     created_at: datetime
-    samples_us: list[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+    samples_us: list[Annotated[float, Field(ge=-MAX_US, le=MAX_US, allow_inf_nan=False)]] | None = Field(
         default=None, description="every raw sample, µs per run (samples=true)")
 
     def latency_key(self) -> LatencyKey:
@@ -125,6 +170,13 @@ class LatencyTable(BaseModel):
 
 
 # ---------------------------------------------------------------- comparison maths
+
+
+def ratio(a_us: float, b_us: float) -> float | None:
+    """b / a where both lie in [MIN_RATIO_US, MAX_US], so the ratio lies in [1e-15, 1e15]: finite,
+    never 0, and its logarithm defined (a stored 1e308 against 1e-300 raised in the geometric mean)."""
+    ok = all(MIN_RATIO_US <= x <= MAX_US for x in (a_us, b_us))
+    return b_us / a_us if ok else None
 
 
 def geomean(xs: Sequence[float]) -> float | None:
@@ -227,7 +279,8 @@ class KeyComparison(BaseModel):
     op: str
     a_us: float
     b_us: float
-    ratio: float | None = Field(description="b / a; null when either latency is 0 (below the timer's resolution)")
+    ratio: float | None = Field(description="b / a; null when either latency is below 0.001 µs (the timer's "
+                                "resolution, e.g. 0) or above 1e12 µs")
 
 
 class TableComparison(BaseModel):
@@ -236,7 +289,7 @@ class TableComparison(BaseModel):
     common_keys: int
     only_a: int = Field(description="keys only in table a")
     only_b: int = Field(description="keys only in table b")
-    geomean_ratio: float | None = Field(description="geometric mean of b / a over the common keys with both > 0")
+    geomean_ratio: float | None = Field(description="geometric mean of b / a over the common keys with a ratio")
     spearman: float | None = Field(description="Spearman ρ of the common keys' latencies")
     kendall: float | None = Field(description="Kendall τ-b of the common keys' latencies")
     per_op: dict[str, OpComparison]
@@ -249,7 +302,7 @@ def compare_tables(a: Mapping[str, tuple[str, float]], b: Mapping[str, tuple[str
     rows = []
     for k in common:
         ua, ub = a[k][1], b[k][1]
-        rows.append(KeyComparison(key=k, op=a[k][0], a_us=ua, b_us=ub, ratio=ub / ua if ua > 0 and ub > 0 else None))
+        rows.append(KeyComparison(key=k, op=a[k][0], a_us=ua, b_us=ub, ratio=ratio(ua, ub)))
     by_op: dict[str, list[KeyComparison]] = {}
     for r in rows:
         by_op.setdefault(r.op, []).append(r)

@@ -62,6 +62,13 @@ class ProfileRequest(VersionedRequest):
     def _one_source(self) -> ProfileRequest:
         if (self.keys is None) == (self.layout is None):
             raise ValueError("give exactly one of 'keys' or 'layout' (with 'input_size')")
+        if self.keys is not None:
+            defaults = {n: type(self).model_fields[n].default for n in ("input_size", "batches", "dtypes",
+                                                                         "memory_formats")}
+            extra = [n for n, d in defaults.items() if getattr(self, n) != d]
+            if extra:
+                raise ValueError(f"{extra[0]}: only with 'layout'; explicit 'keys' carry their own size, batch, dtype "
+                                 "and memory format")
         if self.layout is not None and self.input_size is None:
             raise ValueError("input_size: required with 'layout'")
         if self.input_size is not None and min(self.input_size) < 1:

@@ -71,17 +71,15 @@ def serve(
     device: DevOpt = None,
     threads: ThrOpt = None,
 ) -> None:
-    """Serve the HTTP API with uvicorn (migrates the database and resumes unfinished jobs first)."""
-    import uvicorn
-
+    """Serve the HTTP API with uvicorn (migrates the database and resumes unfinished jobs first);
+    request heads time out after GAS_HEADER_TIMEOUT_S, and tokens in query strings never reach
+    the access log."""
     from latency_service.main import create_app
+    from latency_service.server import run
 
     settings = _settings(database_url, device, threads)
     _require_reachable(settings)
-    # SIGTERM: half the grace for open requests, half for the worker (Host.close), so a container
-    # stops inside Docker's 10 s with the key in flight rolled back
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=settings.log_level.lower(),
-                timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s / 2)), timeout_keep_alive=30)
+    run(create_app(settings), settings, host, port)
 
 
 @app.command()

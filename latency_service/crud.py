@@ -46,13 +46,16 @@ def get_or_create_environment(session: Session, *, device: Device, ident: Enviro
     q = select(Environment).where(Environment.device_id == device.id, Environment.fingerprint == ident.fingerprint)
     env = session.scalar(q)
     if env is None:
-        env = Environment(device_id=device.id, fingerprint=ident.fingerprint, info=ident.info)
+        env = Environment(device_id=device.id, fingerprint=ident.fingerprint, info=ident.info, origin="measured")
         session.add(env)
         try:
             session.commit()
         except IntegrityError:
             session.rollback()
             env = session.scalars(q).one()
+    if env.origin != "measured":  # this host measures in it from now on (it may have been imported first)
+        env.origin = "measured"
+        session.commit()
     return env
 
 
@@ -61,17 +64,20 @@ def get_device(session: Session, *, slug: str) -> Device | None:
 
 
 def get_environment(session: Session, *, device: Device, fingerprint: str | None) -> Environment | None:
-    """The named environment, or the newest one of ``device`` that has measurements."""
+    """The named environment, or the device's default: the newest environment a host of this
+    database *measured* that has rows, else the newest imported one with rows, else the newest
+    registered. An import can add an environment but never becomes a live host's default, whatever
+    dates its file claims; name it (``?environment=``) to read it."""
     q = select(Environment).where(Environment.device_id == device.id)
     if fingerprint is not None:
         return session.scalar(q.where(Environment.fingerprint == fingerprint))
-    newest = session.scalar(
-        q.join(Measurement, Measurement.environment_id == Environment.id)
-        .group_by(Environment.id)
-        .order_by(func.max(Measurement.created_at).desc())
-        .limit(1)
-    )
-    return newest or session.scalar(q.order_by(Environment.created_at.desc(), Environment.id.desc()).limit(1))
+    with_rows = (q.join(Measurement, Measurement.environment_id == Environment.id).group_by(Environment.id))
+    for origin in ("measured", "imported"):
+        newest = session.scalar(with_rows.where(Environment.origin == origin)
+                                .order_by(func.max(Measurement.created_at).desc()).limit(1))
+        if newest is not None:
+            return newest
+    return session.scalar(q.order_by(Environment.created_at.desc(), Environment.id.desc()).limit(1))
 
 
 def stored_hashes(session: Session, *, device_id: int, environment_id: int, hashes: Iterable[str]) -> set[str]:
@@ -194,7 +200,8 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
         raise ImportConflict(f"device {dev.slug!r} is a {dev.kind} device here, the file says {table.device.kind}")
     env = get_environment(session, device=dev, fingerprint=table.environment.fingerprint)
     if env is None:
-        env = Environment(device_id=dev.id, fingerprint=table.environment.fingerprint, info=table.environment.info)
+        env = Environment(device_id=dev.id, fingerprint=table.environment.fingerprint, info=table.environment.info,
+                          origin="imported")
         session.add(env)
         session.flush()
         counts["created_environment"] = True
@@ -286,7 +293,8 @@ def find_active_job(session: Session, *, request_hash: str) -> Job | None:
 
 
 def create_job(
-    session: Session, *, device_id: int, environment_id: int, request_hash: str, keys: list[LatencyKey], force: bool
+    session: Session, *, device_id: int, environment_id: int, request_hash: str, keys: list[LatencyKey], force: bool,
+    client: str | None = None,
 ) -> tuple[Job, bool]:
     """(job, created). An identical request already queued or running returns that job; the
     partial unique index on ``request_hash`` makes this hold across processes too. When a
@@ -299,7 +307,7 @@ def create_job(
         job = Job(
             id=str(uuid.uuid4()), device_id=device_id, environment_id=environment_id, request_hash=request_hash,
             state="queued", keys=[k.canonical for k in keys], force=force, total=len(keys), done=0, skipped=0,
-            errors=[],
+            errors=[], client=client,
         )
         session.add(job)
         try:
@@ -309,6 +317,29 @@ def create_job(
             continue
         return job, True
     raise RuntimeError(f"could not queue the job for request {request_hash[:12]}: it kept racing identical requests")
+
+
+def active_jobs_of(session: Session, *, client: str) -> int:
+    """Queued or running jobs that ``client`` queued (any device of the database)."""
+    return int(session.scalar(select(func.count(Job.id)).where(Job.client == client, Job.state.in_(ACTIVE))) or 0)
+
+
+def queued_keys(session: Session, *, device_id: int, environment_id: int) -> int:
+    """Keys not yet processed over the queued and running jobs of one (device, environment)."""
+    q = select(func.coalesce(func.sum(Job.total - Job.done), 0)).where(
+        Job.device_id == device_id, Job.environment_id == environment_id, Job.state.in_(ACTIVE))
+    return int(session.scalar(q) or 0)
+
+
+def fail_running_jobs(session: Session, *, owner: str, reason: str) -> list[str]:
+    """Mark ``owner``'s running jobs failed with ``reason`` (its device worker is gone for good, so
+    nothing will advance them); returns their ids. Commits."""
+    jobs = session.scalars(select(Job).where(Job.state == "running", Job.owner == owner)).all()
+    for job in jobs:
+        session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(
+            state="failed", errors=[*job.errors, reason], finished_at=utcnow()))
+    session.commit()
+    return [j.id for j in jobs]
 
 
 def get_job(session: Session, *, job_id: str) -> Job | None:

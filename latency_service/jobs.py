@@ -47,7 +47,7 @@ class DeviceRunner(Protocol):
     a :class:`latency_service.worker_process.WorkerProcess` running one in a child process."""
 
     on_write: Callable[[LatencyKey | None], None] | None
-    on_job_end: Callable[[], None] | None
+    on_job_end: Callable[[str | None], None] | None  # told the request hash of a job that ended
 
     @property
     def measuring(self) -> bool: ...  # a /measure is being timed (or about to be, after the key in flight)
@@ -101,7 +101,7 @@ class DeviceWorker:
         # told after rows are committed (table caches): the key stored, or None when rows it cannot
         # name changed (flags set on a stretch of keys)
         self.on_write: Callable[[LatencyKey | None], None] | None = None
-        self.on_job_end: Callable[[], None] | None = None  # told when a job this worker ran ends
+        self.on_job_end: Callable[[str | None], None] | None = None  # told when a job this worker ran ends
         # told (job id, index, key) before a key is timed and (None, None, None) once its progress is committed
         self.on_key: Callable[[str | None, int | None, LatencyKey | None], None] | None = None
         self.measuring = False  # a submitted task (a /measure) runs now
@@ -277,7 +277,7 @@ class DeviceWorker:
             return True
         ended = self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow())
         if self.on_job_end is not None:
-            self.on_job_end()  # ended here, or cancelled after the last key: either way no longer active
+            self.on_job_end(job.request_hash)  # ended here, or cancelled after the last key: either way no longer active
         if not ended:
             return True
         noise = HostNoise.model_validate(job.host_noise) if job.host_noise else None

@@ -74,6 +74,8 @@ class Environment(Base):
     fingerprint: Mapped[str] = mapped_column(String(32))
     info: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    origin: Mapped[str] = mapped_column(String(16), default="measured", server_default="measured")
+    """"measured" (a host of this database timed in it) or "imported" (it came from a file)."""
     device: Mapped[Device] = relationship(back_populates="environments")
 
 
@@ -128,6 +130,7 @@ class Job(Base):
     __tablename__ = "job"
     __table_args__ = (
         Index("ix_job_queue", "device_id", "environment_id", "state"),
+        Index("ix_job_client_state", "client", "state"),
         Index(
             "uq_job_active_request", "request_hash", unique=True,
             sqlite_where=text("state IN ('queued', 'running')"),
@@ -149,6 +152,7 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     owner: Mapped[str | None] = mapped_column(String(128), nullable=True)  # worker id of the host running it
+    client: Mapped[str | None] = mapped_column(String(64), nullable=True)  # who queued it: hashed token or address
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     flagged: Mapped[int] = mapped_column(Integer, default=0)  # keys stored flagged
     retimed: Mapped[int] = mapped_column(Integer, default=0)  # keys timed more than once before being stored

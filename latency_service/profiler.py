@@ -20,7 +20,7 @@ from torch import nn
 
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
 from gas_core.ops import PRIMITIVES, build_timing_case
-from gas_core.quality import median_se, quantile
+from gas_core.quality import median_se, quantile, sample_stats
 
 
 @dataclass(frozen=True)
@@ -57,20 +57,8 @@ class Timing:
         return quantile(self.samples_us, q)
 
     def summary(self) -> dict[str, float | int | str]:
-        """Location statistics are floored at 0: a paired (context) difference below zero means
-        the op costs less than the timing resolution (an identity skip), and a negative table
-        entry would reward an op in the latency term. The raw samples keep their sign."""
-        xs = self.samples_us
-        return {
-            "median_us": max(0.0, self.median_us),
-            "p10_us": max(0.0, self.quantile(0.1)),
-            "p90_us": max(0.0, self.quantile(0.9)),
-            "mean_us": max(0.0, statistics.fmean(xs)),
-            "std_us": statistics.stdev(xs) if len(xs) > 1 else 0.0,
-            "n_samples": len(xs),
-            "iters_per_sample": self.iters_per_sample,
-            "timer": self.timer,
-        }
+        """:func:`gas_core.quality.sample_stats` (what an import recomputes too) plus the method."""
+        return {**sample_stats(self.samples_us), "iters_per_sample": self.iters_per_sample, "timer": self.timer}
 
     def samples_blob(self) -> bytes:
         return samples_to_blob(self.samples_us)

@@ -22,7 +22,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.genotype import Genotype
-from gas_core.keys import LatencyKey, key_pixels
+from gas_core.keys import MAX_US, LatencyKey, key_pixels
 from gas_core.latency import MissingLatencyKeys, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import check_key
@@ -48,27 +48,62 @@ log = logging.getLogger(__name__)
 
 
 class LRU:
-    """A small thread-safe LRU (rendered table responses, planned profile requests)."""
+    """A small thread-safe LRU (rendered table responses, planned profile requests), bounded in
+    entries and, with ``weigh``, in the sum of its values' weights (bytes): one large value must
+    not pin memory that sixty-four small ones would not."""
 
-    def __init__(self, size: int = 64) -> None:
-        self.size = size
-        self._data: OrderedDict[Hashable, Any] = OrderedDict()
+    def __init__(self, size: int = 64, *, capacity: int | None = None,
+                 weigh: Callable[[Any], int] | None = None) -> None:
+        self.size, self.capacity, self.weigh = size, capacity, weigh
+        self._data: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
         self._lock = threading.Lock()
+        self.weight = 0
 
     def get(self, key: Hashable) -> Any:
         with self._lock:
             if key in self._data:
                 self._data.move_to_end(key)
-                return self._data[key]
+                return self._data[key][0]
             return None
 
     def put(self, key: Hashable, value: Any) -> Any:
+        w = self.weigh(value) if self.weigh is not None else 0
         with self._lock:
-            self._data[key] = value
-            self._data.move_to_end(key)
-            while len(self._data) > self.size:
-                self._data.popitem(last=False)
+            self._drop_locked(key)
+            if self.capacity is None or w <= self.capacity:
+                self._data[key] = (value, w)
+                self.weight += w
+            while len(self._data) > self.size or (self.capacity is not None and self.weight > self.capacity):
+                self._drop_locked(next(iter(self._data)))
         return value
+
+    def discard(self, predicate: Callable[[Hashable, Any], bool]) -> int:
+        """Drop every entry for which ``predicate(key, value)`` holds; returns how many."""
+        with self._lock:
+            gone = [k for k, (v, _) in self._data.items() if predicate(k, v)]
+            for k in gone:
+                self._drop_locked(k)
+        return len(gone)
+
+    def _drop_locked(self, key: Hashable) -> None:
+        if key in self._data:
+            self.weight -= self._data.pop(key)[1]
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+PLAN_BYTES_PER_KEY = 1400
+"""Memory a planned key holds in the plan cache (the parsed key, its canonical string in the
+request hash's list): about 28 MB for a 19,836-key body in the probe that found the leak."""
+
+
+class Overloaded(RuntimeError):
+    """A bound on queued work was reached: the API answers ``status`` with ``Retry-After``."""
+
+    def __init__(self, message: str, status: int, retry_after_s: int) -> None:
+        super().__init__(message)
+        self.status, self.retry_after_s = status, retry_after_s
 
 
 def pin_cpus(settings: Settings) -> None:
@@ -306,7 +341,8 @@ class Host:
     plans: LRU = field(default_factory=lambda: LRU(64))
     """``/profile`` bodies already expanded → (keys, request hash). Clients of a lab resend the
     same request (gas-search before every search, a fleet script): expanding the default layout
-    costs ~3 ms of Python, a lookup ~20 µs."""
+    costs ~3 ms of Python, a lookup ~20 µs. Bounded in bytes (``GAS_PLAN_CACHE_BYTES``); a plan
+    is dropped when its job ends or is cancelled."""
     active_jobs: LRU = field(default_factory=lambda: LRU(256))
     """request hash → (job, expires, jobs generation): the queued or running job a resent
     ``/profile`` returns, answered on the event loop for ``GAS_TABLE_VERSION_TTL_S`` (its progress
@@ -314,6 +350,7 @@ class Host:
     long; ``GET /jobs/{id}`` is always current). Forgotten when a job of this host ends or is
     cancelled."""
     jobs_generation: int = 0
+    _planning: threading.Lock = field(default_factory=threading.Lock)
 
     # the identity's parts, as the routes and the CLI read them
     @property
@@ -369,7 +406,9 @@ class Host:
     def of(cls, spec: HostSpec, worker: DeviceRunner, engine: Engine, sessions: sessionmaker[Session],
            cache: TableCache | None = None) -> Host:
         """The host object on a prepared identity; a :class:`DeviceWorker` gets its measure function."""
-        host = cls(spec, worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s))
+        host = cls(spec, worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s),
+                   plans=LRU(64, capacity=spec.settings.plan_cache_bytes,
+                             weigh=lambda plan: PLAN_BYTES_PER_KEY * len(plan[0])))
         if isinstance(worker, DeviceWorker):
             worker.measure = host.measure
         return host
@@ -404,7 +443,8 @@ class Host:
         body that asks for millions of keys costs nothing."""
         if req.keys is not None:
             if len(req.keys) > self.settings.max_keys_per_job:
-                raise RequestError(f"keys: {len(req.keys)} exceed the bound {self.settings.max_keys_per_job} per job")
+                raise RequestError(f"keys: {len(req.keys)} exceed the bound "
+                                   f"GAS_MAX_KEYS_PER_JOB={self.settings.max_keys_per_job}")
             keys = list(dict.fromkeys(req.keys))
             for i, k in enumerate(keys):
                 self.check_key_bounds(k, f"keys[{i}]")
@@ -412,7 +452,7 @@ class Host:
             assert req.layout is not None and req.input_size is not None
             keys = self._expand_layout(req.layout, req.input_size, req)
         if len(keys) > self.settings.max_keys_per_job:
-            raise RequestError(f"keys: {len(keys)} exceed the bound {self.settings.max_keys_per_job} per job")
+            raise RequestError(f"keys: {len(keys)} exceed the bound GAS_MAX_KEYS_PER_JOB={self.settings.max_keys_per_job}")
         return keys
 
     def _expand_layout(self, layout: NetworkLayout, size: tuple[int, int], req: ProfileRequest) -> list[LatencyKey]:
@@ -426,12 +466,15 @@ class Host:
         for b in batches:
             if b > st.max_batch:
                 raise RequestError(f"batches: {b} exceeds the bound {st.max_batch}")
-        one = cell_shapes(layout, (h, w), max(batches), dtypes[0], formats[0]).all_keys()
+        try:
+            one = cell_shapes(layout, (h, w), max(batches), dtypes[0], formats[0]).all_keys()
+        except ValueError as err:  # a key the layout implies fails its own bounds (pydantic's error is one)
+            raise RequestError(f"layout: implies a latency key out of bounds ({str(err).splitlines()[0]})") from None
         for k in one:  # channels and the largest activation do not depend on dtype or memory format
             self.check_key_bounds(k, "layout")
         if len(one) * len(batches) * len(dtypes) * len(formats) > st.max_keys_per_job:
             raise RequestError(f"layout: {len(one)} keys × {len(batches)} batches × {len(dtypes)} dtypes × "
-                               f"{len(formats)} memory formats exceed the bound {st.max_keys_per_job} per job")
+                               f"{len(formats)} memory formats exceed the bound GAS_MAX_KEYS_PER_JOB={st.max_keys_per_job}")
         seen: dict[str, LatencyKey] = {}
         for b in batches:
             for dt in dtypes:
@@ -452,20 +495,43 @@ class Host:
             planned = self.plans.put(body_id, (keys, hashlib.sha256(json.dumps(body).encode()).hexdigest()))
         return planned  # type: ignore[no-any-return]
 
-    def submit_profile(self, req: ProfileRequest) -> tuple[Job, bool]:
+    def submit_profile(self, req: ProfileRequest, client: str | None = None) -> tuple[Job, bool]:
+        """Queue the request's keys (or return the identical active job). Bounds before anything
+        is stored: keys per job (422, in :meth:`expand`), jobs per ``client`` (429) and keys
+        queued on this device (503), each naming its setting."""
         keys, request_hash = self.plan_profile(req)
         generation = self.jobs_generation
-        with self.sessions() as s:
-            job, created = crud.create_job(
-                s, device_id=self.device_id, environment_id=self.environment_id, request_hash=request_hash,
-                keys=keys, force=req.force,
-            )
+        st = self.settings
+        with self._planning:  # one request at a time between the bound check and the insert
+            with self.sessions() as s:
+                found = crud.find_active_job(s, request_hash=request_hash)
+                if found is not None:
+                    job, created = found, False
+                else:
+                    self._check_queue(s, client, len(keys))
+                    job, created = crud.create_job(
+                        s, device_id=self.device_id, environment_id=self.environment_id, request_hash=request_hash,
+                        keys=keys, force=req.force, client=client)
         if created:
             log.info("job %s queued: %d keys (force=%s)", job.id, job.total, req.force)
             self.worker.wake()
         if job.state in crud.ACTIVE:
-            self.active_jobs.put(request_hash, (job, time.monotonic() + self.settings.table_version_ttl_s, generation))
+            self.active_jobs.put(request_hash, (job, time.monotonic() + st.table_version_ttl_s, generation))
         return job, created
+
+    def _check_queue(self, session: Session, client: str | None, n_keys: int) -> None:
+        st = self.settings
+        if client is not None:
+            held = crud.active_jobs_of(session, client=client)
+            if held >= st.max_jobs_per_client:
+                raise Overloaded(f"jobs: this client already has {held} queued or running jobs, the bound "
+                                 f"GAS_MAX_JOBS_PER_CLIENT={st.max_jobs_per_client}; wait for one to end or cancel "
+                                 "one (DELETE /jobs/{id})", 429, 30)
+        queued = crud.queued_keys(session, device_id=self.device_id, environment_id=self.environment_id)
+        if queued + n_keys > st.max_queued_keys:
+            raise Overloaded(f"keys: {queued} keys already wait for this device and this request adds {n_keys}, "
+                             f"beyond the bound GAS_MAX_QUEUED_KEYS={st.max_queued_keys}; retry when the queue has "
+                             "drained", 503, 60)
 
     def known_active_job(self, req: ProfileRequest) -> Job | None:
         """The active job of a request this host planned and answered moments ago, without a
@@ -477,9 +543,15 @@ class Host:
         job, expires, generation = hit
         return job if time.monotonic() < expires and generation == self.jobs_generation else None  # type: ignore[no-any-return]
 
-    def job_ended(self) -> None:
-        """A job of this host ended or was cancelled: a resent request must reach the database."""
+    def job_ended(self, request_hash: str | None = None) -> None:
+        """A job of this host ended or was cancelled: a resent request must reach the database,
+        and the job's plan (``request_hash``; every plan when unknown) is dropped, so a cancelled
+        large body keeps no memory."""
         self.jobs_generation += 1
+        dropped = self.plans.discard(lambda _k, plan: request_hash is None or plan[1] == request_hash)
+        self.active_jobs.discard(lambda k, _v: request_hash is None or k == request_hash)
+        if dropped:
+            log.debug("dropped %d planned bodies (%d bytes of plans left)", dropped, self.plans.weight)
 
     # ------------------------------------------------------------ end-to-end
     def check_measure_bounds(self, req: MeasureRequest) -> None:
@@ -521,6 +593,9 @@ class Host:
         with self.sessions() as s:
             rows = crud.row_stats(s, device_id=self.device_id, environment_id=self.environment_id)
             noise = crud.latest_host_noise(s, device_id=self.device_id, environment_id=self.environment_id)
+        # a row beyond the bound (stored before imports were bounded) counts as missing: a sum of
+        # 1e308s overflows, and no prediction rests on such a row
+        rows = {k: r for k, r in rows.items() if 0 <= r.median_us <= MAX_US}
         predicted: float | None
         missing: list[str] = []
         try:

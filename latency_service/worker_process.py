@@ -74,7 +74,7 @@ class WorkerProcess:
         child died on."""
         self.spec, self.sessions = spec, sessions
         self.on_write: Callable[[LatencyKey | None], None] | None = None
-        self.on_job_end: Callable[[], None] | None = None
+        self.on_job_end: Callable[[str | None], None] | None = None
         self._ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads or CUDA
         self._conn, self._child_conn = self._ctx.Pipe(duplex=True)
         self._proc = self._new_process()
@@ -221,6 +221,16 @@ class WorkerProcess:
             waiting = [fut for _, _, fut in self._pending]
             self._pending.clear()
         _fail(waiting, "the device worker process is down")
+        if self.sessions is not None and self.spec is not None:
+            with self.sessions() as s:
+                ended = crud.fail_running_jobs(
+                    s, owner=self.spec.settings.worker_id,
+                    reason=f"WorkerDown: the device worker process died {len(self._deaths)} times in "
+                    f"{self.RESTART_WINDOW_S:.0f} s and was not restarted; restart the service to resume profiling")
+            for job_id in ended:
+                log.error("job %s failed: the device worker is down", job_id)
+            if self.on_job_end is not None:
+                self.on_job_end(None)
         return False
 
     # ------------------------------------------------------------ messages
@@ -250,7 +260,7 @@ class WorkerProcess:
         elif kind == "wrote" and self.on_write is not None:
             self.on_write(None if message[1] is None else LatencyKey.from_canonical(message[1]))
         elif kind == "job_end" and self.on_job_end is not None:
-            self.on_job_end()
+            self.on_job_end(message[1] if len(message) > 1 else None)
         elif kind in ("result", "error"):
             with self._lock:
                 fut = self._inflight.pop(message[1], None)
@@ -304,7 +314,7 @@ def child_main(conn: multiprocessing.connection.Connection, spec: HostSpec, pare
                 pass  # the parent is gone; we stop at the next recv
 
     worker.on_write = lambda key: send(("wrote", None if key is None else key.canonical))
-    worker.on_job_end = lambda: send(("job_end",))
+    worker.on_job_end = lambda request_hash: send(("job_end", request_hash))
     worker.on_key = lambda job_id, index, key: send(("key", job_id, index, None if key is None else key.canonical))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # stops the worker on the way out (finally below)
     worker.start()

@@ -263,6 +263,9 @@ def run(
     ggm: Annotated[Literal["none", "fc", "gcn"] | None, typer.Option(help=_h("ggm"))] = None,
     graph: Annotated[Literal["edge", "op"], typer.Option(help=_h("graph"))] = _S.graph,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
+    downscale: Annotated[int, typer.Option(
+        help="shrink every image and label by this factor when loading, before augmentation (CamVid at 2 is "
+        "180×240); the weights and α are fitted on the training split only, val is only scored", min=1)] = 1,
     out: Annotated[Path, typer.Option(help="output directory (checkpoint, log CSV, genotype, report, plots)")] = Path(
         "runs/search"),
     resume: Annotated[bool, typer.Option(help="continue from OUT/checkpoint.pt (on any device)")] = False,
@@ -283,7 +286,7 @@ def run(
         cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_ggm=lr_ggm, lr_w=lr_w,
                            cells=cells, ggm=ggm, graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
         compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
-        train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size)
+        train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size, downscale=downscale)
     except ValidationError as err:
         _fail(_one_line(err), 2)
     except (DataRootError, ValueError) as err:

@@ -9,6 +9,7 @@ in the same epoch augment it identically — which the DDP equivalence test reli
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,14 +125,24 @@ class Augment:
 
 
 class SegDataset(Dataset):
-    """Base: subclasses give ``self.items`` (image path, label path) and a label lookup table."""
+    """Base: subclasses give ``self.items`` (image path, label path) and a label lookup table.
+
+    ``downscale`` d > 1 shrinks every image and label by d at load, before augmentation (image:
+    PIL's antialiased bilinear; label: nearest), so scale and crop then act on the smaller image
+    as they would at full size — a cheap stand-in for the full resolution on a small machine.
+    ``cache`` keeps the decoded (and shrunk) arrays in memory: decoding a PNG costs more than
+    augmenting a half-size sample, and CamVid at half size is 47 MB of uint8."""
 
     num_classes: int
     items: list[tuple[Path, Path]]
     lut: np.ndarray | None = None
 
-    def __init__(self, augment: Augment, seed: int = 0) -> None:
+    def __init__(self, augment: Augment, seed: int = 0, downscale: int = 1, cache: bool = False) -> None:
+        if downscale < 1:
+            raise ValueError(f"downscale must be ≥ 1, got {downscale}")
         self.augment, self.seed, self.epoch = augment, seed, 0
+        self.downscale, self.cache = downscale, cache
+        self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -140,15 +151,33 @@ class SegDataset(Dataset):
         return len(self.items)
 
     def load(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Image uint8 [3, H, W] (a view of the decoded HWC array: :class:`Augment` reads only the
-        pixels it needs, so nothing full-size is converted) and label uint8 [H, W] in train ids
-        (255 = ignore)."""
+        """Image uint8 [3, H/d, W/d] (a view of the decoded HWC array: :class:`Augment` reads only
+        the pixels it needs, so nothing full-size is converted) and label uint8 [H/d, W/d] in train
+        ids (255 = ignore), d = ``downscale``."""
+        if i in self._decoded:
+            return self._decoded[i]
         img_path, lbl_path = self.items[i]
-        img = np.array(Image.open(img_path).convert("RGB"), dtype=np.uint8)
-        lbl = np.array(Image.open(lbl_path), dtype=np.uint8)
+        pil_img: Image.Image = Image.open(img_path).convert("RGB")
+        pil_lbl: Image.Image = Image.open(lbl_path)
+        if self.downscale > 1:
+            size = (max(1, pil_img.width // self.downscale), max(1, pil_img.height // self.downscale))
+            pil_img = pil_img.resize(size, Image.Resampling.BILINEAR)
+            pil_lbl = pil_lbl.resize(size, Image.Resampling.NEAREST)
+        img = np.array(pil_img, dtype=np.uint8)
+        lbl = np.array(pil_lbl, dtype=np.uint8)
         if self.lut is not None:
             lbl = self.lut[lbl]
-        return torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(lbl)
+        out = torch.from_numpy(img).permute(2, 0, 1), torch.from_numpy(lbl)
+        if self.cache:
+            self._decoded[i] = out
+        return out
+
+    def take(self, start: int, stop: int | None, augment: Augment) -> SegDataset:
+        """A copy over ``items[start:stop]`` with another augmentation (a held-out part of the
+        training split scored like val, for choices that must not see val)."""
+        part = copy.copy(self)
+        part.items, part.augment, part._decoded = self.items[start:stop], augment, {}
+        return part
 
     def __getitem__(self, item: int | tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """``item`` is an index (augmented for :meth:`set_epoch`'s epoch) or ``(epoch, index)``:
@@ -174,8 +203,9 @@ class Cityscapes(SegDataset):
     num_classes = 19
     lut = _lut(CITYSCAPES_ID_TO_TRAIN)
 
-    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0) -> None:
-        super().__init__(augment, seed)
+    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0, downscale: int = 1,
+                 cache: bool = False) -> None:
+        super().__init__(augment, seed, downscale, cache)
         root = Path(root)
         img_dir = _require(root / "leftImg8bit" / split, "Cityscapes images (leftImg8bit/<split>/<city>/)")
         lbl_dir = _require(root / "gtFine" / split, "Cityscapes fine labels (gtFine/<split>/<city>/)")
@@ -192,24 +222,26 @@ class Cityscapes(SegDataset):
 
 class CamVid(SegDataset):
     """SegNet layout: ``root/{train,val,test}/*.png`` and ``root/{split}annot/*.png`` holding
-    class ids 0–10 with 11 = void (mapped to 255)."""
+    class ids 0–10 with 11 = void (mapped to 255). Images may also be ``.jpg`` (a re-encoded copy
+    small enough to ship to a GPU host); labels are always lossless PNGs of the same stem."""
 
     num_classes = 11
     lut = _lut({i: i for i in range(11)})
 
-    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0) -> None:
-        super().__init__(augment, seed)
+    def __init__(self, root: str | Path, split: str, augment: Augment, seed: int = 0, downscale: int = 1,
+                 cache: bool = False) -> None:
+        super().__init__(augment, seed, downscale, cache)
         root = Path(root)
         img_dir = _require(root / split, f"CamVid images ({split}/)")
         lbl_dir = _require(root / f"{split}annot", f"CamVid labels ({split}annot/)")
         self.items = []
-        for img in sorted(img_dir.glob("*.png")):
-            lbl = lbl_dir / img.name
+        for img in sorted([*img_dir.glob("*.png"), *img_dir.glob("*.jpg")]):
+            lbl = lbl_dir / f"{img.stem}.png"
             if not lbl.is_file():
                 raise DataRootError(f"expected the label {lbl} for {img}")
             self.items.append((img, lbl))
         if not self.items:
-            raise DataRootError(f"expected *.png images in {img_dir}")
+            raise DataRootError(f"expected *.png or *.jpg images in {img_dir}")
 
 
 class Synthetic(SegDataset):
@@ -246,24 +278,39 @@ class Synthetic(SegDataset):
         return img.clamp(0, 1), lbl
 
 
+DATASETS: dict[str, type[Cityscapes] | type[CamVid]] = {"cityscapes": Cityscapes, "camvid": CamVid}
+
+
 def build_datasets(
     name: str, root: str | Path | None, crop: tuple[int, int], seed: int, synthetic_size: Sequence[int] = (64, 16),
-    scale: tuple[float, float] = (0.5, 2.0), full_size_labels: bool = False,
+    scale: tuple[float, float] = (0.5, 2.0), full_size_labels: bool = False, *, eval_split: str = "val",
+    downscale: int = 1, holdout: int = 0, cache: bool = False,
 ) -> tuple[SegDataset, SegDataset]:
-    """(train, val). Train uses the paper's augmentation; val images are resized to ``crop``, and
-    so are their labels unless ``full_size_labels``."""
+    """(train, evaluation set). Train uses the paper's augmentation; evaluation images are resized
+    to ``crop``, and so are their labels unless ``full_size_labels``. ``eval_split`` names the
+    evaluation split (``val``, or ``test`` where the layout has one). ``holdout`` N > 0 instead
+    scores on the *first* N training images (sorted by name) and trains on the rest: choices of
+    recipe that must not see val (on CamVid, N = 62 is the whole 0001TP sequence, so no frame of
+    the held-out sequence leaks into training). ``downscale`` and ``cache``: see
+    :class:`SegDataset`."""
     train_aug, val_aug = Augment(crop, True, scale), Augment(crop, False, keep_label=full_size_labels)
     if name == "synthetic":
         src = (max(crop[0], 64), max(crop[1], 64))
-        return (Synthetic(synthetic_size[0], src, train_aug, seed, split_seed=1),
-                Synthetic(synthetic_size[1], src, val_aug, seed, split_seed=2))
+        train: SegDataset = Synthetic(synthetic_size[0], src, train_aug, seed, split_seed=1)
+        if holdout:
+            raise ValueError("--holdout applies to real datasets only")
+        return train, Synthetic(synthetic_size[1], src, val_aug, seed, split_seed=2)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
     if root is None:
         raise DataRootError(f"--data-root is required for {name}")
-    if name == "cityscapes":
-        return Cityscapes(root, "train", train_aug, seed), Cityscapes(root, "val", val_aug, seed)
-    if name == "camvid":
-        return CamVid(root, "train", train_aug, seed), CamVid(root, "val", val_aug, seed)
-    raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
+    cls = DATASETS[name]
+    train = cls(root, "train", train_aug, seed, downscale, cache)
+    if holdout:
+        if not 0 < holdout < len(train):
+            raise ValueError(f"--holdout {holdout}: the training split has {len(train)} images")
+        return train.take(holdout, None, train_aug), train.take(0, holdout, val_aug)
+    return train, cls(root, eval_split, val_aug, seed, downscale, cache)
 
 
 def global_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -156,8 +156,10 @@ def plot_compare(pair: TableComparison, name_a: str, name_b: str, path: Path) ->
     ops = [op for op, s in pair.per_op.items() if s.geomean_ratio is not None]
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 5.2))
     g = [pair.per_op[op].geomean_ratio or 1.0 for op in ops]
-    lo = [gi - (pair.per_op[op].min_ratio or gi) for gi, op in zip(g, ops, strict=True)]
-    hi = [(pair.per_op[op].max_ratio or gi) - gi for gi, op in zip(g, ops, strict=True)]
+    # max(0, …): for a one-key op min = geomean = max, but exp(mean(log)) rounds a hair past them,
+    # and matplotlib refuses a negative whisker ("'xerr' must not contain negative values")
+    lo = [max(0.0, gi - (pair.per_op[op].min_ratio or gi)) for gi, op in zip(g, ops, strict=True)]
+    hi = [max(0.0, (pair.per_op[op].max_ratio or gi) - gi) for gi, op in zip(g, ops, strict=True)]
     colors = ["tab:red" if gi > 1 else "tab:green" for gi in g]
     ax0.barh(range(len(ops)), g, xerr=[lo, hi], color=colors, alpha=0.75, capsize=3)
     ax0.set_yticks(range(len(ops)), [f"{op} ({pair.per_op[op].keys})" for op in ops], fontsize=8)

@@ -496,12 +496,13 @@ def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, l
 def search(
     cfg: SearchConfig, layout: NetworkLayout, train: SegDataset, val: SegDataset | None, term: LatencyTerm,
     out: Path, *, compute: ComputeConfig | None = None, resume: bool = False, dist_info: DistInfo | None = None,
-    progress: bool = True, until_epoch: int | None = None,
+    progress: bool = True, until_epoch: int | None = None, deadline: float | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search: optimisers, then per epoch one pass of
     steps, an evaluation of the derived architecture, a log row and a checkpoint.
     ``until_epoch`` stops after that many epochs in total, for time-boxed allocations that resume
-    later. Returns the derived genotype, the supernet (on its device) and the history."""
+    later; ``deadline`` (a ``time.monotonic()`` instant) stops after the epoch during which it
+    passed. Returns the derived genotype, the supernet (on its device) and the history."""
     d = dist_info or DistInfo()
     compute = compute or ComputeConfig()
     if cfg.batch % (d.world * cfg.accum):
@@ -535,6 +536,8 @@ def search(
             with log_path.open("a", newline="") as f:
                 csv.DictWriter(f, LOG_FIELDS).writerow(row)
             save_checkpoint(s, cfg, layout, epoch, history, ckpt_path)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
     return SearchResult(derive(s.net.alpha_prime(), layout), s.net, history)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,9 +161,11 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, num_classes: int, d
 
 
 def checkpoint_payload(s: TrainState, cfg: TrainConfig, genotype: Genotype, epoch: int,
-                       input_size: tuple[int, int]) -> dict:
+                       input_size: tuple[int, int], downscale: int = 1) -> dict:
+    """``downscale``: the factor the images were shrunk by at load, so gas-eval scores the
+    network on the same data by default."""
     return {"kind": TRAIN_CHECKPOINT_KIND, "schema_version": 1, "epoch": epoch, "config": cfg.model_dump(mode="json"),
-            "input_size": list(input_size),
+            "input_size": list(input_size), "downscale": downscale,
             "genotype": genotype.model_dump(mode="json"), "model": s.model.state_dict(), "opt": s.opt.state_dict(),
             "scaler": s.scaler.state_dict(), "step": s.step, "history": s.history}
 
@@ -220,8 +223,10 @@ def write_csv(history: list[dict], path: Path) -> None:
 
 def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: SegDataset | None, out: Path,
           compute: ComputeConfig, d: DistInfo, resume: bool = False, init: Path | None = None,
-          progress: bool = True) -> TrainState:
-    """The loop: a checkpoint (``out/last.pt``) and a CSV row (``out/train_log.csv``) per epoch."""
+          progress: bool = True, until_epoch: int | None = None, deadline: float | None = None) -> TrainState:
+    """The loop: a checkpoint (``out/last.pt``) and a CSV row (``out/train_log.csv``) per epoch.
+    ``until_epoch`` stops after that many epochs in total, ``deadline`` (a ``time.monotonic()``
+    instant) after the epoch during which it passed: time-boxed stages that resume."""
     device = resolve_device(compute.device, d.local_rank, d.world)
     torch.manual_seed(cfg.seed)
     model = GASNet(genotype)
@@ -249,7 +254,7 @@ def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: Se
         restore_scaler(scaler, ck.get("scaler"))
         s.step, s.history, start = ck["step"], ck["history"], ck["epoch"] + 1
         log.info("resumed at epoch %d/%d", start + 1, cfg.epochs)
-    for epoch in range(start, cfg.epochs):
+    for epoch in range(start, min(cfg.epochs, until_epoch or cfg.epochs)):
         loaders.set_epoch(epoch)
         train_ds.set_epoch(epoch)
         stats = train_epoch(s, cfg, loaders.train, epoch, progress and d.main)
@@ -258,9 +263,11 @@ def train(cfg: TrainConfig, genotype: Genotype, train_ds: SegDataset, val_ds: Se
             val = miou(evaluate_confusion(model, loaders.val, train_ds.num_classes, device, d))
         s.history.append({"epoch": epoch + 1, "loss": stats["loss"], "lr": stats["lr"], "val_miou": val})
         if d.main:
-            save_checkpoint(checkpoint_payload(s, cfg, genotype, epoch, train_ds.augment.crop),
+            save_checkpoint(checkpoint_payload(s, cfg, genotype, epoch, train_ds.augment.crop, train_ds.downscale),
                             out / "last.pt")
             write_csv(s.history, out / "train_log.csv")
             log.info("epoch %d/%d  loss %.4f  lr %.5f  val mIoU %.3f", epoch + 1, cfg.epochs, stats["loss"],
                      stats["lr"], val)
+        if deadline is not None and time.monotonic() >= deadline:
+            break
     return s

@@ -14,7 +14,7 @@ import math
 import platform
 import sys
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Any, Literal, NoReturn
 
 import matplotlib
 
@@ -46,6 +46,8 @@ CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
                "synthetic": ("background", "disc", "rectangle", "stripes")}
 _T = TrainConfig()
 _C = ComputeConfig()
+DOWNSCALE_HELP = ("shrink every image and label by this factor when loading, before augmentation (scale and crop "
+                  "then act as at full size): CamVid at 2 is 180×240")
 
 
 def _h(name: str) -> str:
@@ -76,9 +78,10 @@ def read_genotype(path: Path) -> Genotype:
 
 def datasets_for(genotype: Genotype, dataset: str, data_root: Path | None, size: tuple[int, int], seed: int,
                  synthetic_size: tuple[int, int], scale: tuple[float, float] = (0.5, 2.0),
-                 full_size_labels: bool = False) -> tuple[SegDataset, SegDataset]:
-    """The datasets, checked against the genotype: its layout must predict the dataset's classes."""
-    train_ds, val_ds = build_datasets(dataset, data_root, size, seed, synthetic_size, scale, full_size_labels)
+                 full_size_labels: bool = False, **data: Any) -> tuple[SegDataset, SegDataset]:
+    """The datasets, checked against the genotype: its layout must predict the dataset's classes.
+    ``data``: :func:`build_datasets`' keyword options (eval_split, downscale, holdout, cache)."""
+    train_ds, val_ds = build_datasets(dataset, data_root, size, seed, synthetic_size, scale, full_size_labels, **data)
     if genotype.layout.num_classes != train_ds.num_classes:
         raise ValueError(f"the genotype's layout predicts {genotype.layout.num_classes} classes but {dataset} has "
                          f"{train_ds.num_classes}; search with a layout of {train_ds.num_classes} classes")
@@ -116,6 +119,10 @@ def train_cmd(
     channels_last: Annotated[bool, typer.Option(help=_h("channels_last"))] = _C.channels_last,
     workers: Annotated[int | None, typer.Option(help=_h("workers"))] = _C.workers,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
+    downscale: Annotated[int, typer.Option(help=DOWNSCALE_HELP, min=1)] = 1,
+    holdout: Annotated[int, typer.Option(
+        help="score each epoch on the first N training images (sorted by name) instead of val, and train on the "
+        "rest: for choosing a recipe without looking at val (CamVid: 62 = the whole 0001TP sequence)", min=0)] = 0,
     init: Annotated[Path | None, typer.Option(help="start from these weights (a state_dict or checkpoint, e.g. "
                                                    "ImageNet-pretrained); tensors are matched by name and shape and "
                                                    "the counts of matched and unmatched ones are logged")] = None,
@@ -137,7 +144,7 @@ def train_cmd(
         if cfg.batch % (d.world * cfg.accum):
             raise ValueError(f"--batch {cfg.batch} is not divisible by {d.world} ranks × --accum {cfg.accum}")
         train_ds, val_ds = datasets_for(geno, dataset, data_root, input_size, seed, synthetic_size,
-                                        (scale_min, scale_max))
+                                        (scale_min, scale_max), downscale=downscale, holdout=holdout)
     except ValidationError as err:
         _fail("gas-train", one_line(err))
     except (DataRootError, ValueError) as err:
@@ -202,8 +209,13 @@ def plot_confusion(conf: torch.Tensor, names: tuple[str, ...], path: Path) -> No
 @eval_app.command(help=__doc__)
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
-    dataset: Annotated[Dataset, typer.Option(help="evaluation data (its val split)")] = "synthetic",
+    dataset: Annotated[Dataset, typer.Option(help="evaluation data")] = "synthetic",
     data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
+    split: Annotated[Literal["val", "test"], typer.Option(
+        help="split to score: val, or test where the layout has one (CamVid's SegNet layout: test/ and testannot/)")
+    ] = "val",
+    downscale: Annotated[int | None, typer.Option(
+        help=DOWNSCALE_HELP + " (default: the factor the checkpoint was trained with)", min=1)] = None,
     input_size: Annotated[tuple[int, int] | None, typer.Option(
         help="H W the network runs at (paper: 769 1537); predictions are scored at the labels' own size "
         "(1024×2048 on Cityscapes). Default: the training crop size")] = None,
@@ -226,7 +238,10 @@ def eval_cmd(
         d = init_distributed(device)
         dev = resolve_device(device, d.local_rank, d.world)
         size = input_size or (int(ck["input_size"][0]), int(ck["input_size"][1]))
-        _, val_ds = datasets_for(geno, dataset, data_root, size, cfg.seed, synthetic_size, full_size_labels=True)
+        if split == "test" and dataset == "synthetic":
+            raise ValueError("--split test: the synthetic dataset has no test split")
+        _, val_ds = datasets_for(geno, dataset, data_root, size, cfg.seed, synthetic_size, full_size_labels=True,
+                                 eval_split=split, downscale=downscale or int(ck.get("downscale", 1)))
     except (CheckpointError, DataRootError, ValueError, ValidationError) as err:
         _fail("gas-eval", one_line(err) if isinstance(err, ValidationError) else str(err))
     _setup_logging(d)
@@ -244,7 +259,7 @@ def eval_cmd(
     union = conf.sum(0).double() + conf.sum(1).double() - inter
     per_class = {n: (float(inter[i] / union[i]) if union[i] > 0 else None) for i, n in enumerate(names)}
     present = [v for v in per_class.values() if v is not None]
-    report = EvalReport(checkpoint=str(checkpoint), dataset=dataset, split="val", input_size=size, flip=flip,
+    report = EvalReport(checkpoint=str(checkpoint), dataset=dataset, split=split, input_size=size, flip=flip,
                         scales=list(sc), images=len(val_ds), miou=sum(present) / max(1, len(present)),
                         per_class_iou=per_class)
     if latency_url is not None:

@@ -142,7 +142,7 @@ def test_the_worker_names_each_stored_key_and_reports_the_end_of_its_job(tmp_pat
     written: list[LatencyKey | None] = []
     ended: list[bool] = []
     rig.worker.on_write = written.append
-    rig.worker.on_job_end = lambda: ended.append(True)
+    rig.worker.on_job_end = lambda request_hash: ended.append(request_hash is not None)
     with rig.session:
         rig.worker._job_step()
     assert written == [keys[0], keys[2]]  # the failed key wrote no row

@@ -4,14 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
+from gas_core.keys import MAX_US
 from gas_core.quality import HostNoise
-from gas_core.wire import DevicePublic, EntryPublic, JobPublic
-from latency_service.models import Device, Job, Measurement
+from gas_core.table import clip_json
+from gas_core.wire import DevicePublic, EntryPublic, EnvironmentPublic, JobPublic
+from latency_service.models import Device, Environment, Job, Measurement
 from latency_service.profiler import samples_from_blob
 
 
 def device_row_public(dev: Device) -> DevicePublic:
-    return DevicePublic(slug=dev.slug, kind=dev.kind, name=dev.name, info=dev.info)  # type: ignore[arg-type]
+    return DevicePublic(slug=dev.slug, kind=dev.kind, name=dev.name, info=clip_json(dev.info))  # type: ignore[arg-type]
+
+
+def environment_public(env: Environment, entries: int | None = None) -> EnvironmentPublic:
+    """Info clipped to the import bound: an environment stored before imports were bounded (one
+    300 levels deep made every ``GET /devices`` a 500) is served, not fatal."""
+    return EnvironmentPublic(fingerprint=env.fingerprint, info=clip_json(env.info), entries=entries,
+                             created_at=env.created_at, origin=env.origin)
 
 
 def job_public(job: Job, device: str, environment: str) -> JobPublic:
@@ -28,10 +37,17 @@ def job_public(job: Job, device: str, environment: str) -> JobPublic:
 ENTRY_FIELDS = [f for f in EntryPublic.model_fields if f not in ("samples_us", "method", "quality")]
 
 
+STAT_FIELDS = ("median_us", "p10_us", "p90_us", "mean_us", "std_us")
+
+
 def entry_public(row: Measurement, with_samples: bool = False) -> EntryPublic:
+    """A stored row as served. A statistic beyond ``MAX_US`` (schema-valid on import before the
+    bound) is served at the bound and the row flagged, rather than failing the whole table."""
     data: dict[str, Any] = {f: getattr(row, f) for f in ENTRY_FIELDS}
-    data["method"] = row.method
+    data["method"] = clip_json(row.method) if row.method is not None else None
     data["quality"] = row.quality
+    if any(not data[f] <= MAX_US for f in STAT_FIELDS):
+        data.update({f: min(data[f], MAX_US) if data[f] == data[f] else MAX_US for f in STAT_FIELDS}, flagged=True)
     if with_samples:
-        data["samples_us"] = samples_from_blob(row.samples)
+        data["samples_us"] = [max(-MAX_US, min(MAX_US, x)) for x in samples_from_blob(row.samples)]
     return EntryPublic(**data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
@@ -66,6 +67,15 @@ async def require_read(host: HostDep, creds: Credentials) -> None:
         _check_bearer(creds, tokens, "GAS_READ_TOKEN")
 
 
+async def client_of(request: Request, creds: Credentials) -> str:
+    """Who is asking, for per-client bounds: the bearer token's hash when one is sent (a lab behind
+    one NAT shares an address, not a token), else the peer address. Never the token itself."""
+    if creds is not None:
+        return "token:" + hashlib.sha256(creds.credentials.encode()).hexdigest()[:16]
+    return "addr:" + (request.client.host if request.client else "unknown")
+
+
+ClientDep = Annotated[str, Depends(client_of)]
 TokenDep = Depends(require_token)
 ReadDep = Depends(require_read)
 READ_RESPONSES: dict[int | str, dict[str, Any]] = {

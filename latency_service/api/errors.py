@@ -88,6 +88,34 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
+class JsonOnly:
+    """Pure ASGI middleware: a POST, PUT or PATCH whose body is not declared JSON gets 415 naming
+    the type expected (every such route here takes a JSON body). Without it a JSON body sent as
+    ``text/plain``, as a form or without a type got a 422 "Input should be a valid dictionary"
+    that said nothing about the content type."""
+
+    METHODS = frozenset({"POST", "PUT", "PATCH"})
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] in self.METHODS:
+            raw = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1")
+            media = raw.split(";", 1)[0].strip().lower()
+            if media != "application/json" and not media.endswith("+json"):
+                got = f"{raw!r}" if raw else "none"
+                body = json.dumps({"message": f"Content-Type: expected application/json, got {got}",
+                                   "detail": [{"loc": ["header", "content-type"], "field": "Content-Type",
+                                               "msg": "expected application/json", "type": "unsupported_media_type",
+                                               "input": raw[:ECHO_CHARS]}]}).encode()
+                await send({"type": "http.response.start", "status": 415,
+                            "headers": [(b"content-type", b"application/json"), (b"accept", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """The database refused or dropped the connection (a restart, a failover, SQLite locked past
     its busy timeout): a 503 the client may retry, not a 500 that looks like a bug here."""
@@ -98,8 +126,10 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
 
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """The error handler, gzip for large responses when the client accepts it (a table with its
-    samples compresses ~3×), and the body limit outermost, so nothing reads an oversized body."""
+    samples compresses ~3×), 415 for a body that is not JSON, and the body limit outermost, so
+    nothing reads an oversized body."""
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(OperationalError, database_unavailable)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
+    app.add_middleware(JsonOnly)
     app.add_middleware(BodyLimit, limit=max_body_bytes)

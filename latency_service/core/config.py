@@ -95,7 +95,19 @@ class Settings(BaseSettings):
     max_batch: int = Field(default=64, ge=1)
     max_side: int = Field(default=4096, ge=1, description="largest H or W of a key or a measured input")
     max_elements: int = Field(default=2**28, ge=1, description="largest activation (N·C·H·W) a request may allocate")
-    max_keys_per_job: int = Field(default=20_000, ge=1)
+    max_keys_per_job: int = Field(default=5_000, ge=1, description="keys one /profile may queue (the default layout "
+                                  "is 58 keys per batch × dtype × memory format); more is a 422")
+    max_queued_keys: int = Field(default=20_000, ge=1, description="keys not yet timed over every queued or running "
+                                 "job of this device and environment; a /profile that would pass it gets 503 with "
+                                 "Retry-After (hours of device time are already waiting)")
+    max_jobs_per_client: int = Field(default=4, ge=1, description="queued or running jobs one client may hold (a "
+                                     "client is its bearer token, else its address); more gets 429 with Retry-After")
+    plan_cache_bytes: int = Field(default=16 * 2**20, ge=0, description="memory for planned /profile bodies "
+                                  "(about 1.4 kB a key); the least recently used are dropped beyond it, and a plan "
+                                  "is dropped when its job ends or is cancelled")
+    header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
+                                    "complete request head within this many seconds is closed (slow-header "
+                                    "clients); also bounds the wait for the next request on a kept-alive connection")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest request body; larger ones get 413 "
                                 "before they are parsed (a full table export with every raw sample is a few MB)")
 

@@ -18,7 +18,8 @@ DISCONNECT_POLL_S = 0.25
 @router.post(
     "/measure", response_model=MeasurePublic, dependencies=[TokenDep],
     summary="Time a derived network end to end, with the table's prediction beside it",
-    responses={422: {"description": "malformed genotype or a bound exceeded; the message names the field"},
+    responses={415: {"description": "the body is not sent as application/json"},
+               422: {"description": "malformed genotype or a bound exceeded; the message names the field"},
                503: {"description": "GAS_MEASURE_QUEUE measurements already wait for the device; retry after "
                                     "the Retry-After seconds"},
                **TOKEN_RESPONSES},

@@ -5,6 +5,7 @@ import io
 import logging
 from collections.abc import Hashable
 from dataclasses import asdict
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
@@ -14,22 +15,22 @@ from sqlalchemy.orm import Session
 
 from gas_core.keys import INT32_MAX, Dtype, MemoryFormat
 from gas_core.ops import check_key
+from gas_core.quality import sample_stats
 from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
 from gas_core.wire import (
     ComparePublic,
     DevicesPublic,
     DeviceSummary,
-    EnvironmentPublic,
     ImportPublic,
     PairComparison,
     TablePublic,
     TableRef,
 )
 from latency_service import crud
-from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public
+from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public, environment_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
 from latency_service.api.fastpath import raw_request_key
-from latency_service.models import Device, Environment
+from latency_service.models import Device, Environment, as_utc
 from latency_service.service import Host, Rendered, TableScope
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,79 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
     if env is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"device {slug!r} has no environment {environment!r}")
     return dev, env
+
+
+# /table/import is registered before /table/{device}: the other order let "{device}" capture
+# "import", and OPTIONS /table/import answered 405 with Allow: GET.
+FUTURE_SLACK = timedelta(minutes=5)
+"""Clock skew tolerated between the exporting host and this one."""
+STAT_RTOL = 1e-4
+"""Relative slack between a file's statistics and those recomputed from its samples: the samples
+travel as float32 (a stored row's median came from the float64 samples)."""
+
+
+def checked_import(table: LatencyTable) -> tuple[list[str], LatencyTable]:
+    """An imported file is untrusted input: every row needs its raw samples, its statistics are
+    recomputed from them (a median that disagrees is refused, the others replaced), and no row may
+    be dated in the future (a date of 9999 would make it the newest table for ever). Returns the
+    problems, each naming its field, and the table with recomputed statistics."""
+    problems: list[str] = []
+    now = datetime.now(UTC)
+    entries = []
+    for i, e in enumerate(table.entries):
+        if e.samples_us is None:
+            problems.append(f"entries[{i}]: no samples_us; export with samples (gas-table export does)")
+            continue
+        if len(e.samples_us) != e.n_samples:
+            problems.append(f"entries[{i}]: {len(e.samples_us)} samples_us but n_samples={e.n_samples}")
+            continue
+        stats = sample_stats(e.samples_us)
+        if abs(stats["median_us"] - e.median_us) > STAT_RTOL * max(1.0, stats["median_us"]):
+            problems.append(f"entries[{i}].median_us: {e.median_us} is not the median of its samples_us "
+                            f"({stats['median_us']:.6g})")
+        if as_utc(e.created_at) > now + FUTURE_SLACK:
+            problems.append(f"entries[{i}].created_at: {e.created_at.isoformat()} is in the future (now "
+                            f"{now.isoformat(timespec='seconds')})")
+        entries.append(e.model_copy(update=stats))
+    return problems, table.model_copy(update={"entries": entries})
+
+
+@router.post(
+    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
+    summary="Merge an exported table (gas-table export) into this database",
+    responses={415: {"description": "the body is not sent as application/json"},
+               409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
+               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}, **TOKEN_RESPONSES},
+)
+def import_table(
+    table: LatencyTable, session: SessionDep, host: HostDep,
+    force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
+) -> ImportPublic:
+    problems, table = checked_import(table)
+    if environment_fingerprint(table.environment.info) != table.environment.fingerprint:
+        problems.append(f"environment: fingerprint {table.environment.fingerprint} is not that of its info "
+                        f"({environment_fingerprint(table.environment.info)}); was the file edited?")
+    for i, e in enumerate(table.entries):
+        try:
+            check_key(e.latency_key())
+        except ValueError as err:
+            problems.append(f"entries[{i}]: {err}")
+            continue
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
+    try:
+        counts = crud.import_table(session, table=table, force=force, policy=host.settings.quality_policy())
+    except crud.ImportConflict as err:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
+    except IntegrityError:
+        session.rollback()
+        raise HTTPException(status.HTTP_409_CONFLICT,
+                            "a concurrent write to the same table (a profiling job); retry the import") from None
+    host.table_cache.invalidate()
+    log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
+    return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)
 
 
 @router.get(
@@ -114,8 +188,7 @@ def _render(session: Session, dev: Device, env: Environment, filters: dict, form
     else:
         payload = TablePublic(
             device=device_row_public(dev),
-            environment=EnvironmentPublic(fingerprint=env.fingerprint, info=env.info, entries=len(entries),
-                                          created_at=env.created_at),
+            environment=environment_public(env, len(entries)),
             entries=entries,
         )
         body, media = payload.model_dump_json().encode(), "application/json"
@@ -129,8 +202,7 @@ def devices(session: SessionDep) -> DevicesPublic:
     for dev, envs in crud.device_summaries(session):
         out.append(DeviceSummary(
             **device_row_public(dev).model_dump(),
-            environments=[EnvironmentPublic(fingerprint=e.fingerprint, info=e.info, entries=n, created_at=e.created_at)
-                          for e, n in envs],
+            environments=[environment_public(e, n) for e, n in envs],
         ))
     return DevicesPublic(devices=out)
 
@@ -180,44 +252,3 @@ def compare(
         for i, (ra, ta) in enumerate(tables) for rb, tb in tables[i + 1:]
     ]
     return ComparePublic(tables=[t[0] for t in tables], pairs=pairs)
-
-
-@router.post(
-    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
-    summary="Merge an exported table (gas-table export) into this database",
-    responses={409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
-               422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}, **TOKEN_RESPONSES},
-)
-def import_table(
-    table: LatencyTable, session: SessionDep, host: HostDep,
-    force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
-) -> ImportPublic:
-    problems = []
-    if environment_fingerprint(table.environment.info) != table.environment.fingerprint:
-        problems.append(f"environment: fingerprint {table.environment.fingerprint} is not that of its info "
-                        f"({environment_fingerprint(table.environment.info)}); was the file edited?")
-    for i, e in enumerate(table.entries):
-        try:
-            check_key(e.latency_key())
-        except ValueError as err:
-            problems.append(f"entries[{i}]: {err}")
-            continue
-        if e.samples_us is None:
-            problems.append(f"entries[{i}]: no samples_us; export with samples (gas-table export does)")
-        elif len(e.samples_us) != e.n_samples:
-            problems.append(f"entries[{i}]: {len(e.samples_us)} samples_us but n_samples={e.n_samples}")
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
-    try:
-        counts = crud.import_table(session, table=table, force=force, policy=host.settings.quality_policy())
-    except crud.ImportConflict as err:
-        session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
-    except IntegrityError:
-        session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            "a concurrent write to the same table (a profiling job); retry the import") from None
-    host.table_cache.invalidate()
-    log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
-    return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)

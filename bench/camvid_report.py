@@ -1,0 +1,202 @@
+"""The CamVid study's report, rebuilt from whatever runs have finished (``OUT/runs/*.json``):
+Table 3 (GAS against random (a) and (b)), Figure 5 (cell sharing and the link between cells),
+Figure 6 (β), the deep-cell collapse per variant, the recipe check, and their plots.
+
+``python -m bench.camvid_report bench/results/camvid`` redraws it without running anything.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+GROUPS = {"GAS (GCN)": "train-search-gas-", "random (b): latency-matched": "train-random-b",
+          "random (a): uniform": "train-random-a"}
+FIG5 = {"shared cells": "search-shared-", "independent, no link": "search-none-",
+        "independent, FC": "search-fc-", "independent, GCN (GAS)": "search-gas-"}
+
+
+def load_runs(out: Path) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "runs").glob("*.json"))}
+
+
+def mean_std(xs: list[float]) -> str:
+    if not xs:
+        return "—"
+    if len(xs) == 1:
+        return f"{xs[0]:.4f} (n = 1)"
+    return f"{statistics.fmean(xs):.4f} ± {statistics.stdev(xs):.4f} (n = {len(xs)})"
+
+
+def _measure(runs: dict[str, dict], source: str) -> dict | None:
+    return runs.get(f"measure-{source}")
+
+
+def table3(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[dict]]]:
+    """Rows per network and a summary per group."""
+    lines = ["| network | val mIoU (gas-eval) | best epoch mIoU | table latency ms | measured ms (p10–p90) | FPS | "
+             "params | train wall |", "|---|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {g: [] for g in GROUPS}
+    for name, r in runs.items():
+        group = next((g for g, prefix in GROUPS.items() if name.startswith(prefix)), None)
+        if group is None:
+            continue
+        m = _measure(runs, r["source"])
+        row = {"name": name, "miou": r["eval"]["miou"], "table_ms": r["table_ms"], "params": r["params"],
+               "measured_ms": m["median_ms"] if m else None, "p10": m.get("p10_ms") if m else None,
+               "p90": m["p90_ms"] if m else None, "fps": m["fps"] if m else None}
+        groups[group].append(row)
+        meas = "—" if m is None else f"{m['median_ms']:.2f} ({m.get('p10_ms') or float('nan'):.2f}–{m['p90_ms']:.2f})"
+        fps = "—" if m is None else f"{m['fps']:.1f}"
+        lines.append(f"| {name.removeprefix('train-')} | {row['miou']:.4f} | {r['best_epoch_miou']:.4f} | "
+                     f"{r['table_ms']:.2f} | {meas} | {fps} | "
+                     f"{r['params']:,} | {r['wall_s'] / 60:.0f} min |")
+    lines += ["", "| group | val mIoU mean ± std | table ms mean | measured ms mean | FPS mean |", "|---|---|---|---|---|"]
+    for g, rows in groups.items():
+        meas = [r["measured_ms"] for r in rows if r["measured_ms"] is not None]
+        lines.append(f"| {g} | {mean_std([r['miou'] for r in rows])} | "
+                     f"{statistics.fmean([r['table_ms'] for r in rows]) if rows else float('nan'):.2f} | "
+                     f"{statistics.fmean(meas) if meas else float('nan'):.2f} | "
+                     f"{1e3 / statistics.fmean(meas) if meas else float('nan'):.1f} |")
+    return lines, groups
+
+
+def verdict(groups: dict[str, list[dict]]) -> str:
+    """Does GAS beat random (b) beyond the seed-to-seed spread? Welch's t-test where both groups
+    have ≥ 2 networks, and the plainer test: is the gap larger than both groups' std added?"""
+    a = [r["miou"] for r in groups["GAS (GCN)"]]
+    b = [r["miou"] for r in groups["random (b): latency-matched"]]
+    if len(a) < 2 or len(b) < 2:
+        return f"Not yet decidable: {len(a)} GAS and {len(b)} random (b) networks trained (need ≥ 2 each)."
+    gap = statistics.fmean(a) - statistics.fmean(b)
+    spread = statistics.stdev(a) + statistics.stdev(b)
+    try:
+        from scipy.stats import ttest_ind
+
+        p = float(ttest_ind(a, b, equal_var=False).pvalue)
+        ptxt = f"Welch's t-test p = {p:.3f}"
+    except ImportError:  # scipy is a dev dependency
+        ptxt = "scipy not installed: no t-test"
+    beyond = abs(gap) > spread
+    who = "GAS" if gap > 0 else "random (b)"
+    return (f"GAS − random (b) = {gap:+.4f} mIoU; the two groups' std added = {spread:.4f}; {ptxt}. "
+            + (f"{who} is ahead beyond the seed-to-seed spread." if beyond else
+               "The gap is within the seed-to-seed spread: no winner at this scale."))
+
+
+def search_rows(runs: dict[str, dict], variants: dict[str, str]) -> tuple[list[str], dict[str, list[dict]]]:
+    lines = ["| variant | seed | derived-path val mIoU | table latency ms | top p | cells collapsed | search wall |",
+             "|---|---|---|---|---|---|---|"]
+    groups: dict[str, list[dict]] = {v: [] for v in variants}
+    for v, prefix in variants.items():
+        for name, r in runs.items():
+            if not name.startswith(prefix) or r["kind"] != "search":
+                continue
+            groups[v].append(r)
+            lines.append(f"| {v} | {r['config']['seed']} | {r['val_miou_derived']:.4f} | {r['table_ms']:.2f} | "
+                         f"{r['top_prob']:.2f} | {r['collapse']['share']:.0%} ({len(r['collapse']['cells'])}/14) | "
+                         f"{r['wall_s'] / 60:.0f} min |")
+    return lines, groups
+
+
+def recipe_lines(runs: dict[str, dict]) -> list[str]:
+    r = runs.get("train-recipe")
+    if r is None:
+        return ["Not run yet."]
+    cfg = r["config"]
+    ok = r["last_tenth_range"] < 0.01
+    return [f"One uniform random genotype trained on train minus the 0001TP sequence ({r['holdout']} images held "
+            f"out), scored on that sequence each epoch: {cfg['epochs']} epochs, batch {cfg['batch']}, lr {cfg['lr']} "
+            f"poly, bootstrapping {cfg['bootstrap_fraction']}. Final {r['final_epoch_miou']:.4f}, best "
+            f"{r['best_epoch_miou']:.4f}; the last tenth of epochs moved by {100 * r['last_tenth_range']:.2f} points "
+            f"({'plateau: < 1 point' if ok else 'still moving: ≥ 1 point'}); {r['wall_s'] / 60:.0f} min."]
+
+
+def plot_scatter(groups: dict[str, list[dict]], path: Path) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for (g, rows), (colour, marker) in zip(groups.items(), (("tab:red", "*"), ("tab:blue", "o"), ("tab:grey", "s")),
+                                           strict=True):
+        xs = [r["measured_ms"] if r["measured_ms"] is not None else r["table_ms"] for r in rows]
+        ax.scatter(xs, [r["miou"] for r in rows], c=colour, marker=marker, s=80 if marker == "*" else 40, label=g)
+    ax.set(xlabel="latency, ms (measured end to end; table sum where not yet measured)", ylabel="val mIoU (gas-eval)",
+           title="CamVid val: every trained network")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_searches(groups: dict[str, list[dict]], path: Path, title: str) -> None:
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for g, rows in groups.items():
+        if rows:
+            ax.scatter([r["table_ms"] for r in rows], [r["val_miou_derived"] for r in rows], label=g, s=40)
+    ax.set(xlabel="table latency of the derived net, ms", ylabel="derived-path val mIoU (after BN recalibration)",
+           title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_curves(runs: dict[str, dict], path: Path) -> None:
+    trained = {n: r for n, r in runs.items() if r["kind"] in ("train", "recipe")}
+    if not trained:
+        return
+    fig, ax = plt.subplots(figsize=(7, 4.4))
+    for n, r in trained.items():
+        ax.plot([h["epoch"] for h in r["history"]], [h["val_miou"] for h in r["history"]], lw=1,
+                label=n.removeprefix("train-") + (" (held-out train)" if r.get("holdout") else ""))
+    ax.set(xlabel="epoch", ylabel="mIoU (val; held-out train for the recipe)", title="training curves")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_report(out: Path, scale: str) -> Path:
+    runs = load_runs(out)
+    t3, groups = table3(runs)
+    f5, f5_groups = search_rows(runs, FIG5)
+    betas = {f"β = {r['config']['beta']:g}": f"search-beta{r['config']['beta']:g}-"
+             for r in runs.values() if r["kind"] == "search" and r["name"].startswith("search-beta")}
+    if any(n.startswith("search-gas-") for n in runs):
+        betas = {"β = 0.005": "search-gas-", **betas}
+    f6, f6_groups = search_rows(runs, dict(sorted(betas.items())))
+    plot_scatter(groups, out / "table3_scatter.png")
+    plot_searches(f5_groups, out / "fig5.png", "Figure 5 on CamVid: cell sharing and the link between cells")
+    plot_searches(f6_groups, out / "fig6_beta.png", "Figure 6 on CamVid: the latency weight β")
+    plot_curves(runs, out / "curves.png")
+    table = runs.get("table", {})
+    md = [f"# CamVid study ({scale} scale)", "",
+          f"Host: {table.get('machine', {}).get('cpu', '?')}, torch {table.get('machine', {}).get('torch', '?')}; "
+          f"table {table.get('device', '?')}@{table.get('environment', '?')} ({table.get('keys', 0)} keys, profiled in "
+          f"{table.get('wall_s', 0) / 60:.1f} min). Finished runs: {len(runs)}.", "",
+          "## Recipe check (held-out training sequence, never val)", "", *recipe_lines(runs), "",
+          "## Table 3: GAS against random architectures", "", *t3, "", verdict(groups), "",
+          "![latency against mIoU](table3_scatter.png)", "", "## Figure 5: cells and their link", "", *f5, "",
+          "![Figure 5](fig5.png)", "", "## Figure 6: β", "", *f6, "", "![Figure 6](fig6_beta.png)", "",
+          "## Training curves", "", "![curves](curves.png)", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(md))
+    summary: dict[str, Any] = {"scale": scale, "runs": sorted(runs), "table3": groups, "verdict": verdict(groups)}
+    (out / "study.json").write_text(json.dumps(summary, indent=1))
+    print(f"wrote {path}")
+    return path
+
+
+if __name__ == "__main__":
+    target = Path(sys.argv[1]) if len(sys.argv) > 1 else Path("bench/results/camvid")
+    write_report(target, json.loads((target / "study.json").read_text())["scale"] if (target / "study.json").is_file()
+                 else "?")

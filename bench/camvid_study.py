@@ -1,0 +1,450 @@
+"""GAS on real images: CamVid end to end, and the paper's comparisons, in one resumable command.
+
+    python -m bench.camvid_study --data-root ../shared/camvid --scale cpu --out bench/results/camvid
+
+Stages, each a *run* whose result is written as ``OUT/runs/<name>.json`` the moment it finishes
+(a rerun skips finished runs; an unfinished search or training resumes from its checkpoint under
+``OUT/work/``, which is not committed):
+
+1. ``table``: start the latency service on embedded SQLite (``OUT/work/gas.db``) and profile this
+   host's table at the study's input size through it, as users do.
+2. ``recipe``: train one random genotype with the training recipe on train minus its first
+   sequence (0001TP, 62 images) and score it on that held-out sequence: is the recipe's budget
+   long enough that val mIoU stops rising (last tenth of epochs within 1 point)? Val is never seen.
+3. ``search-*``: GAS searches (3 seeds, β = 0.005, independent cells + GCN), the Figure 5 variants
+   (shared cells; independent with no link, FC, GCN) and the Figure 6 β values, 2 seeds each.
+   Weights and α are fitted on the training split only; val only scores the derived path.
+4. ``random-*``: random (a) uniform genotypes, and random (b) ones whose table latency lies
+   within ±5 % of the GAS nets' mean.
+5. ``train-*``: GAS and random nets trained from scratch with the recipe, scored by ``gas-eval``
+   on val, final weights saved as float16 under ``OUT/nets/``.
+6. ``measure-*``: every network timed end to end by ``POST /measure`` — last, in one go, so no
+   training competes with the timing.
+7. The report (``OUT/report.md``, ``OUT/*.png``, ``OUT/study.json``) is rewritten from whatever
+   has finished after every sitting (``--report-only`` just redraws it).
+
+``--budget-min M`` stops starting work after M minutes (an epoch in progress finishes): the study
+runs in sittings. ``--scale gpu`` is the full 360×480 on one GPU (make its ≤ 50 MiB data copy with
+``--make-gpu-data DIR``); ``--scale tiny`` exists for the tests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from bench.common import machine
+from bench.local_service import local_service
+from gas_core.genotype import Genotype, random_genotype
+from gas_core.latency import LatencyTerm, predict_latency_us
+from gas_core.network import GASNet
+from gas_core.ops import PRIMITIVES
+from gas_core.search_space import NetworkLayout, cell_shapes
+from search_client.cli import fetch_latency_term
+from search_client.client import LatencyClient
+from search_client.data import SegDataset, build_datasets
+from search_client.search import ComputeConfig, DistInfo, SearchConfig, search
+from search_client.train import TrainConfig, read_checkpoint, train
+
+log = logging.getLogger("camvid-study")
+NUM_CLASSES = 11
+
+
+class Scale(BaseModel):
+    """Everything a scale decides; the presets below are the study's choices (see the README's
+    "Search on real images (CamVid)" section for why)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    size: tuple[int, int]
+    downscale: int
+    compute: ComputeConfig
+    search: SearchConfig
+    train: TrainConfig
+    gas_seeds: list[int]
+    random_a: int
+    random_b: int
+    fig5_seeds: list[int]
+    fig5_train: bool
+    betas: list[float]
+    beta_seeds: list[int]
+    recipe_holdout: int
+    service_env: dict[str, str] = {}
+
+
+# Search at the paper's §4.2 values except: 4 weights-only warm-up epochs (a fresh supernet barely
+# trains under Gumbel mixtures at λ≈1 in a short run) and α at Adam 0.03 instead of 0.001 with the
+# GCN's weights at 0.001: α can then move as far in 10 epochs × 22 steps as the demo's converged
+# runs did (0.1 × ~100 steps), which 0.001 cannot (it would move α by at most 0.2).
+_SEARCH_CPU = SearchConfig(epochs=10, warmup_epochs=4, batch=16, lr_a=0.03, lr_ggm=0.001)
+# Training: the paper's recipe (SGD, poly 0.01 → 0, batch 8, bootstrapping, flip/scale/crop) with
+# a budget that fits: 120 epochs ≈ 5,500 steps. The recipe stage checks it on held-out train data.
+_TRAIN_CPU = TrainConfig(epochs=120, batch=8, lr=0.01)
+
+SCALES: dict[str, Scale] = {
+    "cpu": Scale(name="cpu", size=(180, 240), downscale=2, compute=ComputeConfig(device="cpu", workers=0),
+                 search=_SEARCH_CPU, train=_TRAIN_CPU, gas_seeds=[0, 1, 2], random_a=2, random_b=3,
+                 fig5_seeds=[0, 1], fig5_train=False, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
+                 recipe_holdout=62),
+    "gpu": Scale(name="gpu", size=(360, 480), downscale=1,
+                 compute=ComputeConfig(device="cuda", amp="bf16", channels_last=True, workers=8),
+                 search=SearchConfig(epochs=40, warmup_epochs=10, batch=16, lr_a=0.01, lr_ggm=0.001),
+                 train=TrainConfig(epochs=400, batch=8, lr=0.01), gas_seeds=[0, 1, 2], random_a=5, random_b=5,
+                 fig5_seeds=[0, 1], fig5_train=True, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
+                 recipe_holdout=62),
+    "tiny": Scale(name="tiny", size=(32, 48), downscale=1, compute=ComputeConfig(device="cpu", workers=0),
+                  search=SearchConfig(epochs=1, warmup_epochs=0, batch=2, max_steps=1, lr_a=0.03, lr_ggm=0.001),
+                  train=TrainConfig(epochs=1, batch=2, max_steps=1, bootstrap_min_kept=16), gas_seeds=[0],
+                  random_a=0, random_b=1, fig5_seeds=[], fig5_train=False, betas=[], beta_seeds=[],
+                  recipe_holdout=0,
+                  service_env={"GAS_SAMPLES": "5", "GAS_WARMUP_RUNS": "2", "GAS_WARMUP_MS": "2",
+                               "GAS_MIN_SAMPLE_MS": "0.2", "GAS_E2E_SAMPLES": "5", "GAS_E2E_WARMUP_RUNS": "1",
+                               "GAS_CPU_THREADS": "1", "GAS_DEVICE": "cpu", "GAS_CONTEXT_MIN_SAMPLE_MS": "0.5",
+                               "GAS_RETIME_MAX": "0"}),
+}
+
+
+@dataclass
+class Run:
+    """One unit of the study: ``go`` returns its result, or None when it stopped unfinished."""
+
+    name: str
+    kind: str
+    go: Callable[[], dict | None]
+    needs: list[str] = field(default_factory=list)
+
+
+class Study:
+    """The runs of one scale over one output directory, and what they share (datasets, the
+    service, the latency term)."""
+
+    def __init__(self, scale: Scale, data_root: Path, out: Path, budget_s: float | None, progress: bool) -> None:
+        self.scale, self.data_root, self.out, self.progress = scale, data_root, out, progress
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.layout = NetworkLayout(num_classes=NUM_CLASSES)
+        self.work = out / "work"
+        self.url: str | None = None
+        self._data: dict[int, tuple[SegDataset, SegDataset]] = {}
+        self._term: tuple[LatencyTerm, dict[str, float], str] | None = None
+
+    # -- shared pieces
+    def result(self, name: str) -> dict | None:
+        path = self.out / "runs" / f"{name}.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def datasets(self, holdout: int = 0) -> tuple[SegDataset, SegDataset]:
+        if holdout not in self._data:
+            self._data[holdout] = build_datasets("camvid", self.data_root, self.scale.size, 0,
+                                                 downscale=self.scale.downscale, holdout=holdout, cache=True)
+        return self._data[holdout]
+
+    def client(self) -> LatencyClient:
+        if self.url is None:
+            raise RuntimeError("the latency service is not running")
+        return LatencyClient(self.url, timeout=600)
+
+    def table(self) -> tuple[LatencyTerm, dict[str, float], str]:
+        """The latency term of the study's layout and the table behind it (profiled if missing)."""
+        if self._term is None:
+            with self.client() as c:
+                term, slug = fetch_latency_term(c, None, self.layout, self.scale.size, 1, "float32", "contiguous",
+                                                progress=self.progress)
+                lookup = c.table(slug, dtype="float32", batch=1, memory_format="contiguous",
+                                 environment=c.host().environment.fingerprint).lookup()
+            self._term = (term, lookup, slug)
+        return self._term
+
+    def table_ms(self, g: Genotype) -> float:
+        shapes = cell_shapes(self.layout, self.scale.size)
+        return predict_latency_us(g, shapes, self.table()[1]) / 1e3
+
+    def out_of_time(self) -> bool:
+        return self.deadline is not None and time.monotonic() >= self.deadline
+
+    def timed(self, name: str, fn: Callable[[], Any]) -> tuple[Any, float]:
+        """``fn()`` and the wall seconds spent on ``name`` over every sitting so far."""
+        path = self.work / name / "wall_s.txt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        before = float(path.read_text()) if path.is_file() else 0.0
+        t0 = time.perf_counter()
+        try:
+            return fn(), before + time.perf_counter() - t0
+        finally:
+            path.write_text(str(before + time.perf_counter() - t0))
+
+    # -- the units
+    def run_table(self) -> dict:
+        (term, lookup, slug), wall = self.timed("table", self.table)
+        with self.client() as c:
+            host = c.host()
+        return {"device": slug, "environment": host.environment.fingerprint, "keys": len(lookup),
+                "fixed_ms": float(term.fixed) / 1e3, "L_min_us": float(term.L.min()), "L_max_us": float(term.L.max()),
+                "wall_s": wall}
+
+    def run_search(self, name: str, cfg: SearchConfig) -> dict | None:
+        train_ds, val_ds = self.datasets()
+        term = self.table()[0]
+        res, wall = self.timed(name, lambda: search(
+            cfg, self.layout, train_ds, val_ds, term, self.work / name, compute=self.scale.compute, resume=True,
+            progress=self.progress, deadline=self.deadline))
+        if len(res.history) < cfg.warmup_epochs + cfg.epochs:
+            return None
+        g = res.genotype
+        last = res.history[-1]
+        return {"config": cfg.model_dump(mode="json"), "genotype": g.model_dump(mode="json"),
+                "table_ms": self.table_ms(g), "val_miou_derived": last["val_miou"], "top_prob": last["top_prob"],
+                "collapse": collapse(g), "history": res.history, "wall_s": wall,
+                "alpha_prime": res.supernet.alpha_prime().detach().cpu().tolist()}
+
+    def run_random(self, name: str, index: int, matched: bool) -> dict:
+        target = None
+        if matched:
+            gas = [self.result(f"search-gas-s{s}") for s in self.scale.gas_seeds]
+            target = sum(r["table_ms"] for r in gas if r) / len(gas)
+        g, how, draws = draw_random(self.layout, self.table()[0], self.table_ms, 10_000 + index, target)
+        return {"genotype": g.model_dump(mode="json"), "table_ms": self.table_ms(g), "target_ms": target,
+                "sampler": how, "draws": draws, "collapse": collapse(g)}
+
+    def run_train(self, name: str, source: str, holdout: int = 0) -> dict | None:
+        src = self.result(source)
+        assert src is not None
+        g = Genotype.model_validate(src["genotype"])
+        cfg = self.scale.train
+        train_ds, val_ds = self.datasets(holdout)
+        work = self.work / name
+        s, wall = self.timed(name, lambda: train(
+            cfg, g, train_ds, val_ds, work, self.scale.compute, DistInfo(), resume=True, progress=self.progress,
+            deadline=self.deadline))
+        if len(s.history) < cfg.epochs:
+            return None
+        curve = [h["val_miou"] for h in s.history]
+        tail = curve[-max(1, len(curve) // 10):]
+        out = {"source": source, "genotype": src["genotype"], "table_ms": src["table_ms"], "config":
+               cfg.model_dump(mode="json"), "history": s.history, "params": sum(p.numel() for p in GASNet(g).parameters()),
+               "last_tenth_range": max(tail) - min(tail), "best_epoch_miou": max(curve), "final_epoch_miou": curve[-1],
+               "wall_s": wall, "holdout": holdout}
+        if holdout == 0:
+            out["eval"] = self.gas_eval(work / "last.pt", work / "eval")
+            out["checkpoint"] = str(save_half(work / "last.pt", self.out / "nets" / f"{name}.pt").relative_to(self.out))
+        return out
+
+    def gas_eval(self, ckpt: Path, out: Path) -> dict:
+        """``gas-eval`` on val, as a user runs it."""
+        cmd = [sys.executable, "-c", "import sys; from search_client.train_cli import eval_main; "
+               "sys.argv[0] = 'gas-eval'; eval_main()", str(ckpt), "--dataset", "camvid", "--data-root",
+               str(self.data_root), "--split", "val", "--device", self.scale.compute.device, "--out", str(out)]
+        done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"gas-eval {ckpt} failed: {done.stderr.strip().splitlines()[-1:]}")
+        return json.loads((out / "eval.json").read_text())
+
+    def run_measure(self, source: str) -> dict:
+        src = self.result(source)
+        assert src is not None
+        g = Genotype.model_validate(src["genotype"])
+        with self.client() as c:
+            m = c.measure(g, self.scale.size, batch=1, dtype="float32", memory_format="contiguous")
+        return {"source": source, **m.model_dump(mode="json")}
+
+
+def collapse(g: Genotype) -> dict:
+    """Cells whose edges all chose one op (the deep-cell collapse), and the ops of each cell."""
+    same = [len(set(c.edges)) == 1 for c in g.cells]
+    return {"share": sum(same) / len(same), "cells": [k for k, s in enumerate(same) if s],
+            "ops": [list(c.edges) for c in g.cells]}
+
+
+def draw_random(layout: NetworkLayout, term: LatencyTerm, table_ms: Callable[[Genotype], float], seed: int,
+                target_ms: float | None, tol: float = 0.05, tries: int = 20_000) -> tuple[Genotype, str, int]:
+    """A random genotype: uniform per edge; with ``target_ms``, the first uniform draw whose
+    table latency lies within ±``tol`` of it. Where uniform draws never get there (a searched net
+    much faster than the average), each draw first picks its own op probabilities from a
+    Dirichlet(0.5) — still random architectures, from a wider spread of latencies."""
+    gen = torch.Generator().manual_seed(seed)
+    if target_ms is None:
+        return random_genotype(layout, gen), "uniform", 1
+    for how in ("uniform", "dirichlet(0.5)"):
+        for i in range(tries):
+            probs = None if how == "uniform" else torch.distributions.Dirichlet(
+                torch.full((len(PRIMITIVES),), 0.5)).sample()
+            g = random_genotype(layout, gen, probs)
+            if abs(float(term.total(g.one_hot())) / 1e3 / target_ms - 1) > 3 * tol:
+                continue  # cheap pre-filter: the term's sum is within a few % of the exact one
+            if abs(table_ms(g) / target_ms - 1) <= tol:
+                return g, how, i + 1
+    raise RuntimeError(f"no random genotype within ±{tol:.0%} of {target_ms:.3f} ms in {2 * tries} draws")
+
+
+def save_half(ckpt: Path, dest: Path) -> Path:
+    """The trained weights as float16 (integers kept) with the genotype and recipe: what
+    ``gas-eval`` needs to re-score the network, small enough to commit."""
+    ck = read_checkpoint(ckpt)
+    ck["model"] = {k: v.half() if v.is_floating_point() else v for k, v in ck["model"].items()}
+    ck.pop("opt", None)
+    ck.pop("scaler", None)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(ck, dest)
+    return dest
+
+
+def plan(st: Study) -> list[Run]:
+    """Every run in the order it is worth having: the table, the recipe check, Table 3 (GAS
+    searches, random picks, training, alternating GAS and random), Figure 5, Figure 6, timing."""
+    sc = st.scale
+    runs = [Run("table", "table", st.run_table)]
+    if sc.recipe_holdout:
+        runs += [Run("random-recipe", "random", lambda: st.run_random("random-recipe", 999, False), ["table"]),
+                 Run("train-recipe", "recipe", lambda: st.run_train("train-recipe", "random-recipe", sc.recipe_holdout),
+                     ["random-recipe"])]
+
+    def search_run(name: str, **over: Any) -> Run:
+        cfg = sc.search.model_copy(update=over)
+        cfg = SearchConfig.model_validate(cfg.model_dump())  # re-resolves the GGM default for shared cells
+        return Run(f"search-{name}", "search", lambda: st.run_search(f"search-{name}", cfg), ["table"])
+
+    gas = [f"gas-s{s}" for s in sc.gas_seeds]
+    runs += [search_run(n, seed=s) for n, s in zip(gas, sc.gas_seeds, strict=True)]
+    rb = [f"random-b{i}" for i in range(sc.random_b)]
+    ra = [f"random-a{i}" for i in range(sc.random_a)]
+    runs += [Run(n, "random", lambda i=i, n=n: st.run_random(n, i, True), [f"search-{g}" for g in gas])
+             for i, n in enumerate(rb)]
+    runs += [Run(n, "random", lambda i=i, n=n: st.run_random(n, 100 + i, False), ["table"]) for i, n in enumerate(ra)]
+    trained = interleave([f"search-{g}" for g in gas], rb, ra)
+    runs += [Run(f"train-{src}", "train", lambda src=src: st.run_train(f"train-{src}", src), [src]) for src in trained]
+    fig5 = [search_run(f"{v}-s{s}", seed=s, **over) for s in sc.fig5_seeds for v, over in
+            (("shared", {"cells": "shared", "ggm": None}), ("none", {"ggm": "none"}), ("fc", {"ggm": "fc"}))]
+    fig5 += [search_run(f"gas-s{s}", seed=s) for s in sc.fig5_seeds if s not in sc.gas_seeds]
+    runs += fig5
+    if sc.fig5_train:
+        runs += [Run(f"train-{r.name}", "train", lambda n=r.name: st.run_train(f"train-{n}", n), [r.name])
+                 for r in fig5]
+    runs += [search_run(f"beta{b:g}-s{s}", seed=s, beta=b) for b in sc.betas if b != sc.search.beta
+             for s in sc.beta_seeds]
+    networks = [r.name for r in runs if r.kind in ("search", "random") and r.name != "random-recipe"]
+    runs += [Run(f"measure-{n}", "measure", lambda n=n: st.run_measure(n), [n]) for n in networks]
+    return runs
+
+
+def interleave(*lists: list[str]) -> list[str]:
+    out: list[str] = []
+    for i in range(max(map(len, lists), default=0)):
+        out += [lst[i] for lst in lists if i < len(lst)]
+    return out
+
+
+def execute(st: Study, only: list[str] | None) -> dict[str, str]:
+    """Run what is not finished, in plan order; returns each run's status."""
+    status: dict[str, str] = {}
+    for run in plan(st):
+        path = st.out / "runs" / f"{run.name}.json"
+        if only and not any(run.name.startswith(o) for o in only):
+            continue
+        if path.is_file():
+            status[run.name] = "done"
+            continue
+        if any(st.result(n) is None for n in run.needs):
+            status[run.name] = "waiting for " + ", ".join(n for n in run.needs if st.result(n) is None)
+            continue
+        if st.out_of_time():
+            status[run.name] = "not started (budget spent)"
+            continue
+        log.info("run %s", run.name)
+        t0 = time.perf_counter()
+        result = run.go()
+        if result is None:
+            status[run.name] = "unfinished (resumes next sitting)"
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"name": run.name, "kind": run.kind, "scale": st.scale.name, "machine": machine(),
+                                   **result}, indent=1, default=_json_default))
+        tmp.replace(path)
+        status[run.name] = "done"
+        log.info("run %s finished in %.0f s", run.name, time.perf_counter() - t0)
+    return status
+
+
+def _json_default(x: Any) -> Any:
+    if isinstance(x, float) and math.isnan(x):
+        return None
+    raise TypeError(type(x).__name__)
+
+
+def make_gpu_data(src: Path, dest: Path, quality: int = 90) -> int:
+    """A copy of CamVid train and val for a GPU host: images re-encoded as JPEG at ``quality``
+    (labels kept as lossless PNG); returns its size in bytes (≤ 50 MiB at the default)."""
+    from PIL import Image
+
+    total = 0
+    for split in ("train", "val"):
+        for sub, is_label in ((split, False), (f"{split}annot", True)):
+            (dest / sub).mkdir(parents=True, exist_ok=True)
+            for f in sorted((src / sub).glob("*.png")):
+                out = dest / sub / (f.name if is_label else f"{f.stem}.jpg")
+                if is_label:
+                    out.write_bytes(f.read_bytes())
+                else:
+                    Image.open(f).convert("RGB").save(out, quality=quality)
+                total += out.stat().st_size
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--data-root", type=Path, default=Path("../shared/camvid"),
+                    help="CamVid in the SegNet layout (train/ trainannot/ val/ valannot/)")
+    ap.add_argument("--scale", choices=sorted(SCALES), default="cpu", help="cpu: 180×240 on this machine; gpu: "
+                    "360×480 on one GPU; tiny: the tests' smoke size")
+    ap.add_argument("--out", type=Path, default=Path("bench/results/camvid"), help="results (runs/, nets/, report)")
+    ap.add_argument("--budget-min", type=float, default=None, help="stop starting work after this many minutes "
+                    "(the epoch in progress finishes; the next sitting resumes)")
+    ap.add_argument("--only", nargs="+", default=None, help="run only the runs whose names start with these")
+    ap.add_argument("--report-only", action="store_true", help="redraw the report from the finished runs")
+    ap.add_argument("--make-gpu-data", type=Path, default=None, metavar="DIR",
+                    help="write the ≤ 50 MiB copy of CamVid that --scale gpu ships to a GPU host, then exit")
+    ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    from bench.camvid_report import write_report
+
+    if args.make_gpu_data is not None:
+        size = make_gpu_data(args.data_root, args.make_gpu_data)
+        print(f"wrote {args.make_gpu_data}: {size / 2**20:.1f} MiB (JPEG images, PNG labels)")
+        return 0
+    if not args.report_only and not (args.data_root / "train").is_dir():
+        print(f"camvid_study: error: --data-root {args.data_root}: no train/ directory (CamVid SegNet layout)",
+              file=sys.stderr)
+        return 2
+    scale = SCALES[args.scale]
+    args.out.mkdir(parents=True, exist_ok=True)
+    status: dict[str, str] = {}
+    if not args.report_only:
+        st = Study(scale, args.data_root, args.out, None if args.budget_min is None else 60 * args.budget_min,
+                   progress=not args.quiet)
+        st.work.mkdir(parents=True, exist_ok=True)
+        with local_service(f"sqlite:///{(st.work / 'gas.db').resolve()}", st.work / "service.log",
+                           {"GAS_DEVICE": "cuda:0" if scale.compute.device == "cuda" else "cpu",
+                            **scale.service_env}) as url:
+            st.url = url
+            status = execute(st, args.only)
+        for name, s in status.items():
+            print(f"{name:<28} {s}")
+    write_report(args.out, scale.name)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

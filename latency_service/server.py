@@ -1,0 +1,101 @@
+"""The HTTP server around the app: uvicorn with a request-head timeout and an access log that
+never writes a token.
+
+uvicorn (0.54) has no timeout for a request head: a client that opens a connection and sends its
+headers a byte at a time holds it open for ever (200 such connections were all still open after
+35 s), and any byte cancels the keep-alive timer. :class:`HeadTimeoutH11` closes a connection
+whose request head is not complete ``GAS_HEADER_TIMEOUT_S`` after it opened, or after the
+previous response on a kept-alive connection. Behind a reverse proxy, set the proxy's own
+(nginx ``client_header_timeout``) as well: see docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+from typing import Any
+
+import h11
+from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from latency_service.core.config import Settings
+
+log = logging.getLogger(__name__)
+
+SECRET_PARAMS = re.compile(r"(?i)([?&](?:access_token|token|api_key|apikey|key|password|secret)=)[^&\s]*")
+
+
+class HeadTimeoutH11(H11Protocol):
+    """uvicorn's h11 protocol, closing connections whose request head is late."""
+
+    head_timeout_s: float = 10.0
+    _head_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm_head_timer()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self.transport.is_closing():
+            self._arm_head_timer()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_head_timer()
+        super().connection_lost(exc)
+
+    def _arm_head_timer(self) -> None:
+        self._cancel_head_timer()
+        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_late)
+
+    def _cancel_head_timer(self) -> None:
+        timer = getattr(self, "_head_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._head_timer = None
+
+    def _head_late(self) -> None:
+        """Fired ``head_timeout_s`` after the connection opened or its last response: close it if
+        the client has still not sent a whole request head (h11 waits in IDLE until it has)."""
+        self._head_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+            return
+        if self.cycle is not None and not self.cycle.response_complete:
+            return  # a request is being answered (pipelined heads are read after it)
+        log.info("closing a connection from %s: no complete request head within %.0f s",
+                 f"{self.client[0]}:{self.client[1]}" if self.client else "?", self.head_timeout_s)
+        self.transport.close()
+
+
+class RedactQueryTokens(logging.Filter):
+    """Tokens sent in a query string (``?token=…``, ``?access_token=…``) are never written to
+    the access log: the request line's parameter values are replaced by ``***``."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and record.args:
+            record.args = tuple(SECRET_PARAMS.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args)
+        if isinstance(record.msg, str) and "=" in record.msg:
+            record.msg = SECRET_PARAMS.sub(r"\1***", record.msg)
+        return True
+
+
+def install_log_redaction() -> None:
+    for name in ("uvicorn.access", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, RedactQueryTokens) for f in logger.filters):
+            logger.addFilter(RedactQueryTokens())
+
+
+def run(app: Any, settings: Settings, host: str, port: int) -> None:
+    """uvicorn on ``host:port``. SIGTERM: half the grace for open requests, half for the worker
+    (Host.close), so a container stops inside Docker's 10 s with the key in flight rolled back."""
+    import uvicorn
+
+    protocol = type("GasH11Protocol", (HeadTimeoutH11,), {"head_timeout_s": settings.header_timeout_s})
+    config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), http=protocol,
+                            timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s / 2)),
+                            timeout_keep_alive=30)
+    server = uvicorn.Server(config)
+    install_log_redaction()  # after Config has set up uvicorn's loggers
+    server.run()

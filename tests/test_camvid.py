@@ -1,0 +1,141 @@
+"""CamVid on real files (skipped where the research-use copy is absent), the loader's half-size,
+holdout and test-split options, and the CamVid study's orchestration at a tiny size."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from bench.camvid_study import collapse, draw_random, main
+from gas_core.genotype import Genotype
+from gas_core.latency import LatencyTerm
+from gas_core.search_space import NetworkLayout
+from search_client.data import IGNORE, Augment, CamVid, build_datasets
+from search_client.train_cli import eval_app, train_app
+from tests.test_search_client import make_camvid
+
+REAL_CAMVID = Path(__file__).resolve().parents[2] / "shared" / "camvid"
+needs_camvid = pytest.mark.skipif(not (REAL_CAMVID / "train").is_dir(),
+                                  reason=f"the research-use CamVid copy is not at {REAL_CAMVID}")
+
+
+@needs_camvid
+def test_real_camvid_ids_void_sizes_and_half_size() -> None:
+    ds = CamVid(REAL_CAMVID, "train", Augment((360, 480), False))
+    assert len(ds) == 367 and len(CamVid(REAL_CAMVID, "val", Augment((360, 480), False))) == 101
+    for i in (0, 150, 366):
+        img, lbl = ds.load(i)
+        raw = np.asarray(Image.open(ds.items[i][1]))
+        assert img.shape == (3, 360, 480) and img.dtype == torch.uint8 and lbl.shape == (360, 480)
+        assert set(np.unique(raw)) <= set(range(12))
+        assert (lbl.numpy()[raw == 11] == IGNORE).all() and (lbl.numpy()[raw < 11] == raw[raw < 11]).all()
+    half = CamVid(REAL_CAMVID, "train", Augment((180, 240), False), downscale=2)
+    img, lbl = half.load(0)
+    assert img.shape == (3, 180, 240) and lbl.shape == (180, 240)
+    assert set(lbl.unique().tolist()) <= set(range(11)) | {IGNORE}
+    # nearest-neighbour labels: every half-size label value is one of the full-size ones
+    assert set(lbl.unique().tolist()) <= set(ds.load(0)[1].unique().tolist())
+    train, held = build_datasets("camvid", REAL_CAMVID, (180, 240), 0, downscale=2, holdout=62)
+    assert len(train) == 305 and len(held) == 62
+    assert all(p.name.startswith("0001TP") for p, _ in held.items)
+    assert not any(p.name.startswith("0001TP") for p, _ in train.items)
+
+
+def test_downscale_cache_holdout_and_jpeg_images(tmp_path: Path) -> None:
+    make_camvid(tmp_path, h=24, w=32)
+    ds = CamVid(tmp_path, "train", Augment((12, 16), False), downscale=2, cache=True)
+    a = ds.load(1)
+    assert a[0].shape == (3, 12, 16) and a[1].shape == (12, 16) and ds.load(1) is a  # cached
+    train, held = build_datasets("camvid", tmp_path, (12, 16), 0, downscale=2, holdout=1)
+    assert len(train) == 2 and len(held) == 1 and held.items[0] == ds.items[0] and not held.augment.train
+    with pytest.raises(ValueError, match="--holdout 3"):
+        build_datasets("camvid", tmp_path, (12, 16), 0, holdout=3)
+    with pytest.raises(ValueError, match="downscale"):
+        CamVid(tmp_path, "train", Augment((12, 16), False), downscale=0)
+    png = tmp_path / "train" / "0001TP_000000.png"
+    Image.open(png).save(png.with_suffix(".jpg"), quality=95)
+    png.unlink()
+    jpg_ds = CamVid(tmp_path, "train", Augment((12, 16), False))
+    assert jpg_ds.items[0][0].suffix == ".jpg" and jpg_ds.items[0][1].suffix == ".png"
+    assert jpg_ds.load(0)[0].shape == (3, 24, 32)
+
+
+def test_gas_eval_scores_the_test_split(tmp_path: Path) -> None:
+    make_camvid(tmp_path / "cv")
+    layout = NetworkLayout(num_cells=4, reduction_cells=(1, 3), stem_channels=(8, 8, 8), head_channels=16,
+                           num_classes=11)
+    from gas_core.genotype import random_genotype
+
+    g = tmp_path / "g.json"
+    g.write_text(random_genotype(layout, torch.Generator().manual_seed(0)).to_json())
+    runner = CliRunner()
+    r = runner.invoke(train_app, [str(a) for a in (g, "--dataset", "camvid", "--data-root", tmp_path / "cv",
+                                                  "--input-size", 12, 16, "--downscale", 2, "--epochs", 1, "--batch", 2,
+                                                  "--workers", 0, "--quiet", "--out", tmp_path / "run")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(eval_app, [str(a) for a in (tmp_path / "run" / "last.pt", "--dataset", "camvid", "--data-root",
+                                                 tmp_path / "cv", "--split", "test", "--out", tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    report = json.loads((tmp_path / "ev" / "eval.json").read_text())
+    assert report["split"] == "test" and report["images"] == 3 and report["input_size"] == [12, 16]
+    r = runner.invoke(eval_app, [str(tmp_path / "run" / "last.pt"), "--split", "test", "--out", str(tmp_path / "e2")])
+    assert r.exit_code == 2 and "no test split" in r.output and "Traceback" not in r.output
+
+
+def test_random_b_matches_the_target_latency_on_a_fixed_table() -> None:
+    layout = NetworkLayout(num_classes=11)
+    L = torch.linspace(1, 50, 8).expand(*layout.alpha_shape).clone()  # ops from cheap to dear, same in every cell
+    term = LatencyTerm(L, fixed=1000.0)
+
+    def table_ms(g: Genotype) -> float:
+        return float(term.total(g.one_hot())) / 1e3
+
+    g, how, draws = draw_random(layout, term, table_ms, 0, target_ms=2.8)  # about the uniform mean
+    assert abs(table_ms(g) / 2.8 - 1) <= 0.05 and how == "uniform" and draws >= 1
+    g, how, _ = draw_random(layout, term, table_ms, 0, target_ms=1.6)  # 6 σ below the uniform mean (2.8 ms)
+    assert abs(table_ms(g) / 1.6 - 1) <= 0.05 and how == "dirichlet(0.5)"
+    with pytest.raises(RuntimeError, match="no random genotype"):
+        draw_random(layout, term, table_ms, 0, target_ms=0.5, tries=50)
+
+
+def test_collapse_counts_cells_whose_edges_agree() -> None:
+    layout = NetworkLayout(num_classes=11)
+    ops = [["conv_3x3"] * 5 if k % 2 else ["conv_3x3", "skip_connect", "none", "conv_3x3", "conv_3x3"]
+           for k in range(layout.num_cells)]
+    g = Genotype.model_validate({"layout": layout.model_dump(), "cells": [
+        {"type": "reduction" if layout.is_reduction(k) else "normal", "edges": e} for k, e in enumerate(ops)]})
+    c = collapse(g)
+    assert c["share"] == 0.5 and c["cells"] == list(range(1, 14, 2))
+
+
+def test_study_orchestration_runs_two_networks_and_resume_skips_them(tmp_path: Path) -> None:
+    """The tiny scale: table, one GAS search, one latency-matched random net, both trained for one
+    step and timed; a second sitting finds every run finished and reruns none."""
+    make_camvid(tmp_path / "cv", h=32, w=48)
+    out = tmp_path / "study"
+    assert main(["--scale", "tiny", "--data-root", str(tmp_path / "cv"), "--out", str(out), "--quiet"]) == 0
+    runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
+    assert set(runs) == {"table", "search-gas-s0", "random-b0", "train-search-gas-s0", "train-random-b0",
+                         "measure-search-gas-s0", "measure-random-b0"}
+    assert abs(runs["random-b0"]["table_ms"] / runs["search-gas-s0"]["table_ms"] - 1) <= 0.05
+    for name in ("train-search-gas-s0", "train-random-b0"):
+        assert runs[name]["eval"]["split"] == "val" and (out / runs[name]["checkpoint"]).is_file()
+        half = torch.load(out / runs[name]["checkpoint"], weights_only=False)
+        assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
+    assert runs["measure-search-gas-s0"]["median_ms"] > 0
+    assert (out / "report.md").is_file() and (out / "table3_scatter.png").is_file()
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+    assert main(["--scale", "tiny", "--data-root", str(tmp_path / "cv"), "--out", str(out), "--quiet"]) == 0
+    assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+
+
+def test_study_refuses_a_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--scale", "tiny", "--data-root", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert "nowhere" in err and len(err.strip().splitlines()) == 1
