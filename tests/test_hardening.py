@@ -320,3 +320,47 @@ def test_row14_gas_table_compare_cpu_against_the_committed_h200_table(srv: Serve
     r = runner.invoke(table_app, ["compare", slug, h200.device.slug, "--dtype", "float32", "--plot", str(plot), *url])
     assert r.exit_code == 0 and "Traceback" not in r.output, r.output
     assert "common" in r.output and plot.stat().st_size > 0
+
+
+DEAD_URL = "http://127.0.0.1:9"  # the discard port: connection refused
+
+
+def _bad_invocations(tmp: Path) -> list[tuple[str, object, list[str]]]:
+    from latency_service.cli import app as service_app
+    from search_client.cli import app as search_app
+    from search_client.train_cli import eval_app, export_app, train_app
+
+    junk = tmp / "junk.pt"
+    junk.write_bytes(b"\x00not a checkpoint" * 8)
+    bad_json = tmp / "bad.json"
+    bad_json.write_text("{")
+    db = f"sqlite:///{tmp / 'cli.db'}"
+    return [
+        ("gas-service serve", service_app, ["serve", "--database-url", "mysql://nope"]),
+        ("gas-service profile", service_app, ["profile", "--database-url", db, "--device", "cpu", "--dtype", "float64"]),
+        ("gas-service profile layout", service_app, ["profile", "--database-url", db, "--device", "cpu", "--layout",
+                                                     str(bad_json)]),
+        ("gas-service measure", service_app, ["measure", str(tmp / "missing.json"), "--database-url", db]),
+        ("gas-search", search_app, ["--latency-url", DEAD_URL, "--dataset", "synthetic", "--epochs", "1"]),
+        ("gas-search data", search_app, ["--latency-url", DEAD_URL, "--dataset", "camvid", "--data-root",
+                                         str(tmp / "nowhere")]),
+        ("gas-table devices", table_app, ["devices", "--latency-url", DEAD_URL]),
+        ("gas-table show", table_app, ["show", "nope", "--latency-url", DEAD_URL]),
+        ("gas-table compare", table_app, ["compare", "a", "b", "--latency-url", DEAD_URL]),
+        ("gas-table export", table_app, ["export", "nope", "--out", str(tmp / "t.json"), "--latency-url", DEAD_URL]),
+        ("gas-table import", table_app, ["import", str(bad_json), "--latency-url", DEAD_URL]),
+        ("gas-train", train_app, [str(bad_json)]),
+        ("gas-eval", eval_app, [str(junk)]),
+        ("gas-export", export_app, [str(junk), "--input-size", "8", "8"]),
+    ]
+
+
+def test_every_cli_command_fails_on_bad_input_in_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    for name, cli, args in _bad_invocations(tmp_path):
+        r = runner.invoke(cli, args)  # type: ignore[arg-type]
+        assert r.exit_code not in (0, None), (name, r.output)
+        assert r.exception is None or isinstance(r.exception, SystemExit), (name, repr(r.exception))
+        assert "Traceback" not in r.output, (name, r.output)
+        lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
+        assert lines and any("error" in ln.lower() or "invalid" in ln.lower() for ln in lines), (name, r.output)
