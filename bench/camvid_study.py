@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict
 
 from bench.common import machine
 from bench.local_service import local_service
-from gas_core.genotype import Genotype, random_genotype
+from gas_core.genotype import Genotype, derive, random_genotype
 from gas_core.latency import LatencyTerm, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import PRIMITIVES
@@ -203,10 +203,13 @@ class Study:
             return None
         g = res.genotype
         last = res.history[-1]
+        with torch.no_grad():
+            alpha, alpha_prime = res.supernet.alphas().cpu(), res.supernet.alpha_prime().cpu()
         return {"config": cfg.model_dump(mode="json"), "genotype": g.model_dump(mode="json"),
                 "table_ms": self.table_ms(g), "val_miou_derived": last["val_miou"], "top_prob": last["top_prob"],
-                "collapse": collapse(g), "history": res.history, "wall_s": wall,
-                "alpha_prime": res.supernet.alpha_prime().detach().cpu().tolist()}
+                "collapse": collapse(g), "ggm_share": ggm_share(alpha, alpha_prime),
+                "collapse_of_alpha": collapse(derive(alpha, self.layout)), "history": res.history, "wall_s": wall,
+                "alpha": alpha.tolist(), "alpha_prime": alpha_prime.tolist()}
 
     def run_random(self, name: str, index: int, matched: bool) -> dict:
         target = None
@@ -264,6 +267,19 @@ def collapse(g: Genotype) -> dict:
     same = [len(set(c.edges)) == 1 for c in g.cells]
     return {"share": sum(same) / len(same), "cells": [k for k, s in enumerate(same) if s],
             "ops": [list(c.edges) for c in g.cells]}
+
+
+def ggm_share(alpha: torch.Tensor, alpha_prime: torch.Tensor) -> dict:
+    """Where the link between cells pushes α′ [cells, edges, ops], per cell: ``gain`` = ‖Δ‖ / ‖α‖
+    with Δ = α′ − α (how much of α′ the GGM wrote), and ``common`` = the share of ‖Δ‖² that is the
+    same vector on every edge (1: the GGM adds one op preference to all five edges, which makes
+    them all choose the same op whatever α says)."""
+    delta = alpha_prime - alpha
+    mean = delta.mean(dim=1, keepdim=True)  # [cells, 1, ops]
+    total = delta.pow(2).sum(dim=(1, 2))
+    common = (mean.pow(2).sum(dim=(1, 2)) * delta.shape[1] / total.clamp(min=1e-12)).tolist()
+    gain = (delta.flatten(1).norm(dim=1) / alpha.flatten(1).norm(dim=1).clamp(min=1e-12)).tolist()
+    return {"gain": gain, "common": common}
 
 
 def draw_random(layout: NetworkLayout, term: LatencyTerm, table_ms: Callable[[Genotype], float], seed: int,
