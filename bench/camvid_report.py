@@ -107,6 +107,45 @@ def search_rows(runs: dict[str, dict], variants: dict[str, str]) -> tuple[list[s
     return lines, groups
 
 
+def collapse_lines(runs: dict[str, dict]) -> list[str]:
+    """Item 4: the share of cells whose five edges chose one op, per search variant — of the
+    derived α′ and of α alone (what the cells would choose without the link) — and how much of
+    the link's push is the same on every edge in the deep cells (5–13)."""
+    lines = ["| search | cells collapsed (α′, derived) | cells collapsed (α alone) | GGM push ‖Δ‖/‖α‖, cells 5–13 | "
+             "common share of the push, cells 5–13 |", "|---|---|---|---|---|"]
+    for name, r in runs.items():
+        if r["kind"] != "search":
+            continue
+        share = r.get("ggm_share")
+        deep = slice(5, 14)
+        gain = statistics.fmean(share["gain"][deep]) if share else float("nan")
+        common = statistics.fmean(share["common"][deep]) if share else float("nan")
+        alone = r.get("collapse_of_alpha", {}).get("share")
+        lines.append(f"| {name.removeprefix('search-')} | {r['collapse']['share']:.0%} | "
+                     f"{'—' if alone is None else f'{alone:.0%}'} | {gain:.2f} | {common:.2f} |")
+    return lines
+
+
+def plot_ggm(runs: dict[str, dict], path: Path) -> None:
+    searches = {n: r for n, r in runs.items() if r["kind"] == "search" and r.get("ggm_share")}
+    if not searches:
+        return
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4))
+    for n, r in searches.items():
+        cells = range(len(r["ggm_share"]["common"]))
+        ax0.plot(cells, r["ggm_share"]["gain"], marker=".", lw=1, label=n.removeprefix("search-"))
+        ax1.plot(cells, r["ggm_share"]["common"], marker=".", lw=1, label=n.removeprefix("search-"))
+    ax0.set(xlabel="cell", ylabel="‖α′ − α‖ / ‖α‖", yscale="log", title="how much of α′ the link wrote")
+    ax1.set(xlabel="cell", ylabel="share of ‖α′ − α‖² equal on all edges", ylim=(0, 1.02),
+            title="the link's push: common to all edges (1) or per edge (0)")
+    for ax in (ax0, ax1):
+        ax.grid(alpha=0.3)
+    ax1.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def recipe_lines(runs: dict[str, dict]) -> list[str]:
     r = runs.get("train-recipe")
     if r is None:
@@ -178,6 +217,7 @@ def write_report(out: Path, scale: str) -> Path:
     plot_searches(f5_groups, out / "fig5.png", "Figure 5 on CamVid: cell sharing and the link between cells")
     plot_searches(f6_groups, out / "fig6_beta.png", "Figure 6 on CamVid: the latency weight β")
     plot_curves(runs, out / "curves.png")
+    plot_ggm(runs, out / "ggm_share.png")
     table = runs.get("table", {})
     md = [f"# CamVid study ({scale} scale)", "",
           f"Host: {table.get('machine', {}).get('cpu', '?')}, torch {table.get('machine', {}).get('torch', '?')}; "
@@ -187,6 +227,7 @@ def write_report(out: Path, scale: str) -> Path:
           "## Table 3: GAS against random architectures", "", *t3, "", verdict(groups), "",
           "![latency against mIoU](table3_scatter.png)", "", "## Figure 5: cells and their link", "", *f5, "",
           "![Figure 5](fig5.png)", "", "## Figure 6: β", "", *f6, "", "![Figure 6](fig6_beta.png)", "",
+          "## Deep-cell collapse", "", *collapse_lines(runs), "", "![the link's share of α′ per cell](ggm_share.png)", "",
           "## Training curves", "", "![curves](curves.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))

@@ -14,7 +14,11 @@ OUT=${GAS_DEMO_OUT:-demo_out}
 mkdir -p "$OUT"
 PORT=$(.venv/bin/python -c "import socket; s=socket.socket(); s.bind(('127.0.0.1', 0)); print(s.getsockname()[1])")
 URL="http://127.0.0.1:$PORT"
-export GAS_DATABASE_URL="sqlite:///$PWD/$OUT/gas.db"
+case "$OUT" in  # GAS_DEMO_OUT may be absolute
+  /*) DB="$OUT/gas.db" ;;
+  *) DB="$PWD/$OUT/gas.db" ;;
+esac
+export GAS_DATABASE_URL="sqlite:///$DB"
 .venv/bin/gas-service serve --host 127.0.0.1 --port "$PORT" >"$OUT/service.log" 2>&1 &
 SERVICE=$!
 trap 'kill $SERVICE 2>/dev/null; wait $SERVICE 2>/dev/null || true' EXIT
