@@ -481,6 +481,7 @@ class Host:
                 for mf in formats:
                     for k in cell_shapes(layout, (h, w), b, dt, mf).all_keys():
                         seen.setdefault(k.canonical, k)
+                    time.sleep(0)  # hand the interpreter lock to the event loop between configurations
         return list(seen.values())
 
     def plan_profile(self, req: ProfileRequest) -> tuple[list[LatencyKey], str]:
@@ -499,10 +500,13 @@ class Host:
         """Queue the request's keys (or return the identical active job). Bounds before anything
         is stored: keys per job (422, in :meth:`expand`), jobs per ``client`` (429) and keys
         queued on this device (503), each naming its setting."""
-        keys, request_hash = self.plan_profile(req)
         generation = self.jobs_generation
         st = self.settings
-        with self._planning:  # one request at a time between the bound check and the insert
+        # one body at a time, from planning to the insert: concurrent plans of large bodies each
+        # hold the interpreter lock for their whole expansion, and /health waited behind all of
+        # them (bench/planning_stall.py); the bound check and the insert must not interleave either
+        with self._planning:
+            keys, request_hash = self.plan_profile(req)
             with self.sessions() as s:
                 found = crud.find_active_job(s, request_hash=request_hash)
                 if found is not None:
