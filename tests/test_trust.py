@@ -31,6 +31,7 @@ from gas_core.quality import (
     assess,
     median_se,
     predict_with_uncertainty,
+    sample_stats,
 )
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.table import TABLE_KIND, LatencyTable
@@ -220,10 +221,9 @@ def _own_table(host: dict, unstable_op: str) -> dict:
     entries = []
     for k in cell_shapes(TINY, (32, 48)).all_keys():
         samples = UNSTABLE if k.op == unstable_op else STABLE
-        entries.append({
-            "key": k.canonical, "key_hash": k.key_hash, **k.model_dump(), "median_us": 100.0, "p10_us": 0.0,
-            "p90_us": 200.0, "mean_us": 100.0, "std_us": 10.0, "n_samples": len(samples), "iters_per_sample": 1,
-            "timer": "fixed", "created_at": now, "samples_us": samples,
+        entries.append({  # statistics consistent with the samples: an import recomputes and checks them
+            "key": k.canonical, "key_hash": k.key_hash, **k.model_dump(), **sample_stats(samples),
+            "iters_per_sample": 1, "timer": "fixed", "created_at": now, "samples_us": samples,
         })
     return {"schema_version": 1, "kind": TABLE_KIND, "device": host["device"],
             "environment": {"fingerprint": host["environment"]["fingerprint"], "info": host["environment"]["info"]},
