@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import subprocess
 import sys
 import time
@@ -385,17 +384,11 @@ def execute(st: Study, only: list[str] | None) -> dict[str, str]:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"name": run.name, "kind": run.kind, "scale": st.scale.name, "machine": machine(),
-                                   **result}, indent=1, default=_json_default))
+                                   **result}, indent=1))
         tmp.replace(path)
         status[run.name] = "done"
         log.info("run %s finished in %.0f s", run.name, time.perf_counter() - t0)
     return status
-
-
-def _json_default(x: Any) -> Any:
-    if isinstance(x, float) and math.isnan(x):
-        return None
-    raise TypeError(type(x).__name__)
 
 
 def make_gpu_data(src: Path, dest: Path, quality: int = 90) -> int:
