@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gas_core.genotype import Genotype, derive
-from gas_core.ggm import GGM, GGMKind, GraphKind
+from gas_core.ggm import GGM, GGMKind, GGMSource, GraphKind
 from gas_core.network import Backbone, CellBase, GASNet
 from gas_core.ops import OPS, PRIMITIVES, build_component
 from gas_core.search_space import CellPlan, NetworkLayout, cell_plan
@@ -92,6 +92,7 @@ class Supernet(nn.Module):
         graph: GraphKind = "edge",
         ggm_dim: int = 64,
         gamma: float = 0.5,
+        ggm_source: GGMSource = "alpha",
     ) -> None:
         super().__init__()
         self.layout = layout or NetworkLayout()
@@ -102,7 +103,8 @@ class Supernet(nn.Module):
         if cells not in ("shared", "independent"):
             raise ValueError(f"cells must be shared or independent, got {cells!r}")
         self.alpha = nn.Parameter(1e-3 * torch.randn(n_alpha, p, q))
-        self.ggm = GGM(K, p, q, kind=ggm or default_ggm(cells), graph=graph, d=ggm_dim, gamma=gamma)
+        self.ggm = GGM(K, p, q, kind=ggm or default_ggm(cells), graph=graph, d=ggm_dim, gamma=gamma,
+                       source=ggm_source)
         self.temperature = 1.0
         self.register_buffer(
             "_cell_type", torch.tensor([int(self.layout.is_reduction(k)) for k in range(K)]), persistent=False

@@ -262,6 +262,7 @@ def run(
     cells: Annotated[Literal["shared", "independent"], typer.Option(help=_h("cells"))] = _S.cells,
     ggm: Annotated[Literal["none", "fc", "gcn"] | None, typer.Option(help=_h("ggm"))] = None,
     graph: Annotated[Literal["edge", "op"], typer.Option(help=_h("graph"))] = _S.graph,
+    ggm_source: Annotated[Literal["alpha", "alpha_prime"], typer.Option(help=_h("ggm_source"))] = _S.ggm_source,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     downscale: Annotated[int, typer.Option(
         help="shrink every image and label by this factor when loading, before augmentation (CamVid at 2 is "
@@ -283,8 +284,9 @@ def run(
         resolve_device(device, d.local_rank, d.world)
         if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
-        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_ggm=lr_ggm, lr_w=lr_w,
-                           cells=cells, ggm=ggm, graph=graph, max_steps=max_steps, warmup_epochs=warmup_epochs)
+        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_ggm=lr_ggm,
+                           lr_w=lr_w, cells=cells, ggm=ggm, graph=graph, ggm_source=ggm_source, max_steps=max_steps,
+                           warmup_epochs=warmup_epochs)
         compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
         train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size, downscale=downscale)
     except ValidationError as err:

@@ -13,7 +13,7 @@ import copy
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -284,15 +284,17 @@ DATASETS: dict[str, type[Cityscapes] | type[CamVid]] = {"cityscapes": Cityscapes
 def build_datasets(
     name: str, root: str | Path | None, crop: tuple[int, int], seed: int, synthetic_size: Sequence[int] = (64, 16),
     scale: tuple[float, float] = (0.5, 2.0), full_size_labels: bool = False, *, eval_split: str = "val",
-    downscale: int = 1, holdout: int = 0, cache: bool = False,
+    downscale: int = 1, holdout: int = 0, holdout_at: Literal["start", "end"] = "start", cache: bool = False,
 ) -> tuple[SegDataset, SegDataset]:
     """(train, evaluation set). Train uses the paper's augmentation; evaluation images are resized
     to ``crop``, and so are their labels unless ``full_size_labels``. ``eval_split`` names the
     evaluation split (``val``, or ``test`` where the layout has one). ``holdout`` N > 0 instead
-    scores on the *first* N training images (sorted by name) and trains on the rest: choices of
-    recipe that must not see val (on CamVid, N = 62 is the whole 0001TP sequence, so no frame of
-    the held-out sequence leaks into training). ``downscale`` and ``cache``: see
-    :class:`SegDataset`."""
+    scores on the first (``holdout_at='start'``) or last (``'end'``) N training images, sorted by
+    name, and trains on the rest: choices of recipe that must not see val. On CamVid the first 62
+    are the whole 0001TP sequence (shot at dusk: a domain shift from val), the last 62 the end of
+    0016E5 (daylight, the sequence val is cut from); a contiguous block keeps neighbouring frames
+    of the held-out part out of training except at its one boundary. ``downscale`` and
+    ``cache``: see :class:`SegDataset`."""
     train_aug, val_aug = Augment(crop, True, scale), Augment(crop, False, keep_label=full_size_labels)
     if name == "synthetic":
         src = (max(crop[0], 64), max(crop[1], 64))
@@ -309,7 +311,9 @@ def build_datasets(
     if holdout:
         if not 0 < holdout < len(train):
             raise ValueError(f"--holdout {holdout}: the training split has {len(train)} images")
-        return train.take(holdout, None, train_aug), train.take(0, holdout, val_aug)
+        if holdout_at == "start":
+            return train.take(holdout, None, train_aug), train.take(0, holdout, val_aug)
+        return train.take(0, -holdout, train_aug), train.take(-holdout, None, val_aug)
     return train, cls(root, eval_split, val_aug, seed, downscale, cache)
 
 

@@ -36,7 +36,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm import tqdm
 
 from gas_core.genotype import Genotype, derive
-from gas_core.ggm import GGMKind, GraphKind
+from gas_core.ggm import GGMKind, GGMSource, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import CellSharing, Supernet, default_ggm, temperature_at
@@ -84,6 +84,9 @@ class SearchConfig(BaseModel):
     graph: GraphKind = Field(default="edge", description="GCN reasoning graph: edge-similarity or op-identity")
     ggm_dim: int = Field(default=64, ge=1, description="GCN hidden size d (paper: 64)")
     gamma: float = Field(default=0.5, ge=0, description="GGM weight γ in α′ = α + γ·GCN (paper: 0.5)")
+    ggm_source: GGMSource = Field(
+        default="alpha", description="what the link from cell k−1 reads: its own α (paper eqs. 5–7) or its "
+        "updated α′ (alpha_prime: chains every link down the network; collapsed most cells on CamVid)")
     max_steps: int | None = Field(default=None, ge=1, description="stop each epoch after this many steps")
     warmup_epochs: int = Field(
         default=0, ge=0,
@@ -326,7 +329,8 @@ def build_state(
     """The supernet on its device (DDP-wrapped under torchrun) and the §4.2 optimisers."""
     device = resolve_device(compute.device, d.local_rank, d.world)
     torch.manual_seed(cfg.seed)
-    net = Supernet(layout, cells=cfg.cells, ggm=cfg.ggm, graph=cfg.graph, ggm_dim=cfg.ggm_dim, gamma=cfg.gamma)
+    net = Supernet(layout, cells=cfg.cells, ggm=cfg.ggm, graph=cfg.graph, ggm_dim=cfg.ggm_dim, gamma=cfg.gamma,
+                   ggm_source=cfg.ggm_source)
     model = place_model(net, device, compute, d)
     opt_w = torch.optim.SGD(net.weight_parameters(), lr=cfg.lr_w, momentum=cfg.momentum, weight_decay=cfg.wd_w)
     groups: list[dict[str, Any]] = [{"params": [net.alpha]},

@@ -80,7 +80,7 @@ def datasets_for(genotype: Genotype, dataset: str, data_root: Path | None, size:
                  synthetic_size: tuple[int, int], scale: tuple[float, float] = (0.5, 2.0),
                  full_size_labels: bool = False, **data: Any) -> tuple[SegDataset, SegDataset]:
     """The datasets, checked against the genotype: its layout must predict the dataset's classes.
-    ``data``: :func:`build_datasets`' keyword options (eval_split, downscale, holdout, cache)."""
+    ``data``: :func:`build_datasets`' keyword options (eval_split, downscale, holdout, holdout_at, cache)."""
     train_ds, val_ds = build_datasets(dataset, data_root, size, seed, synthetic_size, scale, full_size_labels, **data)
     if genotype.layout.num_classes != train_ds.num_classes:
         raise ValueError(f"the genotype's layout predicts {genotype.layout.num_classes} classes but {dataset} has "
@@ -121,8 +121,11 @@ def train_cmd(
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     downscale: Annotated[int, typer.Option(help=DOWNSCALE_HELP, min=1)] = 1,
     holdout: Annotated[int, typer.Option(
-        help="score each epoch on the first N training images (sorted by name) instead of val, and train on the "
-        "rest: for choosing a recipe without looking at val (CamVid: 62 = the whole 0001TP sequence)", min=0)] = 0,
+        help="score each epoch on N training images (sorted by name; which N: --holdout-at) instead of val, and "
+        "train on the rest: for choosing a recipe without looking at val", min=0)] = 0,
+    holdout_at: Annotated[Literal["start", "end"], typer.Option(
+        help="hold out the first or the last N training images (CamVid: the first 62 are the dusk sequence "
+        "0001TP, the last 62 the end of daylight 0016E5, the sequence val comes from)")] = "start",
     init: Annotated[Path | None, typer.Option(help="start from these weights (a state_dict or checkpoint, e.g. "
                                                    "ImageNet-pretrained); tensors are matched by name and shape and "
                                                    "the counts of matched and unmatched ones are logged")] = None,
@@ -144,7 +147,8 @@ def train_cmd(
         if cfg.batch % (d.world * cfg.accum):
             raise ValueError(f"--batch {cfg.batch} is not divisible by {d.world} ranks × --accum {cfg.accum}")
         train_ds, val_ds = datasets_for(geno, dataset, data_root, input_size, seed, synthetic_size,
-                                        (scale_min, scale_max), downscale=downscale, holdout=holdout)
+                                        (scale_min, scale_max), downscale=downscale, holdout=holdout,
+                                        holdout_at=holdout_at)
     except ValidationError as err:
         _fail("gas-train", one_line(err))
     except (DataRootError, ValueError) as err:

@@ -45,6 +45,9 @@ def test_real_camvid_ids_void_sizes_and_half_size() -> None:
     assert len(train) == 305 and len(held) == 62
     assert all(p.name.startswith("0001TP") for p, _ in held.items)
     assert not any(p.name.startswith("0001TP") for p, _ in train.items)
+    train, held = build_datasets("camvid", REAL_CAMVID, (180, 240), 0, downscale=2, holdout=62, holdout_at="end")
+    assert len(train) == 305 and [p.name for p, _ in held.items][::61] == ["0016E5_06570.png", "0016E5_08640.png"]
+    assert max(p.name for p, _ in train.items) == "0016E5_06540.png"
 
 
 def test_downscale_cache_holdout_and_jpeg_images(tmp_path: Path) -> None:
@@ -54,6 +57,8 @@ def test_downscale_cache_holdout_and_jpeg_images(tmp_path: Path) -> None:
     assert a[0].shape == (3, 12, 16) and a[1].shape == (12, 16) and ds.load(1) is a  # cached
     train, held = build_datasets("camvid", tmp_path, (12, 16), 0, downscale=2, holdout=1)
     assert len(train) == 2 and len(held) == 1 and held.items[0] == ds.items[0] and not held.augment.train
+    train, held = build_datasets("camvid", tmp_path, (12, 16), 0, downscale=2, holdout=1, holdout_at="end")
+    assert train.items == ds.items[:2] and held.items == ds.items[2:] and train.augment.train
     with pytest.raises(ValueError, match="--holdout 3"):
         build_datasets("camvid", tmp_path, (12, 16), 0, holdout=3)
     with pytest.raises(ValueError, match="downscale"):

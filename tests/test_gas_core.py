@@ -192,16 +192,17 @@ def test_supernet_ablations(kw: dict) -> None:
         assert torch.equal(net.alphas()[1], net.alphas()[3])  # both reduction cells share α
 
 
-def test_ggm_matches_hand_computation() -> None:
+@pytest.mark.parametrize("source", ["alpha", "alpha_prime"])
+def test_ggm_matches_hand_computation(source: str) -> None:
     torch.manual_seed(0)
     K, p, q, d = 3, 5, 8, 4
-    ggm = GGM(K, p, q, d=d, gamma=0.5)
+    ggm = GGM(K, p, q, d=d, gamma=0.5, source=source)
     alpha = torch.randn(K, p, q)
     out = ggm(alpha)
     ref = [alpha[0]]
     for k in range(1, K):
         link: EdgeGCN = ggm.links[k - 1]
-        a_prev = ref[-1]
+        a_prev = alpha[k - 1] if source == "alpha" else ref[-1]  # eq. 5's α_{k−1}, or chained α′_{k−1}
         w_phi1 = link.phi1.weight[:, :, 0]  # [d, q]
         emb = a_prev @ w_phi1.T  # [p, d]
         logits = (alpha[k] @ link.w1) @ (a_prev @ link.w2).T
@@ -212,6 +213,20 @@ def test_ggm_matches_hand_computation() -> None:
     assert torch.allclose(out, torch.stack(ref), atol=1e-5)
     assert torch.equal(out[0], alpha[0])
     assert torch.equal(ggm(torch.zeros(K, p, q)), torch.zeros(K, p, q))  # no α-independent preference
+
+
+@pytest.mark.parametrize(("source", "reaches"), [("alpha", False), ("alpha_prime", True)])
+def test_ggm_source_decides_whether_links_chain(source: str, reaches: bool) -> None:
+    """With eq. 5's α_{k−1}, cell 3's α′ depends on cells 2 and 3 only; chained through α′ it
+    depends on every earlier cell, which is how one link's push compounds down the network."""
+    torch.manual_seed(0)
+    alpha = torch.randn(4, 5, 8, requires_grad=True)
+    GGM(4, 5, 8, d=4, source=source)(alpha)[3].sum().backward()
+    assert alpha.grad is not None
+    assert bool(alpha.grad[:2].abs().sum() > 0) is reaches
+    assert bool(alpha.grad[2:].abs().sum() > 0)
+    with pytest.raises(ValueError, match="alpha or alpha_prime"):
+        GGM(4, 5, 8, source="chained")  # type: ignore[arg-type]
 
 
 def _fake_table(shapes, cost=lambda k: 1.0):
