@@ -54,11 +54,13 @@ AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16
 class SearchConfig(BaseModel):
     """Every hyperparameter of a search and the one place its default lives (the CLI's flags
     are built from these fields). Defaults are the paper's §4.2 except where a field says so.
-    Stored in the checkpoint: a resume with other values is refused."""
+    Stored in the checkpoint: a resume with other values is refused. Version 2 added
+    ``ggm_source``; a version-1 config was written by code whose links read α′, so it reads as
+    ``alpha_prime``."""
 
     model_config = ConfigDict(extra="forbid")
 
-    schema_version: Literal[1] = 1
+    schema_version: Literal[1, 2] = 2
     epochs: int = Field(default=10, ge=1, description="search epochs (τ anneals tau_start → tau_end over them)")
     batch: int = Field(default=16, ge=1, description="global batch size over all ranks and micro-batches (paper: 16)")
     accum: int = Field(default=1, ge=1, description="micro-batches per rank per step (gradient accumulation)")
@@ -93,6 +95,13 @@ class SearchConfig(BaseModel):
         description="weights-only epochs on the expected mixture softmax(α′) before the search (not in the "
         "paper, which uses 0): Gumbel-sampled mixtures at λ≈1 barely train a fresh supernet in a short run",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade_v1(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("schema_version") == 1:
+            data = {"ggm_source": "alpha_prime", **data, "schema_version": 2}
+        return data
 
     @model_validator(mode="after")
     def _resolve_ggm(self) -> SearchConfig:
@@ -459,7 +468,7 @@ def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list
     """Restore onto this run's device (a GPU checkpoint resumes on a CPU and back); returns the
     history so far and the next epoch."""
     ck = torch.load(path, map_location=s.device, weights_only=False)
-    if ck["config"] != cfg.model_dump(mode="json"):
+    if SearchConfig.model_validate(ck["config"]) != cfg:
         raise ValueError(f"{path} was written with another configuration; use a new --out or the same flags")
     s.net.load_state_dict(ck["model"])
     s.opt_w.load_state_dict(ck["opt_w"])

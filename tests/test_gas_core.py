@@ -477,3 +477,13 @@ def test_overhead_model_fit() -> None:
     assert m.predict_us(1000.0) == pytest.approx(1100.0)
     with pytest.raises(ValueError, match="at least 3"):
         OverheadModel.fit([1.0], [1.0])
+
+
+def test_structure_matches_golden() -> None:
+    """The structure's every consequence (table keys and their order, derived keys, the keys each
+    module runs at, parameter names and shapes) is what tests/golden/structure.json recorded."""
+    from tests.structure_golden import GOLDEN, fingerprints
+
+    golden, now = json.loads(GOLDEN.read_text()), fingerprints()
+    differ = sorted(k for k in golden.keys() | now.keys() if golden.get(k) != now.get(k))
+    assert not differ, f"{len(differ)} fingerprints differ, e.g. {differ[:5]}"

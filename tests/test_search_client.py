@@ -392,11 +392,15 @@ def test_search_config_holds_the_papers_defaults_and_the_cli_reads_them() -> Non
     assert (c.tau_start, c.tau_end, c.beta, c.ggm_dim, c.gamma) == (1.0, 0.03, 0.005, 64, 0.5)
     assert (c.cells, c.ggm, c.graph, c.warmup_epochs, c.accum) == ("independent", "gcn", "edge", 0, 1)
     assert SearchConfig(cells="shared").ggm == "none" and SearchConfig(cells="shared", ggm="fc").ggm == "fc"
+    assert c.ggm_source == "alpha"  # eq. 5 feeds each link the previous cell's own α
+    # a config stored before ggm_source existed was run with links chained through α′
+    assert SearchConfig.model_validate({**c.model_dump(exclude={"ggm_source"}), "schema_version": 1}) == \
+        c.model_copy(update={"ggm_source": "alpha_prime"})
     lay = NetworkLayout()
     assert (lay.num_cells, lay.nodes, lay.init_channels) == (14, 2, 8)
     params = {p.name: p for p in typer.main.get_command(app).params}
-    for name in ("epochs", "batch", "accum", "seed", "beta", "lr_a", "lr_w", "cells", "graph", "warmup_epochs",
-                 "max_steps"):
+    for name in ("epochs", "batch", "accum", "seed", "beta", "lr_a", "lr_w", "cells", "graph", "ggm_source",
+                 "warmup_epochs", "max_steps"):
         assert params[name].default == getattr(c, name), name
         assert params[name].help == SearchConfig.model_fields[name].description, name
     assert params["ggm"].default is None  # resolved by SearchConfig from --cells
