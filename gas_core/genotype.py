@@ -13,7 +13,7 @@ from typing import Final, Literal
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from gas_core.ops import PRIMITIVES
+from gas_core.ops import OPS
 from gas_core.search_space import NetworkLayout
 
 GENOTYPE_SCHEMA_VERSION: Final = 1
@@ -45,8 +45,8 @@ class Genotype(BaseModel):
             if len(cell.edges) != lay.edges_per_cell:
                 raise ValueError(f"cell {k}: {len(cell.edges)} edges, expected {lay.edges_per_cell}")
             for e, op in enumerate(cell.edges):
-                if op not in PRIMITIVES:
-                    raise ValueError(f"cell {k} edge {e}: unknown op {op!r}; known: {', '.join(PRIMITIVES)}")
+                if op not in OPS:
+                    raise ValueError(f"cell {k} edge {e}: unknown op {op!r}; known: {', '.join(OPS)}")
         return self
 
     def to_json(self) -> str:
@@ -60,12 +60,12 @@ class Genotype(BaseModel):
         return cls.model_validate(json.loads(Path(path).read_text()))
 
     def op_indices(self) -> torch.Tensor:
-        """[cells, edges] long tensor of op indices into :data:`PRIMITIVES`."""
-        return torch.tensor([[PRIMITIVES.index(op) for op in c.edges] for c in self.cells], dtype=torch.long)
+        """[cells, edges] long tensor of op indices into the candidate ops (``OPS.names()``)."""
+        return torch.tensor([[OPS.names().index(op) for op in c.edges] for c in self.cells], dtype=torch.long)
 
     def one_hot(self) -> torch.Tensor:
         """[cells, edges, ops] float one-hot, the Z of a derived network (for LAT)."""
-        return torch.nn.functional.one_hot(self.op_indices(), len(PRIMITIVES)).float()
+        return torch.nn.functional.one_hot(self.op_indices(), len(OPS)).float()
 
 
 def derive(alpha_prime: torch.Tensor, layout: NetworkLayout) -> Genotype:
@@ -77,7 +77,7 @@ def derive(alpha_prime: torch.Tensor, layout: NetworkLayout) -> Genotype:
     cells = tuple(
         CellGenotype(
             type="reduction" if layout.is_reduction(k) else "normal",
-            edges=tuple(PRIMITIVES[i] for i in row),
+            edges=tuple(OPS.names()[i] for i in row),
         )
         for k, row in enumerate(idx)
     )
@@ -88,8 +88,8 @@ def random_genotype(
     layout: NetworkLayout, generator: torch.Generator, op_probs: torch.Tensor | None = None
 ) -> Genotype:
     """A genotype drawn per edge from ``op_probs`` [ops] (uniform by default)."""
-    probs = op_probs if op_probs is not None else torch.ones(len(PRIMITIVES))
+    probs = op_probs if op_probs is not None else torch.ones(len(OPS))
     n = layout.num_cells * layout.edges_per_cell
     idx = torch.multinomial(probs.float(), n, replacement=True, generator=generator)
-    alpha = torch.nn.functional.one_hot(idx, len(PRIMITIVES)).float().view(layout.alpha_shape)
+    alpha = torch.nn.functional.one_hot(idx, len(OPS)).float().view(layout.alpha_shape)
     return derive(alpha, layout)

@@ -2,7 +2,7 @@
 
 Both sides of the system speak in keys: the search client computes the keys of its supernet
 from :func:`gas_core.search_space.cell_shapes` and asks for them; the latency service profiles
-a key by building :func:`gas_core.ops.build_component` at :func:`key_input_shapes`.
+a key by building :func:`gas_core.ops.build_component` at :func:`gas_core.ops.key_input_shapes`.
 
 Convention for ``h``/``w``: they are the spatial size of the component's (first) input, except
 for ``upsample``, where they are the *output* size and the input is ``ceil(h / stride)`` —
@@ -98,13 +98,6 @@ class LatencyKey(BaseModel):
 def ceil_div(n: int, d: int) -> int:
     """Output size of a 3×3/pad-1 or 1×1 conv/pool with stride ``d`` on a side of ``n``."""
     return -(-n // d)
-
-
-def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
-    """NCHW shapes of the tensors a component receives for ``key`` (see module docstring)."""
-    if key.op == "upsample":
-        return [(key.batch, key.c_in, ceil_div(key.h, key.stride), ceil_div(key.w, key.stride))]
-    return [(key.batch, key.c_in, key.h, key.w)] * key.n_inputs
 
 
 def key_pixels(key: LatencyKey) -> int:

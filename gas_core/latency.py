@@ -24,7 +24,6 @@ from torch import nn
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
-from gas_core.ops import OPS, PRIMITIVES
 from gas_core.search_space import NetworkShapes
 
 DEFAULT_BETA = 0.005
@@ -94,27 +93,22 @@ def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_B
 
 
 def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
-    """Keys the derived network of ``genotype`` runs, with multiplicity: ``none`` edges dropped,
-    unused preprocesses skipped, node sums at their real arity (none for a single input)."""
+    """Keys the derived network of ``genotype`` runs, with multiplicity, read from the same
+    structure and rules as :class:`gas_core.network.DerivedCell`: ``none`` edges dropped, unused
+    preprocesses skipped, node sums at their real arity (none for a single input)."""
     if genotype.layout != shapes.layout:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
     keys = list(shapes.stem)
-    sources = shapes.layout.edge_sources()
-    for k, cell in enumerate(genotype.cells):
-        live = [not OPS[op].zero_cost for op in cell.edges]
-        pre0, pre1, *rest = shapes.cell_fixed[k]
-        used = {src for alive, (src, _) in zip(live, sources, strict=True) if alive}
-        keys += [pre for i, pre in ((0, pre0), (1, pre1)) if i in used]
-        sums, concat = rest[:-1], rest[-1]
-        for e, op in enumerate(cell.edges):
-            key = shapes.edges[k][e][PRIMITIVES.index(op)]
-            if key is not None:
-                keys.append(key)
-        for node, sum_key in enumerate(sums):
-            arity = sum(1 for l, (_, dst) in zip(live, sources, strict=True) if l and dst == node)
+    for cell, g in zip(shapes.structure.cells, genotype.cells, strict=True):
+        used = cell.used_inputs(g.edges)
+        keys += [shapes.key(pre) for pre, u in zip(cell.pre, used, strict=True) if u]
+        keys += [shapes.key(edge, op) for edge, op, alive in zip(cell.edges, g.edges, cell.live(g.edges), strict=True)
+                 if alive]
+        for node, site in enumerate(cell.sums):
+            arity = cell.arity(g.edges, node)
             if arity >= 2:
-                keys.append(sum_key.model_copy(update={"n_inputs": arity}))
-        keys.append(concat)
+                keys.append(shapes.key(site, n_inputs=arity))
+        keys.append(shapes.key(cell.concat))
     return keys + list(shapes.head)
 
 

@@ -11,14 +11,15 @@ The order of :data:`OPS` is the order of the last axis of α and of the latency 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import cast
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, Dtype, LatencyKey, MemoryFormat, ceil_div, key_input_shapes
+from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, Dtype, LatencyKey, MemoryFormat, ceil_div
 
 Factory = Callable[[int, int, int, bool], nn.Module]
 
@@ -26,29 +27,58 @@ ASPP_RATES: tuple[int, ...] = (6, 12, 18)
 PPM_BINS: tuple[int, ...] = (1, 2, 3, 6)
 
 
+Inputs = Literal["one", "sum", "concat"]
+
+
 @dataclass(frozen=True)
 class Entry:
+    """A registered op or component and every fact about it the rest of the system needs: the
+    network's structure, the latency keys, the key checks and the timing cases read these fields,
+    never the name."""
+
     name: str
     factory: Factory
-    zero_cost: bool
+    zero_cost: bool = False
     """True when the derived network drops the op (``none``): it costs nothing and has no key."""
+    strides: tuple[int, ...] | None = (1, 2)
+    """The strides it runs at; None: any positive factor (``upsample``'s scale factor)."""
+    inputs: Inputs = "one"
+    """``one`` tensor; ``sum``: n ≥ 2 tensors of c_in channels → c_in; ``concat``: n ≥ 2 → n·c_in."""
+    sized_by_output: bool = False
+    """Called as ``(x, (H, W))``, resizing x to (H, W); its key's h, w are that output size and its
+    input is ceil(h / stride) (``upsample``: a segmentation net's output size is the image's,
+    which the downsampled size does not determine)."""
+    same_channels: bool = False
+    """c_out must equal c_in (``upsample``, ``node_sum``)."""
 
 
 class Registry:
-    """Ordered name → factory table; registering a name twice is an error."""
+    """Ordered name → :class:`Entry` table; registering a name twice is an error."""
 
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._entries: dict[str, Entry] = {}
 
-    def register(self, name: str, *, zero_cost: bool = False) -> Callable[[Factory], Factory]:
+    def register(self, name: str, **facts: Any) -> Callable[[Factory], Factory]:
+        """Decorator: ``facts`` are :class:`Entry`'s fields after ``factory``."""
+
         def deco(factory: Factory) -> Factory:
             if name in self._entries:
                 raise ValueError(f"{self.kind} {name!r} is already registered")
-            self._entries[name] = Entry(name, factory, zero_cost)
+            self._entries[name] = Entry(name, factory, **facts)
             return factory
 
         return deco
+
+    @contextmanager
+    def registered(self, name: str, factory: Factory, **facts: Any) -> Iterator[Entry]:
+        """Register ``name`` for the duration of a ``with`` block (tests, experiments): the
+        candidate list, α's last axis, the keys and the networks all see it until the block ends."""
+        self.register(name, **facts)(factory)
+        try:
+            yield self._entries[name]
+        finally:
+            del self._entries[name]
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
@@ -248,6 +278,8 @@ for _d in (2, 4, 8):
     _register_sep(f"dil_sep_conv_3x3_d{_d}", _d)
 
 PRIMITIVES: tuple[str, ...] = OPS.names()
+"""The paper's candidate ops, in α's order. gas_core itself reads ``OPS.names()``, so an op
+registered later (:meth:`Registry.registered`) joins the search space everywhere at once."""
 
 
 # ---------------------------------------------------------------- fixed components
@@ -260,42 +292,42 @@ def _stem_conv(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     )
 
 
-@COMPONENTS.register("preprocess_1x1")
+@COMPONENTS.register("preprocess_1x1", strides=(1,))
 def _pre_1x1(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return ReLUConvBN(c_in, c_out, 1, 1, 0, 1, affine)
 
 
-@COMPONENTS.register("preprocess_reduce")
+@COMPONENTS.register("preprocess_reduce", strides=(2,))
 def _pre_reduce(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return FactorizedReduce(c_in, c_out, affine)
 
 
-@COMPONENTS.register("node_sum")
+@COMPONENTS.register("node_sum", strides=(1,), inputs="sum", same_channels=True)
 def _node_sum(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return NodeSum()
 
 
-@COMPONENTS.register("concat")
+@COMPONENTS.register("concat", strides=(1,), inputs="concat")
 def _concat(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Concat()
 
 
-@COMPONENTS.register("head_aspp")
+@COMPONENTS.register("head_aspp", strides=(1,))
 def _aspp(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return ASPP(c_in, c_out)
 
 
-@COMPONENTS.register("head_ppm")
+@COMPONENTS.register("head_ppm", strides=(1,))
 def _ppm(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return PPM(c_in, c_out)
 
 
-@COMPONENTS.register("classifier")
+@COMPONENTS.register("classifier", strides=(1,))
 def _classifier(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return nn.Conv2d(c_in, c_out, 1)
 
 
-@COMPONENTS.register("upsample")
+@COMPONENTS.register("upsample", strides=None, sized_by_output=True, same_channels=True)
 def _upsample(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Upsample()
 
@@ -337,7 +369,7 @@ def key_of_call(module: nn.Module, args: tuple, dtype: Dtype, memory_format: Mem
     spec = cast(KeySpec, module.key_spec)
     tensors = [a for a in args if isinstance(a, torch.Tensor)]
     n, _, h, w = tensors[0].shape
-    if spec.op == "upsample":
+    if resolve(spec.op).sized_by_output:
         h, w = args[1]
     return LatencyKey(
         op=spec.op,
@@ -353,39 +385,33 @@ def key_of_call(module: nn.Module, args: tuple, dtype: Dtype, memory_format: Mem
     )
 
 
-_FIXED_STRIDE = {
-    "preprocess_1x1": 1,
-    "preprocess_reduce": 2,
-    "node_sum": 1,
-    "concat": 1,
-    "head_aspp": 1,
-    "head_ppm": 1,
-    "classifier": 1,
-}
-
-
 def check_key(key: LatencyKey) -> None:
-    """Raise ``ValueError`` naming the field when ``key`` describes nothing a GAS network runs."""
+    """Raise ``ValueError`` naming the field when ``key`` describes nothing a GAS network runs
+    (the rules are the registry entry's facts)."""
     try:
         entry = resolve(key.op)
     except KeyError as err:
         raise ValueError(f"op: {err.args[0]}") from None
     if entry.zero_cost:
         raise ValueError(f"op: {key.op!r} costs nothing (the derived network drops it); it has no table entry")
-    if key.op == "node_sum":
-        if key.n_inputs < 2 or key.c_out != key.c_in:
-            raise ValueError("node_sum needs n_inputs >= 2 and c_out == c_in")
-    elif key.op == "concat":
-        if key.n_inputs < 2 or key.c_out != key.c_in * key.n_inputs:
-            raise ValueError("concat needs n_inputs >= 2 and c_out == c_in * n_inputs")
-    elif key.n_inputs != 1:
+    if entry.inputs == "one" and key.n_inputs != 1:
         raise ValueError(f"n_inputs: {key.op} takes one input, got {key.n_inputs}")
-    if key.op in _FIXED_STRIDE and key.stride != _FIXED_STRIDE[key.op]:
-        raise ValueError(f"stride: {key.op} runs at stride {_FIXED_STRIDE[key.op]}, got {key.stride}")
-    if (key.op in OPS or key.op == "stem_conv") and key.stride not in (1, 2):
-        raise ValueError(f"stride: {key.op} runs at stride 1 or 2, got {key.stride}")
-    if key.op == "upsample" and key.c_out != key.c_in:
-        raise ValueError("upsample needs c_out == c_in")
+    if entry.inputs != "one" and key.n_inputs < 2:
+        raise ValueError(f"n_inputs: {key.op} takes 2 or more inputs, got {key.n_inputs}")
+    if entry.inputs == "concat" and key.c_out != key.c_in * key.n_inputs:
+        raise ValueError(f"c_out: {key.op} gives c_in × n_inputs = {key.c_in * key.n_inputs} channels, got {key.c_out}")
+    if entry.same_channels and key.c_out != key.c_in:
+        raise ValueError(f"c_out: {key.op} keeps its {key.c_in} channels, got {key.c_out}")
+    if entry.strides is not None and key.stride not in entry.strides:
+        runs = " or ".join(map(str, entry.strides))
+        raise ValueError(f"stride: {key.op} runs at stride {runs}, got {key.stride}")
+
+
+def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
+    """NCHW shapes of the tensors a component receives for ``key`` (see :class:`Entry`)."""
+    if resolve(key.op).sized_by_output:
+        return [(key.batch, key.c_in, ceil_div(key.h, key.stride), ceil_div(key.w, key.stride))]
+    return [(key.batch, key.c_in, key.h, key.w)] * key.n_inputs
 
 
 def build_timing_case(
@@ -402,7 +428,5 @@ def build_timing_case(
         torch.randn(shape, generator=generator).to(device=device, dtype=dtype, memory_format=fmt)
         for shape in key_input_shapes(key)
     ]
-    args: tuple = tuple(inputs)
-    if key.op == "upsample":
-        args = (inputs[0], (key.h, key.w))
+    args: tuple = (inputs[0], (key.h, key.w)) if resolve(key.op).sized_by_output else tuple(inputs)
     return module, args

@@ -1,9 +1,12 @@
-"""Network layout and the shape contract.
+"""Network layout, the network's structure, and the shape contract.
 
 The layout is plain data (pydantic), carried inside every genotype so a derived network can be
-rebuilt anywhere. :func:`cell_shapes` walks the layout exactly as :mod:`gas_core.network` builds
-it and names the latency key of every edge op and of every fixed component; it is the single
-source of truth for which keys a table must hold.
+rebuilt anywhere. :func:`network_structure` turns it into the one ordered description of the
+network: every component as a :class:`Site` (what runs, channels, stride, how far its input is
+downsampled). :mod:`gas_core.network` builds its modules from the sites, :func:`cell_shapes`
+names the latency key of every site at an input size, and
+:func:`gas_core.latency.derived_keys` picks the sites a derived network runs, with the same
+rules (:meth:`CellStructure.used_inputs`, :meth:`CellStructure.arity`) the derived cell uses.
 
 Choices the paper leaves open (docs/architecture.md) live here and only here: stem strides (2, 1, 2), stem
 channels, reduction positions (3, 7), head channels, cell 0 taking the stem output as both inputs.
@@ -11,13 +14,16 @@ channels, reduction positions (3, 7), head channels, cell 0 taking the stem outp
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from functools import cache
 from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, model_validator
+from torch import nn
 
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime, ceil_div
-from gas_core.ops import OPS, PRIMITIVES
+from gas_core.ops import OPS, build_component, resolve
 
 Head = Literal["aspp", "ppm"]
 MAX_WIDTH = 2**20
@@ -84,39 +90,126 @@ class NetworkLayout(BaseModel):
 
     @property
     def alpha_shape(self) -> tuple[int, int, int]:
-        return (self.num_cells, self.edges_per_cell, len(PRIMITIVES))
+        return (self.num_cells, self.edges_per_cell, len(OPS))
 
 
 @dataclass(frozen=True)
-class CellPlan:
-    """Channels of one cell, from the layout alone (the network and the shapes share it)."""
+class Site:
+    """One component of the network. ``op`` is None on a cell edge, where the genotype (or α)
+    picks one of the candidate ops. ``scale`` is how far its (first) input is downsampled from
+    the image: that input is ceil(H / scale) × ceil(W / scale). ``n_inputs`` is the most tensors
+    it takes (a node's sum at full arity)."""
+
+    op: str | None
+    c_in: int
+    c_out: int
+    stride: int
+    scale: int
+    n_inputs: int = 1
+
+    def build(self, op: str | None = None, affine: bool = True) -> nn.Module:
+        """The module that runs here (``op`` chooses on an edge), tagged with its key spec."""
+        return build_component(self._op(op), self.c_in, self.c_out, self.stride, affine)
+
+    def key_hw(self, image_hw: tuple[int, int], op: str | None = None) -> tuple[int, int]:
+        """h, w of this site's latency key for an image of ``image_hw`` (see :class:`~gas_core.ops.Entry`)."""
+        scale = self.scale // self.stride if resolve(self._op(op)).sized_by_output else self.scale
+        return ceil_div(image_hw[0], scale), ceil_div(image_hw[1], scale)
+
+    def _op(self, op: str | None) -> str:
+        name = op or self.op
+        if name is None:
+            raise ValueError("an edge site needs an op")
+        return name
+
+
+@dataclass(frozen=True)
+class Edge(Site):
+    """A cell edge: from state ``src`` (0, 1: the cell's inputs; 2 + i: node i) into ``node``."""
+
+    src: int = 0
+    node: int = 0
+
+
+@dataclass(frozen=True)
+class CellStructure:
+    """One cell: preprocess of both inputs to C, the edges in α order, one sum per node, the
+    concat. Cell 0 takes the stem output as both inputs; the cell after a reduction reduces its
+    input 0 (twice the resolution of input 1) with a factorized reduce instead of a 1×1."""
 
     index: int
     reduction: bool
     c: int
-    c_prev_prev: int
-    c_prev: int
-    pre0_reduce: bool
-    """Input 0 (cell k-2) is at twice the resolution of input 1: factorized reduce, not 1×1."""
+    pre: tuple[Site, Site]
+    edges: tuple[Edge, ...]
+    sums: tuple[Site, ...]
+    concat: Site
+    scale_prev_prev: int
+    scale_in: int
+    scale_out: int
+
+    def live(self, ops: Sequence[str]) -> list[bool]:
+        """Per edge: does the derived network run it (``none`` edges are dropped)?"""
+        return [not OPS[op].zero_cost for op in ops]
+
+    def used_inputs(self, ops: Sequence[str]) -> tuple[bool, bool]:
+        """Which preprocesses the derived network keeps: an input no live edge reads is skipped."""
+        read = {e.src for e, alive in zip(self.edges, self.live(ops), strict=True) if alive}
+        return 0 in read, 1 in read
+
+    def arity(self, ops: Sequence[str], node: int) -> int:
+        """Live edges into ``node``: its sum runs only at 2 or more."""
+        return sum(1 for e, alive in zip(self.edges, self.live(ops), strict=True) if alive and e.node == node)
 
 
-def cell_plan(layout: NetworkLayout) -> list[CellPlan]:
-    """Cell 0 takes the stem output as both inputs; the cell after a reduction reduces input 0."""
-    plans = []
-    c_pp = c_p = layout.stem_channels[-1]
+@dataclass(frozen=True)
+class NetworkStructure:
+    """The network, in order: stem convs, cells, then head, classifier and upsample."""
+
+    layout: NetworkLayout
+    stem: tuple[Site, ...]
+    cells: tuple[CellStructure, ...]
+    head: tuple[Site, Site, Site]
+
+
+def _cell(layout: NetworkLayout, k: int, c_pp: int, c_p: int, s_pp: int, s_p: int) -> CellStructure:
+    red, ck, n = layout.is_reduction(k), layout.cell_channels(k), layout.nodes
+    s_out = s_p * 2 if red else s_p
+    pre0 = (Site("preprocess_reduce", c_pp, ck, 2, s_pp) if k > 0 and layout.is_reduction(k - 1)
+            else Site("preprocess_1x1", c_pp, ck, 1, s_pp))
+    edges = tuple(Edge(None, ck, ck, 2 if red and src < 2 else 1, s_p if src < 2 else s_out, src=src, node=node)
+                  for src, node in layout.edge_sources())
+    sums = tuple(Site("node_sum", ck, ck, 1, s_out, 2 + node) for node in range(n))
+    return CellStructure(k, red, ck, (pre0, Site("preprocess_1x1", c_p, ck, 1, s_p)), edges, sums,
+                         Site("concat", ck, ck * n, 1, s_out, n), s_pp, s_p, s_out)
+
+
+@cache
+def network_structure(layout: NetworkLayout) -> NetworkStructure:
+    """The layout as an ordered list of sites: the one description the network's modules, the
+    table's keys and the derived network's keys are all read from."""
+    stem, c, scale = [], 3, 1
+    for c_out, st in zip(layout.stem_channels, layout.stem_strides, strict=True):
+        stem.append(Site("stem_conv", c, c_out, st, scale))
+        c, scale = c_out, scale * st
+    cells = []
+    c_pp = c_p = c
+    s_pp = s_p = scale
     for k in range(layout.num_cells):
-        ck = layout.cell_channels(k)
-        pre0 = k > 0 and layout.is_reduction(k - 1)
-        plans.append(CellPlan(k, layout.is_reduction(k), ck, c_pp, c_p, pre0))
-        c_pp, c_p = c_p, ck * layout.nodes
-    return plans
+        cell = _cell(layout, k, c_pp, c_p, s_pp, s_p)
+        cells.append(cell)
+        c_pp, c_p, s_pp, s_p = c_p, cell.concat.c_out, s_p, cell.scale_out
+    head = (Site(f"head_{layout.head}", c_p, layout.head_channels, 1, s_p),
+            Site("classifier", layout.head_channels, layout.num_classes, 1, s_p),
+            Site("upsample", layout.num_classes, layout.num_classes, s_p, s_p))
+    return NetworkStructure(layout, tuple(stem), tuple(cells), head)
 
 
 @dataclass(frozen=True)
 class CellShape:
-    """Where a cell runs: its plan plus the spatial sizes of its inputs and of its nodes."""
+    """Where a cell runs: its structure plus the spatial sizes of its inputs and of its nodes."""
 
-    plan: CellPlan
+    plan: CellStructure
     hw_prev_prev: tuple[int, int]
     hw_in: tuple[int, int]
     hw_out: tuple[int, int]
@@ -129,14 +222,40 @@ class NetworkShapes:
     ``edges[k][e][m]`` is the key of op ``m`` on edge ``e`` of cell ``k`` (``None`` for a
     zero-cost op); ``cell_fixed[k]`` the preprocess/node-sum/concat keys of cell ``k`` with
     multiplicity, at full node arity; ``stem``/``head`` the keys outside the cells.
+    :meth:`key` names any site's key at this configuration.
     """
 
-    layout: NetworkLayout
-    cells: list[CellShape]
-    edges: list[list[list[LatencyKey | None]]]
-    cell_fixed: list[list[LatencyKey]]
-    stem: list[LatencyKey]
-    head: list[LatencyKey]
+    structure: NetworkStructure
+    image_hw: tuple[int, int]
+    batch: int
+    dtype: Dtype
+    memory_format: MemoryFormat
+    runtime: Runtime
+    cells: list[CellShape] = field(default_factory=list)
+    edges: list[list[list[LatencyKey | None]]] = field(default_factory=list)
+    cell_fixed: list[list[LatencyKey]] = field(default_factory=list)
+    stem: list[LatencyKey] = field(default_factory=list)
+    head: list[LatencyKey] = field(default_factory=list)
+    _made: dict[tuple, LatencyKey] = field(default_factory=dict, repr=False)
+
+    @property
+    def layout(self) -> NetworkLayout:
+        return self.structure.layout
+
+    def key(self, site: Site, op: str | None = None, n_inputs: int | None = None) -> LatencyKey:
+        """The key of ``site`` (running ``op`` on an edge, with ``n_inputs`` tensors if fewer than
+        its full arity); cells of one shape repeat their keys, so each is built once."""
+        name, n = op or site.op, n_inputs or site.n_inputs
+        args = (name, site.c_in, site.c_out, site.stride, site.scale, n)
+        if args not in self._made:
+            h, w = site.key_hw(self.image_hw, op)
+            self._made[args] = LatencyKey(op=name, c_in=site.c_in, c_out=site.c_out, h=h, w=w, stride=site.stride,
+                                          n_inputs=n, batch=self.batch, dtype=self.dtype,
+                                          memory_format=self.memory_format, runtime=self.runtime)
+        return self._made[args]
+
+    def hw(self, scale: int) -> tuple[int, int]:
+        return ceil_div(self.image_hw[0], scale), ceil_div(self.image_hw[1], scale)
 
     def fixed(self) -> list[LatencyKey]:
         """Keys of everything α does not choose, with multiplicity (summed into L_fixed)."""
@@ -162,61 +281,19 @@ def cell_shapes(
     memory_format: MemoryFormat = "contiguous",
     runtime: Runtime = "eager",
 ) -> NetworkShapes:
-    """Walk ``layout`` at input ``(batch, 3, H, W)`` and return every key it runs.
-
-    Mirrors :class:`gas_core.network.Backbone` step for step; the coverage test hooks a real
-    derived network and checks that each call's key is in :meth:`NetworkShapes.all_keys`.
-    """
+    """Every key the network of ``layout`` runs at input ``(batch, 3, H, W)``: each site of
+    :func:`network_structure`, each candidate op on each edge. The coverage test hooks a real
+    derived network and checks that each call's key is among them."""
     h, w = input_hw
     if h < 1 or w < 1:
         raise ValueError(f"input size must be positive, got {input_hw}")
-
-    made: dict[tuple, LatencyKey] = {}  # cells of one shape repeat their keys: build each key once
-
-    def key(op: str, c_in: int, c_out: int, hw: tuple[int, int], stride: int = 1, n: int = 1) -> LatencyKey:
-        args = (op, c_in, c_out, hw, stride, n)
-        if args not in made:
-            made[args] = LatencyKey(op=op, c_in=c_in, c_out=c_out, h=hw[0], w=hw[1], stride=stride, n_inputs=n,
-                                    batch=batch, dtype=dtype, memory_format=memory_format, runtime=runtime)
-        return made[args]
-
-    stem: list[LatencyKey] = []
-    c, hw = 3, (h, w)
-    for c_out, s in zip(layout.stem_channels, layout.stem_strides, strict=True):
-        stem.append(key("stem_conv", c, c_out, hw, s))
-        c, hw = c_out, (ceil_div(hw[0], s), ceil_div(hw[1], s))
-
-    cells: list[CellShape] = []
-    edges: list[list[list[LatencyKey | None]]] = []
-    cell_fixed: list[list[LatencyKey]] = []
-    hw_pp = hw_p = hw
-    for plan in cell_plan(layout):
-        red, ck, c_pp, c_p = plan.reduction, plan.c, plan.c_prev_prev, plan.c_prev
-        hw_out = (ceil_div(hw_p[0], 2), ceil_div(hw_p[1], 2)) if red else hw_p
-        cells.append(CellShape(plan, hw_pp, hw_p, hw_out))
-        fixed = [
-            key("preprocess_reduce", c_pp, ck, hw_pp, 2)
-            if plan.pre0_reduce
-            else key("preprocess_1x1", c_pp, ck, hw_pp),
-            key("preprocess_1x1", c_p, ck, hw_p),
-        ]
-        cell_edges: list[list[LatencyKey | None]] = []
-        for src, _node in layout.edge_sources():
-            stride = 2 if red and src < 2 else 1
-            src_hw = hw_p if src < 2 else hw_out
-            cell_edges.append([None if OPS[m].zero_cost else key(m, ck, ck, src_hw, stride) for m in PRIMITIVES])
-        for node in range(layout.nodes):
-            fixed.append(key("node_sum", ck, ck, hw_out, 1, 2 + node))
-        fixed.append(key("concat", ck, ck * layout.nodes, hw_out, 1, layout.nodes))
-        edges.append(cell_edges)
-        cell_fixed.append(fixed)
-        hw_pp, hw_p = hw_p, hw_out
-    c_last = cells[-1].plan.c * layout.nodes if cells else c
-
-    head_op = f"head_{layout.head}"
-    head = [
-        key(head_op, c_last, layout.head_channels, hw_p),
-        key("classifier", layout.head_channels, layout.num_classes, hw_p),
-        key("upsample", layout.num_classes, layout.num_classes, (h, w), layout.output_stride),
-    ]
-    return NetworkShapes(layout, cells, edges, cell_fixed, stem, head)
+    st = network_structure(layout)
+    sh = NetworkShapes(st, (h, w), batch, dtype, memory_format, runtime)
+    sh.stem = [sh.key(site) for site in st.stem]
+    ops = OPS.names()
+    for cell in st.cells:
+        sh.cells.append(CellShape(cell, sh.hw(cell.scale_prev_prev), sh.hw(cell.scale_in), sh.hw(cell.scale_out)))
+        sh.edges.append([[None if OPS[m].zero_cost else sh.key(e, m) for m in ops] for e in cell.edges])
+        sh.cell_fixed.append([sh.key(site) for site in (*cell.pre, *cell.sums, cell.concat)])
+    sh.head = [sh.key(site) for site in st.head]
+    return sh

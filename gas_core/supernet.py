@@ -18,8 +18,8 @@ from torch import nn
 from gas_core.genotype import Genotype, derive
 from gas_core.ggm import GGM, GGMKind, GGMSource, GraphKind
 from gas_core.network import Backbone, CellBase, GASNet
-from gas_core.ops import OPS, PRIMITIVES, build_component
-from gas_core.search_space import CellPlan, NetworkLayout, cell_plan
+from gas_core.ops import OPS
+from gas_core.search_space import CellStructure, Edge, NetworkLayout, network_structure
 
 CellSharing = Literal["shared", "independent"]
 
@@ -35,10 +35,11 @@ class MixedOp(nn.Module):
     """Σ_m z_m · o_m(x) over the candidate ops; zero-cost ops contribute nothing and are skipped.
     ``x`` (N, C, H, W), ``weights`` [ops] → (N, C, H/stride, W/stride)."""
 
-    def __init__(self, c: int, stride: int) -> None:
+    def __init__(self, edge: Edge) -> None:
         super().__init__()
-        self.ops = nn.ModuleList(build_component(name, c, c, stride, affine=False) for name in PRIMITIVES)
-        self.live = [not OPS[name].zero_cost for name in PRIMITIVES]
+        names = OPS.names()
+        self.ops = nn.ModuleList(edge.build(name, affine=False) for name in names)
+        self.live = [not OPS[name].zero_cost for name in names]
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         out: torch.Tensor | None = None
@@ -51,9 +52,9 @@ class MixedOp(nn.Module):
 
 
 class SearchCell(CellBase):
-    def __init__(self, layout: NetworkLayout, plan: CellPlan) -> None:
-        super().__init__(layout, plan)
-        self.mixed = nn.ModuleList(MixedOp(plan.c, self.edge_stride(src)) for src, _ in self.sources)
+    def __init__(self, cell: CellStructure) -> None:
+        super().__init__(cell)
+        self.mixed = nn.ModuleList(MixedOp(edge) for edge in cell.edges)
 
     def edge(self, e: int, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor | None:
         assert weights is not None
@@ -98,7 +99,7 @@ class Supernet(nn.Module):
         self.layout = layout or NetworkLayout()
         self.cell_sharing = cells
         K, p, q = self.layout.alpha_shape
-        self.net = Backbone(self.layout, [SearchCell(self.layout, plan) for plan in cell_plan(self.layout)])
+        self.net = Backbone(self.layout, [SearchCell(cell) for cell in network_structure(self.layout).cells])
         n_alpha = 2 if cells == "shared" else K
         if cells not in ("shared", "independent"):
             raise ValueError(f"cells must be shared or independent, got {cells!r}")
@@ -161,7 +162,7 @@ class Supernet(nn.Module):
             parts = name.split(".")
             if parts[0] == "cells" and parts[2] == "ops":  # cells.k.ops.e.* ← cells.k.mixed.e.ops.m.*
                 k, e = int(parts[1]), int(parts[3])
-                m = PRIMITIVES.index(genotype.cells[k].edges[e])
+                m = OPS.names().index(genotype.cells[k].edges[e])
                 parts = ["cells", str(k), "mixed", str(e), "ops", str(m), *parts[4:]]
             mapped[name] = src[".".join(parts)] if ".".join(parts) in src else None
         missing = [n for n, v in mapped.items() if v is None]

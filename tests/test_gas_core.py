@@ -11,7 +11,7 @@ from torch import nn
 
 from gas_core.genotype import CellGenotype, Genotype, derive, random_genotype
 from gas_core.ggm import GGM, EdgeGCN
-from gas_core.keys import LatencyKey, key_input_shapes
+from gas_core.keys import LatencyKey
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, latency_loss, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import (
@@ -22,6 +22,7 @@ from gas_core.ops import (
     build_component,
     build_timing_case,
     check_key,
+    key_input_shapes,
     key_of_call,
 )
 from gas_core.search_space import NetworkLayout, cell_shapes
@@ -487,3 +488,41 @@ def test_structure_matches_golden() -> None:
     golden, now = json.loads(GOLDEN.read_text()), fingerprints()
     differ = sorted(k for k in golden.keys() | now.keys() if golden.get(k) != now.get(k))
     assert not differ, f"{len(differ)} fingerprints differ, e.g. {differ[:5]}"
+
+
+def _toy_op(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    """A 1×1 conv at the edge's stride: the smallest op that still has weights and a stride."""
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out, affine=affine))
+
+
+def test_an_op_registered_in_one_place_gets_its_module_keys_and_shapes() -> None:
+    """Registering an op is the only step: α's last axis, the table's keys, the genotype, the
+    derived and the search networks, the key checks and the timing cases all follow."""
+    with OPS.registered("toy_conv_1x1", _toy_op):
+        ops = OPS.names()
+        assert ops[-1] == "toy_conv_1x1" and SMALL.alpha_shape[-1] == len(EXPECTED_OPS) + 1
+        sh = cell_shapes(SMALL, (33, 47))
+        red = next(c for c in sh.cells if c.plan.reduction)
+        k_in, k_node = sh.edges[red.plan.index][0][-1], sh.edges[red.plan.index][-1][-1]
+        assert k_in is not None and k_node is not None
+        assert (k_in.op, k_in.stride, (k_in.h, k_in.w)) == ("toy_conv_1x1", 2, red.hw_in)
+        assert (k_node.stride, (k_node.h, k_node.w)) == (1, red.hw_out)
+        g = Genotype(layout=SMALL, cells=[CellGenotype(edges=("toy_conv_1x1",) * SMALL.edges_per_cell)] * 5)
+        net = GASNet(g).eval()
+        assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
+                   for m in net.modules()) >= 2 * 2  # the two input edges of both reduction cells
+        seen: list[LatencyKey] = []
+        for m in net.modules():
+            if hasattr(m, "key_spec"):
+                m.register_forward_hook(lambda mod, args, out: seen.append(key_of_call(mod, args, "float32",
+                                                                                       "contiguous")))
+        with torch.no_grad():
+            assert net(torch.randn(1, 3, 33, 47)).shape == (1, 5, 33, 47)
+        assert sorted(k.canonical for k in seen) == sorted(k.canonical for k in derived_keys(g, sh))
+        assert {k.op for k in seen} >= {"toy_conv_1x1"}
+        module, args = build_timing_case(k_in)
+        assert module(*args).shape == (1, k_in.c_out, -(-k_in.h // 2), -(-k_in.w // 2))
+        assert Supernet(SMALL)(torch.randn(1, 3, 32, 48))[1].shape == SMALL.alpha_shape
+    assert OPS.names() == EXPECTED_OPS and SMALL.alpha_shape[-1] == len(EXPECTED_OPS)
+    with pytest.raises(ValueError, match="unknown op"):
+        Genotype(layout=SMALL, cells=[CellGenotype(edges=("toy_conv_1x1",) * SMALL.edges_per_cell)] * 5)
