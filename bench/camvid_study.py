@@ -54,7 +54,8 @@ from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.cli import fetch_latency_term
 from search_client.client import LatencyClient
 from search_client.data import SegDataset, build_datasets
-from search_client.search import ComputeConfig, DistInfo, SearchConfig, search
+from search_client.runtime import ComputeConfig, DistInfo
+from search_client.search import SearchConfig, search
 from search_client.train import TrainConfig, read_checkpoint, train
 
 log = logging.getLogger("camvid-study")

@@ -23,7 +23,8 @@ import torch.distributed as dist
 from bench.common import machine
 from gas_core.search_space import NetworkLayout
 from search_client.data import build_datasets
-from search_client.search import ComputeConfig, SearchConfig, init_distributed, search
+from search_client.runtime import ComputeConfig, init_distributed
+from search_client.search import SearchConfig, search
 from tests.ddp_search import term_for
 
 

@@ -42,7 +42,8 @@ from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
-from search_client.search import ComputeConfig, SearchConfig, search  # noqa: E402
+from search_client.runtime import ComputeConfig  # noqa: E402
+from search_client.search import SearchConfig, search  # noqa: E402
 from tests.support import start_server, stop_server, wait_job  # noqa: E402
 
 # op mixtures from cheap (none / pool / skip) to expensive (convs); order of gas_core.ops.PRIMITIVES

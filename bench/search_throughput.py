@@ -28,15 +28,8 @@ from PIL import Image
 from bench.common import write_result
 from gas_core.search_space import NetworkLayout
 from search_client.data import CITYSCAPES_ID_TO_TRAIN, Augment, Cityscapes, Synthetic
-from search_client.search import (
-    ComputeConfig,
-    DistInfo,
-    SearchConfig,
-    build_state,
-    make_loaders,
-    train_epoch,
-    train_step,
-)
+from search_client.runtime import ComputeConfig, DistInfo, make_loaders
+from search_client.search import SearchConfig, build_state, train_epoch, train_step
 from tests.ddp_search import term_for  # a stand-in table (µs ∝ work): the step's cost does not depend on its values
 
 CITYSCAPES_HW = (1024, 2048)

@@ -35,15 +35,8 @@ from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
-from search_client.search import (
-    ComputeConfig,
-    DistInfo,
-    SearchConfig,
-    SearchResult,
-    init_distributed,
-    resolve_device,
-    search,
-)
+from search_client.runtime import ComputeConfig, DistInfo, init_distributed, resolve_device
+from search_client.search import SearchConfig, SearchResult, search
 
 log = logging.getLogger("gas-search")
 

@@ -10,7 +10,6 @@ in the same epoch augment it identically — which the DDP equivalence test reli
 from __future__ import annotations
 
 import copy
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -327,18 +326,3 @@ def global_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]
 def collate(ds: Dataset, idx: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
     items = [ds[i] for i in idx]
     return torch.stack([a for a, _ in items]), torch.stack([b for _, b in items])
-
-
-def confusion(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
-    keep = target != IGNORE
-    idx = target[keep] * num_classes + pred[keep]
-    return torch.bincount(idx, minlength=num_classes**2).view(num_classes, num_classes)
-
-
-def miou(conf: torch.Tensor) -> float:
-    """Mean IoU over classes that appear in prediction or target."""
-    conf = conf.double()
-    inter = conf.diag()
-    union = conf.sum(0) + conf.sum(1) - inter
-    valid = union > 0
-    return float((inter[valid] / union[valid]).mean()) if valid.any() else math.nan

@@ -2,7 +2,7 @@
 weights (SGD + cosine) and α with the GGM (Adam) — on CE + β·log LAT, with the Gumbel
 temperature annealed 1.0 → 0.03 per epoch.
 
-The compute device is a parameter (:class:`ComputeConfig`), never a branch of the loop: the
+The compute device is a parameter (:class:`search_client.runtime.ComputeConfig`), never a branch of the loop: the
 supernet, the latency term, every batch and the Gumbel noise live on it, and the same code runs
 on the CPU in the tests and on CUDA (optionally under autocast, channels-last) on a GPU host.
 
@@ -18,21 +18,19 @@ from __future__ import annotations
 import csv
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from contextlib import nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from gas_core.genotype import Genotype, derive
@@ -40,15 +38,24 @@ from gas_core.ggm import GGMKind, GGMSource, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import CellSharing, Supernet, default_ggm, temperature_at
-from search_client.data import IGNORE, SegDataset, confusion, global_batches, miou
+from search_client.data import IGNORE, SegDataset
+from search_client.metrics import confusion_metric, miou, summed_confusion
+from search_client.runtime import (
+    AMP_DTYPES,
+    ComputeConfig,
+    DistInfo,
+    Loaders,
+    OnDevice,
+    make_loaders,
+    place_model,
+    resolve_device,
+    restore_scaler,
+)
 
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["epoch", "phase", "loss", "ce", "lat_ms", "lat_total_ms", "expected_lat_ms", "derived_lat_ms",
               "temperature", "lr_w", "top_prob", "val_miou", "images_per_s", "data_wait_pct"]
-
-AmpMode = Literal["off", "bf16", "fp16"]
-AMP_DTYPES: dict[str, torch.dtype | None] = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class SearchConfig(BaseModel):
@@ -110,86 +117,6 @@ class SearchConfig(BaseModel):
         return self
 
 
-def default_workers(local_world: int = 1) -> int:
-    """DataLoader workers per rank: this host's usable cores shared by the ranks on it, at most 8."""
-    try:
-        cores = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cores = os.cpu_count() or 1
-    return max(1, min(8, cores // max(1, local_world)))
-
-
-class ComputeConfig(BaseModel):
-    """Where and how a search computes. Not part of the checkpoint's identity: a search written
-    on a GPU resumes on a CPU and back."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N (auto: CUDA when present; under "
-                        "torchrun each rank takes cuda:LOCAL_RANK)")
-    amp: AmpMode = Field(default="off", description="autocast: off, bf16, or fp16 with a gradient scaler")
-    channels_last: bool = Field(default=False, description="run the supernet and its batches channels-last")
-    workers: int | None = Field(default=None, ge=0, description="DataLoader workers per rank (0: load in the "
-                                "training process; default: the host's cores / ranks on it, at most 8)")
-
-    def loader_workers(self, d: DistInfo) -> int:
-        return self.workers if self.workers is not None else default_workers(d.local_world)
-
-
-def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
-    """``auto|cpu|cuda|cuda:N`` → a device; raises ValueError with a one-line reason."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: no CUDA device is visible to torch {torch.__version__}")
-        if spec == "cuda":
-            index = local_rank
-        else:
-            if world > 1:
-                raise ValueError(f"--device {spec}: under torchrun each rank takes cuda:LOCAL_RANK; use --device cuda")
-            try:
-                index = int(spec[5:])
-            except ValueError:
-                raise ValueError(f"--device {spec}: expected cuda:N with N a GPU index") from None
-        if not 0 <= index < torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
-        return torch.device("cuda", index)
-    raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
-
-
-@dataclass
-class DistInfo:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    local_world: int = 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device: str = "auto") -> DistInfo:
-    """Join the torchrun process group when launched by torchrun: NCCL when the ranks compute on
-    CUDA (each on cuda:LOCAL_RANK), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if "RANK" not in os.environ or world == 1:
-        return DistInfo()
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device, local_rank, world)
-    if not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
-            dist.init_process_group("nccl", device_id=dev)
-        else:
-            dist.init_process_group("gloo")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank,
-                    int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
-
-
 @dataclass
 class SearchResult:
     genotype: Genotype
@@ -197,121 +124,7 @@ class SearchResult:
     history: list[dict]
 
 
-# ---------------------------------------------------------------- data
-
-
-class EpochBatches(Sampler[list[Any]]):
-    """A batch sampler whose batches are a function of the epoch. It runs in the training
-    process, so :meth:`set_epoch` reaches it even with persistent workers; the epoch also travels
-    inside each index as ``(epoch, i)``, which is how a worker that never saw ``set_epoch`` seeds
-    the augmentation by (seed, epoch, index)."""
-
-    def __init__(self, make: Callable[[int], list[list[Any]]]) -> None:
-        self.make, self.epoch = make, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[list[Any]]:
-        return iter(self.make(self.epoch))
-
-    def __len__(self) -> int:
-        return len(self.make(self.epoch))
-
-
-class StepPlan(Protocol):
-    """What batching needs of a config (the search's and gas-train's both have it)."""
-
-    batch: int
-    accum: int
-    seed: int
-    max_steps: int | None
-
-
-def rank_micro_batches(n: int, cfg: StepPlan, d: DistInfo, epoch: int) -> list[list[tuple[int, int]]]:
-    """This rank's micro-batches of every step of ``epoch``, in order: ``accum`` per step, each
-    of ``batch / (world·accum)`` ``(epoch, index)`` pairs; slot ``rank·accum + m`` of each global
-    batch from :func:`search_client.data.global_batches`."""
-    micro = cfg.batch // (d.world * cfg.accum)
-    out = []
-    for idx in global_batches(n, cfg.batch, cfg.seed, epoch)[: cfg.max_steps]:
-        for m in range(cfg.accum):
-            slot = d.rank * cfg.accum + m
-            out.append([(epoch, i) for i in idx[slot * micro : (slot + 1) * micro]])
-    return out
-
-
-@dataclass
-class Loaders:
-    train: DataLoader
-    calib: DataLoader | None
-    val: DataLoader | None
-    samplers: list[EpochBatches] = field(default_factory=list)
-
-    def set_epoch(self, epoch: int) -> None:
-        for s in self.samplers:
-            s.set_epoch(epoch)
-
-
-def make_loaders(
-    cfg: StepPlan, train: SegDataset, val: SegDataset | None, d: DistInfo, device: torch.device, workers: int,
-    eval_batch: int = 4, calib_batches: int = 8,
-) -> Loaders:
-    """Train (this rank's slice of each step), BN-calibration (the same few training batches on
-    every rank, so every rank evaluates the same statistics; none with ``calib_batches=0``) and
-    validation (this rank's shard)."""
-    opts: dict[str, Any] = {"num_workers": workers, "pin_memory": device.type == "cuda",
-                            "persistent_workers": workers > 0}
-    train_s = EpochBatches(lambda e: rank_micro_batches(len(train), cfg, d, e))
-    loaders = Loaders(DataLoader(train, batch_sampler=train_s, **opts), None, None, [train_s])
-    if val is not None and calib_batches > 0:
-        n_cal = min(len(train), calib_batches * eval_batch)
-        calib_s = EpochBatches(lambda e: [[(e, i) for i in range(j, min(j + eval_batch, n_cal))]
-                                          for j in range(0, n_cal, eval_batch)])
-        loaders.calib = DataLoader(train, batch_sampler=calib_s, **opts)
-        loaders.samplers.append(calib_s)
-    if val is not None:
-        loaders.val, val_s = sharded_loader(val, d, eval_batch, opts)
-        loaders.samplers.append(val_s)
-    return loaders
-
-
-def sharded_loader(ds: SegDataset, d: DistInfo, batch: int, opts: dict[str, Any]) -> tuple[DataLoader, EpochBatches]:
-    """Evaluation batches of this rank's shard (every ``world``-th sample from ``rank``)."""
-    shard = list(range(d.rank, len(ds), d.world))
-    sampler = EpochBatches(lambda e: [shard[j : j + batch] for j in range(0, len(shard), batch)])
-    return DataLoader(ds, batch_sampler=sampler, **opts), sampler
-
-
 # ---------------------------------------------------------------- state
-
-
-@dataclass(kw_only=True)
-class OnDevice:
-    """Where a model computes (the search's and gas-train's state both are one)."""
-
-    device: torch.device
-    amp_dtype: torch.dtype | None
-    channels_last: bool
-
-    def autocast(self) -> torch.autocast:
-        return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
-
-    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Non-blocking copies from pinned memory on CUDA; channels-last when asked."""
-        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
-        return (x.to(self.device, non_blocking=True, memory_format=fmt), y.to(self.device, non_blocking=True))
-
-
-def place_model(net: nn.Module, device: torch.device, compute: ComputeConfig, d: DistInfo) -> nn.Module:
-    """Move ``net`` to ``device`` (channels-last when asked) in place; return what the steps call:
-    the DDP wrapper under torchrun, else ``net`` itself."""
-    net.to(device)
-    if compute.channels_last:
-        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    if d.world > 1:
-        return DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
-    return net
 
 
 @dataclass(kw_only=True)
@@ -439,17 +252,15 @@ def evaluate(s: SearchState, loaders: Loaders, num_classes: int, d: DistInfo) ->
         for x, y in loaders.calib:
             net(s.to_device(x, y)[0], z)
         net.eval()
-        conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=s.device)
+        metric = confusion_metric(num_classes, s.device)
         for x, y in loaders.val:
             x, y = s.to_device(x, y)
-            conf += confusion(net(x, z)[0].argmax(1), y, num_classes)
+            metric.update(net(x, z)[0].argmax(1), y)
     net.train()
     for m, (momentum, state) in zip(bns, saved, strict=True):  # the search goes on with its own statistics
         m.momentum = momentum
         m.load_state_dict(state)
-    if d.world > 1:
-        dist.all_reduce(conf)
-    return miou(conf.cpu())
+    return miou(summed_confusion(metric))
 
 
 # ---------------------------------------------------------------- checkpoint
@@ -476,19 +287,6 @@ def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list
     s.sched.load_state_dict(ck["sched"])
     restore_scaler(s.scaler, ck.get("scaler"))
     return ck["history"], ck["epoch"] + 1
-
-
-def restore_scaler(scaler: torch.amp.GradScaler, state: dict[str, Any] | None) -> None:
-    """Load a gradient scaler's state when the checkpoint has one. A run without fp16 saves a
-    disabled scaler's empty state; resuming it under fp16 (a CPU checkpoint moved to a GPU, say)
-    starts the scale afresh instead of failing in torch's ``load_state_dict``."""
-    if state:
-        scaler.load_state_dict(state)
-    elif scaler.is_enabled():
-        log.info("the checkpoint has no gradient-scaler state (written without fp16): the loss scale starts afresh")
-
-
-# ---------------------------------------------------------------- the search
 
 
 def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, lr: float, val_miou: float) -> dict:

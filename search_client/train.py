@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -29,8 +28,9 @@ from tqdm import tqdm
 
 from gas_core.genotype import Genotype
 from gas_core.network import GASNet
-from search_client.data import IGNORE, SegDataset, confusion, miou
-from search_client.search import (
+from search_client.data import IGNORE, SegDataset
+from search_client.metrics import confusion_metric, miou, summed_confusion
+from search_client.runtime import (
     AMP_DTYPES,
     ComputeConfig,
     DistInfo,
@@ -151,13 +151,11 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, num_classes: int, d
                        progress: bool = False) -> torch.Tensor:
     """Confusion matrix [C, C] (rows = truth) over this rank's shard, all-reduced across ranks."""
     model.eval()
-    conf = torch.zeros(num_classes, num_classes, dtype=torch.long, device=device)
+    metric = confusion_metric(num_classes, device)
     for x, y in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
         x, y = x.to(device), y.to(device)
-        conf += confusion(predict(model, x, tuple(y.shape[-2:]), flip, scales).argmax(1), y, num_classes)
-    if d.world > 1:
-        dist.all_reduce(conf)
-    return conf.cpu()
+        metric.update(predict(model, x, tuple(y.shape[-2:]), flip, scales).argmax(1), y)
+    return summed_confusion(metric)
 
 
 def checkpoint_payload(s: TrainState, cfg: TrainConfig, genotype: Genotype, epoch: int,

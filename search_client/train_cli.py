@@ -31,7 +31,8 @@ from search_client.cli import ClientSettings  # noqa: E402
 from search_client.client import LatencyClient, ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
-from search_client.search import ComputeConfig, DistInfo, init_distributed, resolve_device, sharded_loader  # noqa: E402
+from search_client.metrics import class_iou
+from search_client.runtime import ComputeConfig, DistInfo, init_distributed, resolve_device, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
     TrainConfig,
@@ -259,9 +260,7 @@ def eval_cmd(
     sc = tuple(scales or [1.0])
     conf = evaluate_confusion(model, val_loader, val_ds.num_classes, dev, d, flip, sc, progress=True)
     names = CLASS_NAMES[dataset]
-    inter = conf.diag().double()
-    union = conf.sum(0).double() + conf.sum(1).double() - inter
-    per_class = {n: (float(inter[i] / union[i]) if union[i] > 0 else None) for i, n in enumerate(names)}
+    per_class = dict(zip(names, class_iou(conf), strict=True))
     present = [v for v in per_class.values() if v is not None]
     report = EvalReport(checkpoint=str(checkpoint), dataset=dataset, split=split, input_size=size, flip=flip,
                         scales=list(sc), images=len(val_ds), miou=sum(present) / max(1, len(present)),

@@ -11,7 +11,8 @@ import torch
 from gas_core.latency import LatencyTerm
 from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.data import build_datasets
-from search_client.search import ComputeConfig, SearchConfig, init_distributed, search
+from search_client.runtime import ComputeConfig, init_distributed
+from search_client.search import SearchConfig, search
 
 LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
 

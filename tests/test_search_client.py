@@ -30,9 +30,8 @@ from search_client.data import (
     DataRootError,
     Synthetic,
     build_datasets,
-    confusion,
-    miou,
 )
+from search_client.metrics import class_iou, confusion_metric, miou, summed_confusion
 from search_client.search import SearchConfig, search
 from tests.support import Server, augment_whole_image, start_server, stop_server
 
@@ -134,10 +133,30 @@ def test_augment_computes_only_the_crop_yet_equals_resizing_the_whole_image(dtyp
                 assert torch.equal(got[1], want[1]), (h, w, seed)
 
 
+def _conf(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    m = confusion_metric(num_classes, "cpu")
+    m.update(pred, target)
+    return summed_confusion(m)
+
+
 def test_miou() -> None:
     y = torch.tensor([[0, 1], [1, IGNORE]])
-    assert miou(confusion(torch.tensor([[0, 1], [1, 0]]), y, 2)) == 1.0
-    assert miou(confusion(torch.tensor([[1, 1], [1, 1]]), y, 2)) == pytest.approx((0 + 2 / 3) / 2)
+    assert miou(_conf(torch.tensor([[0, 1], [1, 0]]), y, 2)) == 1.0
+    assert miou(_conf(torch.tensor([[1, 1], [1, 1]]), y, 2)) == pytest.approx((0 + 2 / 3) / 2)
+    assert torch.equal(_conf(torch.tensor([[1, 1], [0, 0]]), y, 2), torch.tensor([[0, 1], [1, 1]]))  # rows: truth
+
+
+def test_miou_is_torchmetrics_macro_jaccard() -> None:
+    """One convention: the mIoU of the accumulated matrix equals torchmetrics' macro Jaccard index
+    (void ignored, a class in neither truth nor prediction left out, one in truth only scored 0)."""
+    from torchmetrics.classification import MulticlassJaccardIndex
+
+    gen = torch.Generator().manual_seed(0)
+    pred, target = torch.randint(0, 4, (3, 16, 16), generator=gen), torch.randint(0, 5, (3, 16, 16), generator=gen)
+    target[0, :4] = IGNORE
+    ref = MulticlassJaccardIndex(6, average="macro", ignore_index=IGNORE)(pred, target)
+    assert miou(_conf(pred, target, 6)) == pytest.approx(float(ref), abs=1e-6)
+    assert class_iou(_conf(pred, target, 6))[5] is None and class_iou(_conf(pred, target, 6))[4] == 0.0
 
 
 # ---------------------------------------------------------------- client
@@ -237,7 +256,7 @@ def test_resume_continues_exactly(tmp_path: Path) -> None:
 def test_fp16_resumes_a_checkpoint_written_without_a_scaler() -> None:
     """A run without fp16 saves a disabled scaler's empty state; under fp16 (enabled scaler) it must
     resume with a fresh scale, not fail in torch (found on an H200: CPU checkpoint → cuda fp16)."""
-    from search_client.search import restore_scaler
+    from search_client.runtime import restore_scaler
 
     saved = torch.amp.GradScaler("cpu", enabled=False).state_dict()
     assert saved == {}
@@ -354,16 +373,16 @@ def test_synthetic_data_is_learnable() -> None:
 
     def score() -> float:
         net.eval()
-        conf = torch.zeros(4, 4, dtype=torch.long)
+        metric = confusion_metric(4, "cpu")
         with torch.no_grad():
             for i in range(0, len(val), 8):
                 x, y = collate(val, range(i, i + 8))
-                conf += confusion(net(x).argmax(1), y, 4)
+                metric.update(net(x).argmax(1), y)
         net.train()
-        return miou(conf)
+        return miou(summed_confusion(metric))
 
     _, y = collate(val, range(len(val)))
-    baseline = miou(confusion(torch.zeros_like(y), y, 4))
+    baseline = miou(_conf(torch.zeros_like(y), y, 4))
     for epoch in range(5):
         train.set_epoch(epoch)
         for i in range(0, len(train), 8):
@@ -413,7 +432,7 @@ def test_dataloader_yields_the_in_loop_batches() -> None:
     index). Labels are equal; images to float rounding (a worker runs torch on one thread, and
     bilinear resizing rounds differently with two: up to 7e-7 here)."""
     from search_client.data import collate
-    from search_client.search import DistInfo, make_loaders, rank_micro_batches
+    from search_client.runtime import DistInfo, make_loaders, rank_micro_batches
 
     train, val = build_datasets("synthetic", None, (32, 48), 7, (12, 5))
     cfg = SearchConfig(batch=4, accum=2, seed=7)
@@ -435,7 +454,7 @@ def test_dataloader_yields_the_in_loop_batches() -> None:
 
 def test_device_flags() -> None:
     from search_client.cli import parse_device_flags
-    from search_client.search import resolve_device
+    from search_client.runtime import resolve_device
 
     assert parse_device_flags("cuda:1", "cpu-x@abc") == ("cuda:1", "cpu-x@abc")
     assert parse_device_flags("cpu-intel-xeon-2t", None) == ("auto", "cpu-intel-xeon-2t")  # the old spelling
@@ -454,7 +473,7 @@ def test_device_flags() -> None:
 def test_search_under_autocast_and_channels_last_runs_on_cpu(tmp_path: Path, amp: str, channels_last: bool) -> None:
     """The AMP / channels-last path is the loop's, not a branch: here on the CPU (fp16 with the
     gradient scaler), on CUDA in test_cuda_search_amp_and_checkpoint_moves."""
-    from search_client.search import ComputeConfig
+    from search_client.runtime import ComputeConfig
     from tests.ddp_search import LAYOUT, term_for
 
     train, val = build_datasets("synthetic", None, (32, 48), 0, (8, 2))
@@ -476,7 +495,7 @@ CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA
 def test_cuda_search_amp_and_checkpoint_moves(tmp_path: Path, amp: str) -> None:
     """A search on cuda:0 (supernet, term, batches and Gumbel noise there); its checkpoint resumes
     on the CPU, and a CPU checkpoint resumes on the GPU."""
-    from search_client.search import ComputeConfig
+    from search_client.runtime import ComputeConfig
     from tests.ddp_search import LAYOUT, term_for
 
     train, val = build_datasets("synthetic", None, (32, 48), 0, (8, 2))

@@ -15,8 +15,9 @@ from typer.testing import CliRunner
 from gas_core.genotype import CellGenotype, Genotype, random_genotype
 from gas_core.network import GASNet
 from gas_core.search_space import NetworkLayout
-from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, IGNORE, build_datasets, confusion, miou
+from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, IGNORE, build_datasets
 from search_client.export import TOLERANCE, export, fold_batchnorm
+from search_client.metrics import confusion_metric, miou, summed_confusion
 from search_client.train import bootstrapped_ce
 from search_client.train_cli import eval_app, export_app, train_app
 from tests.test_search_client import make_camvid, make_cityscapes
@@ -98,7 +99,9 @@ def test_train_eval_export_on_synthetic_data_learns(tmp_path: Path) -> None:
     assert float(rows[-1]["lr"]) < float(rows[0]["lr"])  # poly decay
     _, val = build_datasets("synthetic", None, (64, 128), 0, (64, 16))
     y = torch.stack([val[i][1] for i in range(len(val))])
-    baseline = miou(confusion(torch.zeros_like(y), y, 4))  # everything background
+    metric = confusion_metric(4, "cpu")
+    metric.update(torch.zeros_like(y), y)  # everything background
+    baseline = miou(summed_confusion(metric))
     assert float(rows[-1]["val_miou"]) > baseline + 0.25, (rows[-1], baseline)
 
     code, text = _run(train_app, geno, "--dataset", "synthetic", "--input-size", 64, 128, "--epochs", 7, "--batch", 8,
