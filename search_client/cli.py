@@ -16,22 +16,20 @@ from __future__ import annotations
 import logging
 import math
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Literal
 
 import torch.distributed as dist
 import typer
 from pydantic import ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
 from tqdm import tqdm
 
-from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
+from search_client.cli_common import fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
@@ -39,14 +37,7 @@ from search_client.runtime import ComputeConfig, DistInfo, init_distributed, res
 from search_client.search import SearchConfig, SearchResult, search
 
 log = logging.getLogger("gas-search")
-
-
-class ClientSettings(BaseSettings):
-    """Secrets and defaults from the environment (``GAS_`` prefix); flags override."""
-
-    model_config = SettingsConfigDict(env_prefix="GAS_", extra="ignore")
-    api_token: str | None = None
-    latency_url: str | None = None
+TOOL = "gas-search"
 
 
 def fetch_latency_term(
@@ -166,12 +157,6 @@ def parse_device_flags(device: str, target: str | None) -> tuple[str, str | None
     return "auto", device
 
 
-def _one_line(err: ValidationError) -> str:
-    """A SearchConfig/ComputeConfig error, named by its flag."""
-    e = err.errors()[0]
-    return f"--{str(e['loc'][0]).replace('_', '-')}: {e['msg']}" if e["loc"] else one_line(err)
-
-
 def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layout: NetworkLayout, dep: Deployment,
                     progress: bool) -> tuple[LatencyTerm, str]:
     """Rank 0 fetches the table (profiling missing keys) and broadcasts L to the other ranks."""
@@ -283,22 +268,18 @@ def run(
         compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
         train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size, downscale=downscale)
     except ValidationError as err:
-        _fail(_one_line(err), 2)
+        fail(TOOL, flag_error(err))
     except (DataRootError, ValueError) as err:
-        _fail(str(err), 2)
-    _setup_logging(d)
-    settings = ClientSettings()
-    url = latency_url or settings.latency_url
-    if url is None:
-        _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
+        fail(TOOL, str(err), 2)
+    setup_logging(d.main)
     dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
-    client = LatencyClient(url, token=token or settings.api_token)
+    client = latency_client(TOOL, latency_url, token)
     try:
         _run(client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on or [], quiet)
     except ServiceError as err:
-        _fail(str(err), 1)
+        fail(TOOL, str(err), 1)
     except ValueError as err:
-        _fail(str(err), 2)
+        fail(TOOL, str(err), 2)
     finally:
         client.close()
         if d.world > 1 and dist.is_initialized():
@@ -328,17 +309,6 @@ def _run(client: LatencyClient, d: DistInfo, cfg: SearchConfig, compute: Compute
         typer.echo(f"predicted on {p.device}@{p.environment}: "
                    + (f"{p.predicted_ms:.3f} ms" if p.predicted_ms is not None else
                       f"n/a ({p.missing_keys} keys missing from its table)"))
-
-
-def _setup_logging(d: DistInfo) -> None:
-    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
-def _fail(msg: str, code: int) -> NoReturn:
-    typer.echo(f"gas-search: error: {msg}", err=True)
-    raise typer.Exit(code)
 
 
 def main() -> None:

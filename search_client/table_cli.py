@@ -8,10 +8,8 @@ A table is DEVICE (its newest environment) or DEVICE@ENVIRONMENT (a fingerprint 
 from __future__ import annotations
 
 import json
-import logging
-import sys
 from pathlib import Path
-from typing import Annotated, Literal, NoReturn
+from typing import Annotated, Literal
 
 import typer
 from pydantic import ValidationError
@@ -19,7 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment
-from search_client.cli import ClientSettings
+from search_client.cli_common import fail, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.report import plot_compare
 
@@ -38,24 +36,15 @@ FormatOpt = Annotated[str | None, typer.Option("--memory-format", help="only row
 OpOpt = Annotated[str | None, typer.Option(help="only rows of this op")]
 
 
-def _fail(msg: str, code: int) -> NoReturn:
-    err.print(f"[red]gas-table: error:[/red] {msg}", highlight=False)
-    raise typer.Exit(code)
-
-
 def _client(url: str | None, token: str | None) -> LatencyClient:
-    settings = ClientSettings()
-    url = url or settings.latency_url
-    if url is None:
-        _fail("--latency-url is required (or set GAS_LATENCY_URL)", 2)
-    return LatencyClient(url, token=token or settings.api_token)  # type: ignore[arg-type]
+    return latency_client("gas-table", url, token)
 
 
 def _ref(ref: str) -> tuple[str, str | None]:
     try:
         return split_ref(ref)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail("gas-table", str(exc), 2)
 
 
 def _us(x: float | None) -> str:
@@ -68,8 +57,7 @@ def _ratio(x: float | None) -> str:
 
 @app.callback()
 def _setup(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="log HTTP retries")] = False) -> None:
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, stream=sys.stderr,
-                        format="%(levelname)s %(name)s: %(message)s")
+    setup_logging(verbose, fmt="%(levelname)s %(name)s: %(message)s")
 
 
 @app.command()
@@ -79,7 +67,7 @@ def devices(latency_url: Url = None, token: Token = None) -> None:
         try:
             result = c.devices()
         except ServiceError as exc:
-            _fail(str(exc), 1)
+            fail("gas-table", str(exc), 1)
     t = Table(title="devices")
     for col in ("device", "kind", "environment", "rows"):
         t.add_column(col, justify="right" if col == "rows" else "left", no_wrap=True)
@@ -110,7 +98,7 @@ def show(
         try:
             t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
         except ServiceError as exc:
-            _fail(str(exc), 1)
+            fail("gas-table", str(exc), 1)
     rows = t.entries
     order = {"key": lambda e: e.key, "median": lambda e: -e.median_us, "op": lambda e: (e.op, e.key)}[sort]
     rows = sorted(rows, key=order)[:limit]
@@ -163,7 +151,7 @@ def compare(
         try:
             result = c.compare([a, b], dtype=dtype, batch=batch, memory_format=memory_format, op=op)
         except ServiceError as exc:
-            _fail(str(exc), 1)
+            fail("gas-table", str(exc), 1)
     pair = result.pairs[0]
     name_a, name_b = f"{pair.a.device}@{pair.a.environment}", f"{pair.b.device}@{pair.b.environment}"
     out.print(f"[bold]A[/bold] {name_a} ({pair.a.entries} rows)   [bold]B[/bold] {name_b} ({pair.b.entries} rows)",
@@ -211,7 +199,7 @@ def export(
                 path = output or Path(f"{slug}{'-' + env if env else ''}.csv")
                 rows = max(0, body.count(b"\n") - 1)
         except ServiceError as exc:
-            _fail(str(exc), 1)
+            fail("gas-table", str(exc), 1)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(body)
     tmp.replace(path)
@@ -255,12 +243,12 @@ def import_(
     try:
         table = read_table_file(file)
     except ValueError as exc:
-        _fail(str(exc), 2)
+        fail("gas-table", str(exc), 2)
     with _client(latency_url, token) as c:
         try:
             r = c.import_table(table, force=force)
         except ServiceError as exc:
-            _fail(str(exc), 1)
+            fail("gas-table", str(exc), 1)
     made = [w for w, flag in (("device", r.created_device), ("environment", r.created_environment)) if flag]
     out.print(f"{r.device}@{r.environment}: {r.added} added, {r.replaced} replaced, {r.kept} kept, {r.skipped} skipped"
               + (f" (new {' and '.join(made)})" if made else ""), highlight=False)

@@ -12,9 +12,8 @@ from __future__ import annotations
 import logging
 import math
 import platform
-import sys
 from pathlib import Path
-from typing import Annotated, Any, Literal, NoReturn
+from typing import Annotated, Any, Literal
 
 import matplotlib
 
@@ -27,12 +26,12 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
-from search_client.cli import ClientSettings  # noqa: E402
-from search_client.client import LatencyClient, ServiceError  # noqa: E402
+from search_client.cli_common import fail, latency_client, setup_logging  # noqa: E402
+from search_client.client import ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
 from search_client.metrics import class_iou
-from search_client.runtime import ComputeConfig, DistInfo, init_distributed, resolve_device, sharded_loader  # noqa: E402
+from search_client.runtime import ComputeConfig, init_distributed, resolve_device, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
     TrainConfig,
@@ -54,17 +53,6 @@ DOWNSCALE_HELP = ("shrink every image and label by this factor when loading, bef
 def _h(name: str) -> str:
     f = TrainConfig.model_fields.get(name) or ComputeConfig.model_fields[name]
     return f.description or name
-
-
-def _fail(tool: str, msg: str, code: int = 2) -> NoReturn:
-    typer.echo(f"{tool}: error: {msg}", err=True)
-    raise typer.Exit(code)
-
-
-def _setup_logging(d: DistInfo) -> None:
-    logging.basicConfig(level=logging.INFO if d.main else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def read_genotype(path: Path) -> Genotype:
@@ -151,14 +139,14 @@ def train_cmd(
                                         (scale_min, scale_max), downscale=downscale, holdout=holdout,
                                         holdout_at=holdout_at)
     except ValidationError as err:
-        _fail("gas-train", one_line(err))
+        fail("gas-train", one_line(err))
     except (DataRootError, ValueError) as err:
-        _fail("gas-train", str(err))
-    _setup_logging(d)
+        fail("gas-train", str(err))
+    setup_logging(d.main)
     try:
         s = train(cfg, geno, train_ds, val_ds, out, compute, d, resume=resume, init=init, progress=not quiet)
     except CheckpointError as err:
-        _fail("gas-train", str(err))
+        fail("gas-train", str(err))
     if d.main:
         last = s.history[-1] if s.history else {}
         typer.echo(f"trained {len(s.history)} epochs: loss {last.get('loss', math.nan):.4f}, val mIoU "
@@ -248,13 +236,13 @@ def eval_cmd(
         _, val_ds = datasets_for(geno, dataset, data_root, size, cfg.seed, synthetic_size, full_size_labels=True,
                                  eval_split=split, downscale=downscale or int(ck.get("downscale", 1)))
     except (CheckpointError, DataRootError, ValueError, ValidationError) as err:
-        _fail("gas-eval", one_line(err) if isinstance(err, ValidationError) else str(err))
-    _setup_logging(d)
+        fail("gas-eval", one_line(err) if isinstance(err, ValidationError) else str(err))
+    setup_logging(d.main)
     model = GASNet(geno)
     try:
         model.load_state_dict(ck["model"])
     except RuntimeError as err:
-        _fail("gas-eval", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
+        fail("gas-eval", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
     model.to(dev)
     val_loader, _ = sharded_loader(val_ds, d, 1, {"num_workers": 0})  # labels at their own size: one at a time
     sc = tuple(scales or [1.0])
@@ -275,12 +263,11 @@ def eval_cmd(
 
 
 def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int]) -> LatencyRow:
-    settings = ClientSettings()
     try:
-        with LatencyClient(url, token=token or settings.api_token) as client:
+        with latency_client("gas-eval", url, token) as client:
             m = client.measure(geno, size, batch=1, dtype="float32", memory_format="contiguous")
     except ServiceError as err:
-        _fail("gas-eval", str(err), 1)
+        fail("gas-eval", str(err), 1)
     return LatencyRow(device=m.device, environment=m.environment, latency_ms=m.median_ms, fps=m.fps,
                       predicted_ms=m.predicted_ms, error_pct=m.error_pct,
                       within_noise=m.agreement.within_noise if m.agreement else None,
@@ -320,9 +307,9 @@ def export_cmd(
         model = GASNet(geno)
         model.load_state_dict(ck["model"])
     except (CheckpointError, ValidationError) as err:
-        _fail("gas-export", one_line(err) if isinstance(err, ValidationError) else str(err))
+        fail("gas-export", one_line(err) if isinstance(err, ValidationError) else str(err))
     except RuntimeError as err:
-        _fail("gas-export", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
+        fail("gas-export", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
     art = export(model, geno, input_size, out, host=f"{platform.processor() or platform.machine()}, "
                  f"{torch.get_num_threads()} threads, torch {torch.__version__}", runs=runs)
     for c in art.checks:
