@@ -221,3 +221,23 @@ class HealthPublic(Versioned):
     worker: bool
     measuring: bool = Field(default=False, description="a /measure is being timed on the device now")
     measure_queue: int = Field(default=0, description="measurements waiting for the device (GAS_MEASURE_QUEUE at most)")
+
+
+class FieldProblem(BaseModel):
+    """One thing wrong with a request: where (``loc`` as the validator gives it, ``field`` as a
+    person reads it), what, and at most 120 characters of the offending input."""
+
+    model_config = ConfigDict(extra="ignore")
+    loc: list[str | int] = []
+    field: str
+    msg: str
+    type: str
+    input: str = ""
+
+
+class ErrorBody(Versioned):
+    """Every error response of the service (4xx and 5xx): one line for a person, and the fields
+    at fault when the error is about the request's content (empty otherwise)."""
+
+    message: str
+    detail: list[FieldProblem] = []

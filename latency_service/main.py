@@ -45,6 +45,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description="Per-device latency lookup tables for GAS: profiles every candidate op at the exact "
         "shape each cell sees, serves the table, and times derived networks end to end.",
         lifespan=lifespan,
+        responses=errors.ERROR_RESPONSES,
     )
     for module in (health, jobs, table, measure):
         app.include_router(module.router)

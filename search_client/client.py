@@ -104,11 +104,13 @@ class LatencyClient:
 
     @staticmethod
     def _check(r: httpx.Response, what: str) -> None:
-        """A 4xx as one :class:`ServiceError` line with the service's ``detail``."""
+        """An error as one :class:`ServiceError` line with the service's ``message`` (a service
+        older than the one error shape sent ``detail``)."""
         if r.status_code >= 400:
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
+                body = r.json()
+                detail = body.get("message") or body.get("detail") or r.text
+            except (ValueError, AttributeError):
                 detail = r.text
             raise ServiceError(f"{what}: HTTP {r.status_code}: {detail}")
 

@@ -151,7 +151,7 @@ def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) ->
         with srv.client() as c:
             refused = c.post("/measure", json=body)
         assert refused.status_code == 503 and refused.headers["Retry-After"] == "5", refused.text
-        assert "already queued" in refused.json()["detail"]
+        assert "already queued" in refused.json()["message"]
         leaver.join()
         deadline = time.monotonic() + 10
         while "measure cancelled before it ran" not in srv.log.read_text() and time.monotonic() < deadline:

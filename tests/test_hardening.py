@@ -24,7 +24,7 @@ from gas_core.keys import MAX_US
 from gas_core.latency import derived_keys
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.table import JSON_MAX_DEPTH, LatencyTable, compare_tables, environment_fingerprint
-from gas_core.wire import ProfileRequest
+from gas_core.wire import ErrorBody, ProfileRequest
 from latency_service.core.config import Settings
 from latency_service.service import Host, Overloaded
 from search_client.report import plot_compare
@@ -50,9 +50,8 @@ def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def _msg(r: httpx.Response) -> str:
-    """The error's text: ``message`` (validation, middleware) or ``detail`` (a route's refusal)."""
-    body = r.json()
-    return str(body.get("message") or body.get("detail"))
+    """The error's one line (every error has the shape :class:`ErrorBody`)."""
+    return ErrorBody.model_validate(r.json()).message
 
 
 def _db(server: Server) -> sqlite3.Connection:
@@ -364,3 +363,32 @@ def test_every_cli_command_fails_on_bad_input_in_one_line(tmp_path: Path) -> Non
         assert "Traceback" not in r.output, (name, r.output)
         lines = [ln for ln in r.output.strip().splitlines() if ln.strip()]
         assert lines and any("error" in ln.lower() or "invalid" in ln.lower() for ln in lines), (name, r.output)
+
+
+def test_every_error_has_one_shape_and_the_schema_says_so(srv: Server) -> None:
+    """A route's refusal, the router's 404 and 405, a validation 422, a 415 from the middleware:
+    all ``{message, detail}`` (:class:`ErrorBody`), with the router's ``Allow`` header kept; the
+    OpenAPI schema documents that shape as every route's 4XX and 5XX."""
+    with srv.client() as c:
+        answers = {
+            "route 404": c.get("/jobs/no-such-job"),
+            "router 404": c.get("/no/such/route"),
+            "405": c.delete("/health"),
+            "422": c.post("/profile", json={"keys": "not a list"}),
+            "415": c.post("/profile", content=b"{}", headers={"Content-Type": "text/plain"}),
+        }
+        schema = c.get("/openapi.json").json()
+    for what, r in answers.items():
+        assert 400 <= r.status_code < 500, (what, r.status_code)
+        body = ErrorBody.model_validate(r.json())
+        assert set(r.json()) == {"schema_version", "message", "detail"} and body.message, (what, r.text)
+    assert [d.field for d in ErrorBody.model_validate(answers["422"].json()).detail] == ["keys"]
+    assert "GET" in answers["405"].headers["allow"]
+    ref = {"$ref": "#/components/schemas/ErrorBody"}
+    for path, ops in schema["paths"].items():
+        for method, op in ops.items():
+            errors = {code: r for code, r in op["responses"].items() if code[0] in "45"}
+            assert {"4XX", "5XX"} <= set(errors), (path, method)
+            for code, r in errors.items():
+                assert r["content"]["application/json"]["schema"] == ref, (path, method, code)
+    assert "HTTPValidationError" not in schema["components"]["schemas"]  # no second, FastAPI-default shape
