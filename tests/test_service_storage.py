@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
 import sys
 import types
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -220,25 +222,63 @@ def test_unresolved_paired_medians_get_more_samples() -> None:
     assert len(t.samples_us) in (5, 10, 15, 20) and (len(t.samples_us) == 20 or resolved(t.samples_us))
 
 
-def test_profiler_context_timing() -> None:
-    """Paired timing after a context: positive, of the same order as the isolated figure, and
-    recorded as such; the context's flush and kernels are not counted in the result."""
-    method = Method(warmup_runs=2, warmup_ms=1, samples=9, min_sample_ms=0.5, context=True, flush_bytes=2**20)
-    t = time_key(KEY, torch.device("cpu"), method)
-    iso = time_key(KEY, torch.device("cpu"), FAST)
-    assert t.timer == "perf_counter_ns+context" and len(t.samples_us) in (9, 18, 27, 36)
-    assert resolved(t.samples_us) or len(t.samples_us) == 36  # more batches only while unresolved
-    assert iso.timer == "perf_counter_ns" and len(iso.samples_us) == FAST.samples
+class FakeClock:
+    """``time.perf_counter_ns`` / ``perf_counter`` for the profiler, advanced only by the work it
+    times: the paired-timing arithmetic checked exactly, with no real timing."""
+
+    def __init__(self) -> None:
+        self.ns = 0
+
+    def work(self, ns: int) -> Callable[[], None]:
+        def run() -> None:
+            self.ns += ns
+
+        return run
+
+    def install(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        fake = types.SimpleNamespace(perf_counter_ns=lambda: self.ns, perf_counter=lambda: self.ns / 1e9)
+        monkeypatch.setattr(profiler, "time", fake)
+
+
+def test_paired_context_timing_counts_the_op_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An op of 3 µs after a context of 5 µs: every paired sample is (n × 8 µs − n × 5 µs) / n =
+    3 µs, the context's work never counted, and the isolated timing of the same op agrees."""
+    clock = FakeClock()
+    clock.install(monkeypatch)
+    op, ctx = clock.work(3_000), clock.work(5_000)
+    method = Method(warmup_runs=2, warmup_ms=0.05, samples=9, min_sample_ms=0.1, context=True, flush_bytes=2**20)
+    paired = time_callable(op, torch.device("cpu"), method, context=ctx)
+    isolated = time_callable(op, torch.device("cpu"), FAST)
+    assert paired.timer == "perf_counter_ns+context" and isolated.timer == "perf_counter_ns"
+    assert paired.samples_us == [3.0] * 9  # resolved at once: no further batches
+    assert isolated.samples_us == [3.0] * FAST.samples
+    assert paired.iters_per_sample == math.ceil(max(method.min_sample_ms, method.context_min_sample_ms) * 1e6 / 8_000)
     env_a = device.environment(torch.device("cpu"), 1, False, "isolated")
     env_b = device.environment(torch.device("cpu"), 1, False, "context+flush1048576")
     assert env_a.fingerprint != env_b.fingerprint  # tables of two methods never mix
 
 
-def test_default_flush_is_twice_l2() -> None:
+def test_profiler_times_a_real_key_with_context() -> None:
+    """The real path end to end (no figures asserted: they are real timings): the sample count
+    grows only in whole batches and only while the paired median is unresolved."""
+    method = Method(warmup_runs=2, warmup_ms=1, samples=9, min_sample_ms=0.5, context=True, flush_bytes=2**20)
+    t = time_key(KEY, torch.device("cpu"), method)
+    assert t.timer == "perf_counter_ns+context" and len(t.samples_us) in (9, 18, 27, 36)
+    assert resolved(t.samples_us) or len(t.samples_us) == 36
+
+
+def test_default_flush_is_twice_the_cache_read_from_the_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """2 × L2 by default, 2 × the last level with ``llc``, 2 × L3 where no L2 is reported, 4 MiB
+    when the host reports nothing, and the real sysfs reading positive and whole KiB."""
     from latency_service.profiler import default_flush_bytes
 
-    n = default_flush_bytes(torch.device("cpu"))
-    assert n >= 2**20 and n % 1024 == 0
+    cpu = torch.device("cpu")
+    real = default_flush_bytes(cpu)
+    assert real >= 2**20 and real % 1024 == 0
+    for caches, l2, llc in (({1: 32 * 2**10, 2: 2**19, 3: 2**25}, 2**20, 2**26), ({1: 2**15, 3: 2**25}, 2**26, 2**26),
+                            ({}, 4 * 2**20, 4 * 2**20)):
+        monkeypatch.setattr(profiler, "cpu_caches", lambda c=caches: c)
+        assert (default_flush_bytes(cpu), default_flush_bytes(cpu, "llc")) == (l2, llc), caches
 
 
 @pytest.mark.cuda
