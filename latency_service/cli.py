@@ -22,8 +22,10 @@ from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import MeasureRequest, ProfileRequest
 from latency_service import crud, db
+from latency_service.bounds import RequestError
 from latency_service.core.config import Settings
-from latency_service.service import Host, RequestError, pin_cpus
+from latency_service.host import pin_cpus
+from latency_service.service import Host
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
 

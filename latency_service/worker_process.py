@@ -8,7 +8,7 @@ the operating system divides, and which ``GAS_CPU_AFFINITY`` can keep apart.
 
 How: the child runs the same :class:`latency_service.jobs.DeviceWorker` thread and
 ``Host.measure`` as a single-process service would, on the identity the parent registered
-(:class:`latency_service.service.HostSpec`). The parent keeps the measurement queue, so a client
+(:class:`latency_service.host.HostSpec`). The parent keeps the measurement queue, so a client
 that leaves before its measurement starts still takes it off the queue, and at most one
 measurement is handed to the child at a time. Messages over one duplex pipe:
 
@@ -45,13 +45,12 @@ from typing import TYPE_CHECKING, Any
 
 from gas_core.keys import LatencyKey
 from gas_core.wire import MeasurePublic, MeasureRequest
-from latency_service import crud
+from latency_service import crud, db, e2e
+from latency_service.host import HostSpec, configure_torch
 from latency_service.jobs import DeviceWorker, QueueFull
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
-
-    from latency_service.service import HostSpec
 
 log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1
@@ -294,16 +293,13 @@ def child_main(conn: multiprocessing.connection.Connection, spec: HostSpec, pare
     """Entry point of the worker process: a Host whose worker thread times, relaying to ``conn``."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group: the parent stops us
-    from latency_service import db
-    from latency_service.service import Host, configure_torch
-
     settings = spec.settings
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     configure_torch(settings, spec.torch_device)
     engine = db.make_engine(settings.database_url)
     sessions = db.session_factory(engine)
     worker = spec.device_worker(sessions)
-    Host.of(spec, worker, engine, sessions)  # gives the worker Host.measure
+    worker.measure = partial(e2e.measure, spec, sessions)
     lock = threading.Lock()
 
     def send(message: tuple[Any, ...]) -> None:

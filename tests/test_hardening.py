@@ -25,8 +25,9 @@ from gas_core.latency import derived_keys
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.table import JSON_MAX_DEPTH, LatencyTable, compare_tables, environment_fingerprint
 from gas_core.wire import ErrorBody, ProfileRequest
+from latency_service.bounds import Overloaded
 from latency_service.core.config import Settings
-from latency_service.service import Host, Overloaded
+from latency_service.service import Host
 from search_client.report import plot_compare
 from search_client.table_cli import app as table_app
 from tests.support import Server, start_server, stop_server, wait_job

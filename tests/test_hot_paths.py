@@ -17,10 +17,11 @@ from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import ProfileRequest
 from latency_service.api.fastpath import CachedTableReads
+from latency_service.api.table_cache import Rendered, TableCache, TableScope, TableWrite
 from latency_service.core.config import Settings
 from latency_service.jobs import Trust
 from latency_service.profiler import Method, Timing
-from latency_service.service import Host, Rendered, TableCache, TableScope, TableWrite
+from latency_service.service import Host
 from tests.support import start_server, stop_server, wait_job, worker_rig
 
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)

@@ -17,8 +17,8 @@ from latency_service.api.deps import (
     SessionDep,
     TokenDep,
 )
+from latency_service.bounds import Overloaded, RequestError
 from latency_service.models import Device, Environment, Job
-from latency_service.service import Overloaded, RequestError
 
 router = APIRouter(tags=["jobs"])
 

@@ -7,8 +7,8 @@ from fastapi import APIRouter, HTTPException, Request, Response, status
 
 from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service.api.deps import TOKEN_RESPONSES, HostDep, TokenDep
+from latency_service.bounds import RequestError
 from latency_service.jobs import QueueFull
-from latency_service.service import RequestError
 
 router = APIRouter(tags=["measure"])
 log = logging.getLogger(__name__)

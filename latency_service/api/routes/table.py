@@ -30,8 +30,9 @@ from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public, environment_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
 from latency_service.api.fastpath import raw_request_key
+from latency_service.api.table_cache import Rendered, TableScope
 from latency_service.models import Device, Environment, as_utc
-from latency_service.service import Host, Rendered, TableScope
+from latency_service.service import Host
 
 log = logging.getLogger(__name__)
 router = APIRouter(tags=["tables"])

@@ -1,0 +1,86 @@
+"""End-to-end measurement: time a derived network on this host's device, predict it from this
+host's table, say whether the two agree beyond their uncertainty, and store the measurement."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import statistics
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from gas_core.genotype import Genotype
+from gas_core.keys import MAX_US
+from gas_core.latency import MissingLatencyKeys, predict_latency_us
+from gas_core.network import GASNet
+from gas_core.quality import HostNoise, agreement, median_se, predict_with_uncertainty
+from gas_core.search_space import cell_shapes
+from gas_core.wire import MeasurePublic, MeasureRequest
+from latency_service import crud
+from latency_service.host import HostSpec
+from latency_service.profiler import Method, time_network, time_reference
+
+
+def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest) -> MeasurePublic:
+    """Time the derived network end to end and predict it from this host's table. Runs on the
+    calling thread: the device worker's (in the service's worker process when it has one)."""
+    genotype: Genotype = req.genotype
+    if req.num_classes is not None:
+        genotype = genotype.model_copy(
+            update={"layout": genotype.layout.model_copy(update={"num_classes": req.num_classes})}
+        )
+    net = GASNet(genotype)
+    st = spec.settings
+    method = Method(warmup_runs=st.e2e_warmup_runs, warmup_ms=st.warmup_ms, samples=st.e2e_samples,
+                    min_sample_ms=st.min_sample_ms, max_iters_per_sample=st.max_iters_per_sample)
+    shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format)
+    with sessions() as s:
+        rows = crud.row_stats(s, device_id=spec.device_id, environment_id=spec.environment_id)
+        noise = crud.latest_host_noise(s, device_id=spec.device_id, environment_id=spec.environment_id)
+    # a row beyond the bound (stored before imports were bounded) counts as missing: a sum of
+    # 1e308s overflows, and no prediction rests on such a row
+    rows = {k: r for k, r in rows.items() if 0 <= r.median_us <= MAX_US}
+    predicted: float | None
+    missing: list[str] = []
+    try:
+        predicted = predict_latency_us(genotype, shapes, {k: r.median_us for k, r in rows.items()})
+    except MissingLatencyKeys as err:
+        predicted, missing = None, [k.canonical for k in err.missing]
+    # the reference right before the network: how the host runs now against while the table was timed
+    reference_us = time_reference(spec.torch_device).median_us if predicted is not None and noise else None
+    timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, spec.torch_device, method)
+    summ = timing.summary()
+    median = float(summ["median_us"])
+    agree = None
+    if predicted is not None:
+        agree = agreement(
+            predict_with_uncertainty(genotype, shapes, rows), median, median_se(timing.samples_us),
+            measured_spread=(float(summ["p90_us"]) - float(summ["p10_us"])) / median if median > 0 else None,
+            host_drift_pct=_drift_pct(noise, reference_us), drift_threshold_pct=st.reference_drift_pct,
+        )
+    with sessions() as s:
+        crud.add_e2e(
+            s, device_id=spec.device_id, environment_id=spec.environment_id,
+            genotype=json.loads(genotype.model_dump_json()),
+            genotype_hash=hashlib.sha256(genotype.model_dump_json().encode()).hexdigest(),
+            input_h=req.input_size[0], input_w=req.input_size[1], batch=req.batch, dtype=req.dtype,
+            memory_format=req.memory_format, median_us=median, p90_us=summ["p90_us"], mean_us=summ["mean_us"],
+            std_us=summ["std_us"], n_samples=summ["n_samples"], iters_per_sample=summ["iters_per_sample"],
+            fps=req.batch * 1e6 / median, predicted_us=predicted, samples=timing.samples_blob(),
+        )
+    return MeasurePublic(
+        device=spec.device.slug, environment=spec.env.fingerprint, input_size=req.input_size, batch=req.batch,
+        dtype=req.dtype, memory_format=req.memory_format, median_ms=median / 1e3,
+        p10_ms=float(summ["p10_us"]) / 1e3, p90_ms=float(summ["p90_us"]) / 1e3, mean_ms=float(summ["mean_us"]) / 1e3,
+        std_ms=float(summ["std_us"]) / 1e3, n_samples=int(summ["n_samples"]), fps=req.batch * 1e6 / median,
+        predicted_ms=None if predicted is None else predicted / 1e3, missing_keys=missing,
+        error_pct=None if predicted is None else (predicted - median) / median * 100, agreement=agree,
+    )
+
+
+def _drift_pct(noise: HostNoise | None, reference_now_us: float | None) -> float | None:
+    """The reference workload now against its median over the job that timed the table, %."""
+    if noise is None or not noise.points or reference_now_us is None:
+        return None
+    then = statistics.median(p.median_us for p in noise.points)
+    return (reference_now_us / then - 1) * 100 if then > 0 else None
