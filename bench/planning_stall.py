@@ -12,7 +12,6 @@ Now a body is at most 5,000 keys, planned on a worker thread, one at a time.
 from __future__ import annotations
 
 import argparse
-import statistics
 import tempfile
 import threading
 import time
@@ -22,6 +21,7 @@ import httpx
 
 from bench.common import write_result
 from bench.local_service import local_service
+from gas_core.quality import quantile
 from gas_core.search_space import NetworkLayout
 
 
@@ -38,8 +38,7 @@ def health_latencies(url: str, seconds: float) -> list[float]:
 
 
 def summary(ms: list[float]) -> dict[str, float]:
-    q = statistics.quantiles(ms, n=100)
-    return {"n": len(ms), "p50_ms": statistics.median(ms), "p99_ms": q[98], "max_ms": max(ms)}
+    return {"n": len(ms), "p50_ms": quantile(ms, 0.5), "p99_ms": quantile(ms, 0.99), "max_ms": max(ms)}
 
 
 def main() -> None:

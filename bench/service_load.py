@@ -18,7 +18,6 @@ import argparse
 import asyncio
 import json
 import random
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 import httpx
 
 from bench.common import write_result
+from gas_core.quality import quantile
 from gas_core.search_space import NetworkLayout, cell_shapes
 from tests.support import PgCluster, free_port, pg_bin, start_server, stop_server, wait_job
 
@@ -156,11 +156,10 @@ async def load(url: str, path: str, clients: int, seconds: float, mix: tuple, et
             await asyncio.gather(*(one(httpx_send) for _ in range(clients)))
     elapsed = time.perf_counter() - t0
     every = [x for xs in lat.values() for x in xs]
-    q = statistics.quantiles(every, n=100)
     return {"requests": len(every), "errors": len(errors), "error_samples": errors[:5], "elapsed_s": elapsed,
-            "rps": len(every) / elapsed, "p50_ms": q[49], "p99_ms": q[98],
-            "by_kind": {k: {"requests": len(v), "p50_ms": statistics.median(v) if v else None,
-                            "p99_ms": statistics.quantiles(v, n=100)[98] if len(v) > 1 else None}
+            "rps": len(every) / elapsed, "p50_ms": quantile(every, 0.5), "p99_ms": quantile(every, 0.99),
+            "by_kind": {k: {"requests": len(v), "p50_ms": quantile(v, 0.5) if v else None,
+                            "p99_ms": quantile(v, 0.99) if len(v) > 1 else None}
                         for k, v in lat.items()}}
 
 

@@ -15,11 +15,13 @@ import hashlib
 import json
 import math
 import statistics
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from scipy import stats
 
 from gas_core.keys import INT32_MAX, MAX_US, MIN_RATIO_US, LatencyKey
 from gas_core.quality import RowQuality
@@ -184,87 +186,32 @@ def geomean(xs: Sequence[float]) -> float | None:
     return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
 
 
-def _ranks(xs: Sequence[float]) -> list[float]:
-    """Average ranks (ties share the mean of their positions)."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    ranks = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            ranks[order[k]] = (i + j) / 2
-        i = j + 1
-    return ranks
+def _defined(value: float) -> float | None:
+    return None if math.isnan(value) else float(value)
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Spearman ρ (Pearson on average ranks); None when undefined (n < 2 or a constant side)."""
+    """Spearman ρ (scipy.stats.spearmanr: Pearson on average ranks); None when undefined (n < 2
+    or a constant side)."""
     if len(a) != len(b):
         raise ValueError(f"spearman: {len(a)} vs {len(b)} values")
     if len(a) < 2:
         return None
-    try:
-        return statistics.correlation(_ranks(a), _ranks(b))
-    except statistics.StatisticsError:
-        return None
-
-
-def _tie_pairs(xs: Sequence[Any]) -> int:
-    """Σ t(t−1)/2 over runs of equal values of a sorted sequence."""
-    total, run = 0, 1
-    for i in range(1, len(xs) + 1):
-        if i < len(xs) and xs[i] == xs[i - 1]:
-            run += 1
-        else:
-            total += run * (run - 1) // 2
-            run = 1
-    return total
-
-
-def _count_inversions(xs: list[float]) -> int:
-    """Pairs i < j with xs[i] > xs[j], by merge sort (sorts ``xs``); equal values are not inversions."""
-    n, inv, width = len(xs), 0, 1
-    buf = xs[:]
-    while width < n:
-        for lo in range(0, n, 2 * width):
-            mid, hi = min(lo + width, n), min(lo + 2 * width, n)
-            i, j, k = lo, mid, lo
-            while i < mid and j < hi:
-                if xs[j] < xs[i]:
-                    buf[k] = xs[j]
-                    inv += mid - i
-                    j += 1
-                else:
-                    buf[k] = xs[i]
-                    i += 1
-                k += 1
-            buf[k:hi] = xs[i:mid] if i < mid else xs[j:hi]
-            xs[lo:hi] = buf[lo:hi]
-        width *= 2
-    return inv
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return _defined(stats.spearmanr(a, b).statistic)
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
-    """Kendall τ-b in O(n log n) (Knight's algorithm), so ``/compare`` stays fast on tables of
-    thousands of keys; None when undefined (n < 2 or a constant side)."""
+    """Kendall τ-b (scipy.stats.kendalltau, O(n log n), so ``/compare`` stays fast on tables of
+    thousands of keys); None when undefined (n < 2 or a constant side)."""
     if len(a) != len(b):
         raise ValueError(f"kendall_tau: {len(a)} vs {len(b)} values")
-    n = len(a)
-    if n < 2:
+    if len(a) < 2:
         return None
-    pairs = sorted(zip(a, b, strict=True))
-    n0 = n * (n - 1) // 2
-    n1 = _tie_pairs([p[0] for p in pairs])
-    n3 = _tie_pairs(pairs)
-    bs = [p[1] for p in pairs]
-    swaps = _count_inversions(bs)  # bs is now sorted
-    n2 = _tie_pairs(bs)
-    denom = math.sqrt((n0 - n1) * (n0 - n2))
-    if denom == 0:
-        return None
-    return (n0 - n1 - n2 + n3 - 2 * swaps) / denom
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        return _defined(stats.kendalltau(a, b).statistic)
 
 
 class OpComparison(BaseModel):

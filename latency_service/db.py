@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import time
 from pathlib import Path
 
 from alembic import command
@@ -12,6 +11,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.pool import NullPool
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_before_delay, wait_exponential
 
 log = logging.getLogger(__name__)
 
@@ -63,23 +63,23 @@ def alembic_config(url: str) -> Config:
 
 
 def wait_for(url: str, timeout_s: float) -> None:
-    """Connect, retrying with backoff for up to ``timeout_s``: in a compose file or a cluster the
-    service may start before its database accepts connections. Raises the last error."""
-    deadline = time.monotonic() + timeout_s
+    """Connect, retrying with backoff (0.5 s doubling to 5 s) for up to ``timeout_s``: in a
+    compose file or a cluster the service may start before its database accepts connections.
+    Raises the last error."""
     engine = create_engine(url, poolclass=NullPool)
-    delay = 0.5
+
+    def connect() -> None:
+        with engine.connect():
+            pass
+
+    def log_retry(state: RetryCallState) -> None:
+        err = state.outcome.exception() if state.outcome is not None else None
+        wait = state.next_action.sleep if state.next_action is not None else 0.0
+        log.warning("database %s not reachable (%s); retrying in %.1fs", redact(url), str(err).splitlines()[0], wait)
+
     try:
-        while True:
-            try:
-                with engine.connect():
-                    return
-            except OperationalError as err:
-                if time.monotonic() + delay > deadline:
-                    raise
-                log.warning("database %s not reachable (%s); retrying in %.1fs", redact(url),
-                            str(err).splitlines()[0], delay)
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+        Retrying(retry=retry_if_exception_type(OperationalError), stop=stop_before_delay(timeout_s),
+                 wait=wait_exponential(multiplier=0.5, max=5.0), before_sleep=log_retry, reraise=True)(connect)
     finally:
         engine.dispose()
 

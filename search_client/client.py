@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 
 import httpx
 from pydantic import BaseModel, ValidationError
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
@@ -58,12 +59,32 @@ def _first_error(err: Exception) -> str:
     return str(err).splitlines()[0] if str(err) else type(err).__name__
 
 
+class _Retry(Exception):
+    """A failed attempt worth another: a transport error (``response`` None) or a 5xx."""
+
+    def __init__(self, what: str, response: httpx.Response | None) -> None:
+        super().__init__(what)
+        self.response = response
+
+
+def _server_or_backoff(backoff: Callable[[RetryCallState], float]) -> Callable[[RetryCallState], float]:
+    """Wait the backoff, or the last response's ``Retry-After`` (seconds) when that is longer."""
+
+    def wait(state: RetryCallState) -> float:
+        err = state.outcome.exception() if state.outcome is not None else None
+        asked = err.response.headers.get("retry-after", "") if isinstance(err, _Retry) and err.response else ""
+        return max(backoff(state), float(asked) if asked.isdigit() else 0.0)
+
+    return wait
+
+
 class LatencyClient:
     def __init__(self, base_url: str, *, token: str | None = None, timeout: float = 30.0, retries: int = 4,
                  backoff: float = 0.5, transport: httpx.BaseTransport | None = None) -> None:
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         self.base_url = base_url.rstrip("/")
         self.retries, self.backoff = retries, backoff
+        self.sleep: Callable[[float], None] = time.sleep  # between retries; a test records instead
         self.http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers, transport=transport)
 
     def close(self) -> None:
@@ -76,24 +97,33 @@ class LatencyClient:
         self.close()
 
     def _request(self, method: str, path: str, *, timeout: float | None = None, **kw: Any) -> httpx.Response:
-        delay = self.backoff
-        for attempt in range(self.retries + 1):
+        """One request, retried (tenacity) on a transport error or a 5xx: exponential backoff
+        from ``backoff`` s, or the server's ``Retry-After`` when it asks for longer."""
+        extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
+
+        def attempt() -> httpx.Response:
             try:
-                extra: dict[str, Any] = {"timeout": timeout} if timeout is not None else {}
                 r = self.http.request(method, path, **kw, **extra)
             except httpx.TransportError as err:
-                if attempt == self.retries:
-                    raise ServiceError(f"latency service at {self.base_url} is unreachable: {err}") from None
-                log.warning("%s %s: %s; retrying in %.1fs", method, path, err, delay)
-            else:
-                if r.status_code < 500:
-                    return r
-                if attempt == self.retries:
-                    raise ServiceError(f"{method} {path} failed with {r.status_code}: {r.text[:300]}")
-                log.warning("%s %s: HTTP %d; retrying in %.1fs", method, path, r.status_code, delay)
-            time.sleep(delay)
-            delay *= 2
-        raise AssertionError("unreachable")
+                raise _Retry(f"{err}", None) from None
+            if r.status_code >= 500:
+                raise _Retry(f"HTTP {r.status_code}", r)
+            return r
+
+        def log_retry(state: RetryCallState) -> None:
+            err = state.outcome.exception() if state.outcome is not None else None
+            wait = state.next_action.sleep if state.next_action is not None else 0.0
+            log.warning("%s %s: %s; retrying in %.1fs", method, path, err, wait)
+
+        try:
+            return Retrying(stop=stop_after_attempt(self.retries + 1), retry=retry_if_exception_type(_Retry),
+                            wait=_server_or_backoff(wait_exponential(multiplier=self.backoff, exp_base=2)),
+                            before_sleep=log_retry, reraise=True, sleep=self.sleep)(attempt)
+        except _Retry as last:
+            if last.response is None:
+                raise ServiceError(f"latency service at {self.base_url} is unreachable: {last}") from None
+            raise ServiceError(f"{method} {path} failed with {last.response.status_code}: "
+                               f"{last.response.text[:300]}") from None
 
     def _json(self, r: httpx.Response, model: type[T], what: str) -> T:
         self._check(r, what)

@@ -5,7 +5,6 @@ checked against eager, and ONNX Runtime's timing beside eager on this host."""
 from __future__ import annotations
 
 import copy
-import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +16,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gas_core.genotype import Genotype
+from gas_core.quality import quantile
 
 ONNX_OPSET = 17
 TOLERANCE = 1e-4
@@ -77,8 +77,7 @@ def time_ms(fn: Callable[[], object], runs: int = 20, warmup: int = 3) -> dict[s
         t0 = time.perf_counter()
         fn()
         xs.append((time.perf_counter() - t0) * 1e3)
-    q = statistics.quantiles(xs, n=10)
-    return {"median": statistics.median(xs), "p10": q[0], "p90": q[-1], "runs": float(runs)}
+    return {"median": quantile(xs, 0.5), "p10": quantile(xs, 0.1), "p90": quantile(xs, 0.9), "runs": float(runs)}
 
 
 def export(model: nn.Module, genotype: Genotype, input_size: tuple[int, int], out: Path, host: str,

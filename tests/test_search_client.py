@@ -180,8 +180,10 @@ def test_client_retries_5xx_with_backoff() -> None:
                                          "added_by_a_newer_service": 1})
 
     with LatencyClient("http://svc", backoff=0.01, transport=httpx.MockTransport(handler)) as c:
+        waits: list[float] = []
+        c.sleep = waits.append
         assert c.host().device.slug == "s"  # the API's own model, tolerant of fields it does not know
-    assert len(calls) == 3
+    assert len(calls) == 3 and waits == [0.01, 0.02]  # exponential backoff
     with LatencyClient("http://svc", transport=httpx.MockTransport(lambda r: httpx.Response(200, text="<html>"))) as c:
         with pytest.raises(ServiceError, match="GET /device: unexpected response") as err:
             c.host()
@@ -193,6 +195,19 @@ def test_client_retries_5xx_with_backoff() -> None:
                        transport=httpx.MockTransport(lambda r: httpx.Response(500, text="boom"))) as c:
         with pytest.raises(ServiceError, match="500"):
             c.host()
+
+
+def test_client_honours_retry_after() -> None:
+    """A 503 with ``Retry-After: 7`` waits 7 s (recorded, not slept), not the 0.01 s backoff; a
+    4xx is never retried."""
+    answers = iter([httpx.Response(503, headers={"Retry-After": "7"}, json={"message": "busy"}),
+                    httpx.Response(404, json={"schema_version": 1, "message": "unknown device 'x'", "detail": []})])
+    with LatencyClient("http://svc", backoff=0.01, transport=httpx.MockTransport(lambda r: next(answers))) as c:
+        waits: list[float] = []
+        c.sleep = waits.append
+        with pytest.raises(ServiceError, match="HTTP 404: unknown device 'x'$"):
+            c.table("x")
+    assert waits == [7.0]
 
 
 # ---------------------------------------------------------------- search against a live service
