@@ -96,7 +96,10 @@ def export(model: nn.Module, genotype: Genotype, input_size: tuple[int, int], ou
         torch.onnx.export(folded, (x,), str(onnx_path), input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}}, opset_version=ONNX_OPSET,
                           dynamo=False)
+        import onnx
         import onnxruntime as ort
+
+        onnx.checker.check_model(str(onnx_path), full_check=True)  # the graph is valid ONNX, shapes inferred
 
         sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
         got = torch.from_numpy(sess.run(None, {"image": x.numpy()})[0])
