@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import torch.distributed as dist
 import typer
@@ -29,7 +29,7 @@ from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
-from search_client.cli_common import fail, flag_error, latency_client, setup_logging
+from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError, split_ref
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
@@ -122,15 +122,6 @@ def predict_on_devices(
 
 
 
-_S, _C = SearchConfig(), ComputeConfig()
-
-
-def _h(name: str) -> str:
-    """A flag's help: the description of its SearchConfig / ComputeConfig field."""
-    f = SearchConfig.model_fields.get(name) or ComputeConfig.model_fields[name]
-    return f.description or ""
-
-
 COMPUTE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
@@ -203,6 +194,7 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @app.command(help=__doc__)
+@config_flags(search=SearchConfig, compute=ComputeConfig)
 def run(
     latency_url: Annotated[str | None, typer.Option(help="latency service base URL, e.g. http://127.0.0.1:8000 "
                                                          "(default GAS_LATENCY_URL)")] = None,
@@ -213,10 +205,6 @@ def run(
     target: Annotated[str | None, typer.Option(
         help="table to search against: DEVICE or DEVICE@ENVIRONMENT (default: the service's own device, whose "
         "missing keys it profiles)")] = None,
-    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
-    amp: Annotated[Literal["off", "bf16", "fp16"], typer.Option(help=_h("amp"))] = _C.amp,
-    channels_last: Annotated[bool, typer.Option(help=_h("channels_last"))] = _C.channels_last,
-    workers: Annotated[int | None, typer.Option(help=_h("workers"))] = _C.workers,
     dataset: Annotated[Literal["synthetic", "cityscapes", "camvid"], typer.Option(help="training data")] = "synthetic",
     data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
     input_size: Annotated[tuple[int, int], typer.Option(help="H W of the search crops and of the latency keys")] = (
@@ -227,20 +215,6 @@ def run(
     dtype: Annotated[str, typer.Option(help=f"deployment dtype: {', '.join(DTYPES)}")] = "float32",
     memory_format: Annotated[str, typer.Option(help=f"deployment memory format: {', '.join(MEMORY_FORMATS)}")] = (
         "contiguous"),
-    epochs: Annotated[int, typer.Option(help=_h("epochs"))] = _S.epochs,
-    warmup_epochs: Annotated[int, typer.Option(help=_h("warmup_epochs"))] = _S.warmup_epochs,
-    batch: Annotated[int, typer.Option(help=_h("batch"))] = _S.batch,
-    accum: Annotated[int, typer.Option(help=_h("accum"))] = _S.accum,
-    max_steps: Annotated[int | None, typer.Option(help=_h("max_steps"))] = _S.max_steps,
-    beta: Annotated[float, typer.Option(help=_h("beta"))] = _S.beta,
-    lr_a: Annotated[float, typer.Option(help=_h("lr_a"))] = _S.lr_a,
-    lr_ggm: Annotated[float | None, typer.Option(help=_h("lr_ggm"))] = _S.lr_ggm,
-    lr_w: Annotated[float, typer.Option(help=_h("lr_w"))] = _S.lr_w,
-    seed: Annotated[int, typer.Option(help=_h("seed"))] = _S.seed,
-    cells: Annotated[Literal["shared", "independent"], typer.Option(help=_h("cells"))] = _S.cells,
-    ggm: Annotated[Literal["none", "fc", "gcn"] | None, typer.Option(help=_h("ggm"))] = None,
-    graph: Annotated[Literal["edge", "op"], typer.Option(help=_h("graph"))] = _S.graph,
-    ggm_source: Annotated[Literal["alpha", "alpha_prime"], typer.Option(help=_h("ggm_source"))] = _S.ggm_source,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     downscale: Annotated[int, typer.Option(
         help="shrink every image and label by this factor when loading, before augmentation (CamVid at 2 is "
@@ -253,20 +227,20 @@ def run(
         "--predict-on", help="also predict the derived network's latency from this device's table (DEVICE or "
         "DEVICE@ENVIRONMENT, see gas-table devices); repeatable")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    *,
+    search: dict[str, Any],
+    compute: dict[str, Any],
 ) -> None:
     try:
-        device, target = parse_device_flags(device, target)
+        compute["device"], target = parse_device_flags(compute["device"], target)
         for ref in [*(predict_on or []), *([target] if target else [])]:
             split_ref(ref)
-        d = init_distributed(device)
-        resolve_device(device, d.local_rank, d.world)
+        d = init_distributed(compute["device"])
+        resolve_device(compute["device"], d.local_rank, d.world)
         if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
-        cfg = SearchConfig(epochs=epochs, batch=batch, accum=accum, seed=seed, beta=beta, lr_a=lr_a, lr_ggm=lr_ggm,
-                           lr_w=lr_w, cells=cells, ggm=ggm, graph=graph, ggm_source=ggm_source, max_steps=max_steps,
-                           warmup_epochs=warmup_epochs)
-        compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
-        train, val = build_datasets(dataset, data_root, input_size, seed, synthetic_size, downscale=downscale)
+        cfg, comp = SearchConfig(**search), ComputeConfig(**compute)
+        train, val = build_datasets(dataset, data_root, input_size, cfg.seed, synthetic_size, downscale=downscale)
     except ValidationError as err:
         fail(TOOL, flag_error(err))
     except (DataRootError, ValueError) as err:
@@ -275,7 +249,7 @@ def run(
     dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
     client = latency_client(TOOL, latency_url, token)
     try:
-        _run(client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on or [], quiet)
+        _run(SearchRun(client, d, cfg, comp, target, train, val, dep, out, resume, measure, predict_on or [], quiet))
     except ServiceError as err:
         fail(TOOL, str(err), 1)
     except ValueError as err:
@@ -286,10 +260,30 @@ def run(
             dist.destroy_process_group()
 
 
-def _run(client: LatencyClient, d: DistInfo, cfg: SearchConfig, compute: ComputeConfig, target: str | None,
-         train: SegDataset, val: SegDataset, dep: Deployment, out: Path, resume: bool, measure: bool,
-         predict_on: list[str], quiet: bool) -> None:
+@dataclass
+class SearchRun:
+    """Everything one ``gas-search`` invocation works with, once its flags are checked."""
+
+    client: LatencyClient
+    d: DistInfo
+    cfg: SearchConfig
+    compute: ComputeConfig
+    target: str | None
+    train: SegDataset
+    val: SegDataset
+    dep: Deployment
+    out: Path
+    resume: bool
+    measure: bool
+    predict_on: list[str]
+    quiet: bool
+
+
+def _run(job: SearchRun) -> None:
     """The CLI's steps: fetch the table, search, write the artefacts, measure, report."""
+    client, d, cfg, compute, target, train, val, dep, out, resume, measure, predict_on, quiet = (
+        job.client, job.d, job.cfg, job.compute, job.target, job.train, job.val, job.dep, job.out, job.resume,
+        job.measure, job.predict_on, job.quiet)
     layout = NetworkLayout(num_classes=train.num_classes)
     if d.main:
         check_table_refs(client, predict_on)

@@ -3,12 +3,15 @@ one-line failure, logging, and naming a config field's error by its flag."""
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import sys
-from typing import NoReturn
+from collections.abc import Callable
+from typing import Annotated, Any, NoReturn, get_type_hints
 
 import typer
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gas_core.errors import one_line
@@ -48,3 +51,39 @@ def latency_client(tool: str, url: str | None, token: str | None, **kw: object) 
     if url is None:
         fail(tool, "--latency-url is required (or set GAS_LATENCY_URL)")
     return LatencyClient(url, token=token or settings.api_token, **kw)  # type: ignore[arg-type]
+
+
+def config_flags(**models: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorator: the command gains one ``--flag`` per field of each model (help from the field's
+    description, default from its default), so a config's defaults and help live only on the
+    model. The command receives, per model name, a dict of those fields' values, and validates it
+    itself (a bad value is then a one-line error naming its flag, see :func:`flag_error`)."""
+
+    def deco(fn: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(fn, eval_str=True)
+        hints = get_type_hints(fn, include_extras=True)
+        fields = {group: [(n, f) for n, f in model.model_fields.items() if n != "schema_version"]
+                  for group, model in models.items()}
+        params = [p.replace(annotation=hints.get(p.name, p.annotation)) for p in own.parameters.values()
+                  if p.name not in models]
+        taken = {p.name for p in params}
+        for group, items in fields.items():
+            for name, f in items:
+                if name in taken:
+                    raise ValueError(f"{fn.__name__}: flag --{name} of {group} is declared twice")
+                taken.add(name)
+                annotation = Annotated[f.annotation, typer.Option(help=f.description or name)]  # type: ignore[name-defined]
+                params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=annotation,
+                                                default=f.default))
+
+        @functools.wraps(fn)
+        def command(**kw: Any) -> None:
+            grouped = {group: {n: kw.pop(n) for n, _ in items} for group, items in fields.items()}
+            fn(**kw, **grouped)
+
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {p.name: p.annotation for p in params}
+        del command.__wrapped__  # typer must read the generated signature, not the wrapped one
+        return command
+
+    return deco

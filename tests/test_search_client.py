@@ -419,6 +419,7 @@ def test_search_config_holds_the_papers_defaults_and_the_cli_reads_them() -> Non
     import typer.main
 
     from search_client.cli import app
+    from search_client.runtime import ComputeConfig
 
     c = SearchConfig()
     assert (c.batch, c.lr_a, c.betas_a, c.wd_a) == (16, 1e-3, (0.5, 0.999), 1e-4)
@@ -433,10 +434,14 @@ def test_search_config_holds_the_papers_defaults_and_the_cli_reads_them() -> Non
     lay = NetworkLayout()
     assert (lay.num_cells, lay.nodes, lay.init_channels) == (14, 2, 8)
     params = {p.name: p for p in typer.main.get_command(app).params}
-    for name in ("epochs", "batch", "accum", "seed", "beta", "lr_a", "lr_w", "cells", "graph", "ggm_source",
-                 "warmup_epochs", "max_steps"):
-        assert params[name].default == getattr(c, name), name
-        assert params[name].help == SearchConfig.model_fields[name].description, name
+    for model in (SearchConfig, ComputeConfig):  # every field is a flag, its default and help the field's
+        for name, f in model.model_fields.items():
+            if name == "schema_version":
+                assert name not in params
+                continue
+            default = params[name].default
+            assert (tuple(default) if isinstance(default, list) else default) == f.default, name
+            assert params[name].help == f.description, name
     assert params["ggm"].default is None  # resolved by SearchConfig from --cells
     assert params["device"].default == "auto" and params["amp"].default == "off"
 
