@@ -26,7 +26,7 @@ from pydantic import BaseModel, ValidationError  # noqa: E402
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
-from search_client.cli_common import fail, latency_client, setup_logging  # noqa: E402
+from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging  # noqa: E402
 from search_client.client import ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
@@ -44,7 +44,6 @@ log = logging.getLogger("gas-train")
 Dataset = Literal["synthetic", "cityscapes", "camvid"]
 CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
                "synthetic": ("background", "disc", "rectangle", "stripes")}
-_T = TrainConfig()
 _C = ComputeConfig()
 DOWNSCALE_HELP = ("shrink every image and label by this factor when loading, before augmentation (scale and crop "
                   "then act as at full size): CamVid at 2 is 180×240")
@@ -83,6 +82,7 @@ train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
 @train_app.command(help=__doc__)
+@config_flags(recipe=TrainConfig, compute=ComputeConfig)
 def train_cmd(
     genotype: Annotated[Path, typer.Argument(help="genotype.json written by gas-search")],
     dataset: Annotated[Dataset, typer.Option(help="training data")] = "synthetic",
@@ -90,23 +90,6 @@ def train_cmd(
                                                         "leftImg8bit/ and gtFine/; CamVid: train/, trainannot/, …)")] = None,
     input_size: Annotated[tuple[int, int], typer.Option(help="H W of the training crops (paper: 769 1537)")] = (
         256, 512),
-    epochs: Annotated[int, typer.Option(help=_h("epochs"))] = _T.epochs,
-    batch: Annotated[int, typer.Option(help=_h("batch"))] = _T.batch,
-    accum: Annotated[int, typer.Option(help=_h("accum"))] = _T.accum,
-    lr: Annotated[float, typer.Option(help=_h("lr"))] = _T.lr,
-    poly_power: Annotated[float, typer.Option(help=_h("poly_power"))] = _T.poly_power,
-    momentum: Annotated[float, typer.Option(help=_h("momentum"))] = _T.momentum,
-    weight_decay: Annotated[float, typer.Option(help=_h("weight_decay"))] = _T.weight_decay,
-    bootstrap_fraction: Annotated[float, typer.Option(help=_h("bootstrap_fraction"))] = _T.bootstrap_fraction,
-    bootstrap_min_kept: Annotated[int, typer.Option(help=_h("bootstrap_min_kept"))] = _T.bootstrap_min_kept,
-    scale_min: Annotated[float, typer.Option(help=_h("scale_min"))] = _T.scale_min,
-    scale_max: Annotated[float, typer.Option(help=_h("scale_max"))] = _T.scale_max,
-    seed: Annotated[int, typer.Option(help=_h("seed"))] = _T.seed,
-    max_steps: Annotated[int | None, typer.Option(help=_h("max_steps"))] = None,
-    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
-    amp: Annotated[Literal["off", "bf16", "fp16"], typer.Option(help=_h("amp"))] = _C.amp,
-    channels_last: Annotated[bool, typer.Option(help=_h("channels_last"))] = _C.channels_last,
-    workers: Annotated[int | None, typer.Option(help=_h("workers"))] = _C.workers,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     downscale: Annotated[int, typer.Option(help=DOWNSCALE_HELP, min=1)] = 1,
     holdout: Annotated[int, typer.Option(
@@ -122,29 +105,28 @@ def train_cmd(
         "runs/train"),
     resume: Annotated[bool, typer.Option(help="continue from OUT/last.pt (same genotype and recipe)")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bar")] = False,
+    *,
+    recipe: dict[str, Any],
+    compute: dict[str, Any],
 ) -> None:
     """Retrain a derived network with the paper's recipe (SGD, poly lr, online bootstrapping)."""
     try:
         geno = read_genotype(genotype)
-        cfg = TrainConfig(epochs=epochs, batch=batch, accum=accum, lr=lr, poly_power=poly_power, momentum=momentum,
-                          weight_decay=weight_decay, bootstrap_fraction=bootstrap_fraction,
-                          bootstrap_min_kept=bootstrap_min_kept, scale_min=scale_min, scale_max=scale_max, seed=seed,
-                          max_steps=max_steps)
-        compute = ComputeConfig(device=device, amp=amp, channels_last=channels_last, workers=workers)
-        d = init_distributed(device)
-        resolve_device(device, d.local_rank, d.world)
+        cfg, comp = TrainConfig(**recipe), ComputeConfig(**compute)
+        d = init_distributed(comp.device)
+        resolve_device(comp.device, d.local_rank, d.world)
         if cfg.batch % (d.world * cfg.accum):
             raise ValueError(f"--batch {cfg.batch} is not divisible by {d.world} ranks × --accum {cfg.accum}")
-        train_ds, val_ds = datasets_for(geno, dataset, data_root, input_size, seed, synthetic_size,
-                                        (scale_min, scale_max), downscale=downscale, holdout=holdout,
+        train_ds, val_ds = datasets_for(geno, dataset, data_root, input_size, cfg.seed, synthetic_size,
+                                        (cfg.scale_min, cfg.scale_max), downscale=downscale, holdout=holdout,
                                         holdout_at=holdout_at)
     except ValidationError as err:
-        fail("gas-train", one_line(err))
+        fail("gas-train", flag_error(err))
     except (DataRootError, ValueError) as err:
         fail("gas-train", str(err))
     setup_logging(d.main)
     try:
-        s = train(cfg, geno, train_ds, val_ds, out, compute, d, resume=resume, init=init, progress=not quiet)
+        s = train(cfg, geno, train_ds, val_ds, out, comp, d, resume=resume, init=init, progress=not quiet)
     except CheckpointError as err:
         fail("gas-train", str(err))
     if d.main:
