@@ -186,32 +186,27 @@ def geomean(xs: Sequence[float]) -> float | None:
     return math.exp(statistics.fmean(math.log(x) for x in xs)) if xs else None
 
 
-def _defined(value: float) -> float | None:
-    return None if math.isnan(value) else float(value)
+def _rank_correlation(name: str, fn: Any, a: Sequence[float], b: Sequence[float]) -> float | None:
+    if len(a) != len(b):
+        raise ValueError(f"{name}: {len(a)} vs {len(b)} values")
+    if len(a) < 2:
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", stats.ConstantInputWarning)
+        value = float(fn(a, b).statistic)
+    return None if math.isnan(value) else value
 
 
 def spearman(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Spearman ρ (scipy.stats.spearmanr: Pearson on average ranks); None when undefined (n < 2
     or a constant side)."""
-    if len(a) != len(b):
-        raise ValueError(f"spearman: {len(a)} vs {len(b)} values")
-    if len(a) < 2:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return _defined(stats.spearmanr(a, b).statistic)
+    return _rank_correlation("spearman", stats.spearmanr, a, b)
 
 
 def kendall_tau(a: Sequence[float], b: Sequence[float]) -> float | None:
     """Kendall τ-b (scipy.stats.kendalltau, O(n log n), so ``/compare`` stays fast on tables of
     thousands of keys); None when undefined (n < 2 or a constant side)."""
-    if len(a) != len(b):
-        raise ValueError(f"kendall_tau: {len(a)} vs {len(b)} values")
-    if len(a) < 2:
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", stats.ConstantInputWarning)
-        return _defined(stats.kendalltau(a, b).statistic)
+    return _rank_correlation("kendall_tau", stats.kendalltau, a, b)
 
 
 class OpComparison(BaseModel):
