@@ -241,3 +241,12 @@ class ErrorBody(Versioned):
 
     message: str
     detail: list[FieldProblem] = []
+
+
+def split_ref(ref: str) -> tuple[str, str | None]:
+    """A table reference, ``slug`` or ``slug@environment`` (the CLIs' ``--target``, ``/compare``'s
+    ``tables``) → (slug, environment or None)."""
+    slug, _, env = ref.partition("@")
+    if not slug:
+        raise ValueError(f"table reference {ref!r}: expected DEVICE or DEVICE@ENVIRONMENT")
+    return slug, env or None

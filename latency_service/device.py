@@ -145,16 +145,6 @@ def _str(v: str | bytes) -> str:
     return v.decode() if isinstance(v, bytes) else v
 
 
-def resolve_device(spec: str) -> torch.device:
-    """``auto`` → cuda:0 when CUDA is usable, else cpu. Asking for CUDA without it is an error."""
-    if spec == "auto":
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(spec)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"GAS_DEVICE={spec} but CUDA is not available on this host")
-    return dev
-
-
 def identify(device: torch.device) -> DeviceIdentity:
     return gpu_identity(device.index or 0) if device.type == "cuda" else cpu_identity()
 

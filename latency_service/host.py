@@ -11,9 +11,10 @@ from dataclasses import dataclass
 import torch
 from sqlalchemy.orm import Session, sessionmaker
 
+from gas_core.devices import resolve_device
 from latency_service import crud
 from latency_service.core.config import Settings
-from latency_service.device import DeviceIdentity, EnvironmentIdentity, environment, host_cpus, identify, resolve_device
+from latency_service.device import DeviceIdentity, EnvironmentIdentity, environment, host_cpus, identify
 from latency_service.jobs import DeviceWorker, Trust
 from latency_service.profiler import Method, default_flush_bytes
 
@@ -60,7 +61,7 @@ class HostSpec:
     @classmethod
     def prepare(cls, settings: Settings, sessions: sessionmaker[Session]) -> HostSpec:
         """Configure torch, identify this host and register it in the (migrated) database."""
-        tdev = resolve_device(settings.device)
+        tdev = resolve_device(settings.device, name="GAS_DEVICE")
         configure_torch(settings, tdev)
         ident = identify(tdev)
         flush = settings.timing_flush_bytes

@@ -25,15 +25,17 @@ import typer
 from pydantic import ValidationError
 from tqdm import tqdm
 
+from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
+from gas_core.wire import split_ref
 from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging
-from search_client.client import LatencyClient, ServiceError, split_ref
+from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
-from search_client.runtime import ComputeConfig, DistInfo, init_distributed, resolve_device
+from search_client.runtime import ComputeConfig, DistInfo, init_distributed
 from search_client.search import SearchConfig, SearchResult, search
 
 log = logging.getLogger("gas-search")

@@ -35,14 +35,6 @@ class ServiceError(RuntimeError):
     """One line a user can act on (unreachable service, unknown device, failed job)."""
 
 
-def split_ref(ref: str) -> tuple[str, str | None]:
-    """``slug`` or ``slug@environment`` → (slug, environment or None)."""
-    slug, _, env = ref.partition("@")
-    if not slug:
-        raise ValueError(f"table reference {ref!r}: expected DEVICE or DEVICE@ENVIRONMENT")
-    return slug, env or None
-
-
 def _body(model: type[BaseModel], what: str, **fields: Any) -> dict[str, Any]:
     """A request body checked by the API's own model before it is sent: a bad value is one
     :class:`ServiceError` line naming the field, as the service's 422 would be."""

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Sampler
 
+from gas_core.devices import resolve_device
 from search_client.data import SegDataset, global_batches
 
 log = logging.getLogger(__name__)
@@ -50,30 +51,6 @@ class ComputeConfig(BaseModel):
 
     def loader_workers(self, d: DistInfo) -> int:
         return self.workers if self.workers is not None else default_workers(d.local_world)
-
-
-def resolve_device(spec: str, local_rank: int = 0, world: int = 1) -> torch.device:
-    """``auto|cpu|cuda|cuda:N`` → a device; raises ValueError with a one-line reason."""
-    if spec == "auto":
-        spec = "cuda" if torch.cuda.is_available() else "cpu"
-    if spec == "cpu":
-        return torch.device("cpu")
-    if spec == "cuda" or spec.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ValueError(f"--device {spec}: no CUDA device is visible to torch {torch.__version__}")
-        if spec == "cuda":
-            index = local_rank
-        else:
-            if world > 1:
-                raise ValueError(f"--device {spec}: under torchrun each rank takes cuda:LOCAL_RANK; use --device cuda")
-            try:
-                index = int(spec[5:])
-            except ValueError:
-                raise ValueError(f"--device {spec}: expected cuda:N with N a GPU index") from None
-        if not 0 <= index < torch.cuda.device_count():
-            raise ValueError(f"--device {spec}: GPU {index} does not exist ({torch.cuda.device_count()} visible)")
-        return torch.device("cuda", index)
-    raise ValueError(f"--device {spec!r}: expected auto, cpu, cuda or cuda:N")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype, derive
 from gas_core.ggm import GGMKind, GGMSource, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
@@ -48,7 +49,6 @@ from search_client.runtime import (
     OnDevice,
     make_loaders,
     place_model,
-    resolve_device,
     restore_scaler,
 )
 

@@ -17,8 +17,9 @@ from rich.console import Console
 from rich.table import Table
 
 from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment
+from gas_core.wire import split_ref
 from search_client.cli_common import fail, latency_client, setup_logging
-from search_client.client import LatencyClient, ServiceError, split_ref
+from search_client.client import LatencyClient, ServiceError
 from search_client.report import plot_compare
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__, no_args_is_help=True,

@@ -26,6 +26,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype
 from gas_core.network import GASNet
 from search_client.data import IGNORE, SegDataset
@@ -38,7 +39,6 @@ from search_client.runtime import (
     make_loaders,
     place_model,
     rank_micro_batches,
-    resolve_device,
     restore_scaler,
 )
 

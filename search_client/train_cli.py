@@ -23,6 +23,7 @@ import torch  # noqa: E402
 import typer  # noqa: E402
 from pydantic import BaseModel, ValidationError  # noqa: E402
 
+from gas_core.devices import resolve_device
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
@@ -31,7 +32,7 @@ from search_client.client import ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
 from search_client.metrics import class_iou
-from search_client.runtime import ComputeConfig, init_distributed, resolve_device, sharded_loader  # noqa: E402
+from search_client.runtime import ComputeConfig, init_distributed, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
     TrainConfig,

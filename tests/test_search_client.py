@@ -473,8 +473,8 @@ def test_dataloader_yields_the_in_loop_batches() -> None:
 
 
 def test_device_flags() -> None:
+    from gas_core.devices import resolve_device
     from search_client.cli import parse_device_flags
-    from search_client.runtime import resolve_device
 
     assert parse_device_flags("cuda:1", "cpu-x@abc") == ("cuda:1", "cpu-x@abc")
     assert parse_device_flags("cpu-intel-xeon-2t", None) == ("auto", "cpu-intel-xeon-2t")  # the old spelling

@@ -13,6 +13,7 @@ import torch
 from sqlalchemy import func, inspect, select
 from sqlalchemy.exc import IntegrityError
 
+from gas_core.devices import resolve_device
 from gas_core.keys import LatencyKey
 from gas_core.quality import assess
 from latency_service import crud, db, device, profiler
@@ -158,7 +159,7 @@ def test_cpu_identity_when_nvml_is_absent(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "pynvml", fake)
     assert device._nvml() is None
     assert device.gpu_telemetry(0) == {"gpu_clock_mhz": None, "gpu_temp_c": None}
-    ident = device.identify(device.resolve_device("cpu"))
+    ident = device.identify(resolve_device("cpu", name="GAS_DEVICE"))
     assert ident.kind == "cpu" and ident.slug.startswith("cpu-") and ident.slug.endswith(f"-{device.host_cpus()}t")
     assert ident.info["threads"] == device.host_cpus()
     env = device.environment(torch.device("cpu"), 3, True)
@@ -172,14 +173,14 @@ def test_nvml_module_without_gpu_degrades() -> None:
         pytest.skip("a GPU is present")
     assert device._nvml() is None
     assert device.gpu_telemetry(0) == {"gpu_clock_mhz": None, "gpu_temp_c": None}
-    assert device.identify(device.resolve_device("auto")).kind == "cpu"
+    assert device.identify(resolve_device("auto", name="GAS_DEVICE")).kind == "cpu"
 
 
 def test_asking_for_cuda_without_it_is_an_error() -> None:
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="CUDA is not available"):
-        device.resolve_device("cuda:0")
+    with pytest.raises(ValueError, match="GAS_DEVICE cuda:0: no CUDA device is visible"):
+        resolve_device("cuda:0", name="GAS_DEVICE")
 
 
 def test_profiler_cpu_stats() -> None:

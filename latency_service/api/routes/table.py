@@ -25,6 +25,7 @@ from gas_core.wire import (
     PairComparison,
     TablePublic,
     TableRef,
+    split_ref,
 )
 from latency_service import crud
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public, environment_public
@@ -213,8 +214,11 @@ MAX_COMPARE = 8
 
 def _table_ref(session: Session, ref: str) -> tuple[Device, Environment]:
     """``slug`` (its newest environment) or ``slug@fingerprint``."""
-    slug, _, fp = ref.partition("@")
-    return _device_env(session, slug, fp or None)
+    try:
+        slug, fp = split_ref(ref)
+    except ValueError as err:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(err)) from None
+    return _device_env(session, slug, fp)
 
 
 @router.get(
