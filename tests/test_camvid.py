@@ -119,6 +119,7 @@ def test_collapse_counts_cells_whose_edges_agree() -> None:
     assert c["share"] == 0.5 and c["cells"] == list(range(1, 14, 2))
 
 
+@pytest.mark.slow
 def test_study_orchestration_runs_two_networks_and_resume_skips_them(tmp_path: Path) -> None:
     """The tiny scale: table, one GAS search, one latency-matched random net, both trained for one
     step and timed; a second sitting finds every run finished and reruns none."""

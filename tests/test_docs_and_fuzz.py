@@ -31,6 +31,7 @@ def _render(url: str, profile: Path) -> str:
     return out.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(CHROMIUM is None and not IN_CI, reason="no chromium here (.ci/run installs it)")
 def test_docs_render_offline_in_headless_chromium(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 'd.db'}", tmp_path)
@@ -48,6 +49,7 @@ def test_docs_render_offline_in_headless_chromium(tmp_path: Path) -> None:
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 'f.db'}", tmp_path)
     try:

@@ -122,6 +122,7 @@ def test_worker_process_queue_hands_the_child_one_wanted_measurement_at_a_time()
         wp.submit_measure(req)
 
 
+@pytest.mark.slow
 def test_measure_queue_sheds_load_and_drops_clients_that_left(tmp_path: Path) -> None:
     """Live: one measurement runs (≥ 6 s: 60 samples of ≥ 100 ms), one waits and its client
     hangs up, so it never runs; a third is refused with 503 while the queue is full; a fourth,
@@ -206,6 +207,7 @@ def _start_job(srv, body: dict, at_least: int) -> str:  # type: ignore[no-untype
     return job_id
 
 
+@pytest.mark.slow
 def test_a_worker_process_killed_mid_key_fails_that_key_is_restarted_and_the_job_goes_on(tmp_path: Path) -> None:
     """The kernel's OOM killer (here kill -9) takes the device worker mid-job: the service
     restarts it, the key it was timing is failed with the reason (so a key that kills the worker
@@ -235,6 +237,7 @@ def test_a_worker_process_killed_mid_key_fails_that_key_is_restarted_and_the_job
     assert rows == distinct == len(KEYS) - len(job["errors"])  # each key stored once, or failed
 
 
+@pytest.mark.slow
 def test_sigterm_mid_job_exits_and_rolls_the_key_back(tmp_path: Path) -> None:
     """SIGTERM mid-job: the service exits on its own (the wait is a hang guard, not a figure),
     takes its device worker with it, and the key being timed is not half-stored."""
@@ -265,6 +268,7 @@ def test_sigterm_mid_job_exits_and_rolls_the_key_back(tmp_path: Path) -> None:
     assert _rows(url) == (n, n)
 
 
+@pytest.mark.slow
 @pytest.mark.postgres
 def test_postgres_restarted_mid_job_the_job_carries_on(tmp_path: Path) -> None:
     bindir = pg_bin()

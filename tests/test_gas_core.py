@@ -507,7 +507,9 @@ def test_an_op_registered_in_one_place_gets_its_module_keys_and_shapes() -> None
         assert k_in is not None and k_node is not None
         assert (k_in.op, k_in.stride, (k_in.h, k_in.w)) == ("toy_conv_1x1", 2, red.hw_in)
         assert (k_node.stride, (k_node.h, k_node.w)) == (1, red.hw_out)
-        g = Genotype(layout=SMALL, cells=[CellGenotype(edges=("toy_conv_1x1",) * SMALL.edges_per_cell)] * 5)
+        base = random_genotype(SMALL, torch.Generator().manual_seed(0)).model_dump(mode="json")
+        toy = {**base, "cells": [{**c, "edges": ["toy_conv_1x1"] * SMALL.edges_per_cell} for c in base["cells"]]}
+        g = Genotype.model_validate(toy)
         net = GASNet(g).eval()
         assert sum(isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1) and m.stride == (2, 2)
                    for m in net.modules()) >= 2 * 2  # the two input edges of both reduction cells
@@ -525,4 +527,4 @@ def test_an_op_registered_in_one_place_gets_its_module_keys_and_shapes() -> None
         assert Supernet(SMALL)(torch.randn(1, 3, 32, 48))[1].shape == SMALL.alpha_shape
     assert OPS.names() == EXPECTED_OPS and SMALL.alpha_shape[-1] == len(EXPECTED_OPS)
     with pytest.raises(ValueError, match="unknown op"):
-        Genotype(layout=SMALL, cells=[CellGenotype(edges=("toy_conv_1x1",) * SMALL.edges_per_cell)] * 5)
+        Genotype.model_validate(toy)

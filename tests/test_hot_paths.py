@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import httpx
+import pytest
 import torch
 
 from gas_core.keys import LatencyKey
@@ -167,6 +168,7 @@ def test_a_resent_profile_request_is_answered_from_memory_while_its_job_is_activ
         host.close()
 
 
+@pytest.mark.slow
 def test_fast_and_routed_table_reads_agree_and_a_write_is_seen(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 'l.db'}", tmp_path, {"GAS_TABLE_VERSION_TTL_S": "3600"})
     try:
@@ -189,6 +191,7 @@ def test_fast_and_routed_table_reads_agree_and_a_write_is_seen(tmp_path: Path) -
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_read_token_still_guards_remembered_reads(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 't.db'}", tmp_path,
                        {"GAS_TABLE_VERSION_TTL_S": "3600", "GAS_READ_TOKEN": "r3ad", "GAS_API_TOKEN": "wr1te"})

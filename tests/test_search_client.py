@@ -226,11 +226,14 @@ def test_fetch_latency_term_profiles_missing_keys(live: Server) -> None:
         term, slug = fetch_latency_term(c, None, SMALL, (32, 64), 1, "float32", "contiguous", progress=False)
         assert slug.startswith("cpu-") and term.L.shape == SMALL.alpha_shape and float(term.fixed) > 0
         assert (term.L >= 0).all() and (term.L[..., 0] == 0).all()  # 'none' costs nothing, nothing is negative
-        assert (term.L[..., PRIMITIVES.index("conv_3x3")] > 0).all()
+        # real timings: a tiny conv's paired (context) median can sit at the timer's floor, 0 µs, so
+        # only "some conv was timed" is asserted, never a figure
+        assert (term.L[..., PRIMITIVES.index("conv_3x3")] > 0).any()
         with pytest.raises(ServiceError, match="unknown"):
             fetch_latency_term(c, "no-such-device", SMALL, (32, 64), 1, "float32", "contiguous", progress=False)
 
 
+@pytest.mark.slow
 def test_beta_lowers_the_predicted_latency(live: Server, tmp_path: Path) -> None:
     """Same seed, real table of this host: a latency-weighted search ends cheaper.
 
@@ -291,6 +294,7 @@ def _gas_search(*args: str, cwd: Path) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow
 def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
     out = tmp_path / "run"
     slug = httpx.get(live.url + "/device").json()["device"]["slug"]
@@ -313,6 +317,7 @@ def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
         assert (out / png).read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
 def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
     r = _gas_search("--latency-url", "http://127.0.0.1:1", "--epochs", "1", cwd=tmp_path)
     assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
@@ -532,6 +537,7 @@ def test_cuda_search_amp_and_checkpoint_moves(tmp_path: Path, amp: str) -> None:
     assert back.supernet.alpha.device.type == "cuda" and len(back.history) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path; a GPU host runs the real check")
 def test_gpu_check_without_a_gpu_says_so_and_exits_0() -> None:
     env = {"PATH": "/usr/bin:/bin", "PYTHON": sys.executable}

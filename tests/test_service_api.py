@@ -48,6 +48,7 @@ def test_health_device_openapi(server: Server) -> None:
         assert "202" in spec["paths"]["/profile"]["post"]["responses"]
 
 
+@pytest.mark.slow
 def test_profile_table_measure_roundtrip(server: Server) -> None:
     with server.client() as c:
         r = c.post("/profile", json=TINY_REQ)
@@ -210,6 +211,7 @@ def test_kill9_mid_job_resumes_without_duplicates(db_url: str, tmp_path: Path) -
     assert rows == distinct == n
 
 
+@pytest.mark.slow
 def test_token_guards_mutating_routes(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 't.db'}", tmp_path, {"GAS_API_TOKEN": "s3cret"})
     try:
@@ -300,6 +302,7 @@ def test_bad_input_is_a_422_naming_the_field_never_a_500(server: Server) -> None
         assert c.get(f"/table/{slug}", headers={"If-None-Match": '"other"'}).status_code == 200
 
 
+@pytest.mark.slow
 def test_body_limits_and_unparseable_bodies(tmp_path: Path) -> None:
     srv = start_server(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, {"GAS_MAX_BODY_BYTES": "4096"})
     try:
@@ -322,6 +325,7 @@ def test_body_limits_and_unparseable_bodies(tmp_path: Path) -> None:
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_gas_service_cli_errors_are_one_line(tmp_path: Path) -> None:
     """Unknown op in a genotype, and measuring where no table exists: one line, exit 2, and no
     empty ./gas.db left behind."""
@@ -345,6 +349,7 @@ def test_gas_service_cli_errors_are_one_line(tmp_path: Path) -> None:
     assert not (tmp_path / "gas.db").exists()
 
 
+@pytest.mark.slow
 def test_read_token_guards_reads_and_every_cli_passes_a_token(tmp_path: Path) -> None:
     import subprocess
     import sys

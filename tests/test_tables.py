@@ -72,6 +72,7 @@ def _other_device(export: dict, slug: str, factor: float, shift: timedelta = tim
     return out
 
 
+@pytest.mark.slow
 def test_gas_table_export_import_compare(server: Server, tmp_path: Path) -> None:
     url = ["--latency-url", server.url]
     with server.client() as c:

@@ -160,6 +160,7 @@ def test_bad_inputs_are_one_line_and_exit_2(tmp_path: Path) -> None:
     assert code == 2 and "not a GAS genotype" in text
 
 
+@pytest.mark.slow
 def test_torchrun_training_matches_one_process_accumulating(tmp_path: Path) -> None:
     """gas-train under torchrun (2 gloo ranks, 2 images each) reaches the same weights as one
     process accumulating the same 2 micro-batches of 2: the search's sampler and DDP, reused."""

@@ -272,6 +272,7 @@ def test_flush_is_sized_from_the_caches_the_host_reports(tmp_path: Path) -> None
     assert cpu_caches(tmp_path / "absent") == {}
 
 
+@pytest.mark.slow
 def test_cpu_affinity_is_applied_and_part_of_the_environment(tmp_path: Path) -> None:
     import os
     import subprocess
