@@ -93,6 +93,7 @@ def test_gas_eval_scores_the_test_split(tmp_path: Path) -> None:
     assert r.exit_code == 2 and "no test split" in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.slow
 def test_random_b_matches_the_target_latency_on_a_fixed_table() -> None:
     layout = NetworkLayout(num_classes=11)
     L = torch.linspace(1, 50, 8).expand(*layout.alpha_shape).clone()  # ops from cheap to dear, same in every cell

@@ -443,6 +443,7 @@ def test_every_module_of_a_derived_net_has_a_table_key(head: str, seed: int) -> 
     assert sorted(k.canonical for k in seen) == sorted(k.canonical for k in derived_keys(g, sh))
 
 
+@pytest.mark.slow
 def test_onnx_export_matches_eager(tmp_path) -> None:
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")

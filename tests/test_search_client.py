@@ -221,6 +221,7 @@ def live(tmp_path_factory: pytest.TempPathFactory):
     stop_server(srv)
 
 
+@pytest.mark.slow
 def test_fetch_latency_term_profiles_missing_keys(live: Server) -> None:
     with LatencyClient(live.url) as c:
         term, slug = fetch_latency_term(c, None, SMALL, (32, 64), 1, "float32", "contiguous", progress=False)

@@ -141,6 +141,7 @@ def test_bad_input_is_rejected_with_the_field_named(server: Server) -> None:
         assert c.get("/jobs").json() == []
 
 
+@pytest.mark.slow
 def test_concurrent_identical_requests_make_one_job(server: Server) -> None:
     layout = TINY.model_copy(update={"num_cells": 4})
     body = {"layout": layout.model_dump(mode="json"), "input_size": [48, 64]}
@@ -380,6 +381,7 @@ def test_read_token_guards_reads_and_every_cli_passes_a_token(tmp_path: Path) ->
         stop_server(srv)
 
 
+@pytest.mark.slow
 def test_unreachable_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
     import subprocess
     import sys

@@ -88,6 +88,7 @@ def test_bn_folded_exports_equal_eager(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "exp" / "export.json").read_text())["batchnorm_folded"] == n
 
 
+@pytest.mark.slow
 def test_train_eval_export_on_synthetic_data_learns(tmp_path: Path) -> None:
     geno = _genotype(4, tmp_path / "g.json")
     out = tmp_path / "run"
