@@ -49,6 +49,7 @@ def check_key_bounds(s: Settings, key: LatencyKey, where: str) -> None:
     if key_pixels(key) > s.max_elements:
         raise RequestError(f"{where}: activation of {key_pixels(key)} elements exceeds {s.max_elements}")
 
+
 def expand(settings: Settings, req: ProfileRequest) -> list[LatencyKey]:
     """The request's keys, deduplicated, in order, each checked against the bounds. A layout
     request is deduplicated and bounded *before* it is expanded: its size is known from one
@@ -67,6 +68,7 @@ def expand(settings: Settings, req: ProfileRequest) -> list[LatencyKey]:
     if len(keys) > settings.max_keys_per_job:
         raise RequestError(f"keys: {len(keys)} exceed the bound GAS_MAX_KEYS_PER_JOB={settings.max_keys_per_job}")
     return keys
+
 
 def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], req: ProfileRequest) -> list[LatencyKey]:
     h, w = size
@@ -96,6 +98,7 @@ def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], r
                 time.sleep(0)  # hand the interpreter lock to the event loop between configurations
     return list(seen.values())
 
+
 def check_queue(session: Session, st: Settings, *, device_id: int, environment_id: int, client: str | None,
                 n_keys: int) -> None:
     """Jobs per client (429) and keys queued on this device (503), each naming its setting."""
@@ -110,6 +113,7 @@ def check_queue(session: Session, st: Settings, *, device_id: int, environment_i
         raise Overloaded(f"keys: {queued} keys already wait for this device and this request adds {n_keys}, "
                          f"beyond the bound GAS_MAX_QUEUED_KEYS={st.max_queued_keys}; retry when the queue has "
                          "drained", 503, 60)
+
 
 def check_measure_bounds(s: Settings, req: MeasureRequest) -> None:
     """Every width and the largest activation of the network, before anything is built: the

@@ -15,6 +15,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_bef
 
 log = logging.getLogger(__name__)
 
+
 def _migrations_dir() -> Path:
     """The Alembic tree: ``migrations/`` beside the package in a checkout or an editable install,
     ``latency_service/migrations`` inside an installed wheel."""

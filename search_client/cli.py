@@ -123,7 +123,6 @@ def predict_on_devices(
     return out
 
 
-
 COMPUTE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 

@@ -70,6 +70,7 @@ def test_bn_folded_exports_equal_eager(tmp_path: Path) -> None:
                 m.bias.data.uniform_(-0.2, 0.2)
     net.eval()
     folded, n = fold_batchnorm(net)
+
     def bns(m: torch.nn.Module) -> int:
         return sum(isinstance(x, torch.nn.BatchNorm2d) for x in m.modules())
 
