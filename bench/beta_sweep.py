@@ -26,11 +26,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.latency import predict_latency_us  # noqa: E402
 from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
+from latency_service.testing import QUICK_TIMING, start_server, stop_server  # noqa: E402
 from search_client.cli import fetch_latency_term  # noqa: E402
 from search_client.client import LatencyClient  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
-from tests.support import start_server, stop_server  # noqa: E402
 
 DEMO = {"size": (96, 192), "batch": 8, "images": (128, 16), "warmup_epochs": 3, "epochs": 6, "lr_a": 0.1,
         "lr_ggm": 0.001}
@@ -89,7 +89,7 @@ def main() -> None:
     shapes = cell_shapes(layout, size)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        srv = start_server(f"sqlite:///{tmp}/sweep.db", Path(tmp), {"GAS_SAMPLES": "30", "GAS_WARMUP_MS": "50",
+        srv = start_server(f"sqlite:///{tmp}/sweep.db", Path(tmp), {**QUICK_TIMING, "GAS_SAMPLES": "30", "GAS_WARMUP_MS": "50",
                                                                    "GAS_MIN_SAMPLE_MS": "1", "GAS_E2E_SAMPLES": "40",
                                                                    "GAS_CPU_THREADS": "0"})
         try:

@@ -45,12 +45,12 @@ import torch
 from pydantic import BaseModel, ConfigDict
 
 from bench.common import machine
-from bench.local_service import local_service
 from gas_core.genotype import Genotype, derive, random_genotype
 from gas_core.latency import LatencyTerm, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout, cell_shapes
+from latency_service.testing import local_service
 from search_client.cli import fetch_latency_term
 from search_client.client import LatencyClient
 from search_client.data import SegDataset, build_datasets
@@ -453,9 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         st = Study(scale, args.data_root, args.out, None if args.budget_min is None else 60 * args.budget_min,
                    progress=not args.quiet)
         st.work.mkdir(parents=True, exist_ok=True)
-        with local_service(f"sqlite:///{(st.work / 'gas.db').resolve()}", st.work / "service.log",
+        with local_service(f"sqlite:///{(st.work / 'gas.db').resolve()}", st.work,
                            {"GAS_DEVICE": "cuda:0" if scale.compute.device == "cuda" else "cpu",
-                            **scale.service_env}) as url:
+                            **scale.service_env}, log=st.work / "service.log") as url:
             st.url = url
             status = execute(st, args.only)
         for name, s in status.items():

@@ -11,6 +11,9 @@ from pathlib import Path
 
 import torch
 
+from gas_core.latency import LatencyTerm, work_table
+from gas_core.search_space import NetworkLayout, cell_shapes
+
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -40,3 +43,10 @@ def write_result(name: str, payload: dict, out: Path | None = None) -> Path:
     path.write_text(json.dumps({"benchmark": name, "machine": machine(), **payload}, indent=2))
     print(f"wrote {path}")
     return path
+
+
+def stand_in_term(layout: NetworkLayout, hw: tuple[int, int]) -> LatencyTerm:
+    """A latency term from :func:`gas_core.latency.work_table` (µs ∝ work): a search step's cost
+    does not depend on the table's values, and every rank builds the same one."""
+    shapes = cell_shapes(layout, hw)
+    return LatencyTerm.from_table(shapes, work_table(shapes))

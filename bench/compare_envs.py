@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from bench.common import RESULTS, write_result
 from gas_core.search_space import NetworkLayout
+from latency_service.testing import QUICK_TIMING, start_server, stop_server, wait_job
 from search_client.table_cli import app
-from tests.support import start_server, stop_server, wait_job
 
 TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1"}
 
@@ -35,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{tmp}/fleet.db"
         for threads in (1, 2):
-            srv = start_server(url, Path(tmp), {**TIMING, "GAS_CPU_THREADS": str(threads)})
+            srv = start_server(url, Path(tmp), {**QUICK_TIMING, **TIMING, "GAS_CPU_THREADS": str(threads)})
             try:
                 with srv.client(timeout=600) as c:
                     host = c.get("/device").json()
@@ -45,7 +45,7 @@ def main() -> None:
                 print(f"profiled {job['total']} keys with {threads} thread(s): {refs[-1]}")
             finally:
                 stop_server(srv)
-        srv = start_server(url, Path(tmp))
+        srv = start_server(url, Path(tmp), QUICK_TIMING)
         try:
             js = Path(tmp) / "compare.json"
             r = CliRunner().invoke(app, ["compare", *refs, "--latency-url", srv.url, "--plot", str(args.plot),

@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import machine
+from bench.common import machine, stand_in_term
 from gas_core.search_space import NetworkLayout
 from search_client.data import build_datasets
 from search_client.runtime import ComputeConfig, init_distributed
 from search_client.search import SearchConfig, search
-from tests.ddp_search import term_for
 
 
 def main() -> None:
@@ -51,7 +50,7 @@ def main() -> None:
     layout = NetworkLayout(num_classes=train.num_classes)
     cfg = SearchConfig(epochs=2, batch=args.batch, max_steps=args.steps, lr_a=0.01, seed=0)
     t0 = time.perf_counter()
-    res = search(cfg, layout, train, val, term_for(layout, size), Path(tempfile.mkdtemp(prefix="gas-ddp-")), dist_info=d,
+    res = search(cfg, layout, train, val, stand_in_term(layout, size), Path(tempfile.mkdtemp(prefix="gas-ddp-")), dist_info=d,
                  compute=ComputeConfig(device=args.device, amp=args.amp, workers=2), progress=False)  # type: ignore[arg-type]
     wall = time.perf_counter() - t0
     alphas: list = [None] * dist.get_world_size()

@@ -38,7 +38,7 @@ from bench.common import RESULTS, machine
 from gas_core.genotype import Genotype
 from gas_core.search_space import NetworkLayout
 from gas_core.table import compare_tables
-from tests.support import start_server, stop_server, wait_job
+from latency_service.testing import QUICK_TIMING, start_server, stop_server, wait_job
 
 OUT = RESULTS / "gpu"
 PAPER_FPS = 108.4  # GAS, Cityscapes, 769×1537, Titan Xp (paper Table 1)
@@ -85,7 +85,8 @@ class Check:
     # ------------------------------------------------------------ service steps
 
     def service_steps(self) -> None:
-        srv = start_server(f"sqlite:///{self.tmp}/gpu.db", self.tmp, {**SERVICE_TIMING, "GAS_DEVICE": self.args.device})
+        srv = start_server(f"sqlite:///{self.tmp}/gpu.db", self.tmp,
+                           {**QUICK_TIMING, **SERVICE_TIMING, "GAS_DEVICE": self.args.device})
         try:
             with srv.client(timeout=600) as c:
                 self.step("identity", lambda: self.identity(c))

@@ -31,8 +31,7 @@ from PIL import Image
 from bench.common import write_result
 from bench.search_throughput import write_cityscapes_pngs
 from gas_core.quality import quantile
-from search_client.data import MEAN, STD, Augment, Cityscapes
-from tests.support import augment_whole_image
+from search_client.data import MEAN, STD, Augment, Cityscapes, augment_by_interpolate
 
 
 def timed(fn: Callable[[], object]) -> float:
@@ -62,7 +61,7 @@ def main() -> None:
         def whole_image(epoch: int, i: int) -> None:
             img, lbl = ds.load(i)
             gen = torch.Generator().manual_seed(hash((ds.seed, epoch, i)) & 0x7FFF_FFFF)
-            x, _ = augment_whole_image(ds.augment, img, lbl, gen)
+            x, _ = augment_by_interpolate(ds.augment, img, lbl, gen)
             _ = (x - MEAN) / STD
 
         def decode(i: int) -> None:

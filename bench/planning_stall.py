@@ -20,9 +20,9 @@ from pathlib import Path
 import httpx
 
 from bench.common import write_result
-from bench.local_service import local_service
 from gas_core.quality import quantile
 from gas_core.search_space import NetworkLayout
+from latency_service.testing import local_service
 
 
 def health_latencies(url: str, seconds: float) -> list[float]:
@@ -49,8 +49,7 @@ def main() -> None:
     args = ap.parse_args()
     layout = NetworkLayout().model_dump(mode="json")
     with tempfile.TemporaryDirectory() as tmp, local_service(
-            f"sqlite:///{tmp}/p.db", Path(tmp) / "service.log",
-            {"GAS_MAX_QUEUED_KEYS": "1", "GAS_DEVICE": "cpu"}) as url:
+            f"sqlite:///{tmp}/p.db", Path(tmp), {"GAS_MAX_QUEUED_KEYS": "1", "GAS_DEVICE": "cpu"}) as url:
         idle = health_latencies(url, args.seconds)
         stop, sent, codes = threading.Event(), [0], {}
 

@@ -41,10 +41,10 @@ from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_l
 from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
+from latency_service.testing import QUICK_TIMING, start_server, stop_server, wait_job  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.runtime import ComputeConfig  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
-from tests.support import start_server, stop_server, wait_job  # noqa: E402
 
 # op mixtures from cheap (none / pool / skip) to expensive (convs); order of gas_core.ops.PRIMITIVES
 CHEAP = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.05, 0.05, 0.05, 0.05])
@@ -81,7 +81,7 @@ def summary(pred: list[float], meas: list[float]) -> dict:
 
 
 def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name: str, extra: dict, dtype: str) -> tuple:
-    srv = start_server(f"sqlite:///{tmp}/table-{name}.db", tmp, {**SLOW_TIMING, **extra})
+    srv = start_server(f"sqlite:///{tmp}/table-{name}.db", tmp, {**QUICK_TIMING, **SLOW_TIMING, **extra})
     if srv.client().get("/device").json()["device"]["kind"] != ("cuda" if extra["GAS_DEVICE"].startswith("cuda")
                                                                else "cpu"):
         raise RuntimeError(f"the service did not take GAS_DEVICE={extra['GAS_DEVICE']}")

@@ -18,7 +18,7 @@ from sqlalchemy import select
 from bench.common import write_result
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import ProfileRequest
-from latency_service import crud
+from latency_service import job_state
 from latency_service.core.config import Settings
 from latency_service.models import Measurement
 from latency_service.service import Host
@@ -40,7 +40,7 @@ def main() -> None:
         host.worker.start()
         while True:
             with host.sessions() as s:
-                cur = crud.get_job(s, job_id=job.id)
+                cur = job_state.get(s, job_id=job.id)
             if cur is not None and cur.state not in ("queued", "running"):
                 break
             time.sleep(0.05)

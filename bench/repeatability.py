@@ -13,7 +13,7 @@ from pathlib import Path
 
 from bench.common import write_result
 from gas_core.search_space import NetworkLayout
-from tests.support import start_server, stop_server, wait_job
+from latency_service.testing import QUICK_TIMING, start_server, stop_server, wait_job
 
 TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1",
           "GAS_CPU_THREADS": "0"}
@@ -28,7 +28,7 @@ def main() -> None:
     body = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": list(args.input_size)}
     env = {**TIMING, "GAS_TIMING_CONTEXT": str(args.timing == "context").lower()}
     with tempfile.TemporaryDirectory() as tmp:
-        srv = start_server(f"sqlite:///{tmp}/rep.db", Path(tmp), env)
+        srv = start_server(f"sqlite:///{tmp}/rep.db", Path(tmp), {**QUICK_TIMING, **env})
         try:
             tables = []
             with srv.client(timeout=600) as c:

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import write_result
+from bench.common import stand_in_term, write_result
 from gas_core.search_space import NetworkLayout
 from search_client.data import CITYSCAPES_ID_TO_TRAIN, Augment, Cityscapes, Synthetic
 from search_client.runtime import ComputeConfig, DistInfo, make_loaders
 from search_client.search import SearchConfig, build_state, train_epoch, train_step
-from tests.ddp_search import term_for  # a stand-in table (µs ∝ work): the step's cost does not depend on its values
 
 CITYSCAPES_HW = (1024, 2048)
 
@@ -54,7 +53,7 @@ def loader_run(cfg: SearchConfig, compute: ComputeConfig, train: Cityscapes, epo
     """Steps through the real DataLoader; one row per timed epoch."""
     layout = NetworkLayout(num_classes=train.num_classes)
     d = DistInfo()
-    s = build_state(cfg, layout, term_for(layout, train.augment.crop), compute, d)
+    s = build_state(cfg, layout, stand_in_term(layout, train.augment.crop), compute, d)
     loaders = make_loaders(cfg, train, None, d, s.device, compute.workers or 0)
     rows = []
     for epoch in range(epochs + 1):
@@ -69,7 +68,7 @@ def memory_run(cfg: SearchConfig, compute: ComputeConfig, size: tuple[int, int],
     """Steps on one fixed batch already on the device: the step's own cost, no data pipeline."""
     layout = NetworkLayout(num_classes=19)
     d = DistInfo()
-    s = build_state(cfg, layout, term_for(layout, size), compute, d)
+    s = build_state(cfg, layout, stand_in_term(layout, size), compute, d)
     gen = torch.Generator().manual_seed(0)
     x, y = s.to_device(torch.randn(cfg.batch, 3, *size, generator=gen),
                        torch.randint(0, 19, (cfg.batch, *size), generator=gen))

@@ -30,7 +30,7 @@ import httpx
 from bench.common import write_result
 from gas_core.quality import quantile
 from gas_core.search_space import NetworkLayout, cell_shapes
-from tests.support import PgCluster, free_port, pg_bin, start_server, stop_server, wait_job
+from latency_service.testing import QUICK_TIMING, PgCluster, free_port, pg_bin, start_server, stop_server, wait_job
 
 TABLE = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": [256, 512]}
 """The served table: every key of the default layout at 256×512 (58 rows, ~40 KB of JSON)."""
@@ -201,7 +201,7 @@ def static_baseline(capture_dir: Path, path: str, args: argparse.Namespace, etag
 
 
 def run_backend(name: str, db_url: str, tmp: Path, args: argparse.Namespace) -> dict:
-    srv = start_server(db_url, tmp)
+    srv = start_server(db_url, tmp, QUICK_TIMING)
     try:
         with srv.client() as c:
             wait_job(c, c.post("/profile", json=TABLE).json()["id"], timeout=1800)

@@ -87,6 +87,13 @@ class LatencyTerm(nn.Module):
         return self.fixed + self.forward(z)
 
 
+def work_table(shapes: NetworkShapes) -> dict[str, float]:
+    """A stand-in table whose µs grow with each key's work (1 + h·w·c_in·c_out / 10⁴): no
+    timing, the same on every host and rank, so tests and step-cost benchmarks that must not
+    depend on a timed table get a deterministic, plausible one."""
+    return {k.canonical: 1.0 + k.h * k.w * k.c_in * k.c_out / 1e4 for k in shapes.all_keys()}
+
+
 def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_BETA) -> torch.Tensor:
     """Eq. 10: CE + β·log(LAT), LAT in microseconds."""
     return ce + beta * torch.log(lat_us)

@@ -13,7 +13,7 @@ from gas_core.keys import LatencyKey, key_pixels
 from gas_core.ops import check_key
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.wire import MeasureRequest, ProfileRequest
-from latency_service import crud
+from latency_service import job_state
 from latency_service.core.config import Settings
 
 PLAN_BYTES_PER_KEY = 1400
@@ -103,12 +103,12 @@ def check_queue(session: Session, st: Settings, *, device_id: int, environment_i
                 n_keys: int) -> None:
     """Jobs per client (429) and keys queued on this device (503), each naming its setting."""
     if client is not None:
-        held = crud.active_jobs_of(session, client=client)
+        held = job_state.active_jobs_of(session, client=client)
         if held >= st.max_jobs_per_client:
             raise Overloaded(f"jobs: this client already has {held} queued or running jobs, the bound "
                              f"GAS_MAX_JOBS_PER_CLIENT={st.max_jobs_per_client}; wait for one to end or cancel "
                              "one (DELETE /jobs/{id})", 429, 30)
-    queued = crud.queued_keys(session, device_id=device_id, environment_id=environment_id)
+    queued = job_state.queued_keys(session, device_id=device_id, environment_id=environment_id)
     if queued + n_keys > st.max_queued_keys:
         raise Overloaded(f"keys: {queued} keys already wait for this device and this request adds {n_keys}, "
                          f"beyond the bound GAS_MAX_QUEUED_KEYS={st.max_queued_keys}; retry when the queue has "

@@ -21,7 +21,7 @@ from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import MeasureRequest, ProfileRequest
-from latency_service import crud, db
+from latency_service import db, job_state
 from latency_service.bounds import RequestError
 from latency_service.core.config import Settings
 from latency_service.host import pin_cpus
@@ -117,7 +117,7 @@ def profile(
         with tqdm(total=job.total, unit="key", desc="profiling") as bar:
             while True:
                 with host.sessions() as s:
-                    cur = crud.get_job(s, job_id=job.id)
+                    cur = job_state.get(s, job_id=job.id)
                     assert cur is not None
                 bar.update(cur.done - bar.n)
                 if cur.state not in ("queued", "running"):

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Sequence
-from datetime import datetime
 from typing import Any, cast
 
-from sqlalchemy import CursorResult, Result, func, select, update
+from sqlalchemy import CursorResult, Result, func, select
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, defer
+from sqlalchemy.orm import Session, undefer
 
 from gas_core.keys import LatencyKey
 from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess
 from gas_core.table import LatencyTable, TableEntry
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
 from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_utc, utcnow
-from latency_service.profiler import Timing, samples_to_blob
-
-ACTIVE = ("queued", "running")
+from latency_service.profiler import Timing
 
 
 def rows_changed(result: Result[Any]) -> int:
@@ -111,7 +107,7 @@ def put_measurement(
         )
     )
     values = dict(
-        **timing.summary(), method=method, samples=timing.samples_blob(), created_at=utcnow(), **telemetry,
+        **timing.summary(), method=method, samples=timing.samples_us, created_at=utcnow(), **telemetry,
         flagged=quality.flagged, quality=quality.model_dump(mode="json"),
     )
     if row is None:
@@ -158,9 +154,12 @@ def _filtered(q, *, device_id: int, environment_id: int, dtype: str | None, batc
 
 def table_rows(
     session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
-    memory_format: str | None = None, op: str | None = None,
+    memory_format: str | None = None, op: str | None = None, with_samples: bool = False,
 ) -> Sequence[Measurement]:
-    q = _filtered(select(Measurement), device_id=device_id, environment_id=environment_id, dtype=dtype, batch=batch,
+    """A filtered table's rows by key; their raw samples (deferred) loaded in the same query
+    only when asked for."""
+    rows = select(Measurement).options(undefer(Measurement.samples)) if with_samples else select(Measurement)
+    q = _filtered(rows, device_id=device_id, environment_id=environment_id, dtype=dtype, batch=batch,
                   memory_format=memory_format, op=op)
     return session.scalars(q.order_by(Measurement.key)).all()
 
@@ -216,7 +215,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
         values = dict(
             median_us=e.median_us, p10_us=e.p10_us, p90_us=e.p90_us, mean_us=e.mean_us, std_us=e.std_us,
             n_samples=e.n_samples, iters_per_sample=e.iters_per_sample, timer=e.timer, method=e.method or {},
-            samples=samples_to_blob(e.samples_us), gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
+            samples=e.samples_us, gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
             created_at=as_utc(e.created_at), flagged=quality.flagged, quality=quality.model_dump(mode="json"),
         )
         row = stored.get(e.key_hash)
@@ -279,133 +278,6 @@ def device_summaries(session: Session) -> list[tuple[Device, list[tuple[Environm
         ).all()
         out.append((dev, [(e, int(counts.get(e.id, 0))) for e in envs]))
     return out
-
-
-# ---------------------------------------------------------------- jobs
-
-
-def find_active_job(session: Session, *, request_hash: str) -> Job | None:
-    """The queued or running job of this request, without its key list (loaded on access): a
-    resent ``/profile`` answers with the job's progress, and decoding thousands of keys per
-    request was most of that route's cost under load."""
-    q = select(Job).options(defer(Job.keys)).where(Job.request_hash == request_hash, Job.state.in_(ACTIVE))
-    return session.scalar(q)
-
-
-def create_job(
-    session: Session, *, device_id: int, environment_id: int, request_hash: str, keys: list[LatencyKey], force: bool,
-    client: str | None = None,
-) -> tuple[Job, bool]:
-    """(job, created). An identical request already queued or running returns that job; the
-    partial unique index on ``request_hash`` makes this hold across processes too. When a
-    concurrent identical request wins the insert and its job has already ended (all its keys
-    were stored), the insert is simply tried again."""
-    for _ in range(5):
-        existing = find_active_job(session, request_hash=request_hash)
-        if existing is not None:
-            return existing, False
-        job = Job(
-            id=str(uuid.uuid4()), device_id=device_id, environment_id=environment_id, request_hash=request_hash,
-            state="queued", keys=[k.canonical for k in keys], force=force, total=len(keys), done=0, skipped=0,
-            errors=[], client=client,
-        )
-        session.add(job)
-        try:
-            session.commit()
-        except IntegrityError:
-            session.rollback()
-            continue
-        return job, True
-    raise RuntimeError(f"could not queue the job for request {request_hash[:12]}: it kept racing identical requests")
-
-
-def active_jobs_of(session: Session, *, client: str) -> int:
-    """Queued or running jobs that ``client`` queued (any device of the database)."""
-    return int(session.scalar(select(func.count(Job.id)).where(Job.client == client, Job.state.in_(ACTIVE))) or 0)
-
-
-def queued_keys(session: Session, *, device_id: int, environment_id: int) -> int:
-    """Keys not yet processed over the queued and running jobs of one (device, environment)."""
-    q = select(func.coalesce(func.sum(Job.total - Job.done), 0)).where(
-        Job.device_id == device_id, Job.environment_id == environment_id, Job.state.in_(ACTIVE))
-    return int(session.scalar(q) or 0)
-
-
-def fail_running_jobs(session: Session, *, owner: str, reason: str) -> list[str]:
-    """Mark ``owner``'s running jobs failed with ``reason`` (its device worker is gone for good, so
-    nothing will advance them); returns their ids. Commits."""
-    jobs = session.scalars(select(Job).where(Job.state == "running", Job.owner == owner)).all()
-    for job in jobs:
-        session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(
-            state="failed", errors=[*job.errors, reason], finished_at=utcnow()))
-    session.commit()
-    return [j.id for j in jobs]
-
-
-def get_job(session: Session, *, job_id: str) -> Job | None:
-    return session.get(Job, job_id)
-
-
-def list_jobs(session: Session, *, state: str | None = None, limit: int = 100) -> Sequence[Job]:
-    q = select(Job).order_by(Job.created_at.desc()).limit(limit)
-    if state is not None:
-        q = q.where(Job.state == state)
-    return session.scalars(q).all()
-
-
-def next_job(session: Session, *, device_id: int, environment_id: int, owner: str, stale_before: datetime) -> Job | None:
-    """The job this worker should run next: its own running job (resumed after a crash), else a
-    running job whose host stopped making progress before ``stale_before``, else the oldest
-    queued one, all of this (device, environment) only — a job is timed where it was asked for."""
-    mine_or_stale = (Job.state == "running") & (
-        (Job.owner == owner) | Job.owner.is_(None) | Job.heartbeat_at.is_(None) | (Job.heartbeat_at < stale_before)
-    )
-    return session.scalar(
-        select(Job)
-        .where(Job.device_id == device_id, Job.environment_id == environment_id,
-               (Job.state == "queued") | mine_or_stale)
-        .order_by((Job.state == "running").desc(), Job.created_at)
-        .limit(1)
-    )
-
-
-def fail_key(session: Session, *, job_id: str, owner: str, index: int, error: str) -> bool:
-    """Count key ``index`` of a running job failed with ``error`` — only if the job is still
-    ``owner``'s and still at that key (the worker process died while timing it, so nothing else
-    recorded it). Its restarted worker then goes on with the next key. Commits."""
-    job = session.get(Job, job_id)
-    if job is None:
-        return False
-    q = update(Job).where(Job.id == job_id, Job.state == "running", Job.owner == owner, Job.done == index)
-    won = rows_changed(session.execute(q.values(done=Job.done + 1, errors=[*job.errors, error], heartbeat_at=utcnow())))
-    session.commit()
-    return bool(won)
-
-
-def claim_job(session: Session, *, job: Job, owner: str) -> bool:
-    """Compare-and-swap ``job`` to ``running`` under ``owner``: only if its state, owner and
-    heartbeat are still what ``job`` says, so two hosts never both take it. Commits."""
-    q = update(Job).where(Job.id == job.id, Job.state == job.state)
-    q = q.where(Job.owner.is_(None) if job.owner is None else Job.owner == job.owner)
-    q = q.where(Job.heartbeat_at.is_(None) if job.heartbeat_at is None else Job.heartbeat_at == job.heartbeat_at)
-    now = utcnow()
-    values: dict[str, Any] = {"state": "running", "owner": owner, "heartbeat_at": now}
-    if job.state == "queued":
-        values["started_at"] = now
-    won = rows_changed(session.execute(q.values(**values)))
-    session.commit()
-    session.refresh(job)
-    return bool(won)
-
-
-def cancel_job(session: Session, *, job: Job) -> Job:
-    if job.state in ACTIVE:
-        session.execute(
-            update(Job).where(Job.id == job.id, Job.state.in_(ACTIVE)).values(state="cancelled", finished_at=utcnow())
-        )
-        session.commit()
-        session.refresh(job)
-    return job
 
 
 def add_e2e(session: Session, **values: Any) -> E2EMeasurement:

@@ -66,7 +66,7 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
             input_h=req.input_size[0], input_w=req.input_size[1], batch=req.batch, dtype=req.dtype,
             memory_format=req.memory_format, median_us=median, p90_us=summ["p90_us"], mean_us=summ["mean_us"],
             std_us=summ["std_us"], n_samples=summ["n_samples"], iters_per_sample=summ["iters_per_sample"],
-            fps=req.batch * 1e6 / median, predicted_us=predicted, samples=timing.samples_blob(),
+            fps=req.batch * 1e6 / median, predicted_us=predicted, samples=timing.samples_us,
         )
     return MeasurePublic(
         device=spec.device.slug, environment=spec.env.fingerprint, input_size=req.input_size, batch=req.batch,

@@ -6,9 +6,9 @@ each measurement: a killed service resumes the job at start-up and loses at most
 flight. Measurement requests jump the queue between two keys of a running job.
 
 In a fleet several hosts of one device model and environment share a database and so a queue:
-a host claims a job by compare-and-swap (:func:`latency_service.crud.claim_job`) and beats its
-heartbeat with every key; another host takes a running job over only when that heartbeat is
-older than ``job_stale_s``. A worker only runs jobs of its own (device, environment).
+a host claims a job by compare-and-swap (:func:`latency_service.job_state.claim`; the whole
+state machine is in that module) and beats its heartbeat with every key; another host takes a
+running job over only when that heartbeat is older than ``job_stale_s``. A worker only runs jobs of its own (device, environment).
 """
 
 from __future__ import annotations
@@ -24,13 +24,12 @@ from datetime import timedelta
 from typing import Any, Protocol
 
 import torch
-from sqlalchemy import update
 from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
 from gas_core.quality import HostNoise, QualityPolicy, ReferencePoint, RowQuality, assess
 from gas_core.wire import MeasurePublic, MeasureRequest
-from latency_service import crud
+from latency_service import crud, job_state
 from latency_service.device import gpu_telemetry
 from latency_service.models import Job, utcnow
 from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, time_reference
@@ -204,16 +203,16 @@ class DeviceWorker:
                 return True
 
     def _job_step(self) -> bool:
-        """Advance the job :func:`crud.next_job` picks until it ends or a measurement or shutdown
+        """Advance the job :func:`job_state.next_job` picks until it ends or a measurement or shutdown
         interrupts it. False when there is nothing to do."""
         with self.sessions() as s:
             stale_before = utcnow() - timedelta(seconds=self.stale_s)
-            job = crud.next_job(s, device_id=self.device_id, environment_id=self.environment_id, owner=self.owner,
+            job = job_state.next_job(s, device_id=self.device_id, environment_id=self.environment_id, owner=self.owner,
                                 stale_before=stale_before)
             if job is None:
                 return False
             was, previous = job.state, job.owner
-            if not (was == "running" and previous == self.owner) and not crud.claim_job(s, job=job, owner=self.owner):
+            if not (was == "running" and previous == self.owner) and not job_state.claim(s, job=job, owner=self.owner):
                 return True  # another host, or a DELETE, got there first
             if was == "queued":
                 log.info("job %s started: %d keys", job.id, job.total)
@@ -275,7 +274,7 @@ class DeviceWorker:
         s.refresh(job)
         if times_keys and not self._reference_point(s, job):
             return True
-        ended = self._transition(s, job, "running", state="failed" if job.errors else "done", finished_at=utcnow())
+        ended = job_state.finish(s, job=job)
         if self.on_job_end is not None:
             self.on_job_end(job.request_hash)  # ended here, or cancelled after the last key: either way no longer active
         if not ended:
@@ -329,22 +328,16 @@ class DeviceWorker:
                                    reason=reason)
             log.warning("job %s: host reference moved %+.1f %% after %d keys; flagged %d key(s) timed meanwhile",
                         job.id, moved, job.done, len(stretch))
-        q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
-        if crud.rows_changed(s.execute(q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly))):
-            s.commit()
-            if newly:
-                self._wrote(None)
-            s.refresh(job)
-            return True
-        s.rollback()
-        return False
+        if not job_state.record_reference(s, job=job, owner=self.owner, noise=noise, newly_flagged=newly):
+            return False
+        if newly:
+            self._wrote(None)
+        return True
 
     def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,
                   quality: RowQuality | None = None) -> bool:
-        """Count one key done (and beat the heartbeat) in the transaction that holds its
-        measurement, only while the job is still running under this worker: after a DELETE or a
-        take-over both are rolled back, so a stalled host never overwrites the new owner's progress."""
-        values: dict[str, Any] = {"done": Job.done + 1, "heartbeat_at": utcnow()}
+        """Count one key done with what happened to it (:func:`job_state.progress`)."""
+        values: dict[str, Any] = {}
         if skipped:
             values["skipped"] = Job.skipped + 1
         if error is not None:
@@ -353,26 +346,11 @@ class DeviceWorker:
             values["flagged"] = Job.flagged + 1
         if quality is not None and quality.attempts > 1:
             values["retimed"] = Job.retimed + 1
-        q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == self.owner)
-        if crud.rows_changed(s.execute(q.values(**values))):
-            s.commit()
-            return True
-        s.rollback()
-        return False
+        return job_state.progress(s, job=job, owner=self.owner, values=values)
 
     def _wrote(self, key: LatencyKey | None) -> None:
         if self.on_write is not None:
             self.on_write(key)
-
-    @staticmethod
-    def _transition(s: Session, job: Job, expect: str, **values: object) -> bool:
-        """Set ``values`` on ``job`` only if its state is still ``expect`` and its owner still this
-        worker (a DELETE or a take-over wins); True when they were."""
-        q = update(Job).where(Job.id == job.id, Job.state == expect, Job.owner == job.owner)
-        done = crud.rows_changed(s.execute(q.values(**values)))
-        s.commit()
-        s.refresh(job)
-        return bool(done)
 
     def _release_device_memory(self) -> None:
         """After a key failed (an out-of-memory above all), hand its cached blocks back so the

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from array import array
 from datetime import UTC, datetime
 from typing import Any
 
@@ -45,6 +46,25 @@ class UTCDateTime(TypeDecorator[datetime]):
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         return as_utc(value) if value is not None else None
+
+
+class Samples(TypeDecorator[list[float]]):
+    """Every raw sample of a timing, µs per run, stored as float32 in machine order (little-endian
+    on every supported host), 4 bytes a sample. Same DDL as ``LargeBinary``; the codec lives
+    here so nothing above the ORM handles bytes."""
+
+    impl = LargeBinary
+    cache_ok = True
+
+    def process_bind_param(self, value: list[float] | None, dialect: Dialect) -> bytes | None:
+        return array("f", value).tobytes() if value is not None else None
+
+    def process_result_value(self, value: bytes | None, dialect: Dialect) -> list[float] | None:
+        if value is None:
+            return None
+        out = array("f")
+        out.frombytes(value)
+        return out.tolist()
 
 
 class Base(DeclarativeBase):
@@ -112,7 +132,7 @@ class Measurement(Base):
     iters_per_sample: Mapped[int] = mapped_column(Integer)
     timer: Mapped[str] = mapped_column(String(32))
     method: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
-    samples: Mapped[bytes] = mapped_column(LargeBinary)  # float32 little-endian, µs per run
+    samples: Mapped[list[float]] = mapped_column(Samples, deferred=True)  # loaded only when asked for
     gpu_clock_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
     gpu_temp_c: Mapped[int | None] = mapped_column(Integer, nullable=True)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
@@ -181,5 +201,5 @@ class E2EMeasurement(Base):
     iters_per_sample: Mapped[int] = mapped_column(Integer)
     fps: Mapped[float] = mapped_column(Float)
     predicted_us: Mapped[float | None] = mapped_column(Float, nullable=True)
-    samples: Mapped[bytes] = mapped_column(LargeBinary)
+    samples: Mapped[list[float]] = mapped_column(Samples, deferred=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -9,7 +9,6 @@ import itertools
 import math
 import statistics
 import time
-from array import array
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,20 +58,6 @@ class Timing:
     def summary(self) -> dict[str, float | int | str]:
         """:func:`gas_core.quality.sample_stats` (what an import recomputes too) plus the method."""
         return {**sample_stats(self.samples_us), "iters_per_sample": self.iters_per_sample, "timer": self.timer}
-
-    def samples_blob(self) -> bytes:
-        return samples_to_blob(self.samples_us)
-
-
-def samples_to_blob(samples_us: list[float]) -> bytes:
-    """Raw samples as stored: float32, machine order (little-endian on every supported host)."""
-    return array("f", samples_us).tobytes()
-
-
-def samples_from_blob(blob: bytes) -> list[float]:
-    a = array("f")
-    a.frombytes(blob)
-    return a.tolist()
 
 
 # a paired (context) median not clearly above zero gets more samples, up to this many times

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
 from gas_core.wire import MeasurePublic, MeasureRequest, ProfileRequest
-from latency_service import bounds, crud, db, e2e
+from latency_service import bounds, db, e2e, job_state
 from latency_service.api.table_cache import TableCache, TableWrite
 from latency_service.core.config import Settings
 from latency_service.core.lru import LRU
@@ -152,19 +152,19 @@ class Host:
         with self._planning:
             keys, request_hash = self.plan_profile(req)
             with self.sessions() as s:
-                found = crud.find_active_job(s, request_hash=request_hash)
+                found = job_state.find_active(s, request_hash=request_hash)
                 if found is not None:
                     job, created = found, False
                 else:
                     bounds.check_queue(s, st, device_id=self.device_id, environment_id=self.environment_id, client=client,
                                        n_keys=len(keys))
-                    job, created = crud.create_job(
+                    job, created = job_state.create(
                         s, device_id=self.device_id, environment_id=self.environment_id, request_hash=request_hash,
                         keys=keys, force=req.force, client=client)
         if created:
             log.info("job %s queued: %d keys (force=%s)", job.id, job.total, req.force)
             self.worker.wake()
-        if job.state in crud.ACTIVE:
+        if job.state in job_state.ACTIVE:
             self.active_jobs.put(request_hash, (job, time.monotonic() + st.table_version_ttl_s, generation))
         return job, created
 

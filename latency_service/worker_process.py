@@ -45,7 +45,7 @@ from typing import TYPE_CHECKING, Any
 
 from gas_core.keys import LatencyKey
 from gas_core.wire import MeasurePublic, MeasureRequest
-from latency_service import crud, db, e2e
+from latency_service import db, e2e, job_state
 from latency_service.host import HostSpec, configure_torch
 from latency_service.jobs import DeviceWorker, QueueFull
 
@@ -200,7 +200,7 @@ class WorkerProcess:
         if key is not None and self.sessions is not None and self.spec is not None:
             job_id, index, canonical = key
             with self.sessions() as s:
-                failed = crud.fail_key(s, job_id=job_id, owner=self.spec.settings.worker_id, index=index,
+                failed = job_state.fail_key(s, job_id=job_id, owner=self.spec.settings.worker_id, index=index,
                                        error=f"{canonical}: WorkerDied: the device worker process {why} while timing it")
             log.error("device worker process %s while timing %s (job %s, key %d)%s", why, canonical, job_id, index,
                       ": that key is failed and the job goes on" if failed else "")
@@ -222,7 +222,7 @@ class WorkerProcess:
         _fail(waiting, "the device worker process is down")
         if self.sessions is not None and self.spec is not None:
             with self.sessions() as s:
-                ended = crud.fail_running_jobs(
+                ended = job_state.fail_running(
                     s, owner=self.spec.settings.worker_id,
                     reason=f"WorkerDown: the device worker process died {len(self._deaths)} times in "
                     f"{self.RESTART_WINDOW_S:.0f} s and was not restarted; restart the service to resume profiling")

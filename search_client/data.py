@@ -16,6 +16,7 @@ from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
@@ -121,6 +122,34 @@ class Augment:
         y = int(torch.randint(0, max(nh, ch) - ch + 1, (), generator=gen))
         x = int(torch.randint(0, max(nw, cw) - cw + 1, (), generator=gen))
         return _resample(img, lbl, _axis(y, ch, h, nh, False), _axis(x, cw, w, nw, flip), label_too=True)
+
+
+def augment_by_interpolate(aug: Augment, img: torch.Tensor, lbl: torch.Tensor,
+                           gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """:class:`Augment` done the obvious way — flip, resize the whole image with F.interpolate,
+    pad, crop — drawing the same random numbers in the same order. Not used in training: it is
+    the reference the tests hold :class:`Augment` to, and what it replaced (bench/loader_cost.py).
+    img: (3, H, W) uint8 or float; lbl: (H, W) → (3, ch, cw) float, (ch, cw) long."""
+    ch, cw = aug.crop
+    img = img.float() / 255 if img.dtype == torch.uint8 else img
+    lbl = lbl.long()
+    if not aug.train:
+        img = F.interpolate(img[None], size=(ch, cw), mode="bilinear", align_corners=False)[0]
+        if not aug.keep_label:
+            lbl = F.interpolate(lbl[None, None].float(), size=(ch, cw), mode="nearest")[0, 0].long()
+        return img, lbl
+    if torch.rand((), generator=gen) < 0.5:
+        img, lbl = img.flip(-1), lbl.flip(-1)
+    s = aug.scale[0] + (aug.scale[1] - aug.scale[0]) * float(torch.rand((), generator=gen))
+    h, w = img.shape[-2:]
+    nh, nw = max(1, round(h * s)), max(1, round(w * s))
+    img = F.interpolate(img[None], size=(nh, nw), mode="bilinear", align_corners=False)[0]
+    lbl = F.interpolate(lbl[None, None].float(), size=(nh, nw), mode="nearest")[0, 0].long()
+    ph, pw = max(0, ch - nh), max(0, cw - nw)
+    img, lbl = F.pad(img, (0, pw, 0, ph)), F.pad(lbl, (0, pw, 0, ph), value=IGNORE)
+    y = int(torch.randint(0, img.shape[-2] - ch + 1, (), generator=gen))
+    x = int(torch.randint(0, img.shape[-1] - cw + 1, (), generator=gen))
+    return img[:, y : y + ch, x : x + cw], lbl[y : y + ch, x : x + cw]
 
 
 class SegDataset(Dataset):

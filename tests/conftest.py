@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import PgCluster, Server, pg_bin, start_server, stop_server
+from latency_service.testing import PgCluster, Server, pg_bin, stop_server
+from tests.support import start_server
 
 
 @pytest.fixture(scope="session")

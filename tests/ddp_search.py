@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from gas_core.latency import LatencyTerm
+from gas_core.latency import LatencyTerm, work_table
 from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.data import build_datasets
 from search_client.runtime import ComputeConfig, init_distributed
@@ -20,7 +20,7 @@ LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8
 def term_for(layout: NetworkLayout, hw: tuple[int, int]) -> LatencyTerm:
     """A deterministic table (µs ∝ work) so ranks and the single process agree exactly."""
     sh = cell_shapes(layout, hw)
-    return LatencyTerm.from_table(sh, {k.canonical: 1.0 + k.h * k.w * k.c_in * k.c_out / 1e4 for k in sh.all_keys()})
+    return LatencyTerm.from_table(sh, work_table(sh))
 
 
 def main() -> None:

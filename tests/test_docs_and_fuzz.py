@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import start_server, stop_server
+from latency_service.testing import stop_server
+from tests.support import start_server
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 IN_CI = bool(os.environ.get("CI"))

@@ -22,12 +22,13 @@ from gas_core.genotype import random_genotype
 from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import MeasurePublic, MeasureRequest
-from latency_service import crud, db
+from latency_service import db, job_state
 from latency_service.jobs import DeviceWorker, QueueFull, Trust
 from latency_service.models import E2EMeasurement, Measurement
 from latency_service.profiler import Method, Timing
+from latency_service.testing import PgCluster, pg_bin, running, stop_server, wait_job
 from latency_service.worker_process import WorkerProcess
-from tests.support import PgCluster, pg_bin, running, start_server, stop_server, wait_job, worker_rig
+from tests.support import start_server, worker_rig
 
 STEADY = [100.0, 101.0, 99.0, 100.0, 100.0]
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
@@ -255,7 +256,7 @@ def test_sigterm_mid_job_exits_and_rolls_the_key_back(tmp_path: Path) -> None:
     rows, _ = _rows(url)
     engine = db.make_engine(url)
     with db.session_factory(engine)() as s:
-        job = crud.get_job(s, job_id=job_id)
+        job = job_state.get(s, job_id=job_id)
         assert job is not None and job.state == "running" and rows == job.done < n  # no row without its progress
     engine.dispose()
     srv = start_server(url, tmp_path)  # fast timing: finish the job

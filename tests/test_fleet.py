@@ -16,7 +16,8 @@ from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import db
 from latency_service.core.config import Settings
 from latency_service.models import Environment, Measurement
-from tests.support import PgCluster, start_server, stop_server, wait_job
+from latency_service.testing import PgCluster, stop_server, wait_job
+from tests.support import start_server
 
 ROOT = Path(__file__).resolve().parent.parent
 LAYOUT = NetworkLayout(num_cells=4, reduction_cells=(1, 2), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)

@@ -28,9 +28,10 @@ from gas_core.wire import ErrorBody, ProfileRequest
 from latency_service.bounds import Overloaded
 from latency_service.core.config import Settings
 from latency_service.service import Host
+from latency_service.testing import Server, stop_server, wait_job
 from search_client.report import plot_compare
 from search_client.table_cli import app as table_app
-from tests.support import Server, start_server, stop_server, wait_job
+from tests.support import start_server
 
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
 TINY_REQ = {"layout": TINY.model_dump(mode="json"), "input_size": [32, 48]}

@@ -23,7 +23,8 @@ from latency_service.core.config import Settings
 from latency_service.jobs import Trust
 from latency_service.profiler import Method, Timing
 from latency_service.service import Host
-from tests.support import start_server, stop_server, wait_job, worker_rig
+from latency_service.testing import stop_server, wait_job
+from tests.support import start_server, worker_rig
 
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
 KEY = LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8, w=8, stride=1, batch=1)

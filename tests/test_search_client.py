@@ -19,6 +19,7 @@ from gas_core.genotype import Genotype, random_genotype
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import Supernet
+from latency_service.testing import Server, stop_server
 from search_client.cli import fetch_latency_term
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import (
@@ -29,11 +30,12 @@ from search_client.data import (
     Cityscapes,
     DataRootError,
     Synthetic,
+    augment_by_interpolate,
     build_datasets,
 )
 from search_client.metrics import class_iou, confusion_metric, miou, summed_confusion
 from search_client.search import SearchConfig, search
-from tests.support import Server, augment_whole_image, start_server, stop_server
+from tests.support import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 SMALL = NetworkLayout(num_cells=4, reduction_cells=(1, 3), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
@@ -127,7 +129,7 @@ def test_augment_computes_only_the_crop_yet_equals_resizing_the_whole_image(dtyp
                     Augment((16, 24), False, keep_label=True)):
             for seed in range(12):
                 got = aug(img, lbl, torch.Generator().manual_seed(seed))
-                want = augment_whole_image(aug, img, lbl, torch.Generator().manual_seed(seed))
+                want = augment_by_interpolate(aug, img, lbl, torch.Generator().manual_seed(seed))
                 assert got[0].dtype == torch.float32 and got[1].dtype == torch.long
                 assert got[0].shape == want[0].shape and torch.allclose(got[0], want[0], atol=1e-5), (h, w, seed)
                 assert torch.equal(got[1], want[1]), (h, w, seed)
@@ -371,7 +373,7 @@ def test_ddp_matches_single_process_accumulation(tmp_path: Path) -> None:
 
 
 def _port() -> int:
-    from tests.support import free_port
+    from latency_service.testing import free_port
 
     return free_port()
 

@@ -17,7 +17,8 @@ from gas_core.keys import LatencyKey
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service import db
 from latency_service.models import Measurement
-from tests.support import Server, running, start_server, stop_server, wait_job
+from latency_service.testing import Server, running, stop_server, wait_job
+from tests.support import start_server
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -386,7 +387,7 @@ def test_unreachable_database_is_one_line_and_exit_1(tmp_path: Path) -> None:
     import subprocess
     import sys
 
-    from tests.support import free_port
+    from latency_service.testing import free_port
 
     env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GAS_DB_WAIT_S": "1",
            "GAS_DATABASE_URL": f"postgresql+psycopg://gas:Pa55wOrd@127.0.0.1:{free_port()}/gas"}

@@ -16,10 +16,10 @@ from sqlalchemy.exc import IntegrityError
 from gas_core.devices import resolve_device
 from gas_core.keys import LatencyKey
 from gas_core.quality import assess
-from latency_service import crud, db, device, profiler
+from latency_service import crud, db, device, job_state, profiler
 from latency_service.jobs import DeviceWorker
 from latency_service.models import Job, Measurement
-from latency_service.profiler import Method, context_case, resolved, samples_from_blob, time_callable, time_key
+from latency_service.profiler import Method, context_case, resolved, time_callable, time_key
 
 FAST = Method(warmup_runs=2, warmup_ms=1, samples=5, min_sample_ms=0.1)
 KEY = LatencyKey(op="sep_conv_3x3", c_in=8, c_out=8, h=16, w=32, stride=1, batch=1)
@@ -65,11 +65,11 @@ def test_measurement_unique_per_device_env_key(db_url: str) -> None:
         s.commit()
         assert s.scalar(select(func.count()).select_from(Measurement)) == 1
         row = s.scalars(select(Measurement)).one()
-        assert samples_from_blob(row.samples) == pytest.approx(timing.samples_us, rel=1e-6)
+        assert row.samples == pytest.approx(timing.samples_us, rel=1e-6)
         stats = crud.row_stats(s, device_id=dev.id, environment_id=env.id)
         assert {k: r.median_us for k, r in stats.items()} == {KEY.canonical: row.median_us}
         s.add(Measurement(device_id=dev.id, environment_id=env.id, key_hash=KEY.key_hash, key=KEY.canonical,
-                          **KEY.model_dump(), **timing.summary(), method={}, samples=b""))
+                          **KEY.model_dump(), **timing.summary(), method={}, samples=[]))
         with pytest.raises(IntegrityError):
             s.commit()
         s.rollback()
@@ -81,9 +81,9 @@ def test_one_active_job_per_request(db_url: str) -> None:
     engine, sessions = _session(db_url)
     with sessions() as s:
         dev, env = _device_env(s)
-        a, created_a = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+        a, created_a = job_state.create(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
                                        force=False)
-        b, created_b = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+        b, created_b = job_state.create(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
                                        force=False)
         assert created_a and not created_b and a.id == b.id
         # the partial unique index refuses a second active job even past the application check
@@ -92,8 +92,8 @@ def test_one_active_job_per_request(db_url: str) -> None:
         with pytest.raises(IntegrityError):
             s.commit()
         s.rollback()
-        crud.cancel_job(s, job=a)
-        c, created_c = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
+        job_state.cancel(s, job=a)
+        c, created_c = job_state.create(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY],
                                        force=False)
         assert created_c and c.id != a.id
     engine.dispose()
@@ -107,29 +107,29 @@ def test_jobs_are_claimed_once_and_taken_over_only_when_stale(db_url: str) -> No
         dev, env = _device_env(s)
         other_env = crud.get_or_create_environment(
             s, device=dev, ident=device.environment(torch.device("cpu"), 2, False))
-        job, _ = crud.create_job(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY], force=False)
+        job, _ = job_state.create(s, device_id=dev.id, environment_id=env.id, request_hash="h", keys=[KEY], force=False)
         now = datetime.now(UTC)
 
         def pick(owner: str, environment_id: int = env.id, at: datetime = now) -> Job | None:
-            return crud.next_job(s, device_id=dev.id, environment_id=environment_id, owner=owner,
+            return job_state.next_job(s, device_id=dev.id, environment_id=environment_id, owner=owner,
                                  stale_before=at - timedelta(seconds=300))
 
         assert pick("host-a", other_env.id) is None  # timed where it was asked for
         seen_by_a = pick("host-a")
         with sessions() as s_b:  # host b, its own connection
-            seen_by_b = crud.next_job(s_b, device_id=dev.id, environment_id=env.id, owner="host-b",
+            seen_by_b = job_state.next_job(s_b, device_id=dev.id, environment_id=env.id, owner="host-b",
                                       stale_before=now - timedelta(seconds=300))
             assert seen_by_a is not None and seen_by_b is not None and seen_by_a.id == seen_by_b.id == job.id
             s_b.commit()
-            assert crud.claim_job(s, job=seen_by_a, owner="host-a")
-            assert not crud.claim_job(s_b, job=seen_by_b, owner="host-b")  # b read it queued; a won
+            assert job_state.claim(s, job=seen_by_a, owner="host-a")
+            assert not job_state.claim(s_b, job=seen_by_b, owner="host-b")  # b read it queued; a won
         s.refresh(job)
         assert job.state == "running" and job.owner == "host-a" and job.started_at is not None
         assert pick("host-b") is None  # a's heartbeat is fresh
         assert pick("host-a").id == job.id  # a restarted a resumes its own job at once
         later = now + timedelta(seconds=301)
         taken = pick("host-b", at=later)
-        assert taken is not None and crud.claim_job(s, job=taken, owner="host-b")
+        assert taken is not None and job_state.claim(s, job=taken, owner="host-b")
         s.refresh(job)
         assert job.owner == "host-b" and job.state == "running"
 

@@ -16,10 +16,10 @@ from gas_core.genotype import random_genotype
 from gas_core.latency import predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.table import LatencyTable, compare_tables, kendall_tau, spearman
+from latency_service.testing import Server, wait_job
 from search_client.cli import predict_on_devices
 from search_client.client import LatencyClient
 from search_client.table_cli import app
-from tests.support import Server, wait_job
 
 TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=16, num_classes=4)
 TINY_REQ = {"layout": TINY.model_dump(mode="json"), "input_size": [32, 48]}

@@ -40,9 +40,10 @@ from latency_service.api.convert import entry_public, job_public
 from latency_service.jobs import Trust
 from latency_service.models import Job, Measurement
 from latency_service.profiler import Method, Timing
+from latency_service.testing import Server
 from search_client.report import Report, format_report
 from search_client.table_cli import app as table_app
-from tests.support import Server, worker_rig
+from tests.support import worker_rig
 
 STABLE = [100.0, 101.0, 99.0, 100.0, 102.0, 98.0, 100.0, 101.0, 99.0, 100.0]
 # the stored-but-useless stem_conv rows of issue 12: p10 = 0, std about the median
@@ -278,7 +279,8 @@ def test_cpu_affinity_is_applied_and_part_of_the_environment(tmp_path: Path) -> 
     import subprocess
     import sys
 
-    from tests.support import start_server, stop_server
+    from latency_service.testing import stop_server
+    from tests.support import start_server
 
     cpu = min(os.sched_getaffinity(0))
     srv = start_server(f"sqlite:///{tmp_path / 'a.db'}", tmp_path, {"GAS_CPU_AFFINITY": str(cpu)})

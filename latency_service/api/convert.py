@@ -9,7 +9,6 @@ from gas_core.quality import HostNoise
 from gas_core.table import clip_json
 from gas_core.wire import DevicePublic, EntryPublic, EnvironmentPublic, JobPublic
 from latency_service.models import Device, Environment, Job, Measurement
-from latency_service.profiler import samples_from_blob
 
 
 def device_row_public(dev: Device) -> DevicePublic:
@@ -49,5 +48,5 @@ def entry_public(row: Measurement, with_samples: bool = False) -> EntryPublic:
     if any(not data[f] <= MAX_US for f in STAT_FIELDS):
         data.update({f: min(data[f], MAX_US) if data[f] == data[f] else MAX_US for f in STAT_FIELDS}, flagged=True)
     if with_samples:
-        data["samples_us"] = [max(-MAX_US, min(MAX_US, x)) for x in samples_from_blob(row.samples)]
+        data["samples_us"] = [max(-MAX_US, min(MAX_US, x)) for x in row.samples]
     return EntryPublic(**data)

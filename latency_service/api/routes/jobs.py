@@ -6,7 +6,7 @@ from fastapi import APIRouter, HTTPException, Query, Response, status
 from fastapi.concurrency import run_in_threadpool
 
 from gas_core.wire import JobPublic, JobState, ProfileRequest
-from latency_service import crud
+from latency_service import job_state
 from latency_service.api.convert import job_public
 from latency_service.api.deps import (
     READ_RESPONSES,
@@ -72,13 +72,13 @@ async def profile(req: ProfileRequest, host: HostDep, client: ClientDep, respons
 def jobs(
     session: SessionDep, state: JobState | None = None, limit: Annotated[int, Query(ge=1, le=1000)] = 100
 ) -> list[JobPublic]:
-    return [_public(session, j) for j in crud.list_jobs(session, state=state, limit=limit)]
+    return [_public(session, j) for j in job_state.list_jobs(session, state=state, limit=limit)]
 
 
 @router.get("/jobs/{job_id}", response_model=JobPublic, dependencies=[ReadDep],
             responses={404: {"description": "no such job"}, **READ_RESPONSES})
 def job(job_id: str, session: SessionDep) -> JobPublic:
-    found = crud.get_job(session, job_id=job_id)
+    found = job_state.get(session, job_id=job_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
     return _public(session, found)
@@ -91,12 +91,12 @@ def job(job_id: str, session: SessionDep) -> JobPublic:
                summary="Cancel a queued or running job")
 def cancel(job_id: str, session: SessionDep, host: HostDep) -> JobPublic:
     """Measurements already stored stay; the key in flight finishes and is kept."""
-    found = crud.get_job(session, job_id=job_id)
+    found = job_state.get(session, job_id=job_id)
     if found is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job_id!r} not found")
-    if found.state not in crud.ACTIVE:
+    if found.state not in job_state.ACTIVE:
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({found.state})")
-    job = crud.cancel_job(session, job=found)
+    job = job_state.cancel(session, job=found)
     host.job_ended(job.request_hash)
     if job.state != "cancelled":  # it ended between the read and the update
         raise HTTPException(status.HTTP_409_CONFLICT, f"job {job_id!r} has already ended ({job.state})")

@@ -10,6 +10,7 @@ from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -122,6 +123,20 @@ def import_table(
     return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)
 
 
+class TableQuery(BaseModel):
+    """The query of ``GET /table/{device}``: which environment, which rows, which format. Frozen,
+    so one value keys the rendered-response cache."""
+
+    model_config = ConfigDict(frozen=True)
+    environment: str | None = Field(None, description="environment fingerprint; the newest when omitted")
+    dtype: Dtype | None = None
+    batch: int | None = Field(None, ge=1, le=INT32_MAX)
+    memory_format: MemoryFormat | None = None
+    op: str | None = Field(None, description="only this op's rows")
+    format: Literal["json", "csv"] = "json"
+    samples: bool = Field(False, description="include every raw sample (µs) of each row")
+
+
 @router.get(
     "/table/{device}",
     response_model=TablePublic,
@@ -137,14 +152,8 @@ def import_table(
 async def table(
     request: Request,
     device: str,
+    query: Annotated[TableQuery, Query()],
     host: HostDep,
-    environment: str | None = None,
-    dtype: Dtype | None = None,
-    batch: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
-    memory_format: MemoryFormat | None = None,
-    op: str | None = None,
-    format: Literal["json", "csv"] = "json",
-    samples: bool = Query(False, description="include every raw sample (µs) of each row"),
     if_none_match: Annotated[str | None, Header()] = None,
     accept_encoding: Annotated[str | None, Header(include_in_schema=False)] = None,
 ) -> Response:
@@ -153,25 +162,23 @@ async def table(
     (then the cached-read fast path answers repeats of this exact request before routing,
     docs/architecture.md). Only then are the device, environment and version looked up again
     (on a worker thread), and the table re-rendered only when its version changed."""
-    params = (device, environment, dtype, batch, memory_format, op, format, samples)
     key = raw_request_key(request.scope)
     rendered = await host.table_cache.current(
-        key, lambda generation: run_in_threadpool(_current, host, params, key, generation))
+        key, lambda generation: run_in_threadpool(_current, host, device, query, key, generation))
     code, headers, body = rendered.answer(if_none_match, accept_encoding)
     return Response(content=body, status_code=code, headers=headers)
 
 
-def _current(host: Host, params: tuple, request_key: Hashable, generation: int) -> Rendered:
+def _current(host: Host, device: str, query: TableQuery, request_key: Hashable, generation: int) -> Rendered:
     """The table's current version, rendered (from the cache when that version was seen)."""
-    device, environment, dtype, batch, memory_format, op, format, samples = params
     with host.sessions() as session:
-        dev, env = _device_env(session, device, environment)
-        scope = TableScope(dev.id, env.id, dtype, batch, memory_format, op)
+        dev, env = _device_env(session, device, query.environment)
+        scope = TableScope(dev.id, env.id, query.dtype, query.batch, query.memory_format, query.op)
         filters: dict[str, Any] = asdict(scope)
-        version = (tuple(filters.items()), format, samples, crud.table_version(session, **filters))
+        version = (tuple(filters.items()), query.format, query.samples, crud.table_version(session, **filters))
         rendered = host.table_cache.rendered(version)
         if rendered is None:
-            body, media = _render(session, dev, env, filters, format, samples)
+            body, media = _render(session, dev, env, filters, query.format, query.samples)
             rendered = host.table_cache.put(version, Rendered.of(body, media, env.fingerprint))
     host.table_cache.remember(request_key, rendered, generation, scope)
     return rendered
@@ -179,7 +186,7 @@ def _current(host: Host, params: tuple, request_key: Hashable, generation: int) 
 
 def _render(session: Session, dev: Device, env: Environment, filters: dict, format: str,
             samples: bool) -> tuple[bytes, str]:
-    entries = [entry_public(r, samples) for r in crud.table_rows(session, **filters)]
+    entries = [entry_public(r, samples) for r in crud.table_rows(session, **filters, with_samples=samples)]
     if format == "csv":
         buf = io.StringIO()
         writer = csv.DictWriter(buf, fieldnames=ENTRY_FIELDS)
