@@ -11,7 +11,7 @@ from collections.abc import Callable
 from typing import Annotated, Any, NoReturn, get_type_hints
 
 import typer
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gas_core.errors import one_line
@@ -24,6 +24,8 @@ class ClientSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GAS_", extra="ignore")
     api_token: str | None = None
     latency_url: str | None = None
+    client_retries: int = Field(4, ge=0, le=20, description="retries of a request that met a transport error or a 5xx")
+    client_backoff_s: float = Field(0.5, ge=0, le=60, description="first wait between retries; doubles each time")
 
 
 def fail(tool: str, msg: str, code: int = 2) -> NoReturn:
@@ -46,10 +48,15 @@ def setup_logging(info: bool = True, fmt: str = "%(asctime)s %(levelname)s %(nam
 
 def latency_client(tool: str, url: str | None, token: str | None, **kw: object) -> LatencyClient:
     """A client for ``--latency-url`` (or ``GAS_LATENCY_URL``) with ``--token`` (or ``GAS_API_TOKEN``)."""
-    settings = ClientSettings()
+    try:
+        settings = ClientSettings()
+    except ValidationError as err:
+        e = err.errors()[0]
+        fail(tool, f"GAS_{str(e['loc'][0]).upper()}: {e['msg']}")
     url = url or settings.latency_url
     if url is None:
         fail(tool, "--latency-url is required (or set GAS_LATENCY_URL)")
+    kw = {"retries": settings.client_retries, "backoff": settings.client_backoff_s, **kw}
     return LatencyClient(url, token=token or settings.api_token, **kw)  # type: ignore[arg-type]
 
 

@@ -45,14 +45,9 @@ log = logging.getLogger("gas-train")
 Dataset = Literal["synthetic", "cityscapes", "camvid"]
 CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
                "synthetic": ("background", "disc", "rectangle", "stripes")}
-_C = ComputeConfig()
+_DEVICE = ComputeConfig.model_fields["device"]  # gas-eval's one compute flag, its help and default from the model
 DOWNSCALE_HELP = ("shrink every image and label by this factor when loading, before augmentation (scale and crop "
                   "then act as at full size): CamVid at 2 is 180×240")
-
-
-def _h(name: str) -> str:
-    f = TrainConfig.model_fields.get(name) or ComputeConfig.model_fields[name]
-    return f.description or name
 
 
 def read_genotype(path: Path) -> Genotype:
@@ -198,7 +193,7 @@ def eval_cmd(
     flip: Annotated[bool, typer.Option(help="average with the horizontally flipped image")] = False,
     scales: Annotated[list[float] | None, typer.Option(
         "--scale", help="multi-scale evaluation: input scale factors to average, repeatable (default 1.0)")] = None,
-    device: Annotated[str, typer.Option(help=_h("device"))] = _C.device,
+    device: Annotated[str, typer.Option(help=_DEVICE.description)] = _DEVICE.default,
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     latency_url: Annotated[str | None, typer.Option(
         help="also measure this network on a latency service (POST /measure) and report latency, FPS and the "

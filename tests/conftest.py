@@ -39,3 +39,17 @@ def server(db_url: str, tmp_path: Path) -> Iterator[Server]:
         yield srv
     finally:
         stop_server(srv)
+
+
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def shared_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """One server per test module and backend, for tests whose assertions hold whatever the
+    others stored before them (reads, refusals, jobs they look up by id): each server start is a
+    uvicorn plus a device-worker process that imports torch."""
+    tmp = tmp_path_factory.mktemp("shared")
+    url = f"sqlite:///{tmp / 'gas.db'}" if request.param == "sqlite" else request.getfixturevalue("pg_cluster").create_db()
+    srv = start_server(url, tmp)
+    try:
+        yield srv
+    finally:
+        stop_server(srv)

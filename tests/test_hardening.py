@@ -358,7 +358,8 @@ def _bad_invocations(tmp: Path) -> list[tuple[str, object, list[str]]]:
 
 
 @pytest.mark.slow
-def test_every_cli_command_fails_on_bad_input_in_one_line(tmp_path: Path) -> None:
+def test_every_cli_command_fails_on_bad_input_in_one_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GAS_CLIENT_RETRIES", "0")  # a dead URL fails at once (retries: test_client_retries_*)
     runner = CliRunner()
     for name, cli, args in _bad_invocations(tmp_path):
         r = runner.invoke(cli, args)  # type: ignore[arg-type]

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -199,6 +201,25 @@ def test_client_retries_5xx_with_backoff() -> None:
             c.host()
 
 
+def test_client_retries_and_backoff_come_from_the_settings(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """``GAS_CLIENT_RETRIES`` and ``GAS_CLIENT_BACKOFF_S`` reach every CLI's client; a bad value is
+    one line naming the variable, not a traceback."""
+    import typer
+
+    from search_client.cli_common import latency_client
+
+    monkeypatch.setenv("GAS_CLIENT_RETRIES", "2")
+    monkeypatch.setenv("GAS_CLIENT_BACKOFF_S", "0.25")
+    with latency_client("gas-x", "http://127.0.0.1:9", None) as c:
+        assert (c.retries, c.backoff) == (2, 0.25)
+    monkeypatch.setenv("GAS_CLIENT_RETRIES", "-1")
+    with pytest.raises(typer.Exit) as exit_:
+        latency_client("gas-x", "http://127.0.0.1:9", None)
+    err = capsys.readouterr().err
+    assert exit_.value.exit_code == 2 and err.startswith("gas-x: error: GAS_CLIENT_RETRIES:") and err.count("\n") == 1
+
+
 def test_client_honours_retry_after() -> None:
     """A 503 with ``Retry-After: 7`` waits 7 s (recorded, not slept), not the 0.01 s backoff; a
     4xx is never retried."""
@@ -292,9 +313,9 @@ def test_fp16_resumes_a_checkpoint_written_without_a_scaler() -> None:
     assert fresh.get_scale() == 8.0
 
 
-def _gas_search(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+def _gas_search(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "search_client", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env={**os.environ, **(env or {})})
 
 
 @pytest.mark.slow
@@ -322,25 +343,29 @@ def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
-    r = _gas_search("--latency-url", "http://127.0.0.1:1", "--epochs", "1", cwd=tmp_path)
-    assert r.returncode == 1 and "unreachable" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--target", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
-    assert r.returncode == 1 and "no-such-device" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--device", "no-such-device", "--input-size", "32", "64", cwd=tmp_path)
-    assert r.returncode == 1 and "reading 'no-such-device' as --target" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--device", "cuda:7", "--input-size", "32", "64", cwd=tmp_path)
-    assert r.returncode == 2 and "--device cuda:7" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--epochs", "0", "--input-size", "32", "64", cwd=tmp_path)
-    assert r.returncode == 2 and "--epochs: Input should be greater than or equal to 1" in r.stderr
-    r = _gas_search("--latency-url", live.url, "--predict-on", "no-such-gpu", "--input-size", "32", "64",
-                    cwd=tmp_path)
-    assert r.returncode == 1 and "--predict-on: unknown device 'no-such-gpu'" in r.stderr
-    r = _gas_search("--latency-url", live.url, "--dataset", "cityscapes", "--data-root", str(tmp_path / "nope"),
-                    cwd=tmp_path)
-    assert r.returncode == 2 and "leftImg8bit" in r.stderr and "Traceback" not in r.stderr
-    r = _gas_search("--latency-url", live.url, "--batch", "5", "--accum", "2", "--input-size", "32", "64",
-                    "--synthetic-size", "8", "4", "--quiet", cwd=tmp_path)
-    assert r.returncode == 2 and "divisible" in r.stderr
+    """Each bad invocation, as a real process: its exit code and one line naming the problem.
+    The processes run side by side (each mostly imports torch)."""
+    size = ("--input-size", "32", "64")
+    fast_fail = {"GAS_CLIENT_RETRIES": "1", "GAS_CLIENT_BACKOFF_S": "0.01"}
+    cases: list[tuple[tuple[str, ...], dict[str, str] | None, int, str]] = [
+        (("--latency-url", "http://127.0.0.1:1", "--epochs", "1"), fast_fail, 1, "unreachable"),
+        (("--latency-url", live.url, "--target", "no-such-device", *size), None, 1, "no-such-device"),
+        (("--latency-url", live.url, "--device", "no-such-device", *size), None, 1,
+         "reading 'no-such-device' as --target"),
+        (("--latency-url", live.url, "--device", "cuda:7", *size), None, 2, "--device cuda:7"),
+        (("--latency-url", live.url, "--epochs", "0", *size), None, 2,
+         "--epochs: Input should be greater than or equal to 1"),
+        (("--latency-url", live.url, "--predict-on", "no-such-gpu", *size), None, 1,
+         "--predict-on: unknown device 'no-such-gpu'"),
+        (("--latency-url", live.url, "--dataset", "cityscapes", "--data-root", str(tmp_path / "nope")), None, 2,
+         "leftImg8bit"),
+        (("--latency-url", live.url, "--batch", "5", "--accum", "2", *size, "--synthetic-size", "8", "4", "--quiet"),
+         None, 2, "divisible"),
+    ]
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        results = list(pool.map(lambda c: _gas_search(*c[0], cwd=tmp_path, env=c[1]), cases))
+    for (args, _, code, says), r in zip(cases, results, strict=True):
+        assert r.returncode == code and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr[-2000:])
 
 
 @pytest.mark.slow

@@ -35,8 +35,8 @@ def _n_keys(layout: NetworkLayout, hw: tuple[int, int]) -> int:
     return len(cell_shapes(layout, hw).all_keys())
 
 
-def test_health_device_openapi(server: Server) -> None:
-    with server.client() as c:
+def test_health_device_openapi(shared_server: Server) -> None:
+    with shared_server.client() as c:
         assert c.get("/health").json() == {"schema_version": 1, "status": "ok", "database": True, "worker": True,
                                             "measuring": False, "measure_queue": 0}
         dev = c.get("/device").json()
@@ -110,8 +110,9 @@ def test_profile_table_measure_roundtrip(server: Server) -> None:
         assert m2["predicted_ms"] is None and m2["missing_keys"]
 
 
-def test_bad_input_is_rejected_with_the_field_named(server: Server) -> None:
-    with server.client() as c:
+def test_bad_input_is_rejected_with_the_field_named(shared_server: Server) -> None:
+    with shared_server.client() as c:
+        jobs_before = c.get("/jobs").json()
         def bad(path: str, body: dict, code: int = 422) -> str:
             r = c.post(path, json=body)
             assert r.status_code == code, r.text
@@ -139,7 +140,7 @@ def test_bad_input_is_rejected_with_the_field_named(server: Server) -> None:
         assert c.delete("/jobs/nope").status_code == 404
         assert c.get("/compare", params={"devices": "a"}).status_code == 422
         # nothing was stored by any of it
-        assert c.get("/jobs").json() == []
+        assert c.get("/jobs").json() == jobs_before
 
 
 @pytest.mark.slow
@@ -235,10 +236,10 @@ def test_token_guards_mutating_routes(tmp_path: Path) -> None:
 BIG = 2**63
 
 
-def test_bad_input_is_a_422_naming_the_field_never_a_500(server: Server) -> None:
+def test_bad_input_is_a_422_naming_the_field_never_a_500(shared_server: Server) -> None:
     """NaN / Infinity in a body, integers past 64 bits in a query or a body, unusable slugs and
     huge invalid bodies: each a 422 whose message names the field, echoing little of the input."""
-    with server.client() as c:
+    with shared_server.client() as c:
         for body in ('{"layout": {}, "input_size": [NaN, 8]}', '{"layout": {}, "input_size": [Infinity, 8]}'):
             r = c.post("/profile", content=body, headers={"Content-Type": "application/json"})
             assert r.status_code == 422, r.text
