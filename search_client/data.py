@@ -25,6 +25,8 @@ MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 # Cityscapes labelIds → trainIds (19 classes), from the official cityscapesScripts label table.
+# Written out, not imported: cityscapesscripts 2.3 requires pyquaternion, coloredlogs, appdirs,
+# requests and the obsolete `typing` backport — five packages for these 19 pairs.
 CITYSCAPES_ID_TO_TRAIN = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11,
                           25: 12, 26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
 CITYSCAPES_CLASSES = ("road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",
