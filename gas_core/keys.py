@@ -13,18 +13,18 @@ not determine.
 from __future__ import annotations
 
 import hashlib
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 MemoryFormat = Literal["contiguous", "channels_last"]
-Runtime = Literal["eager"]
+Runtime = Literal["eager", "onnxruntime", "torch_compile", "cuda_graph", "tensorrt"]
 
 DTYPES: tuple[str, ...] = ("float32", "float16", "bfloat16")
 MEMORY_FORMATS: tuple[str, ...] = ("contiguous", "channels_last")
-RUNTIMES: tuple[str, ...] = ("eager",)
+RUNTIMES: tuple[str, ...] = get_args(Runtime)  # each one entry of gas_core.runtimes.REGISTRY
 
 TORCH_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,

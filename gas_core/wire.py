@@ -12,7 +12,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
 
 from gas_core.genotype import Genotype, random_genotype
-from gas_core.keys import Dtype, LatencyKey, MemoryFormat
+from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime
 from gas_core.quality import Agreement, HostNoise
 from gas_core.search_space import NetworkLayout
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
@@ -56,6 +56,9 @@ class ProfileRequest(VersionedRequest):
     batches: list[StrictInt] = Field(default=[1], min_length=1, max_length=64)
     dtypes: list[Dtype] = Field(default=["float32"], min_length=1, max_length=16)
     memory_formats: list[MemoryFormat] = Field(default=["contiguous"], min_length=1, max_length=16)
+    runtimes: list[Runtime] = Field(default=["eager"], min_length=1, max_length=8, description=(
+        "how each component is run when timed: eager, or exported/compiled at its shape (GET /device lists "
+        "this host's runtimes)"))
     force: bool = Field(default=False, description="re-time keys that are already stored")
 
     @model_validator(mode="after")
@@ -64,11 +67,11 @@ class ProfileRequest(VersionedRequest):
             raise ValueError("give exactly one of 'keys' or 'layout' (with 'input_size')")
         if self.keys is not None:
             defaults = {n: type(self).model_fields[n].default for n in ("input_size", "batches", "dtypes",
-                                                                         "memory_formats")}
+                                                                         "memory_formats", "runtimes")}
             extra = [n for n, d in defaults.items() if getattr(self, n) != d]
             if extra:
-                raise ValueError(f"{extra[0]}: only with 'layout'; explicit 'keys' carry their own size, batch, dtype "
-                                 "and memory format")
+                raise ValueError(f"{extra[0]}: only with 'layout'; explicit 'keys' carry their own size, batch, dtype, "
+                                 "memory format and runtime")
         if self.layout is not None and self.input_size is None:
             raise ValueError("input_size: required with 'layout'")
         if self.input_size is not None and min(self.input_size) < 1:
@@ -120,12 +123,20 @@ EntryPublic = TableEntry
 TablePublic = LatencyTable
 
 
+class RuntimeSupport(BaseModel):
+    version: str | None = Field(description="installed version; null when not installed")
+    available: bool
+    missing: str | None = Field(default=None, description="why it cannot run here, and what to install")
+
+
 class HostPublic(Versioned):
     """``GET /device``: this host's identity and current environment."""
 
     device: DevicePublic
     environment: EnvironmentPublic
     torch_device: str
+    runtimes: dict[str, RuntimeSupport] = Field(default_factory=dict, description="every registered runtime: its "
+                                                "version here and, when it cannot run here, why")
     host_noise: HostNoise | None = Field(default=None, description="the reference workload through this "
                                          "environment's most recent job: how steady the host was")
 
@@ -147,6 +158,8 @@ class MeasureRequest(VersionedRequest):
     batch: int = Field(default=1, ge=1, strict=True)
     dtype: Dtype = "float32"
     memory_format: MemoryFormat = "contiguous"
+    runtime: Runtime = Field(default="eager", description="run the whole network under this runtime, exported or "
+                             "compiled as one graph; its table prediction uses that runtime's rows")
     num_classes: int | None = Field(default=None, ge=1, le=1000, strict=True)
 
     @model_validator(mode="after")
@@ -166,6 +179,7 @@ class MeasuredOn(Versioned):
     batch: int
     dtype: str
     memory_format: str
+    runtime: str = "eager"
 
 
 class MeasurePublic(MeasuredOn):
@@ -188,6 +202,7 @@ class TableRef(BaseModel):
     device: str
     environment: str
     entries: int
+    runtime: str | None = Field(default=None, description="only this runtime's rows (null: every runtime's)")
 
 
 class PairComparison(TableComparison):

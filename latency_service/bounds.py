@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session
 
 from gas_core.keys import LatencyKey, key_pixels
 from gas_core.ops import check_key
+from gas_core.runtimes import check_runtime
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.wire import MeasureRequest, ProfileRequest
 from latency_service import job_state
@@ -50,7 +51,7 @@ def check_key_bounds(s: Settings, key: LatencyKey, where: str) -> None:
         raise RequestError(f"{where}: activation of {key_pixels(key)} elements exceeds {s.max_elements}")
 
 
-def expand(settings: Settings, req: ProfileRequest) -> list[LatencyKey]:
+def expand(settings: Settings, req: ProfileRequest, device_type: str = "cpu") -> list[LatencyKey]:
     """The request's keys, deduplicated, in order, each checked against the bounds. A layout
     request is deduplicated and bounded *before* it is expanded: its size is known from one
     configuration's keys times the distinct batches, dtypes and memory formats, so a small
@@ -67,7 +68,22 @@ def expand(settings: Settings, req: ProfileRequest) -> list[LatencyKey]:
         keys = _expand_layout(settings, req.layout, req.input_size, req)
     if len(keys) > settings.max_keys_per_job:
         raise RequestError(f"keys: {len(keys)} exceed the bound GAS_MAX_KEYS_PER_JOB={settings.max_keys_per_job}")
+    check_runtimes(keys, device_type, "runtimes" if req.keys is None else "keys[{i}].runtime")
     return keys
+
+
+def check_runtimes(keys: list[LatencyKey], device_type: str, where: str) -> None:
+    """Every key's runtime can run here at its dtype and memory format; else a refusal naming
+    the field (``where``, formatted with the key's index ``i``) and what to install or change."""
+    seen: set[tuple[str, str, str]] = set()
+    for i, k in enumerate(keys):
+        combo = (k.runtime, k.dtype, k.memory_format)
+        if combo in seen:
+            continue
+        seen.add(combo)
+        why = check_runtime(k.runtime, device_type, k.dtype, k.memory_format)
+        if why is not None:
+            raise RequestError(f"{where.format(i=i)}: {why}")
 
 
 def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], req: ProfileRequest) -> list[LatencyKey]:
@@ -77,6 +93,7 @@ def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], r
     batches = list(dict.fromkeys(req.batches))
     dtypes = list(dict.fromkeys(req.dtypes))
     formats = list(dict.fromkeys(req.memory_formats))
+    runtimes = list(dict.fromkeys(req.runtimes))
     for b in batches:
         if b > st.max_batch:
             raise RequestError(f"batches: {b} exceeds the bound {st.max_batch}")
@@ -86,16 +103,18 @@ def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], r
         raise RequestError(f"layout: implies a latency key out of bounds ({str(err).splitlines()[0]})") from None
     for k in one:  # channels and the largest activation do not depend on dtype or memory format
         check_key_bounds(st, k, "layout")
-    if len(one) * len(batches) * len(dtypes) * len(formats) > st.max_keys_per_job:
+    if len(one) * len(batches) * len(dtypes) * len(formats) * len(runtimes) > st.max_keys_per_job:
         raise RequestError(f"layout: {len(one)} keys × {len(batches)} batches × {len(dtypes)} dtypes × "
-                           f"{len(formats)} memory formats exceed the bound GAS_MAX_KEYS_PER_JOB={st.max_keys_per_job}")
+                           f"{len(formats)} memory formats × {len(runtimes)} runtimes exceed the bound "
+                           f"GAS_MAX_KEYS_PER_JOB={st.max_keys_per_job}")
     seen: dict[str, LatencyKey] = {}
     for b in batches:
         for dt in dtypes:
             for mf in formats:
-                for k in cell_shapes(layout, (h, w), b, dt, mf).all_keys():
-                    seen.setdefault(k.canonical, k)
-                time.sleep(0)  # hand the interpreter lock to the event loop between configurations
+                for rt in runtimes:
+                    for k in cell_shapes(layout, (h, w), b, dt, mf, rt).all_keys():
+                        seen.setdefault(k.canonical, k)
+                    time.sleep(0)  # hand the interpreter lock to the event loop between configurations
     return list(seen.values())
 
 
@@ -115,7 +134,7 @@ def check_queue(session: Session, st: Settings, *, device_id: int, environment_i
                          "drained", 503, 60)
 
 
-def check_measure_bounds(s: Settings, req: MeasureRequest) -> None:
+def check_measure_bounds(s: Settings, req: MeasureRequest, device_type: str = "cpu") -> None:
     """Every width and the largest activation of the network, before anything is built: the
     keys of ``cell_shapes`` at this input are exactly the components the network runs, so
     each is checked against the channel, side and element bounds (a stem of 8192 channels at
@@ -123,6 +142,9 @@ def check_measure_bounds(s: Settings, req: MeasureRequest) -> None:
     h, w = req.input_size
     if max(h, w) > s.max_side:
         raise RequestError(f"input_size: {h}×{w} exceeds the bound {s.max_side} per side")
+    why = check_runtime(req.runtime, device_type, req.dtype, req.memory_format)
+    if why is not None:
+        raise RequestError(f"runtime: {why}")
     if req.batch > s.max_batch:
         raise RequestError(f"batch: {req.batch} exceeds the bound {s.max_batch}")
     layout = req.genotype.layout

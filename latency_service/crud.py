@@ -139,8 +139,10 @@ def flag_rows(session: Session, *, device_id: int, environment_id: int, hashes: 
 
 
 def _filtered(q, *, device_id: int, environment_id: int, dtype: str | None, batch: int | None,  # type: ignore[no-untyped-def]
-              memory_format: str | None, op: str | None):
+              memory_format: str | None, op: str | None, runtime: str | None = None):
     q = q.where(Measurement.device_id == device_id, Measurement.environment_id == environment_id)
+    if runtime is not None:
+        q = q.where(Measurement.runtime == runtime)
     if dtype is not None:
         q = q.where(Measurement.dtype == dtype)
     if batch is not None:
@@ -154,25 +156,26 @@ def _filtered(q, *, device_id: int, environment_id: int, dtype: str | None, batc
 
 def table_rows(
     session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
-    memory_format: str | None = None, op: str | None = None, with_samples: bool = False,
+    memory_format: str | None = None, op: str | None = None, runtime: str | None = None, with_samples: bool = False,
 ) -> Sequence[Measurement]:
     """A filtered table's rows by key; their raw samples (deferred) loaded in the same query
     only when asked for."""
     rows = select(Measurement).options(undefer(Measurement.samples)) if with_samples else select(Measurement)
     q = _filtered(rows, device_id=device_id, environment_id=environment_id, dtype=dtype, batch=batch,
-                  memory_format=memory_format, op=op)
+                  memory_format=memory_format, op=op, runtime=runtime)
     return session.scalars(q.order_by(Measurement.key)).all()
 
 
 def table_version(
     session: Session, *, device_id: int, environment_id: int, dtype: str | None = None, batch: int | None = None,
-    memory_format: str | None = None, op: str | None = None,
+    memory_format: str | None = None, op: str | None = None, runtime: str | None = None,
 ) -> tuple[int, str, str]:
     """(row count, newest write, Σ medians) of a filtered table: changes whenever any of its rows
     does, including rows written by other hosts of a fleet or imported with an older time, so it
     keys the response cache."""
     q = _filtered(select(func.count(), func.max(Measurement.created_at), func.sum(Measurement.median_us)), device_id=device_id,
-                  environment_id=environment_id, dtype=dtype, batch=batch, memory_format=memory_format, op=op)
+                  environment_id=environment_id, dtype=dtype, batch=batch, memory_format=memory_format, op=op,
+                  runtime=runtime)
     count, newest, total = session.execute(q).one()
     return int(count), str(newest), repr(total)
 

@@ -16,6 +16,7 @@ from typing import Any
 
 import torch
 
+from gas_core.runtimes import REGISTRY, host_runtimes
 from gas_core.table import environment_fingerprint
 from latency_service.profiler import cpu_caches
 
@@ -167,7 +168,8 @@ def environment(
     cpu_affinity: str | None = None,
 ) -> EnvironmentIdentity:
     """The software that changes timings, including the timing method: tables measured with
-    another method are another environment, never mixed. On a CPU also the CPU affinity
+    another method are another environment, never mixed; so are the versions of the runtimes
+    installed apart from torch. On a CPU also the CPU affinity
     (``GAS_CPU_AFFINITY``) when set: pinned and unpinned tables are not mixed.
     (SMT and the governor are in the device's info, :func:`cpu_identity`: they describe the
     machine, and adding them here would orphan every table stored before they were recorded.)"""
@@ -179,6 +181,10 @@ def environment(
     }
     if device.type == "cpu" and cpu_affinity is not None:
         info["cpu_affinity"] = cpu_affinity
+    # runtimes installed apart from torch (onnxruntime, tensorrt), by version: a table of one
+    # version is never mixed with another's (eager, torch_compile and cuda_graph are torch's own)
+    info["runtimes"] = {name: support["version"] for name, support in host_runtimes(device.type).items()
+                        if support["available"] and REGISTRY[name].package is not None}
     if device.type == "cuda":
         nv = _nvml()
         info.update(

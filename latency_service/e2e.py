@@ -33,7 +33,7 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
     st = spec.settings
     method = Method(warmup_runs=st.e2e_warmup_runs, warmup_ms=st.warmup_ms, samples=st.e2e_samples,
                     min_sample_ms=st.min_sample_ms, max_iters_per_sample=st.max_iters_per_sample)
-    shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format)
+    shapes = cell_shapes(genotype.layout, req.input_size, req.batch, req.dtype, req.memory_format, req.runtime)
     with sessions() as s:
         rows = crud.row_stats(s, device_id=spec.device_id, environment_id=spec.environment_id)
         noise = crud.latest_host_noise(s, device_id=spec.device_id, environment_id=spec.environment_id)
@@ -48,7 +48,8 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
         predicted, missing = None, [k.canonical for k in err.missing]
     # the reference right before the network: how the host runs now against while the table was timed
     reference_us = time_reference(spec.torch_device).median_us if predicted is not None and noise else None
-    timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, spec.torch_device, method)
+    timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, spec.torch_device, method,
+                          req.runtime)
     summ = timing.summary()
     median = float(summ["median_us"])
     agree = None
@@ -64,13 +65,14 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
             genotype=json.loads(genotype.model_dump_json()),
             genotype_hash=hashlib.sha256(genotype.model_dump_json().encode()).hexdigest(),
             input_h=req.input_size[0], input_w=req.input_size[1], batch=req.batch, dtype=req.dtype,
-            memory_format=req.memory_format, median_us=median, p90_us=summ["p90_us"], mean_us=summ["mean_us"],
+            memory_format=req.memory_format, runtime=req.runtime, median_us=median, p90_us=summ["p90_us"],
+            mean_us=summ["mean_us"],
             std_us=summ["std_us"], n_samples=summ["n_samples"], iters_per_sample=summ["iters_per_sample"],
             fps=req.batch * 1e6 / median, predicted_us=predicted, samples=timing.samples_us,
         )
     return MeasurePublic(
         device=spec.device.slug, environment=spec.env.fingerprint, input_size=req.input_size, batch=req.batch,
-        dtype=req.dtype, memory_format=req.memory_format, median_ms=median / 1e3,
+        dtype=req.dtype, memory_format=req.memory_format, runtime=req.runtime, median_ms=median / 1e3,
         p10_ms=float(summ["p10_us"]) / 1e3, p90_ms=float(summ["p90_us"]) / 1e3, mean_ms=float(summ["mean_us"]) / 1e3,
         std_ms=float(summ["std_us"]) / 1e3, n_samples=int(summ["n_samples"]), fps=req.batch * 1e6 / median,
         predicted_ms=None if predicted is None else predicted / 1e3, missing_keys=missing,

@@ -193,6 +193,7 @@ class E2EMeasurement(Base):
     batch: Mapped[int] = mapped_column(Integer)
     dtype: Mapped[str] = mapped_column(String(16))
     memory_format: Mapped[str] = mapped_column(String(16))
+    runtime: Mapped[str] = mapped_column(String(16), default="eager", server_default="eager")
     median_us: Mapped[float] = mapped_column(Float)
     p90_us: Mapped[float] = mapped_column(Float)
     mean_us: Mapped[float] = mapped_column(Float)

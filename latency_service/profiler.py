@@ -20,6 +20,7 @@ from torch import nn
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
 from gas_core.ops import PRIMITIVES, build_timing_case
 from gas_core.quality import median_se, quantile, sample_stats
+from gas_core.runtimes import prepare
 
 
 @dataclass(frozen=True)
@@ -243,13 +244,16 @@ def context_case(
 
 
 def time_key(key: LatencyKey, device: torch.device, method: Method, seed: int = 0) -> Timing:
-    """Time one latency key: the component built by gas_core at the key's exact shape."""
+    """Time one latency key: the component built by gas_core at the key's exact shape, run under
+    the key's runtime (exported or compiled first, as its own graph: :mod:`gas_core.runtimes`)."""
     gen = torch.Generator().manual_seed(seed)
     module, args = build_timing_case(key, device=device, generator=gen)
+    with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
+        run = prepare(key.runtime, module, args, device)
     with torch.inference_mode():
         flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
         ctx = context_case(device, key.dtype, key.memory_format, flush, args) if method.context else None
-        return time_callable(lambda: module(*args), device, method, ctx)
+        return time_callable(run, device, method, ctx)
 
 
 REFERENCE_KEY = LatencyKey(op="conv_3x3", c_in=32, c_out=32, h=64, w=128, stride=1, n_inputs=1, batch=1,
@@ -270,12 +274,15 @@ def time_reference(device: torch.device) -> Timing:
 
 def time_network(
     net: nn.Module, input_hw: tuple[int, int], batch: int, dtype: str, memory_format: str,
-    device: torch.device, method: Method,
+    device: torch.device, method: Method, runtime: str = "eager",
 ) -> Timing:
-    """Time a whole network end to end on a ``(batch, 3, H, W)`` input."""
+    """Time a whole network end to end on a ``(batch, 3, H, W)`` input under ``runtime`` (the
+    whole network exported or compiled as one graph, as it would ship)."""
     dt, fmt = TORCH_DTYPES[dtype], TORCH_MEMORY_FORMATS[memory_format]
     net = net.eval().to(device=device, dtype=dt, memory_format=fmt)  # type: ignore[call-overload]
     x = torch.randn(batch, 3, *input_hw, generator=torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=dt, memory_format=fmt)
+    with torch.no_grad():
+        run = prepare(runtime, net, (x,), device)
     with torch.inference_mode():
-        return time_callable(lambda: net(x), device, method)
+        return time_callable(run, device, method)

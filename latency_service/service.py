@@ -126,7 +126,7 @@ class Host:
     # ------------------------------------------------------------ profiling
     def expand(self, req: ProfileRequest) -> list[LatencyKey]:
         """The request's keys, bounded and deduplicated (:func:`latency_service.bounds.expand`)."""
-        return bounds.expand(self.settings, req)
+        return bounds.expand(self.settings, req, self.torch_device.type)
 
     def plan_profile(self, req: ProfileRequest) -> tuple[list[LatencyKey], str]:
         """The request's keys (bounded, deduplicated) and the hash that identifies an identical
@@ -190,7 +190,7 @@ class Host:
 
     # ------------------------------------------------------------ end-to-end
     def check_measure_bounds(self, req: MeasureRequest) -> None:
-        bounds.check_measure_bounds(self.settings, req)
+        bounds.check_measure_bounds(self.settings, req, self.torch_device.type)
 
     def measure(self, req: MeasureRequest) -> MeasurePublic:
         """Time the derived network end to end on the calling thread (:func:`latency_service.e2e.measure`)."""

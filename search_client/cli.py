@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype
-from gas_core.keys import DTYPES, MEMORY_FORMATS
+from gas_core.keys import DTYPES, MEMORY_FORMATS, RUNTIMES
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.wire import split_ref
@@ -44,21 +44,23 @@ TOOL = "gas-search"
 
 def fetch_latency_term(
     client: LatencyClient, target: str | None, layout: NetworkLayout, size: tuple[int, int], batch: int, dtype: str,
-    memory_format: str, progress: bool = True,
+    memory_format: str, progress: bool = True, runtime: str = "eager",
 ) -> tuple[LatencyTerm, str]:
     """Table → LatencyTerm. ``target`` is ``SLUG`` or ``SLUG@ENVIRONMENT`` (default: the
     service's own device). The service's own device is read in the service's current environment
-    (where new profiles land) unless another is named, and its missing keys are profiled."""
+    (where new profiles land) unless another is named, and its missing keys are profiled. Only
+    ``runtime``'s rows are read: a table of another runtime never serves this search."""
     host = client.host()
     slug, env = split_ref(target) if target else (host.device.slug, None)
     own = slug == host.device.slug and env in (None, host.environment.fingerprint)
     if own:
         env = host.environment.fingerprint
-    shapes = cell_shapes(layout, size, batch, dtype, memory_format)  # type: ignore[arg-type]
+    shapes = cell_shapes(layout, size, batch, dtype, memory_format, runtime)  # type: ignore[arg-type]
     keys = shapes.all_keys()
 
     def lookup() -> dict[str, float]:
-        return client.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env).lookup()
+        return client.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env,
+                            runtime=runtime).lookup()
 
     table = lookup()
     missing = [k for k in keys if k.canonical not in table]
@@ -101,16 +103,17 @@ def check_table_refs(client: LatencyClient, refs: list[str]) -> None:
 
 def predict_on_devices(
     client: LatencyClient, refs: list[str], genotype: Genotype, size: tuple[int, int], batch: int, dtype: str,
-    memory_format: str,
+    memory_format: str, runtime: str = "eager",
 ) -> list[DevicePrediction]:
     """The derived network's latency predicted from other devices' tables (``DEVICE`` or
     ``DEVICE@ENVIRONMENT``): does a network searched for one GPU stay fast on another? A table
     that lacks some of the network's keys gives no figure, and says how many it lacks."""
-    shapes = cell_shapes(genotype.layout, size, batch, dtype, memory_format)  # type: ignore[arg-type]
+    shapes = cell_shapes(genotype.layout, size, batch, dtype, memory_format, runtime)  # type: ignore[arg-type]
     out = []
     for ref in refs:
         slug, env = split_ref(ref)
-        table = client.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env)
+        table = client.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env,
+                             runtime=runtime)
         try:
             pred: float | None = predict_latency_us(genotype, shapes, table.lookup()) / 1e3
             missing = 0
@@ -134,6 +137,7 @@ class Deployment:
     batch: int
     dtype: str
     memory_format: str
+    runtime: str = "eager"
 
 
 def parse_device_flags(device: str, target: str | None) -> tuple[str, str | None]:
@@ -155,7 +159,7 @@ def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layo
     payload: list = [None]
     if d.main:
         term, slug = fetch_latency_term(client, target, layout, dep.size, dep.batch, dep.dtype, dep.memory_format,
-                                        progress=progress)
+                                        progress=progress, runtime=dep.runtime)
         payload = [(term.L, float(term.fixed), slug)]
     if d.world > 1:
         dist.broadcast_object_list(payload, src=0)
@@ -177,11 +181,12 @@ def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int) -> Path
 def measure_and_report(client: LatencyClient, result: SearchResult, geno_path: Path, dep: Deployment,
                        others: list[DevicePrediction], out: Path) -> None:
     """POST /measure on the service's device, then the predicted-vs-measured report."""
-    m = client.measure(result.genotype, dep.size, batch=dep.batch, dtype=dep.dtype, memory_format=dep.memory_format)
+    m = client.measure(result.genotype, dep.size, batch=dep.batch, dtype=dep.dtype, memory_format=dep.memory_format,
+                       runtime=dep.runtime)
     last = result.history[-1]
     report = Report(
         device=m.device, environment=m.environment, input_size=m.input_size, batch=m.batch, dtype=m.dtype,
-        memory_format=m.memory_format, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
+        memory_format=m.memory_format, runtime=m.runtime, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
         measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
         val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
         predicted_on=others, agreement=m.agreement,
@@ -216,6 +221,10 @@ def run(
     dtype: Annotated[str, typer.Option(help=f"deployment dtype: {', '.join(DTYPES)}")] = "float32",
     memory_format: Annotated[str, typer.Option(help=f"deployment memory format: {', '.join(MEMORY_FORMATS)}")] = (
         "contiguous"),
+    runtime: Annotated[str, typer.Option(
+        help=f"deployment runtime: {', '.join(RUNTIMES)}. The search reads that runtime's table (profiling its "
+        "missing keys, each component exported or compiled at its shape) and /measure runs the derived network "
+        "under it; GET /device lists the host's runtimes")] = "eager",
     synthetic_size: Annotated[tuple[int, int], typer.Option(help="synthetic train/val sample counts")] = (64, 16),
     downscale: Annotated[int, typer.Option(
         help="shrink every image and label by this factor when loading, before augmentation (CamVid at 2 is "
@@ -240,6 +249,8 @@ def run(
         resolve_device(compute["device"], d.local_rank, d.world)
         if dtype not in DTYPES or memory_format not in MEMORY_FORMATS:
             raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
+        if runtime not in RUNTIMES:
+            raise ValueError(f"--runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
         cfg, comp = SearchConfig(**search), ComputeConfig(**compute)
         train, val = build_datasets(dataset, data_root, input_size, cfg.seed, synthetic_size, downscale=downscale)
     except ValidationError as err:
@@ -247,7 +258,7 @@ def run(
     except (DataRootError, ValueError) as err:
         fail(TOOL, str(err), 2)
     setup_logging(d.main)
-    dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format)
+    dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format, runtime)
     client = latency_client(TOOL, latency_url, token)
     try:
         _run(SearchRun(client, d, cfg, comp, target, train, val, dep, out, resume, measure, predict_on or [], quiet))
@@ -296,7 +307,7 @@ def _run(job: SearchRun) -> None:
         return
     geno_path = write_artefacts(result, out, cfg.warmup_epochs)
     others = predict_on_devices(client, predict_on, result.genotype, dep.size, dep.batch, dep.dtype,
-                                dep.memory_format)
+                                dep.memory_format, dep.runtime)
     if measure:
         measure_and_report(client, result, geno_path, dep, others, out)
         return

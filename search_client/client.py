@@ -142,16 +142,17 @@ class LatencyClient:
 
     def table(self, device: str, *, dtype: str | None = None, batch: int | None = None,
               memory_format: str | None = None, environment: str | None = None, op: str | None = None,
-              samples: bool = False) -> LatencyTable:
+              runtime: str | None = None, samples: bool = False) -> LatencyTable:
         """A device's table (its newest environment unless one is named), filtered; with
         ``samples`` every raw sample too — the export artefact."""
         r = self._request("GET", f"/table/{device}", params=self._table_params(dtype, batch, memory_format, environment,
-                                                                               op, samples=samples))
+                                                                               op, runtime=runtime, samples=samples))
         return self._json(r, LatencyTable, f"GET /table/{device}")
 
     def table_csv(self, device: str, *, dtype: str | None = None, batch: int | None = None,
-                  memory_format: str | None = None, environment: str | None = None, op: str | None = None) -> bytes:
-        params = self._table_params(dtype, batch, memory_format, environment, op, format="csv")
+                  memory_format: str | None = None, environment: str | None = None, op: str | None = None,
+                  runtime: str | None = None) -> bytes:
+        params = self._table_params(dtype, batch, memory_format, environment, op, runtime=runtime, format="csv")
         r = self._request("GET", f"/table/{device}", params=params)
         self._check(r, f"GET /table/{device}")
         return r.content
@@ -166,8 +167,8 @@ class LatencyClient:
         return self._json(self._request("GET", "/devices"), DevicesPublic, "GET /devices")
 
     def compare(self, refs: list[str], *, dtype: str | None = None, batch: int | None = None,
-                memory_format: str | None = None, op: str | None = None) -> ComparePublic:
-        params = self._table_params(dtype, batch, memory_format, None, op, devices=",".join(refs))
+                memory_format: str | None = None, op: str | None = None, runtime: str | None = None) -> ComparePublic:
+        params = self._table_params(dtype, batch, memory_format, None, op, runtime=runtime, devices=",".join(refs))
         return self._json(self._request("GET", "/compare", params=params), ComparePublic, "GET /compare")
 
     def import_table(self, table: LatencyTable, *, force: bool = False) -> ImportPublic:
@@ -199,8 +200,8 @@ class LatencyClient:
             time.sleep(poll_s)
 
     def measure(self, genotype: Genotype, input_size: tuple[int, int], *, batch: int, dtype: str,
-                memory_format: str) -> MeasurePublic:
+                memory_format: str, runtime: str = "eager") -> MeasurePublic:
         body = _body(MeasureRequest, "POST /measure", genotype=genotype, input_size=input_size, batch=batch,
-                     dtype=dtype, memory_format=memory_format)
+                     dtype=dtype, memory_format=memory_format, runtime=runtime)
         r = self._request("POST", "/measure", json=body, timeout=1800)
         return self._json(r, MeasurePublic, "POST /measure")

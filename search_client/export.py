@@ -4,7 +4,6 @@ checked against eager, and ONNX Runtime's timing beside eager on this host."""
 
 from __future__ import annotations
 
-import copy
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -13,31 +12,13 @@ from typing import Literal
 import torch
 from pydantic import BaseModel, Field
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gas_core.genotype import Genotype
 from gas_core.quality import quantile
+from gas_core.runtimes import ONNX_OPSET, fold_batchnorm
 
-ONNX_OPSET = 17
 TOLERANCE = 1e-4
 """Largest |export − eager| / max|eager| accepted (float32; folding reorders the arithmetic)."""
-
-
-def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
-    """An eval-mode copy of ``model`` with every BatchNorm2d that directly follows a Conv2d in a
-    Sequential folded into that conv (the BN becomes Identity). Returns (copy, folds). Shapes and
-    outputs are unchanged up to float rounding."""
-    folded = copy.deepcopy(model).eval()
-    n = 0
-    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
-        names = list(seq._modules)
-        for a, b in zip(names, names[1:], strict=False):
-            conv, bn = seq._modules[a], seq._modules[b]
-            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
-                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
-                seq._modules[b] = nn.Identity()
-                n += 1
-    return folded, n
 
 
 class ExportCheck(BaseModel):

@@ -55,7 +55,7 @@ def format_report(r: Report) -> str:
         err += f" ({'within' if a.within_noise else 'beyond'} the timing noise of ±{a.noise_pct:.1f} %)"
     rows = [
         ("device", r.device), ("environment", r.environment),
-        ("input", f"{r.batch}×3×{r.input_size[0]}×{r.input_size[1]} {r.dtype} {r.memory_format}"),
+        ("input", f"{r.batch}×3×{r.input_size[0]}×{r.input_size[1]} {r.dtype} {r.memory_format}, runtime {r.runtime}"),
         ("predicted latency (table)", f"{pred} ms"),
         ("measured latency median", f"{meas} ms"),
         ("measured latency p90", f"{r.measured_p90_ms:.3f} ms"),

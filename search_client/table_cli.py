@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import typer
 from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment
-from gas_core.wire import split_ref
+from gas_core.keys import RUNTIMES
+from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment, compare_tables
+from gas_core.wire import ComparePublic, PairComparison, TableRef, split_ref
 from search_client.cli_common import fail, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError
 from search_client.report import plot_compare
@@ -35,6 +36,8 @@ DtypeOpt = Annotated[str | None, typer.Option(help="only rows of this dtype")]
 BatchOpt = Annotated[int | None, typer.Option(help="only rows of this batch", min=1)]
 FormatOpt = Annotated[str | None, typer.Option("--memory-format", help="only rows of this memory format")]
 OpOpt = Annotated[str | None, typer.Option(help="only rows of this op")]
+RuntimeOpt = Annotated[str | None, typer.Option(
+    help=f"only rows of this runtime: {', '.join(RUNTIMES)} (GET /device lists a host's)")]
 
 
 def _client(url: str | None, token: str | None) -> LatencyClient:
@@ -46,6 +49,12 @@ def _ref(ref: str) -> tuple[str, str | None]:
         return split_ref(ref)
     except ValueError as exc:
         fail("gas-table", str(exc), 2)
+
+
+def _runtime(name: str | None, flag: str = "--runtime") -> str | None:
+    if name is not None and name not in RUNTIMES:
+        fail("gas-table", f"{flag} {name!r}: must be one of {', '.join(RUNTIMES)}", 2)
+    return name
 
 
 def _us(x: float | None) -> str:
@@ -89,36 +98,39 @@ def show(
     latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
     memory_format: FormatOpt = None,
     op: OpOpt = None,
+    runtime: RuntimeOpt = None,
     sort: Annotated[Literal["key", "median", "op"], typer.Option(help="row order")] = "key",
     limit: Annotated[int | None, typer.Option(help="print at most this many rows", min=1)] = None,
 ) -> None:
     """A table's rows: median, p10, p90 (µs), sample count and verdict per key, filtered as GET /table.
     A flagged row (⚑) was stored although unstable; its reasons are listed under the table."""
     slug, env = _ref(table)
+    _runtime(runtime)
     with _client(latency_url, token) as c:
         try:
-            t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
+            t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op,
+                        runtime=runtime)
         except ServiceError as exc:
             fail("gas-table", str(exc), 1)
     rows = t.entries
     order = {"key": lambda e: e.key, "median": lambda e: -e.median_us, "op": lambda e: (e.op, e.key)}[sort]
     rows = sorted(rows, key=order)[:limit]
-    uniform = {(e.batch, e.dtype, e.memory_format) for e in rows}
+    uniform = {(e.batch, e.dtype, e.memory_format, e.runtime) for e in rows}
     per_row = len(uniform) > 1
     shown = f", first {len(rows)}" if limit and len(rows) < len(t.entries) else ""
     title = f"{t.device.slug}@{t.environment.fingerprint} — {len(t.entries)} rows{shown}"
     if not per_row and rows:
-        b, dt, mf = uniform.pop()
-        title += f" (batch {b}, {dt}, {mf})"
+        b, dt, mf, rtm = uniform.pop()
+        title += f" (batch {b}, {dt}, {mf}, {rtm})"
     rt = Table(title=title)
     rt.add_column("op", no_wrap=True)
-    cols = ["c_in→c_out", "h×w", "s", "n", *(["b", "dtype", "format"] if per_row else []), "median µs", "p10 µs",
+    cols = ["c_in→c_out", "h×w", "s", "n", *(["b", "dtype", "format", "runtime"] if per_row else []), "median µs", "p10 µs",
             "p90 µs", "samples", "flag"]
     for col in cols:
-        rt.add_column(col, justify="left" if col in ("dtype", "format") else "right", no_wrap=True)
+        rt.add_column(col, justify="left" if col in ("dtype", "format", "runtime") else "right", no_wrap=True)
     for e in rows:
         rt.add_row(e.op, f"{e.c_in}→{e.c_out}", f"{e.h}×{e.w}", str(e.stride), str(e.n_inputs),
-                   *([str(e.batch), e.dtype, e.memory_format] if per_row else []), _us(e.median_us), _us(e.p10_us),
+                   *([str(e.batch), e.dtype, e.memory_format, e.runtime] if per_row else []), _us(e.median_us), _us(e.p10_us),
                    _us(e.p90_us), str(e.n_samples), "⚑" if e.flagged else "")
     out.print(rt)
     flagged = [e for e in t.entries if e.flagged]
@@ -140,6 +152,10 @@ def compare(
     latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
     memory_format: FormatOpt = None,
     op: OpOpt = None,
+    runtime: RuntimeOpt = None,
+    runtime_b: Annotated[str | None, typer.Option(
+        help="compare runtimes: A's rows under --runtime (default eager), B's under this one, matched by every "
+        "other part of the key; A and B may then be the same table (eager against onnxruntime on one CPU)")] = None,
     plot: Annotated[Path, typer.Option(help="PNG: per-op ratio bars and a log–log scatter of A against B")] = Path(
         "compare.png"),
     json_out: Annotated[Path | None, typer.Option("--json", help="also write the full comparison as JSON")] = None,
@@ -148,13 +164,19 @@ def compare(
     rank correlation of the latencies (does the ranking of ops hold?), and a per-op summary."""
     for ref in (a, b):
         _ref(ref)
+    _runtime(runtime)
+    _runtime(runtime_b, "--runtime-b")
+    filters: dict[str, Any] = {"dtype": dtype, "batch": batch, "memory_format": memory_format, "op": op}
     with _client(latency_url, token) as c:
         try:
-            result = c.compare([a, b], dtype=dtype, batch=batch, memory_format=memory_format, op=op)
+            if runtime_b is None:
+                result = c.compare([a, b], **filters, runtime=runtime)
+            else:
+                result = compare_runtimes(c, (a, runtime or "eager"), (b, runtime_b), filters)
         except ServiceError as exc:
             fail("gas-table", str(exc), 1)
     pair = result.pairs[0]
-    name_a, name_b = f"{pair.a.device}@{pair.a.environment}", f"{pair.b.device}@{pair.b.environment}"
+    name_a, name_b = (f"{r.device}@{r.environment}" + (f" ({r.runtime})" if r.runtime else "") for r in (pair.a, pair.b))
     out.print(f"[bold]A[/bold] {name_a} ({pair.a.entries} rows)   [bold]B[/bold] {name_b} ({pair.b.entries} rows)",
               highlight=False)
     out.print(f"common keys {pair.common_keys}, only in A {pair.only_a}, only in B {pair.only_b}", highlight=False)
@@ -173,6 +195,20 @@ def compare(
     if json_out is not None:
         json_out.write_text(result.model_dump_json(indent=2))
         out.print(f"json: {json_out}", highlight=False)
+
+
+def compare_runtimes(c: LatencyClient, a: tuple[str, str], b: tuple[str, str], filters: dict) -> ComparePublic:
+    """Two tables (or one) under two runtimes, key by key: each row matched by its key without
+    the runtime part, so a ratio is what the runtime changes at that exact shape."""
+    refs, maps = [], []
+    for ref, runtime in (a, b):
+        slug, env = split_ref(ref)
+        t = c.table(slug, environment=env, runtime=runtime, **filters)
+        refs.append(TableRef(device=t.device.slug, environment=t.environment.fingerprint, entries=len(t.entries),
+                             runtime=runtime))
+        maps.append({e.key.rsplit("|", 1)[0]: (e.op, e.median_us) for e in t.entries})
+    pair = PairComparison(a=refs[0], b=refs[1], **compare_tables(maps[0], maps[1]).model_dump())
+    return ComparePublic(tables=refs, pairs=[pair])
 
 
 @app.command()

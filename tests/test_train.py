@@ -14,9 +14,10 @@ from typer.testing import CliRunner
 
 from gas_core.genotype import CellGenotype, Genotype, random_genotype
 from gas_core.network import GASNet
+from gas_core.runtimes import fold_batchnorm
 from gas_core.search_space import NetworkLayout
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, IGNORE, build_datasets
-from search_client.export import TOLERANCE, export, fold_batchnorm
+from search_client.export import TOLERANCE, export
 from search_client.metrics import confusion_metric, miou, summed_confusion
 from search_client.train import bootstrapped_ce
 from search_client.train_cli import eval_app, export_app, train_app

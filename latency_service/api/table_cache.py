@@ -63,6 +63,7 @@ class TableScope:
     batch: int | None = None
     memory_format: str | None = None
     op: str | None = None
+    runtime: str | None = None
 
     def touched_by(self, write: TableWrite | None) -> bool:
         if write is None:  # rows unknown (an import, flags set on a stretch of keys)
@@ -70,7 +71,8 @@ class TableScope:
         k = write.key
         return (write.device_id == self.device_id and write.environment_id == self.environment_id
                 and all(f is None or f == v for f, v in ((self.dtype, k.dtype), (self.batch, k.batch),
-                                                         (self.memory_format, k.memory_format), (self.op, k.op))))
+                                                         (self.memory_format, k.memory_format), (self.op, k.op),
+                                                         (self.runtime, k.runtime))))
 
 
 @dataclass(frozen=True)

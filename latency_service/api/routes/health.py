@@ -3,6 +3,7 @@ from __future__ import annotations
 from fastapi import APIRouter
 from sqlalchemy import text
 
+from gas_core.runtimes import host_runtimes
 from gas_core.wire import DevicePublic, EnvironmentPublic, HealthPublic, HostPublic
 from latency_service import crud
 from latency_service.api.deps import READ_RESPONSES, HostDep, ReadDep, SessionDep
@@ -31,4 +32,5 @@ def device(host: HostDep, session: SessionDep) -> HostPublic:
                             info=host.device.info),
         environment=EnvironmentPublic(fingerprint=host.env.fingerprint, info=host.env.info),
         torch_device=str(host.torch_device),
+        runtimes=host_runtimes(host.torch_device.type),
     )

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from gas_core.keys import INT32_MAX, Dtype, MemoryFormat
+from gas_core.keys import INT32_MAX, Dtype, MemoryFormat, Runtime
 from gas_core.ops import check_key
 from gas_core.quality import sample_stats
 from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
@@ -133,6 +133,7 @@ class TableQuery(BaseModel):
     batch: int | None = Field(None, ge=1, le=INT32_MAX)
     memory_format: MemoryFormat | None = None
     op: str | None = Field(None, description="only this op's rows")
+    runtime: Runtime | None = Field(None, description="only this runtime's rows")
     format: Literal["json", "csv"] = "json"
     samples: bool = Field(False, description="include every raw sample (µs) of each row")
 
@@ -173,7 +174,7 @@ def _current(host: Host, device: str, query: TableQuery, request_key: Hashable, 
     """The table's current version, rendered (from the cache when that version was seen)."""
     with host.sessions() as session:
         dev, env = _device_env(session, device, query.environment)
-        scope = TableScope(dev.id, env.id, query.dtype, query.batch, query.memory_format, query.op)
+        scope = TableScope(dev.id, env.id, query.dtype, query.batch, query.memory_format, query.op, query.runtime)
         filters: dict[str, Any] = asdict(scope)
         version = (tuple(filters.items()), query.format, query.samples, crud.table_version(session, **filters))
         rendered = host.table_cache.rendered(version)
@@ -242,6 +243,7 @@ def compare(
     batch: Annotated[int | None, Query(ge=1, le=INT32_MAX)] = None,
     memory_format: MemoryFormat | None = None,
     op: str | None = None,
+    runtime: Runtime | None = None,
 ) -> ComparePublic:
     refs = [r.strip() for r in devices.split(",") if r.strip()]
     if not 2 <= len(refs) <= MAX_COMPARE:
@@ -256,7 +258,7 @@ def compare(
                                 f"devices: {ref!r} names a table already listed ({dev.slug}@{env.fingerprint})")
         seen.add((dev.id, env.id))
         rows = crud.table_rows(session, device_id=dev.id, environment_id=env.id, dtype=dtype, batch=batch,
-                               memory_format=memory_format, op=op)
+                               memory_format=memory_format, op=op, runtime=runtime)
         tables.append((TableRef(device=dev.slug, environment=env.fingerprint, entries=len(rows)),
                        {r.key: (r.op, r.median_us) for r in rows}))
     pairs = [

@@ -1,0 +1,245 @@
+"""The runtimes a network ships on, one registry entry each (docs/latency-key.md, "Runtimes").
+
+A latency key's ``runtime`` names how its component is run when timed: ``eager`` PyTorch, or
+exported/compiled at the key's exact shape as its own graph, the way a deployment would run it.
+Each entry says which devices, dtypes and memory formats it serves, how to find its version
+(absent: not installed) and what to install, and turns a ``(module, args)`` pair into a
+zero-argument callable that runs it. The service times that callable with its usual method; a
+whole derived network goes through the same entry for ``/measure``, so a table and an
+end-to-end figure of one runtime always describe the same execution.
+
+BatchNorm is folded into the conv before it for ``onnxruntime`` and ``tensorrt`` (their
+exporters fold it) and left to inductor for ``torch_compile`` (it folds it when it freezes
+weights, which it does not do by default: the table then times what ``torch.compile`` runs).
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.metadata
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, get_args
+
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from gas_core.keys import Runtime
+
+ONNX_OPSET = 17
+Prepared = Callable[[], object]
+
+
+def fold_batchnorm(model: nn.Module) -> tuple[nn.Module, int]:
+    """An eval-mode copy of ``model`` with every BatchNorm2d that directly follows a Conv2d in a
+    Sequential folded into that conv (the BN becomes Identity). Returns (copy, folds). Shapes and
+    outputs are unchanged up to float rounding."""
+    folded = copy.deepcopy(model).eval()
+    n = 0
+    for seq in [m for m in folded.modules() if isinstance(m, nn.Sequential)]:
+        names = list(seq._modules)
+        for a, b in zip(names, names[1:], strict=False):
+            conv, bn = seq._modules[a], seq._modules[b]
+            if isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and bn.track_running_stats:
+                seq._modules[a] = fuse_conv_bn_eval(conv, bn)
+                seq._modules[b] = nn.Identity()
+                n += 1
+    return folded, n
+
+
+class _TensorArgs(nn.Module):
+    """Wraps a component whose call takes a non-tensor argument (upsample's output size) so the
+    exporter sees tensors only; the constant is baked into the graph, as it is at that shape."""
+
+    def __init__(self, module: nn.Module, args: tuple) -> None:
+        super().__init__()
+        self.module = module
+        self.tensor_at = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+        self.args = args
+
+    def forward(self, *tensors: torch.Tensor) -> torch.Tensor:
+        args = list(self.args)
+        for i, t in zip(self.tensor_at, tensors, strict=True):
+            args[i] = t
+        return self.module(*args)
+
+
+def onnx_model(module: nn.Module, args: tuple, dynamic_batch: bool = False) -> bytes:
+    """``module`` (BN folded) exported to ONNX at the exact shapes of ``args``: the model bytes.
+    Non-tensor arguments become constants of the graph."""
+    folded, _ = fold_batchnorm(module)
+    wrapped = _TensorArgs(folded, args).eval()
+    tensors = tuple(a for a in args if isinstance(a, torch.Tensor))
+    names = [f"x{i}" for i in range(len(tensors))]
+    axes = {n: {0: "batch"} for n in [*names, "y"]} if dynamic_batch else None
+    with tempfile.TemporaryDirectory(prefix="gas-onnx-") as tmp, torch.no_grad():
+        path = Path(tmp) / "component.onnx"
+        torch.onnx.export(wrapped, tensors, str(path), input_names=names, output_names=["y"], dynamic_axes=axes,
+                          opset_version=ONNX_OPSET, dynamo=False)
+        return path.read_bytes()
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+# ---------------------------------------------------------------- the runtimes
+
+
+def _eager(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    return lambda: module(*args)
+
+
+def _onnxruntime(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    """An InferenceSession of the component's own graph: CUDA provider on a GPU (onnxruntime-gpu),
+    else CPU with as many intra-op threads as torch uses, so both runtimes get the same cores."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    opts.inter_op_num_threads = 1
+    providers = ["CUDAExecutionProvider"] if device.type == "cuda" else ["CPUExecutionProvider"]
+    cpu_module = module.float().cpu()
+    cpu_args = tuple(a.float().cpu().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+    sess = ort.InferenceSession(onnx_model(cpu_module, cpu_args), opts, providers=providers)
+    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), [a for a in cpu_args if isinstance(a, torch.Tensor)],
+                                                strict=True)}
+    if device.type == "cuda":  # inputs and outputs stay on the GPU: IO binding, as a deployment would
+        binding = sess.io_binding()
+        for name, value in feeds.items():
+            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", device.index or 0))
+        binding.bind_output("y", "cuda", device.index or 0)
+        return lambda: sess.run_with_iobinding(binding)
+    return lambda: sess.run(None, feeds)
+
+
+def _torch_compile(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    """``torch.compile`` (inductor) of the component at this shape; compiled here, by a first
+    call, so the timed calls run the compiled code only."""
+    compiled = torch.compile(module, backend="inductor", dynamic=False)
+    compiled(*args)
+    return lambda: compiled(*args)
+
+
+def _cuda_graph(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    """The component's kernels captured once into a CUDA graph and replayed: what is left is the
+    kernels' own time, without Python or launch overhead."""
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(stream):  # warm up off the capture (cuDNN picks its algorithms here)
+        for _ in range(3):
+            module(*args)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        module(*args)
+    return graph.replay
+
+
+def _tensorrt(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    raise NotImplementedError("timing under TensorRT is not implemented in this version; time its ONNX graph "
+                              "with runtime onnxruntime, or with trtexec from `gas-export`'s model.onnx")
+
+
+def _cxx_compiler() -> str | None:
+    return next((c for c in ("c++", "g++", "clang++") if shutil.which(c)), None)
+
+
+@dataclass(frozen=True)
+class RuntimeEntry:
+    """One runtime: where it runs, what it needs, how it prepares a component."""
+
+    name: str
+    devices: frozenset[str]
+    dtypes: frozenset[str]
+    memory_formats: frozenset[str]
+    package: str | None
+    """distribution whose version is the runtime's (None: torch itself)"""
+    install: str
+    prepare: Callable[[nn.Module, tuple, torch.device], Prepared]
+    needs_cxx_on_cpu: bool = False
+
+    def version(self) -> str | None:
+        return torch.__version__ if self.package is None else _version(self.package)
+
+    def missing(self, device_type: str) -> str | None:
+        """Why this runtime cannot run on a ``device_type`` host here, with what to install;
+        None when it can."""
+        if device_type not in self.devices:
+            return f"runtime {self.name} runs on {' or '.join(sorted(self.devices))} only, not on {device_type}"
+        if self.version() is None:
+            return f"runtime {self.name} is not installed on this host: {self.install}"
+        if self.name == "onnxruntime" and device_type == "cuda" and not _ort_has_cuda():
+            return "runtime onnxruntime has no CUDA provider on this host: pip install onnxruntime-gpu"
+        if self.needs_cxx_on_cpu and device_type == "cpu" and _cxx_compiler() is None:
+            return f"runtime {self.name} needs a C++ compiler on a CPU host (inductor builds C++): install g++ or clang"
+        return None
+
+
+def _ort_has_cuda() -> bool:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return False
+    return "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+_ALL_DTYPES = frozenset({"float32", "float16", "bfloat16"})
+_ALL_FORMATS = frozenset({"contiguous", "channels_last"})
+
+REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
+    RuntimeEntry("eager", frozenset({"cpu", "cuda"}), _ALL_DTYPES, _ALL_FORMATS, None,
+                 "ships with torch", _eager),
+    # ONNX graphs are NCHW and exported here in float32 (onnxruntime's CPU kernels are float32)
+    RuntimeEntry("onnxruntime", frozenset({"cpu", "cuda"}), frozenset({"float32"}), frozenset({"contiguous"}),
+                 "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime),
+    RuntimeEntry("torch_compile", frozenset({"cpu", "cuda"}), _ALL_DTYPES, _ALL_FORMATS, None,
+                 "ships with torch (inductor; Triton on CUDA, a C++ compiler on CPU)", _torch_compile,
+                 needs_cxx_on_cpu=True),
+    RuntimeEntry("cuda_graph", frozenset({"cuda"}), _ALL_DTYPES, _ALL_FORMATS, None, "ships with torch (CUDA)",
+                 _cuda_graph),
+    RuntimeEntry("tensorrt", frozenset({"cuda"}), _ALL_DTYPES, frozenset({"contiguous"}), "tensorrt",
+                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt),
+)}
+assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
+
+
+def resolve_runtime(name: str) -> RuntimeEntry:
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise ValueError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}") from None
+
+
+def check_runtime(name: str, device_type: str, dtype: str, memory_format: str) -> str | None:
+    """Why a key of runtime ``name`` at ``dtype``/``memory_format`` cannot be timed on a
+    ``device_type`` host here (one line, naming what to install or change); None when it can."""
+    entry = resolve_runtime(name)
+    missing = entry.missing(device_type)
+    if missing is not None:
+        return missing
+    if dtype not in entry.dtypes:
+        return f"runtime {name} times {', '.join(sorted(entry.dtypes))} only, not {dtype}"
+    if memory_format not in entry.memory_formats:
+        return f"runtime {name} times {', '.join(sorted(entry.memory_formats))} memory format only, not {memory_format}"
+    return None
+
+
+def host_runtimes(device_type: str) -> dict[str, dict[str, Any]]:
+    """Every registered runtime on a ``device_type`` host: its version and, when it cannot run
+    here, why (``/device`` lists this; the versions are part of the environment fingerprint)."""
+    return {name: {"version": e.version(), "available": e.missing(device_type) is None,
+                   "missing": e.missing(device_type)} for name, e in REGISTRY.items()}
+
+
+def prepare(runtime: str, module: nn.Module, args: tuple, device: torch.device) -> Prepared:
+    """A zero-argument callable that runs ``module(*args)`` under ``runtime`` (compiled or
+    exported first, here, so that calling it only runs)."""
+    return resolve_runtime(runtime).prepare(module, args, device)

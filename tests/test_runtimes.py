@@ -1,0 +1,172 @@
+"""Runtimes (gas_core.runtimes): every registry entry runs a component as eager PyTorch does, a
+key's runtime is part of its identity, a host refuses a runtime it lacks by name, and a table of
+one runtime never serves a search or a measurement of another. onnxruntime and torch.compile
+run for real at small shapes on CPU; CUDA-only paths skip without a GPU."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from gas_core.genotype import random_genotype
+from gas_core.keys import RUNTIMES, LatencyKey
+from gas_core.latency import LatencyTerm, MissingLatencyKeys
+from gas_core.ops import build_timing_case
+from gas_core.runtimes import REGISTRY, check_runtime, host_runtimes, prepare
+from gas_core.search_space import NetworkLayout, cell_shapes
+from latency_service.profiler import Method, time_key
+from latency_service.testing import Server, stop_server, wait_job
+from tests.support import start_server
+
+TINY = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
+# one of each kind of component: a strided candidate op, the op sized by its output, a multi-input glue
+CASES = [
+    dict(op="sep_conv_3x3", c_in=8, c_out=8, h=16, w=16, stride=2, n_inputs=1),
+    dict(op="dil_sep_conv_3x3_d2", c_in=8, c_out=8, h=16, w=16, stride=1, n_inputs=1),
+    dict(op="head_aspp", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),
+    dict(op="upsample", c_in=8, c_out=8, h=16, w=16, stride=2, n_inputs=1),
+    dict(op="concat", c_in=8, c_out=16, h=8, w=8, stride=1, n_inputs=2),
+    dict(op="preprocess_1x1", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),
+]
+QUICK = Method(warmup_runs=1, warmup_ms=0.5, samples=3, min_sample_ms=0.1)
+
+
+def _on(device: str, name: str) -> object:
+    """A parameter of ``name`` on ``device``: skipped, with the registry's own reason, where the
+    runtime cannot run here; torch.compile's first compile takes ~20 s on 2 cores, so it is slow."""
+    why = REGISTRY[name].missing(device) if device == "cpu" or torch.cuda.is_available() else "no CUDA device"
+    marks = [pytest.mark.skipif(why is not None, reason=why or "")]
+    if name == "torch_compile":
+        marks.append(pytest.mark.slow)
+    return pytest.param(device, name, marks=marks, id=f"{device}-{name}")
+
+
+def _first(out: object) -> torch.Tensor:
+    """onnxruntime answers a list of numpy arrays; the others a tensor."""
+    if isinstance(out, list):
+        return torch.from_numpy(out[0])
+    assert isinstance(out, torch.Tensor)
+    return out
+
+
+def test_runtime_is_part_of_the_keys_identity() -> None:
+    keys = [LatencyKey(**CASES[0], batch=1, runtime=r) for r in RUNTIMES]  # type: ignore[arg-type]
+    assert len({k.canonical for k in keys}) == len({k.key_hash for k in keys}) == len(RUNTIMES)
+    for k in keys:
+        assert k.canonical.endswith("|" + k.runtime) and LatencyKey.from_canonical(k.canonical) == k
+    assert tuple(REGISTRY) == RUNTIMES  # one registry entry per runtime a key can name
+    with pytest.raises(ValueError, match="runtime"):
+        LatencyKey(**CASES[0], batch=1, runtime="tvm")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("device", "name"), [_on(d, n) for d in ("cpu", "cuda") for n in REGISTRY])
+def test_each_runtime_computes_what_eager_computes_and_times_it(device: str, name: str) -> None:
+    for case in CASES:
+        key = LatencyKey(**case, batch=2, runtime=name)  # type: ignore[arg-type]
+        module, args = build_timing_case(key, device=device, generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            want = module(*args).float().cpu()
+            got = _first(prepare(name, module, args, torch.device(device))()).float().cpu()
+        assert got.shape == want.shape, (name, case["op"])
+        scale = float(want.abs().max()) or 1.0
+        assert float((got - want).abs().max()) / scale < 1e-4, (name, case["op"])
+    timing = time_key(key, torch.device(device), QUICK)  # the service's own path, at a real shape
+    assert len(timing.samples_us) >= 3 and timing.median_us > 0
+
+
+def test_a_host_refuses_what_it_cannot_run_and_says_what_to_install() -> None:
+    assert check_runtime("eager", "cpu", "float32", "contiguous") is None
+    assert "cuda only" in (check_runtime("cuda_graph", "cpu", "float32", "contiguous") or "")
+    assert "float32 only" in (check_runtime("onnxruntime", "cpu", "float16", "contiguous") or "")
+    assert "contiguous" in (check_runtime("onnxruntime", "cpu", "float32", "channels_last") or "")
+    trt = check_runtime("tensorrt", "cuda", "float32", "contiguous")
+    assert trt is not None and "pip install tensorrt" in trt or torch.cuda.is_available()
+    listed = host_runtimes("cpu")
+    assert set(listed) == set(RUNTIMES) and listed["eager"]["available"]
+    assert listed["eager"]["version"] == torch.__version__
+
+
+def test_a_table_of_one_runtime_never_serves_another() -> None:
+    eager = cell_shapes(TINY, (32, 48))
+    table = {k.canonical: 1.0 for k in eager.all_keys()}
+    LatencyTerm.from_table(eager, table)
+    with pytest.raises(MissingLatencyKeys):
+        LatencyTerm.from_table(cell_shapes(TINY, (32, 48), runtime="onnxruntime"), table)
+
+
+def test_environment_fingerprint_carries_the_runtime_versions() -> None:
+    import onnxruntime
+
+    from latency_service.device import environment
+
+    env = environment(torch.device("cpu"), 1, False)
+    assert env.info["runtimes"] == {"onnxruntime": onnxruntime.__version__}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("runtimes")
+    server = start_server(f"sqlite:///{tmp / 'gas.db'}", tmp)
+    yield server
+    stop_server(server)
+
+
+def test_the_api_lists_runtimes_and_refuses_an_unsupported_one_by_name(srv: Server) -> None:
+    with srv.client() as c:
+        host = c.get("/device").json()
+        assert host["runtimes"]["onnxruntime"]["available"] and host["runtimes"]["onnxruntime"]["version"]
+        assert not host["runtimes"]["cuda_graph"]["available"]
+        assert host["environment"]["info"]["runtimes"]["onnxruntime"] == host["runtimes"]["onnxruntime"]["version"]
+        layout = TINY.model_dump(mode="json")
+        r = c.post("/profile", json={"layout": layout, "input_size": [32, 48], "runtimes": ["cuda_graph"]})
+        assert r.status_code == 422 and r.json()["message"].startswith("runtimes: runtime cuda_graph runs on cuda")
+        key = {**CASES[0], "batch": 1, "dtype": "float16", "runtime": "onnxruntime"}
+        r = c.post("/profile", json={"keys": [{**CASES[0], "batch": 1}, key]})
+        assert r.status_code == 422 and r.json()["message"].startswith("keys[1].runtime: runtime onnxruntime times")
+        g = json.loads(random_genotype(TINY, torch.Generator().manual_seed(0)).to_json())
+        r = c.post("/measure", json={"genotype": g, "input_size": [32, 48], "runtime": "tensorrt"})
+        assert r.status_code == 422 and "runtime" in r.json()["message"] and "cuda" in r.json()["message"]
+        r = c.get(f"/table/{host['device']['slug']}", params={"runtime": "tvm"})
+        assert r.status_code == 422 and "runtime" in r.json()["message"]
+        assert c.get("/jobs").json() == []  # nothing was queued by any of it
+
+
+@pytest.mark.slow
+def test_search_table_and_measure_under_onnxruntime(srv: Server, tmp_path: Path) -> None:
+    """The client reads (and profiles) onnxruntime's rows only, /measure runs the network under
+    onnxruntime and predicts it from those rows, and ``gas-table compare --runtime-b`` sets the
+    two runtimes of one table side by side."""
+    from search_client.cli import fetch_latency_term
+    from search_client.client import LatencyClient
+    from search_client.table_cli import app as table_app
+
+    with LatencyClient(srv.url, timeout=600) as c:
+        term, slug = fetch_latency_term(c, None, TINY, (32, 48), 1, "float32", "contiguous", progress=False,
+                                        runtime="onnxruntime")
+        rows = c.table(slug).entries
+        assert rows and {e.runtime for e in rows} == {"onnxruntime"}
+        assert len(rows) == len(cell_shapes(TINY, (32, 48)).all_keys())
+        m = c.measure(random_genotype(TINY, torch.Generator().manual_seed(1)), (32, 48), batch=1, dtype="float32",
+                      memory_format="contiguous", runtime="onnxruntime")
+        assert m.runtime == "onnxruntime" and m.predicted_ms is not None and not m.missing_keys
+        eager = c.measure(random_genotype(TINY, torch.Generator().manual_seed(1)), (32, 48), batch=1,
+                          dtype="float32", memory_format="contiguous")
+        assert eager.runtime == "eager" and eager.predicted_ms is None  # no eager row serves it
+        keys = [LatencyKey(**case, batch=1) for case in CASES[:3]]  # type: ignore[arg-type]
+        wait_job(c.http, c.profile(keys).id)
+        wait_job(c.http, c.profile([k.model_copy(update={"runtime": "onnxruntime"}) for k in keys]).id)
+    out = tmp_path / "cmp.json"
+    r = CliRunner().invoke(table_app, ["compare", slug, slug, "--runtime-b", "onnxruntime", "--latency-url", srv.url,
+                                       "--plot", str(tmp_path / "cmp.png"), "--json", str(out)])
+    assert r.exit_code == 0, r.output
+    pair = json.loads(out.read_text())["pairs"][0]
+    assert (pair["a"]["runtime"], pair["b"]["runtime"]) == ("eager", "onnxruntime")
+    assert pair["common_keys"] == 3 and pair["only_a"] == 0 and "(onnxruntime)" in r.output
+    r = CliRunner().invoke(table_app, ["show", slug, "--runtime", "eager", "--latency-url", srv.url])
+    assert r.exit_code == 0 and "3 rows" in r.output and "eager" in r.output, r.output
+    r = CliRunner().invoke(table_app, ["show", slug, "--runtime", "tvm", "--latency-url", srv.url])
+    assert r.exit_code == 2 and "--runtime 'tvm'" in r.output
