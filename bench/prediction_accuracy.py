@@ -18,7 +18,12 @@ the cache flush between two timed runs must be on this host (``l2`` = twice the 
 Prints and writes median and max |predicted − measured| / measured, the share of networks within
 ±10 % (nn-Meter's headline figure), Kendall τ, and a scatter plot (predicted vs measured with
 y = x). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20]
-[--calib 12] [--device cuda:0] [--flush l2 --flush llc]``.
+[--calib 12] [--device cuda:0] [--flush l2 --flush llc] [--runtime onnxruntime]``.
+
+``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
+own graph) and measures every network under R (the whole network as one graph): where R fuses
+across key boundaries (a ReLU into the conv before it, BN into a conv), the per-key sum misses by
+what the fusion saves, and this is where that shows. Results go to ``prediction_accuracy_R.json``.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import torch  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
+from gas_core.keys import RUNTIMES  # noqa: E402
 from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
 from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
@@ -80,24 +86,29 @@ def summary(pred: list[float], meas: list[float]) -> dict:
             "mean_signed_err_pct": statistics.fmean(signed), "kendall_tau": kendall_tau(pred, meas)}
 
 
-def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name: str, extra: dict, dtype: str) -> tuple:
+def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name: str, extra: dict, dtype: str,
+                  runtime: str = "eager") -> tuple:
     srv = start_server(f"sqlite:///{tmp}/table-{name}.db", tmp, {**QUICK_TIMING, **SLOW_TIMING, **extra})
     if srv.client().get("/device").json()["device"]["kind"] != ("cuda" if extra["GAS_DEVICE"].startswith("cuda")
                                                                else "cpu"):
         raise RuntimeError(f"the service did not take GAS_DEVICE={extra['GAS_DEVICE']}")
     with srv.client() as c:
-        body = {"layout": layout.model_dump(mode="json"), "input_size": list(size), "dtypes": [dtype]}
-        wait_job(c, c.post("/profile", json=body).json()["id"], timeout=3600)
+        body = {"layout": layout.model_dump(mode="json"), "input_size": list(size), "dtypes": [dtype],
+                "runtimes": [runtime]}
+        r = c.post("/profile", json=body)
+        if r.status_code != 202:
+            raise RuntimeError(f"POST /profile: {r.status_code} {r.json().get('message')}")
+        wait_job(c, r.json()["id"], timeout=3 * 3600)
         host = c.get("/device").json()
-        table = c.get(f"/table/{host['device']['slug']}",
-                      params={"environment": host["environment"]["fingerprint"], "dtype": dtype}).json()
+        table = c.get(f"/table/{host['device']['slug']}", params={
+            "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
 
 
 def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
-                 device: str) -> Genotype:
+                 device: str, runtime: str = "eager") -> Genotype:
     """A short real search on the synthetic data against this table (β = 0.005)."""
-    term = LatencyTerm.from_table(cell_shapes(layout, size), table)
+    term = LatencyTerm.from_table(cell_shapes(layout, size, runtime=runtime), table)
     train, val = build_datasets("synthetic", None, size, 0, (32, 8))
     cfg = SearchConfig(epochs=3, warmup_epochs=1, batch=8, max_steps=4, beta=0.005, seed=0)
     return search(cfg, layout, train, val, term, out, progress=False, compute=ComputeConfig(device=device)).genotype
@@ -115,33 +126,38 @@ def main() -> None:
     ap.add_argument("--flush", action="append", choices=["l2", "llc"],
                     help="cache level the context table's flush is sized from (repeat to compare; the first "
                     "one's table is calibrated and searched against); default l2, the service's default")
+    ap.add_argument("--runtime", default="eager", choices=list(RUNTIMES),
+                    help="time the tables' components and the whole networks under this runtime")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plot", type=Path, default=RESULTS / "prediction_accuracy.png")
+    ap.add_argument("--plot", type=Path, default=None, help="default bench/results/prediction_accuracy[_RUNTIME].png")
     args = ap.parse_args()
+    name = "prediction_accuracy" + ("" if args.runtime == "eager" else f"_{args.runtime}")
+    args.plot = args.plot or RESULTS / f"{name}.png"
     args.flush = list(dict.fromkeys(args.flush or ["l2"]))
     dev = {"GAS_DEVICE": args.device}
     flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
     size = tuple(args.input_size)
     layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
-    shapes = cell_shapes(layout, size, 1, args.dtype)
+    shapes = cell_shapes(layout, size, 1, args.dtype, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
         tables: dict[str, dict[str, float]] = {}
         srv, _, tables["isolated"] = profile_table(layout, size, tmp, "isolated", {"GAS_TIMING_CONTEXT": "false", **dev},
-                                                   args.dtype)
+                                                   args.dtype, args.runtime)
         for level in args.flush[1:]:  # extra flush sizes first: the service of the first one measures the nets
             stop_server(srv)
             srv, _, tables[f"context_{level}"] = profile_table(
                 layout, size, tmp, level, {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[level]), **dev},
-                args.dtype)
+                args.dtype, args.runtime)
         stop_server(srv)
         primary = f"context_{args.flush[0]}"
         srv, host, tables[primary] = profile_table(
             layout, size, tmp, args.flush[0],
-            {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[args.flush[0]]), **dev}, args.dtype)
+            {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[args.flush[0]]), **dev}, args.dtype,
+            args.runtime)
         ctx_table = tables[primary]
         try:
-            searched = quick_search(layout, size, ctx_table, tmp / "search", args.device)
+            searched = quick_search(layout, size, ctx_table, tmp / "search", args.device, args.runtime)
             nets = {"eval": spanning(layout, args.eval, 0, shapes, ctx_table) + [searched],
                     "calib": spanning(layout, args.calib, 100_000, shapes, ctx_table)}
             rows: dict[str, list[dict]] = {"eval": [], "calib": []}
@@ -154,7 +170,7 @@ def main() -> None:
                     for split, genos in nets.items():
                         for i, g in enumerate(genos):
                             m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(size),
-                                                             "dtype": args.dtype})
+                                                             "dtype": args.dtype, "runtime": args.runtime})
                             m.raise_for_status()
                             res = m.json()
                             passes[split][i].append(res["median_ms"] * 1e3)
@@ -200,14 +216,15 @@ def main() -> None:
         ax.scatter([m / 1e3 for m in meas], [r[f"{k}_us"] / 1e3 for r in ev], marker=mk, s=22,
                    label=f"{k} (median {results[k]['median_abs_err_pct']:.1f} %)")
     ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
-           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, {args.dtype}")
+           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, {args.dtype}, {args.runtime}")
     ax.legend(fontsize=8)
     fig.tight_layout()
     args.plot.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(args.plot, dpi=120)
     print(f"wrote {args.plot}")
-    write_result("prediction_accuracy", {
+    write_result(name, {
         "config": {"input_size": size, "eval_nets": len(ev), "calib_nets": len(cal), "batch": 1, "dtype": args.dtype,
+                   "runtime": args.runtime,
                    "timing": SLOW_TIMING, "passes": args.passes, "flush_bytes": flush, "primary_table": primary,
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
         "device": host["device"], "environment": host["environment"], "results": results,
