@@ -78,6 +78,23 @@ def test_each_runtime_computes_what_eager_computes_and_times_it(device: str, nam
     assert len(timing.samples_us) >= 3 and timing.median_us > 0
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(REGISTRY["torch_compile"].missing("cpu") is not None, reason="torch_compile cannot run here")
+def test_torch_compile_compiles_every_key_of_one_op_not_just_the_first_eight() -> None:
+    """Dynamo gives up on a ``forward`` after 8 recompiles and runs it eagerly; a table holds far
+    more than 8 shapes of each op, so every key must really be compiled (the runtime resets
+    dynamo and checks that a graph was made)."""
+    from torch._dynamo.utils import counters
+
+    for i in range(10):
+        key = LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8 + i, w=8, stride=1, batch=1, runtime="torch_compile")
+        module, args = build_timing_case(key, generator=torch.Generator().manual_seed(i))
+        before = counters["stats"]["unique_graphs"]
+        with torch.no_grad():
+            prepare("torch_compile", module, args, torch.device("cpu"))()
+        assert counters["stats"]["unique_graphs"] == before + 1, i
+
+
 def test_a_host_refuses_what_it_cannot_run_and_says_what_to_install() -> None:
     assert check_runtime("eager", "cpu", "float32", "contiguous") is None
     assert "cuda only" in (check_runtime("cuda_graph", "cpu", "float32", "contiguous") or "")
