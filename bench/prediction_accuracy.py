@@ -44,10 +44,10 @@ from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
 from gas_core.keys import RUNTIMES  # noqa: E402
 from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
-from gas_core.search_space import NetworkLayout, cell_shapes  # noqa: E402
+from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
-from latency_service.testing import QUICK_TIMING, start_server, stop_server, wait_job  # noqa: E402
+from latency_service.testing import QUICK_TIMING, Server, start_server, stop_server, wait_job  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.runtime import ComputeConfig  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
@@ -114,7 +114,7 @@ def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, 
     return search(cfg, layout, train, val, term, out, progress=False, compute=ComputeConfig(device=device)).genotype
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input-size", type=int, nargs=2, default=(256, 512))
     ap.add_argument("--eval", type=int, default=20)
@@ -131,73 +131,73 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--plot", type=Path, default=None, help="default bench/results/prediction_accuracy[_RUNTIME].png")
     args = ap.parse_args()
-    name = "prediction_accuracy" + ("" if args.runtime == "eager" else f"_{args.runtime}")
-    args.plot = args.plot or RESULTS / f"{name}.png"
+    args.name = "prediction_accuracy" + ("" if args.runtime == "eager" else f"_{args.runtime}")
+    args.plot = args.plot or RESULTS / f"{args.name}.png"
     args.flush = list(dict.fromkeys(args.flush or ["l2"]))
+    args.size = tuple(args.input_size)
+    return args
+
+
+def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
+                   flush: dict[str, int]) -> tuple[Server, dict, dict[str, dict[str, float]], str]:
+    """The isolated table, then one context table per flush size, each by its own service; the
+    service of the first flush size stays up (returned) to measure the networks."""
     dev = {"GAS_DEVICE": args.device}
-    flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
-    size = tuple(args.input_size)
-    layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
-    shapes = cell_shapes(layout, size, 1, args.dtype, runtime=args.runtime)
-    with tempfile.TemporaryDirectory() as tmp_s:
-        tmp = Path(tmp_s)
-        tables: dict[str, dict[str, float]] = {}
-        srv, _, tables["isolated"] = profile_table(layout, size, tmp, "isolated", {"GAS_TIMING_CONTEXT": "false", **dev},
-                                                   args.dtype, args.runtime)
-        for level in args.flush[1:]:  # extra flush sizes first: the service of the first one measures the nets
-            stop_server(srv)
-            srv, _, tables[f"context_{level}"] = profile_table(
-                layout, size, tmp, level, {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[level]), **dev},
-                args.dtype, args.runtime)
+
+    def context(level: str) -> dict[str, str]:
+        return {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[level]), **dev}
+
+    tables: dict[str, dict[str, float]] = {}
+    srv, _, tables["isolated"] = profile_table(layout, args.size, tmp, "isolated",
+                                               {"GAS_TIMING_CONTEXT": "false", **dev}, args.dtype, args.runtime)
+    for level in args.flush[1:]:  # extra flush sizes first: the service of the first one measures the nets
         stop_server(srv)
-        primary = f"context_{args.flush[0]}"
-        srv, host, tables[primary] = profile_table(
-            layout, size, tmp, args.flush[0],
-            {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[args.flush[0]]), **dev}, args.dtype,
-            args.runtime)
-        ctx_table = tables[primary]
-        try:
-            searched = quick_search(layout, size, ctx_table, tmp / "search", args.device, args.runtime)
-            nets = {"eval": spanning(layout, args.eval, 0, shapes, ctx_table) + [searched],
-                    "calib": spanning(layout, args.calib, 100_000, shapes, ctx_table)}
-            rows: dict[str, list[dict]] = {"eval": [], "calib": []}
-            # Every net is measured in --passes separate passes over all nets; a net's figure is the
-            # lowest of its pass medians (interference from the rest of the host only ever adds time),
-            # and the spread between passes is reported as the measurement's own noise.
-            passes: dict[str, list[list[float]]] = {s: [[] for _ in g] for s, g in nets.items()}
-            with srv.client(timeout=600) as c:
-                for _ in range(args.passes):
-                    for split, genos in nets.items():
-                        for i, g in enumerate(genos):
-                            m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(size),
-                                                             "dtype": args.dtype, "runtime": args.runtime})
-                            m.raise_for_status()
-                            res = m.json()
-                            passes[split][i].append(res["median_ms"] * 1e3)
-                for split, genos in nets.items():
-                    for i, g in enumerate(genos):
-                        keys = derived_keys(g, shapes)
-                        ms = passes[split][i]
-                        rows[split].append({
-                            "net": "searched" if g is searched else f"{split}-{i}",
-                            "measured_us": min(ms), "pass_medians_us": ms,
-                            "pass_spread_pct": (max(ms) - min(ms)) / min(ms) * 100,
-                            **{f"{t}_sum_us": predict_latency_us(g, shapes, tab) for t, tab in tables.items()},
-                            "calls": len(keys),
-                        })
-                        r = rows[split][-1]
-                        sums = "  ".join(f"{t} {r[f'{t}_sum_us'] / 1e3:7.3f}" for t in tables)
-                        print(f"{r['net']:>10}: measured {r['measured_us'] / 1e3:7.3f} ms (passes ±"
-                              f"{r['pass_spread_pct']:4.1f} %)  {sums}  calls {r['calls']}")
-        finally:
-            stop_server(srv)
-    cal = rows["calib"]
+        srv, _, tables[f"context_{level}"] = profile_table(layout, args.size, tmp, level, context(level), args.dtype,
+                                                           args.runtime)
+    stop_server(srv)
+    primary = f"context_{args.flush[0]}"
+    srv, host, tables[primary] = profile_table(layout, args.size, tmp, args.flush[0], context(args.flush[0]),
+                                               args.dtype, args.runtime)
+    return srv, host, tables, primary
+
+
+def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Genotype]], shapes: NetworkShapes,
+                 tables: dict[str, dict[str, float]], searched: Genotype) -> dict[str, list[dict]]:
+    """Every net measured in ``--passes`` separate passes over all nets; a net's figure is the
+    lowest of its pass medians (interference from the rest of the host only ever adds time), and
+    the spread between passes is reported as the measurement's own noise."""
+    passes: dict[str, list[list[float]]] = {s: [[] for _ in g] for s, g in nets.items()}
+    with srv.client(timeout=600) as c:
+        for _ in range(args.passes):
+            for split, genos in nets.items():
+                for i, g in enumerate(genos):
+                    m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(args.size),
+                                                 "dtype": args.dtype, "runtime": args.runtime})
+                    m.raise_for_status()
+                    passes[split][i].append(m.json()["median_ms"] * 1e3)
+    rows: dict[str, list[dict]] = {"eval": [], "calib": []}
+    for split, genos in nets.items():
+        for i, g in enumerate(genos):
+            ms = passes[split][i]
+            r = {"net": "searched" if g is searched else f"{split}-{i}", "measured_us": min(ms),
+                 "pass_medians_us": ms, "pass_spread_pct": (max(ms) - min(ms)) / min(ms) * 100,
+                 **{f"{t}_sum_us": predict_latency_us(g, shapes, tab) for t, tab in tables.items()},
+                 "calls": len(derived_keys(g, shapes))}
+            rows[split].append(r)
+            sums = "  ".join(f"{t} {r[f'{t}_sum_us'] / 1e3:7.3f}" for t in tables)
+            print(f"{r['net']:>10}: measured {r['measured_us'] / 1e3:7.3f} ms (passes ±"
+                  f"{r['pass_spread_pct']:4.1f} %)  {sums}  calls {r['calls']}")
+    return rows
+
+
+def evaluate(rows: dict[str, list[dict]], kinds: list[str], primary: str) -> tuple[dict, OverheadModel]:
+    """Each table's sums and the calibrated prediction against the evaluated nets' measurements;
+    the overhead model is fitted on the calibration nets only."""
+    cal, ev = rows["calib"], rows["eval"]
     model = OverheadModel.fit([r[f"{primary}_sum_us"] for r in cal], [r["measured_us"] for r in cal])
-    ev = rows["eval"]
     for r in ev:
         r["calibrated_us"] = model.predict_us(r[f"{primary}_sum_us"])
     meas = [r["measured_us"] for r in ev]
-    kinds = [*(f"{t}_sum" for t in tables), "calibrated"]
     results = {k: summary([r[f"{k}_us"] for r in ev], meas) for k in kinds}
     for k, s in results.items():
         print(f"{k:>18}: median |err| {s['median_abs_err_pct']:5.2f} %  max {s['max_abs_err_pct']:5.2f} %  "
@@ -208,27 +208,52 @@ def main() -> None:
     results["measurement_pass_spread_pct"] = {"median": statistics.median(spread), "max": max(spread)}
     print(f"overhead model (fitted on {model.fitted_on} other nets): scale {model.scale:.4f}, "
           f"calibration residual {model.residual_pct:.2f} %")
+    return results, model
 
+
+def plot(path: Path, ev: list[dict], kinds: list[str], results: dict, title: str) -> None:
+    """Predicted against measured latency of the evaluated nets, one marker per prediction kind."""
+    meas = [r["measured_us"] for r in ev]
     fig, ax = plt.subplots(figsize=(5.5, 5.5))
     lo, hi = min(meas) * 0.6 / 1e3, max(meas) * 1.1 / 1e3
     ax.plot([lo, hi], [lo, hi], "k-", lw=0.8, label="y = x")
     for k, mk in zip(kinds, "xo^Ds", strict=False):
         ax.scatter([m / 1e3 for m in meas], [r[f"{k}_us"] / 1e3 for r in ev], marker=mk, s=22,
                    label=f"{k} (median {results[k]['median_abs_err_pct']:.1f} %)")
-    ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)",
-           title=f"{host['device']['slug']}, {size[0]}×{size[1]}, batch 1, {args.dtype}, {args.runtime}")
+    ax.set(xlabel="measured latency (ms)", ylabel="predicted latency (ms)", title=title)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(args.plot, dpi=120)
-    print(f"wrote {args.plot}")
-    write_result(name, {
-        "config": {"input_size": size, "eval_nets": len(ev), "calib_nets": len(cal), "batch": 1, "dtype": args.dtype,
-                   "runtime": args.runtime,
-                   "timing": SLOW_TIMING, "passes": args.passes, "flush_bytes": flush, "primary_table": primary,
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    print(f"wrote {path}")
+
+
+def main() -> None:
+    args = parse_args()
+    flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
+    layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
+    shapes = cell_shapes(layout, args.size, 1, args.dtype, runtime=args.runtime)
+    with tempfile.TemporaryDirectory() as tmp_s:
+        tmp = Path(tmp_s)
+        srv, host, tables, primary = profile_tables(args, layout, tmp, flush)
+        try:
+            searched = quick_search(layout, args.size, tables[primary], tmp / "search", args.device, args.runtime)
+            nets = {"eval": spanning(layout, args.eval, 0, shapes, tables[primary]) + [searched],
+                    "calib": spanning(layout, args.calib, 100_000, shapes, tables[primary])}
+            rows = measure_nets(args, srv, nets, shapes, tables, searched)
+        finally:
+            stop_server(srv)
+    kinds = [*(f"{t}_sum" for t in tables), "calibrated"]
+    results, model = evaluate(rows, kinds, primary)
+    plot(args.plot, rows["eval"], kinds, results,
+         f"{host['device']['slug']}, {args.size[0]}×{args.size[1]}, batch 1, {args.dtype}, {args.runtime}")
+    write_result(args.name, {
+        "config": {"input_size": args.size, "eval_nets": len(rows["eval"]), "calib_nets": len(rows["calib"]),
+                   "batch": 1, "dtype": args.dtype, "runtime": args.runtime, "timing": SLOW_TIMING,
+                   "passes": args.passes, "flush_bytes": flush, "primary_table": primary,
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
         "device": host["device"], "environment": host["environment"], "results": results,
-        "overhead_model": model.model_dump(), "eval": ev, "calib": cal,
+        "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"],
     }, args.out)
 
 

@@ -107,18 +107,29 @@ def time_callable(
     instead of back-to-back with itself (docs/timing.md: isolated timings under-predict networks).
     A paired median that is not :func:`resolved` after ``method.samples`` samples gets another
     batch of as many, up to ``CONTEXT_MAX_SAMPLES_FACTOR`` batches."""
-    cuda = device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize(device)
+    sync = _synchroniser(device)
 
     def body() -> None:
         if context is not None:
             context()
         fn()
 
-    # warm-up: cuDNN autotuning, allocator growth, caches
+    _warm_up(body, sync, method)  # cuDNN autotuning, allocator growth, caches
+    min_ms = max(method.min_sample_ms, method.context_min_sample_ms) if context is not None else method.min_sample_ms
+    n = iterations_per_sample(body, sync, min_ms, method.max_iters_per_sample)
+    run, timer = _timed_runs(device, n, sync)
+    samples, timed = _samples(fn, context, body, run, method)
+    return Timing([ns / 1e3 / n for ns in samples], n, timer + ("+context" if context is not None else ""), timed)
+
+
+def _synchroniser(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def _warm_up(body: Callable[[], None], sync: Callable[[], None], method: Method) -> None:
+    """At least ``warmup_runs`` runs and ``warmup_ms`` of them, synchronised every 8."""
     runs, t0 = 0, time.perf_counter()
     while runs < method.warmup_runs or (time.perf_counter() - t0) * 1e3 < method.warmup_ms:
         body()
@@ -126,13 +137,16 @@ def time_callable(
         if runs % 8 == 0:
             sync()
     sync()
-    min_ms = max(method.min_sample_ms, method.context_min_sample_ms) if context is not None else method.min_sample_ms
-    n = iterations_per_sample(body, sync, min_ms, method.max_iters_per_sample)
 
-    if cuda:
+
+def _timed_runs(device: torch.device, n: int,
+                sync: Callable[[], None]) -> tuple[Callable[[Callable[[], object]], int], str]:
+    """A function that runs ``f`` ``n`` times and returns the nanoseconds it took (CUDA events
+    on a GPU, ``perf_counter_ns`` on a CPU), and the timer's name."""
+    if device.type == "cuda":
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
-        def run(f: Callable[[], object]) -> int:
+        def run_cuda(f: Callable[[], object]) -> int:
             sync()
             start.record()
             for _ in range(n):
@@ -141,29 +155,36 @@ def time_callable(
             end.synchronize()
             return int(start.elapsed_time(end) * 1e6)
 
-        timer = "cuda_event"
-    else:
+        return run_cuda, "cuda_event"
 
-        def run(f: Callable[[], object]) -> int:
-            a = time.perf_counter_ns()
-            for _ in range(n):
-                f()
-            return time.perf_counter_ns() - a
+    def run_cpu(f: Callable[[], object]) -> int:
+        a = time.perf_counter_ns()
+        for _ in range(n):
+            f()
+        return time.perf_counter_ns() - a
 
-        timer = "perf_counter_ns"
+    return run_cpu, "perf_counter_ns"
 
-    samples: list[float] = []
+
+def _samples(fn: Callable[[], object], context: Callable[[], object] | None, body: Callable[[], None],
+             run: Callable[[Callable[[], object]], int], method: Method) -> tuple[list[int], int]:
+    """The samples (ns per ``n`` runs; paired differences with a context) and the time spent
+    inside timed regions. A context's pairs alternate which half runs first, so drift does not
+    bias the difference; an unresolved paired median gets more samples (see time_callable)."""
+    samples: list[int] = []
     timed = 0
     target = method.samples
     for i in itertools.count():
         if i == target:
-            if context is None or target >= CONTEXT_MAX_SAMPLES_FACTOR * method.samples or resolved(samples):
+            # resolved() compares the median with its standard error: the same in ns per n runs as in µs per run
+            if context is None or target >= CONTEXT_MAX_SAMPLES_FACTOR * method.samples or resolved(
+                    [float(x) for x in samples]):
                 break
             target += method.samples
         if context is None:
             ns = run(fn)
             timed += ns
-        else:  # alternate which half of the pair runs first, so drift does not bias the difference
+        else:
             if i % 2 == 0:
                 with_fn = run(body)
                 ctx_only = run(context)
@@ -172,8 +193,8 @@ def time_callable(
                 with_fn = run(body)
             ns = with_fn - ctx_only
             timed += with_fn + ctx_only
-        samples.append(ns / 1e3 / n)
-    return Timing(samples, n, timer + ("+context" if context is not None else ""), timed)
+        samples.append(ns)
+    return samples, timed
 
 
 FlushLevel = Literal["l2", "llc"]
