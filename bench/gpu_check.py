@@ -10,7 +10,13 @@
 4. ``prediction_accuracy`` — ``bench.prediction_accuracy --device cuda:0`` at 769×1537;
 5. ``search_speed`` — search steps/s at batch 16 (or the largest that fits), 769×1537, AMP off
    and bf16, plus the DataLoader's data-wait share at 256×512 from Cityscapes-size PNGs;
-6. ``torchrun``  — ``bench.ddp_check`` under torchrun with NCCL on every GPU present.
+6. ``torchrun``  — ``bench.ddp_check`` under torchrun with NCCL on every GPU present;
+7. ``runtimes``  — per runtime this host has (eager, cuda_graph, torch_compile, in that order):
+   the float32/float16 × contiguous/channels_last tables at 769×1537, the searched network's FPS
+   under each, and ``bench.prediction_accuracy --runtime R`` on 20 networks (one pass), all within
+   ``--runtimes-budget-s`` (default 300 s, so that every step fits one 10-minute call; give it
+   540 with ``--only runtimes`` in a call of its own): what the budget does not reach is recorded
+   as skipped. It runs on the service of steps 1–3, right after them.
 
 A step that fails is recorded with its error and the rest still run; the exit status is the
 number of failed steps. ``--quick`` shrinks every step (a smoke run), ``--device cpu`` runs the
@@ -42,6 +48,7 @@ from latency_service.testing import QUICK_TIMING, start_server, stop_server, wai
 
 OUT = RESULTS / "gpu"
 PAPER_FPS = 108.4  # GAS, Cityscapes, 769×1537, Titan Xp (paper Table 1)
+RUN_ORDER = ["service", "prediction_accuracy", "search_speed", "torchrun", "runtimes"]
 SERVICE_TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1",
                   "GAS_E2E_SAMPLES": "50", "GAS_E2E_WARMUP_RUNS": "10", "GAS_CPU_THREADS": "0"}
 
@@ -92,6 +99,8 @@ class Check:
                 self.step("identity", lambda: self.identity(c))
                 self.step("tables", lambda: self.tables(c))
                 self.step("search_fps", lambda: self.search_fps(c, srv.url))
+                if "runtimes" in (self.args.only or RUN_ORDER):
+                    self.step("runtimes", lambda: self.runtimes(c))
         finally:
             stop_server(srv)
 
@@ -156,6 +165,80 @@ class Check:
         return {"search_error_pct": report["error_pct"], "fps_float32": fps["float32"]["fps"],
                 "fps_float16": fps["float16"]["fps"], "paper_fps": PAPER_FPS}
 
+    def runtimes(self, c: httpx.Client) -> dict:
+        """Which runtime, dtype and layout is fastest for this search space here, and does each
+        runtime's table predict its whole networks? Cheapest first, within the budget."""
+        deadline = time.perf_counter() + self.args.runtimes_budget_s
+        host = c.get("/device").json()
+        names = [r for r in ("eager", "cuda_graph", "torch_compile") if host["runtimes"][r]["available"]]
+        combos = [(dt, mf) for dt in ("float32", "float16") for mf in ("contiguous", "channels_last")]
+        geno_path = self.out / "search_genotype.json"
+        geno = Genotype.load(geno_path) if geno_path.exists() else None
+        fig: dict = {"runtimes": names, "versions": {r: host["runtimes"][r]["version"] for r in names},
+                     "tables": {}, "fps": {}, "accuracy": {}, "skipped": []}
+        for rt in names:
+            fig["tables"][rt] = self._runtime_tables(c, rt, combos, deadline, fig["skipped"])
+            if geno is not None:
+                fig["fps"][rt] = self._runtime_fps(c, geno, rt, combos, deadline, fig["skipped"])
+        for rt in names:
+            if time.perf_counter() > deadline - 60:
+                fig["skipped"].append(f"accuracy {rt}: out of budget")
+                continue
+            path = self.out / f"prediction_accuracy_{rt}.json"
+            n = ["3", "3", "1"] if self.args.quick else ["20", "6", "1"]
+            self.py("-m", "bench.prediction_accuracy", "--device", self.args.device, "--runtime", rt, "--input-size",
+                    str(self.size[0]), str(self.size[1]), "--eval", n[0], "--calib", n[1], "--passes", n[2],
+                    "--out", str(path), "--plot", str(self.out / f"prediction_accuracy_{rt}.png"),
+                    timeout=max(60.0, deadline - time.perf_counter()))
+            res = json.loads(path.read_text())["results"]
+            fig["accuracy"][rt] = {k: res[k] for k in res if k.endswith("_sum") or k == "calibrated"}
+        self.write("runtimes", fig)
+        return {"runtimes": names, "fps": fig["fps"], "skipped": fig["skipped"]}
+
+    def _runtime_tables(self, c: httpx.Client, rt: str, combos: list, deadline: float, skipped: list) -> dict:
+        """One profile job of the default layout per (dtype, memory format) under ``rt``; a job
+        still running at the deadline is cancelled and recorded as skipped."""
+        out = {}
+        for dt, mf in combos:
+            body = {"layout": NetworkLayout().model_dump(mode="json"), "input_size": list(self.size),
+                    "dtypes": [dt], "memory_formats": [mf], "runtimes": [rt]}
+            r = c.post("/profile", json=body)
+            if r.status_code != 202:
+                skipped.append(f"table {rt} {dt} {mf}: {r.status_code} {r.json().get('message')}")
+                continue
+            job = r.json()
+            while job["state"] in ("queued", "running") and time.perf_counter() < deadline:
+                time.sleep(1)
+                job = c.get(f"/jobs/{job['id']}").json()
+            if job["state"] in ("queued", "running"):
+                c.delete(f"/jobs/{job['id']}")
+                skipped.append(f"table {rt} {dt} {mf}: cancelled at the budget ({job['done']}/{job['total']} keys)")
+                continue
+            slug = c.get("/device").json()["device"]["slug"]
+            rows = c.get(f"/table/{slug}", params={"dtype": dt, "memory_format": mf, "runtime": rt}).json()["entries"]
+            out[f"{dt}/{mf}"] = {"keys": len(rows), "sum_median_us": sum(e["median_us"] for e in rows),
+                                 "flagged": sum(1 for e in rows if e.get("flagged")), "errors": job.get("errors", [])[:3]}
+        return out
+
+    def _runtime_fps(self, c: httpx.Client, geno: Genotype, rt: str, combos: list, deadline: float,
+                     skipped: list) -> dict:
+        """The searched network (19 classes) at this size under ``rt``, each (dtype, format)."""
+        net = geno.model_copy(update={"layout": geno.layout.model_copy(update={"num_classes": 19})})
+        out = {}
+        for dt, mf in combos:
+            if time.perf_counter() > deadline:
+                skipped.append(f"fps {rt} {dt} {mf}: out of budget")
+                continue
+            r = c.post("/measure", json={"genotype": json.loads(net.to_json()), "input_size": list(self.size),
+                                         "dtype": dt, "memory_format": mf, "runtime": rt})
+            if r.status_code != 200:
+                skipped.append(f"fps {rt} {dt} {mf}: {r.status_code} {r.text[:300]}")
+                continue
+            m = r.json()
+            out[f"{dt}/{mf}"] = {"fps": m["fps"], "median_ms": m["median_ms"], "p10_ms": m["p10_ms"],
+                                 "p90_ms": m["p90_ms"], "predicted_ms": m["predicted_ms"], "error_pct": m["error_pct"]}
+        return out
+
     # ------------------------------------------------------------ benchmark steps
 
     def prediction_accuracy(self) -> dict:
@@ -202,11 +285,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda:0", help="cuda:N, or cpu to test the orchestration without a GPU")
     ap.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run of every step")
     ap.add_argument("--only", nargs="+", default=None,
-                    choices=["service", "prediction_accuracy", "search_speed", "torchrun"],
+                    choices=["service", "prediction_accuracy", "search_speed", "torchrun", "runtimes"],
                     help="run only these steps, in the order given (default: all, in the order above)")
     ap.add_argument("--accuracy", type=int, nargs=3, default=(20, 12, 3), metavar=("EVAL", "CALIB", "PASSES"),
                     help="prediction_accuracy: networks evaluated, networks calibrated on, timing passes of each "
                          "(fewer for a short lease; --quick uses 3 3 1)")
+    ap.add_argument("--runtimes-budget-s", type=float, default=300.0,
+                    help="runtimes step: seconds for its tables, FPS and accuracy runs; what does not fit is skipped")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args()
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -214,7 +299,11 @@ def main() -> None:
               f"{torch.__version__}; nothing to check (CUDA paths only). Exiting 0.")
         return
     chk = Check(args)
-    for name in dict.fromkeys(args.only or ["service", "prediction_accuracy", "search_speed", "torchrun"]):
+    for name in dict.fromkeys(args.only or RUN_ORDER):
+        if name == "runtimes":  # runs inside the service steps, on that service
+            if "service" not in (args.only or RUN_ORDER):
+                chk.service_steps()
+            continue
         if name == "service":
             chk.service_steps()
         else:

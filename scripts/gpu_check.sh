@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run every CUDA path of GAS on this host's GPU(s) and write the figures as JSON under
 # bench/results/gpu/ (summary.json, rewritten after every step), with a printed summary. Every
-# step took 270 s on one H200 with --accuracy 12 6 3 (the default 20 12 3 takes about a minute more).
+# step took 270 s on one H200 with --accuracy 12 6 3 (the default 20 12 3 takes about a minute more),
+# before the runtimes step, which adds at most --runtimes-budget-s (300 s; not yet run on a GPU).
 #
 #   scripts/gpu_check.sh [--wheels DIR] [--quick] [any flag of python -m bench.gpu_check]
 #   scripts/gpu_check.sh --download-wheels DIR     # on a connected machine: fill DIR for --wheels
