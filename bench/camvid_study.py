@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import subprocess
 import sys
 import time
@@ -453,6 +454,7 @@ def main(argv: list[str] | None = None) -> int:
         st = Study(scale, args.data_root, args.out, None if args.budget_min is None else 60 * args.budget_min,
                    progress=not args.quiet)
         st.work.mkdir(parents=True, exist_ok=True)
+        signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops like Ctrl-C: each run's wall time is saved
         with local_service(f"sqlite:///{(st.work / 'gas.db').resolve()}", st.work,
                            {"GAS_DEVICE": "cuda:0" if scale.compute.device == "cuda" else "cpu",
                             **scale.service_env}, log=st.work / "service.log") as url:
@@ -464,5 +466,16 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM → KeyboardInterrupt, so the ``finally`` blocks run: the run in progress records the
+    wall time it spent (``timed``), the local service stops, and the next sitting resumes from the
+    last finished epoch or step."""
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("camvid_study: stopped; run the same command again to resume", file=sys.stderr)
+        sys.exit(130)
