@@ -353,6 +353,7 @@ def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
         (("--latency-url", live.url, "--device", "no-such-device", *size), None, 1,
          "reading 'no-such-device' as --target"),
         (("--latency-url", live.url, "--device", "cuda:7", *size), None, 2, "--device cuda:7"),
+        (("--latency-url", live.url, "--runtime", "tvm", *size), None, 2, "--runtime 'tvm': must be one of eager"),
         (("--latency-url", live.url, "--epochs", "0", *size), None, 2,
          "--epochs: Input should be greater than or equal to 1"),
         (("--latency-url", live.url, "--predict-on", "no-such-gpu", *size), None, 1,
