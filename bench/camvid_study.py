@@ -159,13 +159,18 @@ class Study:
         return LatencyClient(self.url, timeout=600)
 
     def table(self) -> tuple[LatencyTerm, dict[str, float], str]:
-        """The latency term of the study's layout and the table behind it (profiled if missing)."""
+        """The latency term of the study's layout and the table behind it: the table its first
+        sitting profiled (``runs/table.json`` names it), so every search, every random draw and
+        every table latency of the study read one table, even after the host's environment
+        fingerprint changed (a new torch, an added runtime); profiled here when there is none."""
         if self._term is None:
+            pinned = self.result("table")
             with self.client() as c:
-                term, slug = fetch_latency_term(c, None, self.layout, self.scale.size, 1, "float32", "contiguous",
+                env = pinned["environment"] if pinned else c.host().environment.fingerprint
+                target = f"{pinned['device']}@{env}" if pinned else None
+                term, slug = fetch_latency_term(c, target, self.layout, self.scale.size, 1, "float32", "contiguous",
                                                 progress=self.progress)
-                lookup = c.table(slug, dtype="float32", batch=1, memory_format="contiguous",
-                                 environment=c.host().environment.fingerprint).lookup()
+                lookup = c.table(slug, dtype="float32", batch=1, memory_format="contiguous", environment=env).lookup()
             self._term = (term, lookup, slug)
         return self._term
 
