@@ -254,6 +254,7 @@ def main() -> None:
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
         "device": host["device"], "environment": host["environment"], "results": results,
         "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"],
+        "tables": tables,  # key → median µs of every table: per-op comparisons across runtimes read them
     }, args.out)
 
 
