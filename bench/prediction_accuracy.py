@@ -173,7 +173,10 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
                 for i, g in enumerate(genos):
                     m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(args.size),
                                                  "dtype": args.dtype, "runtime": args.runtime})
-                    m.raise_for_status()
+                    if m.status_code != 200:
+                        tail = [ln for ln in srv.log.read_text().splitlines() if "Warning" not in ln][-40:]
+                        raise RuntimeError(f"POST /measure of {split}-{i}: {m.status_code} {m.text[:2000]}\n"
+                                           "service log:\n" + "\n".join(tail))
                     passes[split][i].append(m.json()["median_ms"] * 1e3)
     rows: dict[str, list[dict]] = {"eval": [], "calib": []}
     for split, genos in nets.items():
