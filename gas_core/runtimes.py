@@ -127,15 +127,16 @@ def _torch_compile(module: nn.Module, args: tuple, device: torch.device) -> Prep
     Dynamo's caches are reset first: every instance of one op class shares a ``forward``, and
     after ``recompile_limit`` (8) shapes dynamo silently runs the rest eagerly, so a table's
     9th ``sep_conv_3x3`` on would have timed eager PyTorch under the name torch_compile. A
-    compile that produced no graph is an error, never a silent eager timing."""
+    compile that neither produced a graph nor converted the frame (an identity has nothing to
+    compile, but its frame converts) is an error, never a silent eager timing."""
     from torch._dynamo.utils import counters
 
     torch.compiler.reset()
-    before = counters["stats"]["unique_graphs"]
+    graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
     compiled = torch.compile(module, backend="inductor", dynamic=False)
     compiled(*args)
-    if counters["stats"]["unique_graphs"] == before:
-        raise RuntimeError(f"torch.compile produced no graph for {type(module).__name__}: it would run eagerly")
+    if counters["stats"]["unique_graphs"] == graphs and counters["frames"]["ok"] == frames:
+        raise RuntimeError(f"torch.compile did not compile {type(module).__name__}: it would run eagerly")
     return lambda: compiled(*args)
 
 

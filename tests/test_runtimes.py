@@ -31,6 +31,7 @@ CASES = [
     dict(op="upsample", c_in=8, c_out=8, h=16, w=16, stride=2, n_inputs=1),
     dict(op="concat", c_in=8, c_out=16, h=8, w=8, stride=1, n_inputs=2),
     dict(op="preprocess_1x1", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),
+    dict(op="skip_connect", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),  # nothing to compile: still a key
 ]
 QUICK = Method(warmup_runs=1, warmup_ms=0.5, samples=3, min_sample_ms=0.1)
 
