@@ -221,18 +221,21 @@ def export(
     latency_url: Url = None, token: Token = None, dtype: DtypeOpt = None, batch: BatchOpt = None,
     memory_format: FormatOpt = None,
     op: OpOpt = None,
+    runtime: RuntimeOpt = None,
 ) -> None:
     """Write a table to a file."""
     slug, env = _ref(table)
+    _runtime(runtime)
     with _client(latency_url, token) as c:
         try:
             if format == "json":
                 t = c.table(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op,
-                            samples=True)
+                            runtime=runtime, samples=True)
                 path = output or Path(f"{t.device.slug}-{t.environment.fingerprint}.json")
                 body, rows = t.model_dump_json(indent=1).encode(), len(t.entries)
             else:
-                body = c.table_csv(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op)
+                body = c.table_csv(slug, dtype=dtype, batch=batch, memory_format=memory_format, environment=env, op=op,
+                                   runtime=runtime)
                 path = output or Path(f"{slug}{'-' + env if env else ''}.csv")
                 rows = max(0, body.count(b"\n") - 1)
         except ServiceError as exc:
