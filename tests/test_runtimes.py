@@ -186,5 +186,9 @@ def test_search_table_and_measure_under_onnxruntime(srv: Server, tmp_path: Path)
     assert pair["common_keys"] == 3 and pair["only_a"] == 0 and "(onnxruntime)" in r.output
     r = CliRunner().invoke(table_app, ["show", slug, "--runtime", "eager", "--latency-url", srv.url])
     assert r.exit_code == 0 and "3 rows" in r.output and "eager" in r.output, r.output
+    r = CliRunner().invoke(table_app, ["export", slug, "--runtime", "eager", "--out", str(tmp_path / "e.json"),
+                                       "--latency-url", srv.url])
+    exported = json.loads((tmp_path / "e.json").read_text())["entries"]
+    assert r.exit_code == 0 and len(exported) == 3 and {e["runtime"] for e in exported} == {"eager"}, r.output
     r = CliRunner().invoke(table_app, ["show", slug, "--runtime", "tvm", "--latency-url", srv.url])
     assert r.exit_code == 2 and "--runtime 'tvm'" in r.output
