@@ -14,6 +14,7 @@ import json
 from pathlib import Path
 
 from bench.common import write_result
+from gas_core.keys import without_runtime
 from gas_core.table import compare_tables
 
 
@@ -22,7 +23,7 @@ def _ops_table(path: Path, which: str) -> tuple[str, dict[str, tuple[str, float]
     (context) table."""
     run = json.loads(path.read_text())
     table = run["tables"]["isolated" if which == "isolated" else run["config"]["primary_table"]]
-    return run["config"].get("runtime", "eager"), {k.rsplit("|", 1)[0]: (k.split("|", 1)[0], us)
+    return run["config"].get("runtime", "eager"), {without_runtime(k): (k.split("|", 1)[0], us)
                                                    for k, us in table.items()}
 
 

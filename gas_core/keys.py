@@ -95,6 +95,12 @@ class LatencyKey(BaseModel):
         return cls.model_validate(fields)
 
 
+def without_runtime(canonical: str) -> str:
+    """A canonical key less its runtime part: the same component at the same shape, under any
+    runtime, so tables of two runtimes can be matched key by key."""
+    return canonical.rsplit("|", 1)[0]
+
+
 def ceil_div(n: int, d: int) -> int:
     """Output size of a 3×3/pad-1 or 1×1 conv/pool with stride ``d`` on a side of ``n``."""
     return -(-n // d)

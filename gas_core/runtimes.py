@@ -16,6 +16,7 @@ weights, which it does not do by default: the table then times what ``torch.comp
 from __future__ import annotations
 
 import copy
+import functools
 import importlib.metadata
 import shutil
 import tempfile
@@ -234,7 +235,7 @@ def check_runtime(name: str, device_type: str, dtype: str, memory_format: str) -
     """Why a key of runtime ``name`` at ``dtype``/``memory_format`` cannot be timed on a
     ``device_type`` host here (one line, naming what to install or change); None when it can."""
     entry = resolve_runtime(name)
-    missing = entry.missing(device_type)
+    missing = _missing(name, device_type)
     if missing is not None:
         return missing
     if dtype not in entry.dtypes:
@@ -247,8 +248,16 @@ def check_runtime(name: str, device_type: str, dtype: str, memory_format: str) -
 def host_runtimes(device_type: str) -> dict[str, dict[str, Any]]:
     """Every registered runtime on a ``device_type`` host: its version and, when it cannot run
     here, why (``/device`` lists this; the versions are part of the environment fingerprint)."""
-    return {name: {"version": e.version(), "available": e.missing(device_type) is None,
-                   "missing": e.missing(device_type)} for name, e in REGISTRY.items()}
+    return {name: {"version": e.version(), "available": _missing(name, device_type) is None,
+                   "missing": _missing(name, device_type)} for name, e in REGISTRY.items()}
+
+
+@functools.cache
+def _missing(name: str, device_type: str) -> str | None:
+    """:meth:`RuntimeEntry.missing`, once per process: what is installed does not change while
+    it runs, and every ``/profile``, ``/measure`` and ``/device`` asks (package metadata, an
+    import, a compiler lookup)."""
+    return REGISTRY[name].missing(device_type)
 
 
 def prepare(runtime: str, module: nn.Module, args: tuple, device: torch.device) -> Prepared:

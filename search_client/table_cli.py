@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from rich.console import Console
 from rich.table import Table
 
-from gas_core.keys import RUNTIMES
+from gas_core.keys import RUNTIMES, without_runtime
 from gas_core.table import TABLE_KIND, TABLE_SCHEMA_VERSION, LatencyTable, TableEnvironment, compare_tables
 from gas_core.wire import ComparePublic, PairComparison, TableRef, split_ref
 from search_client.cli_common import fail, latency_client, setup_logging
@@ -206,7 +206,7 @@ def compare_runtimes(c: LatencyClient, a: tuple[str, str], b: tuple[str, str], f
         t = c.table(slug, environment=env, runtime=runtime, **filters)
         refs.append(TableRef(device=t.device.slug, environment=t.environment.fingerprint, entries=len(t.entries),
                              runtime=runtime))
-        maps.append({e.key.rsplit("|", 1)[0]: (e.op, e.median_us) for e in t.entries})
+        maps.append({without_runtime(e.key): (e.op, e.median_us) for e in t.entries})
     pair = PairComparison(a=refs[0], b=refs[1], **compare_tables(maps[0], maps[1]).model_dump())
     return ComparePublic(tables=refs, pairs=[pair])
 

@@ -1,6 +1,5 @@
 """Test-only helpers on top of :mod:`latency_service.testing` (the harness tests and benchmarks
-share): fast test timing, a device worker on a database without a server, and the reference
-augmentation."""
+share): a server with the quick timing, and a device worker on a database without a server."""
 
 from __future__ import annotations
 
@@ -11,12 +10,10 @@ from typing import Any
 from latency_service.testing import QUICK_TIMING, Server
 from latency_service.testing import start_server as _start
 
-FAST_TIMING = QUICK_TIMING
-
 
 def start_server(db: str, tmp: Path, extra_env: dict[str, str] | None = None) -> Server:
-    """A test's server: :data:`FAST_TIMING` under ``extra_env``."""
-    return _start(db, tmp, {**FAST_TIMING, **(extra_env or {})})
+    """A test's server: the quick timing (:data:`latency_service.testing.QUICK_TIMING`) under ``extra_env``."""
+    return _start(db, tmp, {**QUICK_TIMING, **(extra_env or {})})
 
 
 @dataclass
