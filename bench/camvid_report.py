@@ -84,15 +84,19 @@ def verdict(groups: dict[str, list[dict]]) -> str:
     try:
         from scipy.stats import ttest_ind
 
-        p = float(ttest_ind(a, b, equal_var=False).pvalue)
-        ptxt = f"Welch's t-test p = {p:.3f}"
+        p: float | None = float(ttest_ind(a, b, equal_var=False).pvalue)
+        ptxt = f"Welch's t-test p = {p:.3f} (n = {len(a)} and {len(b)})"
     except ImportError:  # scipy is a dev dependency
-        ptxt = "scipy not installed: no t-test"
-    beyond = abs(gap) > spread
+        p, ptxt = None, "scipy not installed: no t-test"
     who = "GAS" if gap > 0 else "random (b)"
-    return (f"GAS − random (b) = {gap:+.4f} mIoU; the two groups' std added = {spread:.4f}; {ptxt}. "
-            + (f"{who} is ahead beyond the seed-to-seed spread." if beyond else
-               "The gap is within the seed-to-seed spread: no winner at this scale."))
+    if abs(gap) <= spread:
+        call = "The gap is within the seed-to-seed spread: no winner at this scale."
+    elif p is not None and p < 0.05:
+        call = f"{who} is ahead beyond the seed-to-seed spread, and significantly (p < 0.05)."
+    else:
+        call = (f"{who} is ahead by more than the two stds added, but not significantly (p ≥ 0.05 or untested): "
+                "suggestive, not shown; more networks per group would decide it.")
+    return f"GAS − random (b) = {gap:+.4f} mIoU; the two groups' std added = {spread:.4f}; {ptxt}. {call}"
 
 
 def search_rows(runs: dict[str, dict], variants: dict[str, str]) -> tuple[list[str], dict[str, list[dict]]]:

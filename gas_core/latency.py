@@ -73,8 +73,8 @@ class LatencyTerm(nn.Module):
             for e, edge in enumerate(cell):
                 for m, key in enumerate(edge):
                     if key is not None:
-                        L[k, e, m] = table[key.canonical]
-        fixed = sum(table[key.canonical] for key in shapes.fixed())
+                        L[k, e, m] = own_cost_us(key, table, shapes.call)
+        fixed = math.fsum(own_cost_us(key, table, shapes.call) for key in shapes.fixed())
         return cls(L, fixed)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -85,6 +85,17 @@ class LatencyTerm(nn.Module):
     def total(self, z: torch.Tensor) -> torch.Tensor:
         """The whole network's µs: ``fixed`` + :meth:`forward` (reports, not the loss)."""
         return self.fixed + self.forward(z)
+
+
+def own_cost_us(key: LatencyKey, table: LatencyLookup, call: LatencyKey | None) -> float:
+    """What ``key`` adds to a whole network, µs: its median, less the graph entry ``call``
+    (:attr:`gas_core.search_space.NetworkShapes.call`) that its own-graph timing paid and a
+    network under a one-graph runtime pays once; never below zero (a key timed at or under the
+    entry cost is noise around nothing). ``call`` itself costs its median, and with no ``call``
+    (eager: every op is its own dispatch in a network too) a key costs its median."""
+    if call is None or key == call:
+        return table[key.canonical]
+    return max(table[key.canonical] - table[call.canonical], 0.0)
 
 
 def work_table(shapes: NetworkShapes) -> dict[str, float]:
@@ -105,7 +116,7 @@ def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
     preprocesses skipped, node sums at their real arity (none for a single input)."""
     if genotype.layout != shapes.layout:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
-    keys = list(shapes.stem)
+    keys = shapes.calls() + shapes.stem
     for cell, g in zip(shapes.structure.cells, genotype.cells, strict=True):
         used = cell.used_inputs(g.edges)
         keys += [shapes.key(pre) for pre, u in zip(cell.pre, used, strict=True) if u]
@@ -120,10 +131,11 @@ def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
 
 
 def predict_latency_us(genotype: Genotype, shapes: NetworkShapes, table: LatencyLookup) -> float:
-    """Plain sum of the table over :func:`derived_keys` (µs); raises :class:`MissingLatencyKeys`."""
+    """Sum of :func:`own_cost_us` over :func:`derived_keys` (µs; under eager, the plain sum of
+    medians); raises :class:`MissingLatencyKeys`."""
     keys = derived_keys(genotype, shapes)
     _lookup_all(keys, table)
-    return math.fsum(table[k.canonical] for k in keys)
+    return math.fsum(own_cost_us(k, table, shapes.call) for k in keys)
 
 
 class OverheadModel(BaseModel):

@@ -240,6 +240,15 @@ class Upsample(nn.Module):
         return F.interpolate(x, size=size, mode="bilinear", align_corners=False)
 
 
+class GraphCall(nn.Module):
+    """The smallest graph a runtime can run: one add on a ``(N, 1, 1, 1)`` tensor. Timed as its
+    own graph it costs what entering any graph costs (a session's run, a compiled call's guards,
+    a replay's launch) and next to nothing else: the ``graph_call`` key of a one-graph runtime."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+
 # ---------------------------------------------------------------- candidate ops (fixed order)
 
 
@@ -330,6 +339,11 @@ def _classifier(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
 @COMPONENTS.register("upsample", strides=None, sized_by_output=True, same_channels=True)
 def _upsample(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Upsample()
+
+
+@COMPONENTS.register("graph_call", strides=(1,), same_channels=True)
+def _graph_call(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
+    return GraphCall()
 
 
 # ---------------------------------------------------------------- the one resolver

@@ -27,7 +27,7 @@ from typing import Final, NamedTuple
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from gas_core.genotype import Genotype
-from gas_core.latency import derived_keys
+from gas_core.latency import derived_keys, own_cost_us
 from gas_core.search_space import NetworkShapes
 
 # 1.2533 = √(π/2): the median's standard error relative to the mean's for normal samples;
@@ -186,14 +186,21 @@ class Prediction(BaseModel):
 
 
 def predict_with_uncertainty(genotype: Genotype, shapes: NetworkShapes, rows: Mapping[str, RowStat]) -> Prediction:
-    """Σ medians over :func:`gas_core.latency.derived_keys` and its standard error. A key the
-    network runs k times contributes k·se (the same row, so the same error). Raises
-    ``KeyError`` for a key the table lacks; callers check with the plain prediction first."""
+    """:func:`gas_core.latency.predict_latency_us` and its standard error. A key the network
+    runs k times contributes k·se (the same row, so the same error); under a one-graph runtime
+    the ``graph_call`` row is subtracted from every other key, so its error enters once per key
+    less the one the network pays. Raises ``KeyError`` for a key the table lacks; callers check
+    with the plain prediction first."""
+    keys = derived_keys(genotype, shapes)
     counts: dict[str, int] = {}
-    for k in derived_keys(genotype, shapes):
+    for k in keys:
         counts[k.canonical] = counts.get(k.canonical, 0) + 1
-    total = math.fsum(rows[k].median_us * n for k, n in counts.items())
-    se = math.sqrt(math.fsum((rows[k].se_us * n) ** 2 for k, n in counts.items()))
+    medians = {k: r.median_us for k, r in rows.items()}
+    total = math.fsum(own_cost_us(k, medians, shapes.call) for k in keys)
+    weights = {k: float(n) for k, n in counts.items()}
+    if shapes.call is not None:
+        weights[shapes.call.canonical] = 1.0 - (len(keys) - 1)
+    se = math.sqrt(math.fsum((rows[k].se_us * n) ** 2 for k, n in weights.items()))
     return Prediction(predicted_us=total, se_us=se, flagged_keys=sorted(k for k in counts if rows[k].flagged))
 
 

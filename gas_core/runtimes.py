@@ -178,6 +178,11 @@ class RuntimeEntry:
     install: str
     prepare: Callable[[nn.Module, tuple, torch.device], Prepared]
     needs_cxx_on_cpu: bool = False
+    one_graph: bool = False
+    """A network under this runtime is one graph entered by one call (an ONNX session's run, a
+    compiled module's call, a graph replay), while each key's timing entered its own graph: its
+    table then holds a ``graph_call`` key, the cost of that entry, which a network pays once
+    (:attr:`gas_core.search_space.NetworkShapes.call`; docs/latency-key.md, "Runtimes")."""
 
     def version(self) -> str | None:
         return torch.__version__ if self.package is None else _version(self.package)
@@ -212,14 +217,14 @@ REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
                  "ships with torch", _eager),
     # ONNX graphs are NCHW and exported here in float32 (onnxruntime's CPU kernels are float32)
     RuntimeEntry("onnxruntime", frozenset({"cpu", "cuda"}), frozenset({"float32"}), frozenset({"contiguous"}),
-                 "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime),
+                 "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime, one_graph=True),
     RuntimeEntry("torch_compile", frozenset({"cpu", "cuda"}), _ALL_DTYPES, _ALL_FORMATS, None,
                  "ships with torch (inductor; Triton on CUDA, a C++ compiler on CPU)", _torch_compile,
-                 needs_cxx_on_cpu=True),
+                 needs_cxx_on_cpu=True, one_graph=True),
     RuntimeEntry("cuda_graph", frozenset({"cuda"}), _ALL_DTYPES, _ALL_FORMATS, None, "ships with torch (CUDA)",
-                 _cuda_graph),
+                 _cuda_graph, one_graph=True),
     RuntimeEntry("tensorrt", frozenset({"cuda"}), _ALL_DTYPES, frozenset({"contiguous"}), "tensorrt",
-                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt),
+                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True),
 )}
 assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime, ceil_div
 from gas_core.ops import OPS, build_component, resolve
+from gas_core.runtimes import REGISTRY as RUNTIMES
 
 Head = Literal["aspp", "ppm"]
 MAX_WIDTH = 2**20
@@ -221,8 +222,10 @@ class NetworkShapes:
 
     ``edges[k][e][m]`` is the key of op ``m`` on edge ``e`` of cell ``k`` (``None`` for a
     zero-cost op); ``cell_fixed[k]`` the preprocess/node-sum/concat keys of cell ``k`` with
-    multiplicity, at full node arity; ``stem``/``head`` the keys outside the cells.
-    :meth:`key` names any site's key at this configuration.
+    multiplicity, at full node arity; ``stem``/``head`` the keys outside the cells; ``call``
+    the ``graph_call`` key of a one-graph runtime (None otherwise): each other key's timing
+    entered its own graph once, the network enters one graph once (see
+    :func:`gas_core.latency.own_cost_us`). :meth:`key` names any site's key at this configuration.
     """
 
     structure: NetworkStructure
@@ -236,6 +239,7 @@ class NetworkShapes:
     cell_fixed: list[list[LatencyKey]] = field(default_factory=list)
     stem: list[LatencyKey] = field(default_factory=list)
     head: list[LatencyKey] = field(default_factory=list)
+    call: LatencyKey | None = None
     _made: dict[tuple, LatencyKey] = field(default_factory=dict, repr=False)
 
     @property
@@ -259,12 +263,16 @@ class NetworkShapes:
 
     def fixed(self) -> list[LatencyKey]:
         """Keys of everything α does not choose, with multiplicity (summed into L_fixed)."""
-        return self.stem + [k for keys in self.cell_fixed for k in keys] + self.head
+        return self.calls() + self.stem + [k for keys in self.cell_fixed for k in keys] + self.head
+
+    def calls(self) -> list[LatencyKey]:
+        """The graph entry a network pays once: ``[call]`` under a one-graph runtime, else ``[]``."""
+        return [] if self.call is None else [self.call]
 
     def all_keys(self) -> list[LatencyKey]:
         """Every distinct key, in first-seen order (duplicates collapse: keys are hashable and
         equal by value)."""
-        seen: dict[LatencyKey, None] = dict.fromkeys(self.stem)
+        seen: dict[LatencyKey, None] = dict.fromkeys(self.calls() + self.stem)
         for k, cell in enumerate(self.edges):
             for edge in cell:
                 seen.update(dict.fromkeys(op_key for op_key in edge if op_key is not None))
@@ -296,4 +304,7 @@ def cell_shapes(
         sh.edges.append([[None if OPS[m].zero_cost else sh.key(e, m) for m in ops] for e in cell.edges])
         sh.cell_fixed.append([sh.key(site) for site in (*cell.pre, *cell.sums, cell.concat)])
     sh.head = [sh.key(site) for site in st.head]
+    if RUNTIMES[runtime].one_graph:
+        sh.call = LatencyKey(op="graph_call", c_in=1, c_out=1, h=1, w=1, stride=1, batch=batch, dtype=dtype,
+                             memory_format=memory_format, runtime=runtime)
     return sh

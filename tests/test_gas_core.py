@@ -79,13 +79,11 @@ def test_op_channel_change(name: str) -> None:
 
 @pytest.mark.parametrize("name", COMPONENTS.names())
 def test_every_component_builds_a_timing_case(name: str) -> None:
-    n = {"node_sum": 3, "concat": 2}.get(name, 1)
-    c_out = {"concat": 8, "node_sum": 4, "upsample": 4}.get(name, 6)
-    key = LatencyKey(
-        op=name, c_in=4, c_out=c_out, h=33, w=47, stride=4 if name == "upsample" else 1, n_inputs=n, batch=2
-    )
-    if name in ("stem_conv", "preprocess_reduce"):
-        key = key.model_copy(update={"stride": 2})
+    entry = COMPONENTS[name]  # the shape rules come from the registry entry's facts
+    n = {"one": 1, "sum": 3, "concat": 2}[entry.inputs]
+    c_out = 4 * n if entry.inputs == "concat" else 4 if entry.same_channels else 6
+    stride = 4 if entry.strides is None else max(entry.strides)
+    key = LatencyKey(op=name, c_in=4, c_out=c_out, h=33, w=47, stride=stride, n_inputs=n, batch=2)
     check_key(key)
     module, args = build_timing_case(key)
     with torch.no_grad():

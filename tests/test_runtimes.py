@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from gas_core.genotype import random_genotype
 from gas_core.keys import RUNTIMES, LatencyKey
-from gas_core.latency import LatencyTerm, MissingLatencyKeys
+from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, predict_latency_us
+from gas_core.quality import RowStat, predict_with_uncertainty
 from gas_core.ops import build_timing_case
 from gas_core.runtimes import REGISTRY, check_runtime, host_runtimes, prepare
 from gas_core.search_space import NetworkLayout, cell_shapes
@@ -32,6 +33,7 @@ CASES = [
     dict(op="concat", c_in=8, c_out=16, h=8, w=8, stride=1, n_inputs=2),
     dict(op="preprocess_1x1", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),
     dict(op="skip_connect", c_in=8, c_out=8, h=8, w=8, stride=1, n_inputs=1),  # nothing to compile: still a key
+    dict(op="graph_call", c_in=1, c_out=1, h=1, w=1, stride=1, n_inputs=1),  # the smallest graph: entry cost
 ]
 QUICK = Method(warmup_runs=1, warmup_ms=0.5, samples=3, min_sample_ms=0.1)
 
@@ -114,6 +116,37 @@ def test_a_table_of_one_runtime_never_serves_another() -> None:
     LatencyTerm.from_table(eager, table)
     with pytest.raises(MissingLatencyKeys):
         LatencyTerm.from_table(cell_shapes(TINY, (32, 48), runtime="onnxruntime"), table)
+
+
+@pytest.mark.parametrize("runtime", RUNTIMES)
+def test_a_one_graph_runtime_charges_the_graph_entry_once_per_network(runtime: str) -> None:
+    """Each key was timed as its own graph, so its median holds one graph entry; a network under
+    a one-graph runtime is one graph. With every component costing 10 µs of work plus a 4 µs
+    entry, a network of n components costs 10·n + 4 there, and 14·n under eager (no entry key)."""
+    shapes = cell_shapes(TINY, (32, 48), runtime=runtime)  # type: ignore[arg-type]
+    one_graph = REGISTRY[runtime].one_graph
+    assert (shapes.call is not None) == one_graph
+    assert sum(k.op == "graph_call" for k in shapes.all_keys()) == int(one_graph)
+    table = {k.canonical: 4.0 if k == shapes.call else 14.0 for k in shapes.all_keys()}
+    g = random_genotype(TINY, torch.Generator().manual_seed(3))
+    keys = derived_keys(g, shapes)
+    work = len(keys) - int(one_graph)
+    want = 10.0 * work + 4.0 if one_graph else 14.0 * work
+    assert predict_latency_us(g, shapes, table) == pytest.approx(want)
+    term = LatencyTerm.from_table(shapes, table)  # the search's L: each op's own work, entry excluded
+    assert set(term.L[term.L > 0].tolist()) == {10.0 if one_graph else 14.0}
+    n_fixed = len(shapes.fixed()) - int(one_graph)
+    assert float(term.fixed) == pytest.approx(10.0 * n_fixed + 4.0 if one_graph else 14.0 * n_fixed)
+    rows = {k: RowStat(v, 1.0, False) for k, v in table.items()}
+    assert predict_with_uncertainty(g, shapes, rows).predicted_us == pytest.approx(want)
+
+
+def test_a_key_timed_under_the_graph_entry_costs_nothing_not_less() -> None:
+    shapes = cell_shapes(TINY, (32, 48), runtime="onnxruntime")
+    assert shapes.call is not None
+    table = {k.canonical: 50.0 if k == shapes.call else 20.0 for k in shapes.all_keys()}
+    g = random_genotype(TINY, torch.Generator().manual_seed(4))
+    assert predict_latency_us(g, shapes, table) == pytest.approx(50.0)
 
 
 def test_environment_fingerprint_carries_the_runtime_versions() -> None:
