@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 from gas_core.genotype import random_genotype
 from gas_core.keys import RUNTIMES, LatencyKey
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, predict_latency_us
-from gas_core.quality import RowStat, predict_with_uncertainty
 from gas_core.ops import build_timing_case
+from gas_core.quality import RowStat, predict_with_uncertainty
 from gas_core.runtimes import REGISTRY, check_runtime, host_runtimes, prepare
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service.profiler import Method, time_key
