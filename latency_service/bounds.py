@@ -68,11 +68,12 @@ def expand(settings: Settings, req: ProfileRequest, device_type: str = "cpu") ->
         keys = _expand_layout(settings, req.layout, req.input_size, req)
     if len(keys) > settings.max_keys_per_job:
         raise RequestError(f"keys: {len(keys)} exceed the bound GAS_MAX_KEYS_PER_JOB={settings.max_keys_per_job}")
-    check_runtimes(keys, device_type, "runtimes" if req.keys is None else "keys[{i}].runtime")
+    check_runtimes(keys, device_type, "runtimes" if req.keys is None else "keys[{i}].runtime",
+                   settings.offered_runtimes())
     return keys
 
 
-def check_runtimes(keys: list[LatencyKey], device_type: str, where: str) -> None:
+def check_runtimes(keys: list[LatencyKey], device_type: str, where: str, offered: frozenset[str] | None = None) -> None:
     """Every key's runtime can run here at its dtype and memory format; else a refusal naming
     the field (``where``, formatted with the key's index ``i``) and what to install or change."""
     seen: set[tuple[str, str, str]] = set()
@@ -81,7 +82,7 @@ def check_runtimes(keys: list[LatencyKey], device_type: str, where: str) -> None
         if combo in seen:
             continue
         seen.add(combo)
-        why = check_runtime(k.runtime, device_type, k.dtype, k.memory_format)
+        why = check_runtime(k.runtime, device_type, k.dtype, k.memory_format, offered)
         if why is not None:
             raise RequestError(f"{where.format(i=i)}: {why}")
 
@@ -142,7 +143,7 @@ def check_measure_bounds(s: Settings, req: MeasureRequest, device_type: str = "c
     h, w = req.input_size
     if max(h, w) > s.max_side:
         raise RequestError(f"input_size: {h}×{w} exceeds the bound {s.max_side} per side")
-    why = check_runtime(req.runtime, device_type, req.dtype, req.memory_format)
+    why = check_runtime(req.runtime, device_type, req.dtype, req.memory_format, s.offered_runtimes())
     if why is not None:
         raise RequestError(f"runtime: {why}")
     if req.batch > s.max_batch:

@@ -20,7 +20,7 @@ from torch import nn
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
 from gas_core.ops import PRIMITIVES, build_timing_case
 from gas_core.quality import median_se, quantile, sample_stats
-from gas_core.runtimes import prepare
+from gas_core.runtimes import prepare, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -273,7 +273,8 @@ def time_key(key: LatencyKey, device: torch.device, method: Method, seed: int = 
         run = prepare(key.runtime, module, args, device)
     with torch.inference_mode():
         flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
-        ctx = context_case(device, key.dtype, key.memory_format, flush, args) if method.context else None
+        in_context = method.context and resolve_runtime(key.runtime).context_timing
+        ctx = context_case(device, key.dtype, key.memory_format, flush, args) if in_context else None
         return time_callable(run, device, method, ctx)
 
 

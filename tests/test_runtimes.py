@@ -149,6 +149,34 @@ def test_a_key_timed_under_the_graph_entry_costs_nothing_not_less() -> None:
     assert predict_latency_us(g, shapes, table) == pytest.approx(50.0)
 
 
+def test_an_operator_can_withhold_a_runtime_and_a_request_for_it_says_so(tmp_path: Path) -> None:
+    from latency_service.bounds import RequestError, check_runtimes
+    from latency_service.core.config import Settings
+
+    st = Settings(runtimes="eager,onnxruntime")
+    assert st.offered_runtimes() == {"eager", "onnxruntime"}
+    key = LatencyKey(**CASES[0], batch=1, runtime="torch_compile")  # type: ignore[arg-type]
+    with pytest.raises(RequestError, match=r"runtimes: runtime torch_compile is not offered .*GAS_RUNTIMES"):
+        check_runtimes([key], "cpu", "runtimes", st.offered_runtimes())
+    listed = host_runtimes("cpu", st.offered_runtimes())
+    assert not listed["torch_compile"]["available"] and "GAS_RUNTIMES" in listed["torch_compile"]["missing"]
+    assert listed["onnxruntime"]["available"] == (REGISTRY["onnxruntime"].missing("cpu") is None)
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        Settings(runtimes="eager,tvm")
+
+
+@pytest.mark.skipif(REGISTRY["onnxruntime"].missing("cpu") is not None, reason="onnxruntime cannot run here")
+def test_only_eager_keys_are_timed_in_context() -> None:
+    """The context's eager kernels disturb another runtime's own threads between two calls, so a
+    one-graph runtime's key is timed in isolation even when the host times eager in context."""
+    in_context = Method(warmup_runs=1, warmup_ms=0.5, samples=3, min_sample_ms=0.1, context=True,
+                        context_min_sample_ms=0.1, flush_bytes=1 << 16)
+    for runtime, want in (("eager", True), ("onnxruntime", False)):
+        key = LatencyKey(**CASES[5], batch=1, runtime=runtime)  # type: ignore[arg-type]
+        assert time_key(key, torch.device("cpu"), in_context).timer.endswith("+context") == want, runtime
+        assert REGISTRY[runtime].context_timing == want
+
+
 def test_environment_fingerprint_carries_the_runtime_versions() -> None:
     import onnxruntime
 

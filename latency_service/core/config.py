@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from gas_core.keys import RUNTIMES
 from gas_core.quality import QualityPolicy
 
 
@@ -52,6 +53,11 @@ class Settings(BaseSettings):
         default="l2", description="cache the default flush is sized from, as this host reports it: twice the "
         "per-core L2 (l2) or twice the last cache level (llc; a GPU's L2 either way). llc made CPU predictions "
         "worse where the network fits in the L3 (docs/timing.md)")
+    runtimes: str | None = Field(
+        default=None, pattern=r"^[a-z_]+(,[a-z_]+)*$",
+        description="runtimes this host offers, comma-separated (e.g. 'eager,onnxruntime'): an operator of a shared "
+        "host may not want whole-network compiles on it. Unset = every runtime installed here. A runtime named here "
+        "but not installed is still refused, with what to install")
     cpu_affinity: str | None = Field(
         default=None, pattern=r"^\d+(-\d+)?(,\d+(-\d+)?)*$",
         description="CPUs the service may run on, e.g. '0-3' or '0,2' (sched_setaffinity; pins timing away from "
@@ -143,6 +149,18 @@ class Settings(BaseSettings):
             lo, _, hi = part.partition("-")
             cpus.update(range(int(lo), int(hi or lo) + 1))
         return cpus
+
+    def offered_runtimes(self) -> frozenset[str]:
+        """``runtimes`` as a set (every registered runtime when unset)."""
+        return frozenset(RUNTIMES if self.runtimes is None else self.runtimes.split(","))
+
+    @field_validator("runtimes")
+    @classmethod
+    def _runtimes(cls, v: str | None) -> str | None:
+        unknown = [r for r in (v or "").split(",") if v is not None and r not in RUNTIMES]
+        if unknown:
+            raise ValueError(f"GAS_RUNTIMES: unknown runtime {unknown[0]!r}; known: {', '.join(RUNTIMES)}")
+        return v
 
     def read_tokens(self) -> list[str] | None:
         """The bearer tokens a read accepts (the read token or the write token); ``None``: reads

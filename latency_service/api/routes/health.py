@@ -32,5 +32,5 @@ def device(host: HostDep, session: SessionDep) -> HostPublic:
                             info=host.device.info),
         environment=EnvironmentPublic(fingerprint=host.env.fingerprint, info=host.env.info),
         torch_device=str(host.torch_device),
-        runtimes=host_runtimes(host.torch_device.type),
+        runtimes=host_runtimes(host.torch_device.type, host.settings.offered_runtimes()),
     )
