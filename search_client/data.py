@@ -187,6 +187,8 @@ class SegDataset(Dataset):
         if i in self._decoded:
             return self._decoded[i]
         img_path, lbl_path = self.items[i]
+        # PIL, not torchvision.io.decode_png: torchvision must match each user's torch build exactly
+        # (the registry's 0.28.0 for torch 2.13 is a CUDA build whose ops fail to load on CPU torch)
         pil_img: Image.Image = Image.open(img_path).convert("RGB")
         pil_lbl: Image.Image = Image.open(lbl_path)
         if self.downscale > 1:
