@@ -228,7 +228,9 @@ def test_search_table_and_measure_under_onnxruntime(srv: Server, tmp_path: Path)
                                         runtime="onnxruntime")
         rows = c.table(slug).entries
         assert rows and {e.runtime for e in rows} == {"onnxruntime"}
-        assert len(rows) == len(cell_shapes(TINY, (32, 48)).all_keys())
+        ort_keys = cell_shapes(TINY, (32, 48), runtime="onnxruntime").all_keys()
+        assert len(rows) == len(ort_keys) == len(cell_shapes(TINY, (32, 48)).all_keys()) + 1  # + graph_call
+        assert "graph_call" in {e.op for e in rows}
         m = c.measure(random_genotype(TINY, torch.Generator().manual_seed(1)), (32, 48), batch=1, dtype="float32",
                       memory_format="contiguous", runtime="onnxruntime")
         assert m.runtime == "onnxruntime" and m.predicted_ms is not None and not m.missing_keys
