@@ -244,7 +244,11 @@ def resolve_runtime(name: str) -> RuntimeEntry:
         raise ValueError(f"unknown runtime {name!r}; known: {', '.join(REGISTRY)}") from None
 
 
-NOT_OFFERED = "runtime {name} is not offered by this host (its operator set GAS_RUNTIMES={offered})"
+def _withheld(name: str, offered: frozenset[str] | None) -> str | None:
+    """Why ``name`` is refused when the operator offers only ``offered`` (None: all); None if offered."""
+    if offered is None or name in offered:
+        return None
+    return f"runtime {name} is not offered by this host (its operator set GAS_RUNTIMES={','.join(sorted(offered))})"
 
 
 def check_runtime(name: str, device_type: str, dtype: str, memory_format: str,
@@ -253,9 +257,7 @@ def check_runtime(name: str, device_type: str, dtype: str, memory_format: str,
     ``device_type`` host here (one line, naming what to install or change); None when it can.
     ``offered``: the runtimes the host's operator allows (None: all)."""
     entry = resolve_runtime(name)
-    if offered is not None and name not in offered:
-        return NOT_OFFERED.format(name=name, offered=",".join(sorted(offered)))
-    missing = _missing(name, device_type)
+    missing = _withheld(name, offered) or _missing(name, device_type)
     if missing is not None:
         return missing
     if dtype not in entry.dtypes:
@@ -271,9 +273,7 @@ def host_runtimes(device_type: str, offered: frozenset[str] | None = None) -> di
     whatever the operator offers)."""
     out = {}
     for name, e in REGISTRY.items():
-        why = _missing(name, device_type)
-        if why is None and offered is not None and name not in offered:
-            why = NOT_OFFERED.format(name=name, offered=",".join(sorted(offered)))
+        why = _missing(name, device_type) or _withheld(name, offered)
         out[name] = {"version": e.version(), "available": why is None, "missing": why}
     return out
 

@@ -157,7 +157,7 @@ class Settings(BaseSettings):
     @field_validator("runtimes")
     @classmethod
     def _runtimes(cls, v: str | None) -> str | None:
-        unknown = [r for r in (v or "").split(",") if v is not None and r not in RUNTIMES]
+        unknown = [r for r in v.split(",") if r not in RUNTIMES] if v is not None else []
         if unknown:
             raise ValueError(f"GAS_RUNTIMES: unknown runtime {unknown[0]!r}; known: {', '.join(RUNTIMES)}")
         return v
