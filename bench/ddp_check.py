@@ -23,7 +23,7 @@ import torch.distributed as dist
 from bench.common import machine, stand_in_term
 from gas_core.search_space import NetworkLayout
 from search_client.data import build_datasets
-from search_client.runtime import ComputeConfig, init_distributed
+from search_client.runtime import ComputeConfig, init_distributed, run_rank
 from search_client.search import SearchConfig, search
 
 
@@ -67,8 +67,7 @@ def main() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(out, indent=2))
         print(json.dumps({k: v for k, v in out.items() if k != "machine"}))
-    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)

@@ -35,7 +35,7 @@ from search_client.cli_common import config_flags, fail, flag_error, latency_cli
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
-from search_client.runtime import ComputeConfig, DistInfo, init_distributed
+from search_client.runtime import ComputeConfig, DistInfo, init_distributed, run_rank
 from search_client.search import SearchConfig, SearchResult, search
 
 log = logging.getLogger("gas-search")
@@ -268,8 +268,6 @@ def run(
         fail(TOOL, str(err), 2)
     finally:
         client.close()
-        if d.world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
 
 
 @dataclass
@@ -318,7 +316,7 @@ def _run(job: SearchRun) -> None:
 
 
 def main() -> None:
-    app()
+    run_rank(app)
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from search_client.client import ServiceError  # noqa: E402
 from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
 from search_client.export import export  # noqa: E402
 from search_client.metrics import class_iou
-from search_client.runtime import ComputeConfig, init_distributed, sharded_loader  # noqa: E402
+from search_client.runtime import ComputeConfig, init_distributed, run_rank, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
     TrainConfig,
@@ -301,11 +301,11 @@ def export_cmd(
 
 
 def train_main() -> None:
-    train_app()
+    run_rank(train_app)
 
 
 def eval_main() -> None:
-    eval_app()
+    run_rank(eval_app)
 
 
 def export_main() -> None:

@@ -11,7 +11,7 @@ import torch
 from gas_core.latency import LatencyTerm, work_table
 from gas_core.search_space import NetworkLayout, cell_shapes
 from search_client.data import build_datasets
-from search_client.runtime import ComputeConfig, init_distributed
+from search_client.runtime import ComputeConfig, init_distributed, run_rank
 from search_client.search import SearchConfig, search
 
 LAYOUT = NetworkLayout(num_cells=3, reduction_cells=(1,), stem_channels=(8, 8, 8), head_channels=8, num_classes=4)
@@ -34,9 +34,7 @@ def main() -> None:
     if d.main:
         torch.save({"alpha": res.supernet.alpha.detach(), "ggm": res.supernet.ggm.state_dict(),
                     "val_miou": [h["val_miou"] for h in res.history]}, out / "alpha.pt")
-    if d.world > 1:
-        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main()
+    run_rank(main)
