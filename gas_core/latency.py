@@ -24,7 +24,7 @@ from torch import nn
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
-from gas_core.search_space import NetworkShapes
+from gas_core.search_space import CellStructure, NetworkShapes
 
 DEFAULT_BETA = 0.005
 
@@ -118,16 +118,22 @@ def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
     keys = shapes.calls() + shapes.stem
     for cell, g in zip(shapes.structure.cells, genotype.cells, strict=True):
-        used = cell.used_inputs(g.edges)
-        keys += [shapes.key(pre) for pre, u in zip(cell.pre, used, strict=True) if u]
-        keys += [shapes.key(edge, op) for edge, op, alive in zip(cell.edges, g.edges, cell.live(g.edges), strict=True)
-                 if alive]
-        for node, site in enumerate(cell.sums):
-            arity = cell.arity(g.edges, node)
-            if arity >= 2:
-                keys.append(shapes.key(site, n_inputs=arity))
-        keys.append(shapes.key(cell.concat))
+        keys += cell_keys(cell, g.edges, shapes)
     return keys + list(shapes.head)
+
+
+def cell_keys(cell: CellStructure, ops: Sequence[str], shapes: NetworkShapes) -> list[LatencyKey]:
+    """The keys one derived cell runs (``ops``: its op per edge), with multiplicity: its live
+    preprocesses, its live edges' ops, its node sums of two or more inputs, its concat."""
+    used = cell.used_inputs(ops)
+    keys = [shapes.key(pre) for pre, u in zip(cell.pre, used, strict=True) if u]
+    keys += [shapes.key(edge, op) for edge, op, alive in zip(cell.edges, ops, cell.live(ops), strict=True) if alive]
+    for node, site in enumerate(cell.sums):
+        arity = cell.arity(ops, node)
+        if arity >= 2:
+            keys.append(shapes.key(site, n_inputs=arity))
+    keys.append(shapes.key(cell.concat))
+    return keys
 
 
 def predict_latency_us(genotype: Genotype, shapes: NetworkShapes, table: LatencyLookup) -> float:

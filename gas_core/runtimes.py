@@ -110,8 +110,8 @@ def _onnxruntime(module: nn.Module, args: tuple, device: torch.device) -> Prepar
     cpu_module = module.float().cpu()
     cpu_args = tuple(a.float().cpu().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
     sess = ort.InferenceSession(onnx_model(cpu_module, cpu_args), opts, providers=providers)
-    feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), [a for a in cpu_args if isinstance(a, torch.Tensor)],
-                                                strict=True)}
+    given = {f"x{i}": a.numpy() for i, a in enumerate(a for a in cpu_args if isinstance(a, torch.Tensor))}
+    feeds = {i.name: given[i.name] for i in sess.get_inputs()}  # the exporter drops an input the graph never reads
     if device.type == "cuda":  # inputs and outputs stay on the GPU: IO binding, as a deployment would
         binding = sess.io_binding()
         for name, value in feeds.items():

@@ -81,6 +81,28 @@ def test_each_runtime_computes_what_eager_computes_and_times_it(device: str, nam
     assert len(timing.samples_us) >= 3 and timing.median_us > 0
 
 
+@pytest.mark.skipif(REGISTRY["onnxruntime"].missing("cpu") is not None, reason="onnxruntime cannot run here")
+def test_a_cell_that_never_reads_an_input_runs_under_onnxruntime() -> None:
+    """A derived cell whose edges all read s1 leaves s0 unread; the exporter drops that input
+    from the graph, and the session must be fed by the names it kept (bench.fusion_gap times
+    such cells as one graph)."""
+    from gas_core.genotype import CellGenotype, Genotype
+    from gas_core.network import GASNet
+
+    layout = TINY
+    edges = tuple("sep_conv_3x3" if src == 1 else "none" for src, _ in layout.edge_sources())
+    geno = Genotype(layout=layout, cells=tuple(CellGenotype(type="reduction" if layout.is_reduction(k) else "normal",
+                                                            edges=edges) for k in range(layout.num_cells)))
+    net = GASNet(geno).eval()
+    cell = net.cells[0]
+    assert cell.pre0 is None  # the case under test
+    s = net.stem(torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        want = cell(s, s)
+        got = torch.from_numpy(prepare("onnxruntime", cell, (s, s), torch.device("cpu"))()[0])
+    assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(REGISTRY["torch_compile"].missing("cpu") is not None, reason="torch_compile cannot run here")
 def test_torch_compile_compiles_every_key_of_one_op_not_just_the_first_eight() -> None:

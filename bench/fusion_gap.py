@@ -1,0 +1,237 @@
+"""Where a one-graph runtime's per-key sum misses, and whether a coarser key would not.
+
+A table times each key as its own graph. A runtime that compiles the whole network as one graph
+(ONNX Runtime, torch.compile) fuses across key boundaries (a ReLU into the conv before it, a node
+sum into what reads it) and plans memory across them, so the per-key sum misses by what that
+saves. This benchmark measures by how much, and at which granularity the miss goes away:
+
+1. every cell of ``--nets`` derived networks, exported or compiled as one graph at its exact
+   inputs (BN folded, as shipped) and timed with the service's method, against the sum of its
+   keys' own costs (:func:`gas_core.latency.own_cost_us`: each key's median less the
+   ``graph_call`` entry its own graph paid);
+2. every whole network as one graph, against (a) the per-key sum, the table's prediction, and
+   (b) the cell-granular sum: the stem and head keys plus each cell as one graph (less its entry).
+
+If (b) lands where (a) does not, the runtime fuses inside cells and a cell-level key is the fix;
+if both miss alike, the loss is between cells or in the network's graph as a whole.
+
+Pairing against this VM's noise (one host here switches between a fast and a 2–3× slower mode
+for minutes): each cell is timed, then its keys, then the cell again; each network before and
+after its cells. A ratio's two sides therefore share the host's mode. ``--passes`` repeats all of
+it; every figure is the median over passes with the spread (max − min) / median beside it.
+
+    python -m bench.fusion_gap --runtime eager --runtime onnxruntime --input-size 128 256 --nets 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
+
+from bench.common import RESULTS, write_result  # noqa: E402
+from bench.prediction_accuracy import CHEAP, DEAR, summary  # noqa: E402
+from gas_core.genotype import Genotype, random_genotype  # noqa: E402
+from gas_core.keys import LatencyKey  # noqa: E402
+from gas_core.latency import cell_keys, own_cost_us  # noqa: E402
+from gas_core.network import GASNet  # noqa: E402
+from gas_core.ops import build_timing_case  # noqa: E402
+from gas_core.runtimes import prepare  # noqa: E402
+from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
+from latency_service.profiler import Method, time_callable  # noqa: E402
+
+METHOD = Method(warmup_runs=10, warmup_ms=50.0, samples=30, min_sample_ms=1.0)
+"""The service's timing of a key (the figures of ``bench.prediction_accuracy``'s tables)."""
+
+
+def nets_spanning(layout: NetworkLayout, n: int) -> list[Genotype]:
+    """``n`` random genotypes whose op mixture goes from cheap (skips, pools) to dear (convs)."""
+    return [random_genotype(layout, torch.Generator().manual_seed(500 + i),
+                            CHEAP * (1 - i / max(1, n - 1)) + DEAR * i / max(1, n - 1)) for i in range(n)]
+
+
+def cell_inputs(net: GASNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each cell's ``(s0, s1)`` in the network's eager forward on ``x`` (N, 3, H, W)."""
+    with torch.no_grad():
+        s0 = s1 = net.stem(x)
+        ins = []
+        for cell in net.cells:
+            ins.append((s0, s1))
+            s0, s1 = s1, cell(s0, s1)
+    return ins
+
+
+@dataclass
+class Prepared:
+    """Every callable a runtime's pass times, prepared (exported, compiled) once."""
+
+    runtime: str
+    shapes: NetworkShapes
+    keys: dict[LatencyKey, Callable[[], object]] = field(default_factory=dict)
+    nets: list[Callable[[], object]] = field(default_factory=list)
+    cells: list[list[Callable[[], object]]] = field(default_factory=list)
+    cell_keys: list[list[list[LatencyKey]]] = field(default_factory=list)
+
+
+def prepare_runtime(runtime: str, layout: NetworkLayout, size: tuple[int, int], genos: list[Genotype],
+                    device: torch.device) -> Prepared:
+    shapes = cell_shapes(layout, size, runtime=runtime)
+    p = Prepared(runtime, shapes)
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
+    todo = [*shapes.calls(), *shapes.stem, *shapes.head]
+    for g in genos:
+        p.cell_keys.append([cell_keys(c, gc.edges, shapes) for c, gc in zip(shapes.structure.cells, g.cells,
+                                                                             strict=True)])
+        todo += [k for keys in p.cell_keys[-1] for k in keys]
+    with torch.no_grad():
+        for k in tqdm(dict.fromkeys(todo), desc=f"{runtime}: keys", leave=False):
+            module, args = build_timing_case(k, device=device, generator=torch.Generator().manual_seed(0))
+            p.keys[k] = prepare(runtime, module, args, device)
+        for g in tqdm(genos, desc=f"{runtime}: networks and cells", leave=False):
+            net = GASNet(g).eval().to(device)
+            p.nets.append(prepare(runtime, net, (x.to(device),), device))
+            p.cells.append([prepare(runtime, cell, ins, device) for cell, ins in zip(net.cells, cell_inputs(net, x),
+                                                                                     strict=True)])
+    return p
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    with torch.inference_mode():
+        return time_callable(fn, device, METHOD).median_us
+
+
+def one_pass(p: Prepared, device: torch.device) -> dict:
+    """One pass of a runtime: per network, its whole-graph time around its cells, each cell's
+    time around its keys, and the two predictions. µs."""
+    table: dict[str, float] = {}
+    if p.shapes.call is not None:
+        table[p.shapes.call.canonical] = timed(p.keys[p.shapes.call], device)
+    call_us = table.get(p.shapes.call.canonical, 0.0) if p.shapes.call is not None else 0.0
+    for k in [*p.shapes.stem, *p.shapes.head]:
+        table[k.canonical] = timed(p.keys[k], device)
+    fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])
+    nets = []
+    for run_net, cells, keys_per_cell in zip(p.nets, p.cells, p.cell_keys, strict=True):
+        before = timed(run_net, device)
+        rows = []
+        for run_cell, keys in zip(cells, keys_per_cell, strict=True):
+            first = timed(run_cell, device)
+            for k in dict.fromkeys(keys):
+                table[k.canonical] = timed(p.keys[k], device)
+            cell_us = (first + timed(run_cell, device)) / 2 - call_us  # the cell's own cost in a network
+            rows.append({"cell_us": cell_us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)})
+        measured = (before + timed(run_net, device)) / 2
+        nets.append({"measured_us": measured, "key_sum_us": fixed + sum(r["keys_us"] for r in rows),
+                     "cell_sum_us": fixed + sum(r["cell_us"] for r in rows), "cells": rows})
+    return {"graph_call_us": call_us, "nets": nets}
+
+
+def med_spread(values: list[float]) -> tuple[float, float]:
+    m = statistics.median(values)
+    return m, (max(values) - min(values)) / m * 100 if m else float("nan")
+
+
+def combine(passes: list[dict], layout: NetworkLayout) -> dict:
+    """Medians over passes, their spreads, per-cell gaps by cell kind, and both predictions'
+    accuracy against the whole-network times."""
+    n_nets = len(passes[0]["nets"])
+    nets, gaps = [], {"normal": [], "reduction": []}
+    for i in range(n_nets):
+        row: dict = {}
+        for k in ("measured_us", "key_sum_us", "cell_sum_us"):
+            row[k], row[k.replace("_us", "_spread_pct")] = med_spread([p["nets"][i][k] for p in passes])
+        cells = []
+        for c in range(layout.num_cells):
+            cell_us, spread = med_spread([p["nets"][i]["cells"][c]["cell_us"] for p in passes])
+            keys_us = statistics.median(p["nets"][i]["cells"][c]["keys_us"] for p in passes)
+            gap = (keys_us - cell_us) / cell_us * 100
+            cells.append({"cell_us": cell_us, "cell_spread_pct": spread, "keys_us": keys_us, "gap_pct": gap})
+            gaps["reduction" if layout.is_reduction(c) else "normal"].append(gap)
+        row["cells"] = cells
+        nets.append(row)
+    meas = [n["measured_us"] for n in nets]
+    return {
+        "graph_call_us": med_spread([p["graph_call_us"] for p in passes]) if passes[0]["graph_call_us"] else None,
+        "cell_gap_pct": {kind: {"median": statistics.median(v), "min": min(v), "max": max(v), "cells": len(v)}
+                         for kind, v in gaps.items() if v},
+        "key_sum": summary([n["key_sum_us"] for n in nets], meas),
+        "cell_sum": summary([n["cell_sum_us"] for n in nets], meas),
+        "nets": nets,
+    }
+
+
+def plot(path: Path, results: dict[str, dict], title: str) -> None:
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    for name, r in results.items():
+        cells = [c for n in r["nets"] for c in n["cells"]]
+        axes[0].scatter([c["cell_us"] for c in cells], [c["keys_us"] for c in cells], s=10, alpha=0.6, label=name)
+        meas = [n["measured_us"] / 1e3 for n in r["nets"]]
+        axes[1].scatter(meas, [n["key_sum_us"] / 1e3 for n in r["nets"]], marker="o", label=f"{name}: key sum")
+        axes[1].scatter(meas, [n["cell_sum_us"] / 1e3 for n in r["nets"]], marker="x", label=f"{name}: cell sum")
+    for ax, unit, what in ((axes[0], "µs", "cell"), (axes[1], "ms", "network")):
+        lo, hi = ax.get_xlim()
+        ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
+        ax.set_xlabel(f"{what} timed as one graph, {unit}")
+        ax.set_ylabel(f"predicted from its parts, {unit}")
+        ax.legend(fontsize=7)
+    axes[0].set_title("each cell: sum of its keys")
+    axes[1].set_title("each network: per-key and per-cell sums")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args() -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runtime", action="append", dest="runtimes", default=None,
+                    help="runtime to measure (repeatable; default eager and onnxruntime)")
+    ap.add_argument("--input-size", type=int, nargs=2, default=(128, 256), metavar=("H", "W"))
+    ap.add_argument("--nets", type=int, default=6, help="derived networks, cheap to dear")
+    ap.add_argument("--passes", type=int, default=3, help="repeats of the whole measurement, for the spread")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--out", type=Path, default=RESULTS / "runtimes" / "fusion_gap.json")
+    return ap.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    device, size = torch.device(args.device), tuple(args.input_size)
+    layout = NetworkLayout(num_classes=4)
+    genos = nets_spanning(layout, args.nets)
+    prepared = [prepare_runtime(r, layout, size, genos, device) for r in (args.runtimes or ["eager", "onnxruntime"])]
+    passes: dict[str, list[dict]] = {p.runtime: [] for p in prepared}
+    for _ in tqdm(range(args.passes), desc="passes"):
+        for p in prepared:  # runtimes alternate within a pass, so each sees the host's every mode
+            passes[p.runtime].append(one_pass(p, device))
+    results = {r: combine(ps, layout) for r, ps in passes.items()}
+    for r, res in results.items():
+        gaps = ", ".join(f"{kind} {g['median']:+.1f} % ({g['min']:+.1f}…{g['max']:+.1f}, {g['cells']} cells)"
+                         for kind, g in res["cell_gap_pct"].items())
+        print(f"{r}: cell key-sum − cell-as-one-graph, median: {gaps}")
+        for pred in ("key_sum", "cell_sum"):
+            s = res[pred]
+            print(f"  whole network from {pred}: median |err| {s['median_abs_err_pct']:.1f} %, max "
+                  f"{s['max_abs_err_pct']:.1f} %, mean signed {s['mean_signed_err_pct']:+.1f} %, within ±10 % "
+                  f"{s['within_10_pct']:.0%}, τ {s['kendall_tau']:.2f}")
+        spreads = [n["measured_spread_pct"] for n in res["nets"]]
+        print(f"  whole-network pass spread: median {statistics.median(spreads):.1f} %, max {max(spreads):.1f} %")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    plot(args.out.with_suffix(".png"), results, f"{size[0]}×{size[1]}, batch 1, float32, {args.nets} nets, "
+         f"{args.passes} passes")
+    write_result("fusion_gap", {"config": {"input_size": size, "nets": args.nets, "passes": args.passes,
+                                           "device": args.device, "method": vars(METHOD)},
+                                "results": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()
