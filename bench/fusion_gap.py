@@ -44,10 +44,9 @@ from gas_core.genotype import Genotype, random_genotype  # noqa: E402
 from gas_core.keys import LatencyKey  # noqa: E402
 from gas_core.latency import cell_keys, own_cost_us  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
-from gas_core.ops import build_timing_case  # noqa: E402
 from gas_core.runtimes import prepare  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
-from latency_service.profiler import Method, time_callable  # noqa: E402
+from latency_service.profiler import Method, prepare_key, time_callable  # noqa: E402
 
 METHOD = Method(warmup_runs=10, warmup_ms=50.0, samples=30, min_sample_ms=1.0)
 """The service's timing of a key (the figures of ``bench.prediction_accuracy``'s tables)."""
@@ -94,8 +93,7 @@ def prepare_runtime(runtime: str, layout: NetworkLayout, size: tuple[int, int], 
         todo += [k for keys in p.cell_keys[-1] for k in keys]
     with torch.no_grad():
         for k in tqdm(dict.fromkeys(todo), desc=f"{runtime}: keys", leave=False):
-            module, args = build_timing_case(k, device=device, generator=torch.Generator().manual_seed(0))
-            p.keys[k] = prepare(runtime, module, args, device)
+            p.keys[k] = prepare_key(k, device)[0]
         for g in tqdm(genos, desc=f"{runtime}: networks and cells", leave=False):
             net = GASNet(g).eval().to(device)
             p.nets.append(prepare(runtime, net, (x.to(device),), device))
@@ -113,9 +111,9 @@ def one_pass(p: Prepared, device: torch.device) -> dict:
     """One pass of a runtime: per network, its whole-graph time around its cells, each cell's
     time around its keys, and the two predictions. µs."""
     table: dict[str, float] = {}
+    call_us = 0.0
     if p.shapes.call is not None:
-        table[p.shapes.call.canonical] = timed(p.keys[p.shapes.call], device)
-    call_us = table.get(p.shapes.call.canonical, 0.0) if p.shapes.call is not None else 0.0
+        call_us = table[p.shapes.call.canonical] = timed(p.keys[p.shapes.call], device)
     for k in [*p.shapes.stem, *p.shapes.head]:
         table[k.canonical] = timed(p.keys[k], device)
     fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])

@@ -264,13 +264,18 @@ def context_case(
     return run
 
 
+def prepare_key(key: LatencyKey, device: torch.device, seed: int = 0) -> tuple[Callable[[], object], tuple]:
+    """The key's component built by gas_core at its exact shape and prepared under its runtime
+    (exported or compiled, as its own graph): the zero-argument call to time, and its inputs."""
+    module, args = build_timing_case(key, device=device, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
+        return prepare(key.runtime, module, args, device), args
+
+
 def time_key(key: LatencyKey, device: torch.device, method: Method, seed: int = 0) -> Timing:
     """Time one latency key: the component built by gas_core at the key's exact shape, run under
     the key's runtime (exported or compiled first, as its own graph: :mod:`gas_core.runtimes`)."""
-    gen = torch.Generator().manual_seed(seed)
-    module, args = build_timing_case(key, device=device, generator=gen)
-    with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
-        run = prepare(key.runtime, module, args, device)
+    run, args = prepare_key(key, device, seed)
     with torch.inference_mode():
         flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
         in_context = method.context and resolve_runtime(key.runtime).context_timing
