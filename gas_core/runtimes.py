@@ -100,7 +100,15 @@ def _eager(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
 
 def _onnxruntime(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
     """An InferenceSession of the component's own graph: CUDA provider on a GPU (onnxruntime-gpu),
-    else CPU with as many intra-op threads as torch uses, so both runtimes get the same cores."""
+    else CPU with as many intra-op threads as torch uses, so both runtimes get the same cores.
+
+    Inputs and the output are bound once to buffers allocated here (IO binding), as a deployment
+    that keeps its tensors would run it: ``sess.run`` would hand each call's output back as a new
+    numpy array, a copy of the output tensor that a component inside a network never pays, and
+    that grows with the tensor (``graph_call``, a one-element graph, cannot take it off). The
+    callable answers the bound output, a ``(N, C, H, W)`` float32 tensor on ``device``, rewritten
+    in place by each call."""
+    import numpy as np
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -110,15 +118,31 @@ def _onnxruntime(module: nn.Module, args: tuple, device: torch.device) -> Prepar
     cpu_module = module.float().cpu()
     cpu_args = tuple(a.float().cpu().contiguous() if isinstance(a, torch.Tensor) else a for a in args)
     sess = ort.InferenceSession(onnx_model(cpu_module, cpu_args), opts, providers=providers)
-    given = {f"x{i}": a.numpy() for i, a in enumerate(a for a in cpu_args if isinstance(a, torch.Tensor))}
-    feeds = {i.name: given[i.name] for i in sess.get_inputs()}  # the exporter drops an input the graph never reads
-    if device.type == "cuda":  # inputs and outputs stay on the GPU: IO binding, as a deployment would
-        binding = sess.io_binding()
-        for name, value in feeds.items():
-            binding.bind_ortvalue_input(name, ort.OrtValue.ortvalue_from_numpy(value, "cuda", device.index or 0))
-        binding.bind_output("y", "cuda", device.index or 0)
-        return lambda: sess.run_with_iobinding(binding)
-    return lambda: sess.run(None, feeds)
+    given = {f"x{i}": a for i, a in enumerate(a for a in cpu_args if isinstance(a, torch.Tensor))}
+    inputs = {i.name: given[i.name].to(device) for i in sess.get_inputs()}  # the exporter drops an unread input
+    with torch.no_grad():
+        out = torch.empty(cpu_module(*cpu_args).shape, dtype=torch.float32, device=device)
+    kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
+    binding = sess.io_binding()
+    for name, t in inputs.items():
+        binding.bind_input(name, kind, index, np.float32, list(t.shape), t.data_ptr())
+    binding.bind_output("y", kind, index, np.float32, list(out.shape), out.data_ptr())
+    return _BoundSession(sess, binding, inputs, out)
+
+
+@dataclass(frozen=True)
+class _BoundSession:
+    """An ONNX Runtime session with its inputs and output bound to ``inputs``/``out``; holding
+    them here keeps the memory the binding points at alive as long as the callable."""
+
+    sess: Any
+    binding: Any
+    inputs: dict[str, torch.Tensor]
+    out: torch.Tensor
+
+    def __call__(self) -> torch.Tensor:
+        self.sess.run_with_iobinding(self.binding)
+        return self.out
 
 
 def _torch_compile(module: nn.Module, args: tuple, device: torch.device) -> Prepared:
