@@ -17,6 +17,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -32,8 +33,8 @@ from search_client.client import LatencyClient  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
 
-DEMO = {"size": (96, 192), "batch": 8, "images": (128, 16), "warmup_epochs": 3, "epochs": 6, "lr_a": 0.1,
-        "lr_ggm": 0.001}
+DEMO: dict[str, Any] = {"size": (96, 192), "batch": 8, "images": (128, 16), "warmup_epochs": 3, "epochs": 6,
+                        "lr_a": 0.1, "lr_ggm": 0.001}
 
 
 def by_beta(rows: list[dict], field: str) -> tuple[list[float], list[float], list[list[float]]]:
@@ -121,8 +122,8 @@ def main() -> None:
     betas, mean_pred, _ = by_beta(rows, "predicted_ms")
     _, mean_meas, _ = by_beta(rows, "measured_ms")
     _, mean_miou, _ = by_beta(rows, "val_miou")
-    for b, p, m, q in zip(betas, mean_pred, mean_meas, mean_miou, strict=True):
-        print(f"β = {b:<7g} mean over {len(args.seeds)} seeds: table {p:6.3f} ms, measured {m:6.3f} ms, mIoU {q:.3f}")
+    for b, p, ms, q in zip(betas, mean_pred, mean_meas, mean_miou, strict=True):
+        print(f"β = {b:<7g} mean over {len(args.seeds)} seeds: table {p:6.3f} ms, measured {ms:6.3f} ms, mIoU {q:.3f}")
     drops = [i for i in range(1, len(betas)) if mean_pred[i] > mean_pred[i - 1]]
     print("mean table latency falls monotonically with β" if not drops else
           "not monotone: the mean rises from β = " + ", ".join(f"{betas[i - 1]:g} to {betas[i]:g}" for i in drops))

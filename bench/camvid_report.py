@@ -64,11 +64,11 @@ def table3(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[dict]]]:
                      f"{r['params']:,} | {r['wall_s'] / 60:.0f} min |")
     lines += ["", "| group | val mIoU mean ± std | table ms mean | measured ms mean | FPS mean |", "|---|---|---|---|---|"]
     for g, rows in groups.items():
-        meas = [r["measured_ms"] for r in rows if r["measured_ms"] is not None]
+        measured = [r["measured_ms"] for r in rows if r["measured_ms"] is not None]
         lines.append(f"| {g} | {mean_std([r['miou'] for r in rows])} | "
                      f"{statistics.fmean([r['table_ms'] for r in rows]) if rows else float('nan'):.2f} | "
-                     f"{statistics.fmean(meas) if meas else float('nan'):.2f} | "
-                     f"{1e3 / statistics.fmean(meas) if meas else float('nan'):.1f} |")
+                     f"{statistics.fmean(measured) if measured else float('nan'):.2f} | "
+                     f"{1e3 / statistics.fmean(measured) if measured else float('nan'):.1f} |")
     return lines, groups
 
 

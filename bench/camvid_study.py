@@ -39,6 +39,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -345,11 +346,11 @@ def plan(st: Study) -> list[Run]:
     runs += [search_run(n, seed=s) for n, s in zip(gas, sc.gas_seeds, strict=True)]
     rb = [f"random-b{i}" for i in range(sc.random_b)]
     ra = [f"random-a{i}" for i in range(sc.random_a)]
-    runs += [Run(n, "random", lambda i=i, n=n: st.run_random(n, i, True), [f"search-{g}" for g in gas])
+    runs += [Run(n, "random", partial(st.run_random, n, i, True), [f"search-{g}" for g in gas])
              for i, n in enumerate(rb)]
-    runs += [Run(n, "random", lambda i=i, n=n: st.run_random(n, 100 + i, False), ["table"]) for i, n in enumerate(ra)]
+    runs += [Run(n, "random", partial(st.run_random, n, 100 + i, False), ["table"]) for i, n in enumerate(ra)]
     trained = interleave([f"search-{g}" for g in gas], rb, ra)
-    runs += [Run(f"train-{src}", "train", lambda src=src: st.run_train(f"train-{src}", src), [src]) for src in trained]
+    runs += [Run(f"train-{src}", "train", partial(st.run_train, f"train-{src}", src), [src]) for src in trained]
     fig5 = [search_run(f"{v}-s{s}", seed=s, **over) for s in sc.fig5_seeds for v, over in
             (("shared", {"cells": "shared", "ggm": None}), ("none", {"ggm": "none"}), ("fc", {"ggm": "fc"}))]
     fig5 += [search_run(f"gas-s{s}", seed=s) for s in sc.fig5_seeds if s not in sc.gas_seeds]
@@ -358,12 +359,12 @@ def plan(st: Study) -> list[Run]:
     runs += [search_run(f"{v}chain-s{s}", seed=s, ggm=v, ggm_source="alpha_prime") for v, seeds in
              (("gcn", sc.fig5_seeds), ("fc", sc.fig5_seeds[:1])) for s in seeds]
     if sc.fig5_train:
-        runs += [Run(f"train-{r.name}", "train", lambda n=r.name: st.run_train(f"train-{n}", n), [r.name])
+        runs += [Run(f"train-{r.name}", "train", partial(st.run_train, f"train-{r.name}", r.name), [r.name])
                  for r in fig5]
     runs += [search_run(f"beta{b:g}-s{s}", seed=s, beta=b) for b in sc.betas if b != sc.search.beta
              for s in sc.beta_seeds]
     networks = [r.name for r in runs if r.kind in ("search", "random") and r.name != "random-recipe"]
-    runs += [Run(f"measure-{n}", "measure", lambda n=n: st.run_measure(n), [n]) for n in networks]
+    runs += [Run(f"measure-{n}", "measure", partial(st.run_measure, n), [n]) for n in networks]
     return runs
 
 

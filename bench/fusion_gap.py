@@ -41,7 +41,7 @@ from tqdm import tqdm  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 from bench.prediction_accuracy import CHEAP, DEAR, summary  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
-from gas_core.keys import LatencyKey  # noqa: E402
+from gas_core.keys import LatencyKey, Runtime  # noqa: E402
 from gas_core.latency import cell_keys, own_cost_us  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
 from gas_core.runtimes import prepare  # noqa: E402
@@ -81,7 +81,7 @@ class Prepared:
     cell_keys: list[list[list[LatencyKey]]] = field(default_factory=list)
 
 
-def prepare_runtime(runtime: str, layout: NetworkLayout, size: tuple[int, int], genos: list[Genotype],
+def prepare_runtime(runtime: Runtime, layout: NetworkLayout, size: tuple[int, int], genos: list[Genotype],
                     device: torch.device) -> Prepared:
     shapes = cell_shapes(layout, size, runtime=runtime)
     p = Prepared(runtime, shapes)
@@ -142,7 +142,8 @@ def combine(passes: list[dict], layout: NetworkLayout) -> dict:
     """Medians over passes, their spreads, per-cell gaps by cell kind, and both predictions'
     accuracy against the whole-network times."""
     n_nets = len(passes[0]["nets"])
-    nets, gaps = [], {"normal": [], "reduction": []}
+    nets: list[dict] = []
+    gaps: dict[str, list[float]] = {"normal": [], "reduction": []}
     for i in range(n_nets):
         row: dict = {}
         for k in ("measured_us", "key_sum_us", "cell_sum_us"):

@@ -51,7 +51,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, local_service(
             f"sqlite:///{tmp}/p.db", Path(tmp), {"GAS_MAX_QUEUED_KEYS": "1", "GAS_DEVICE": "cpu"}) as url:
         idle = health_latencies(url, args.seconds)
-        stop, sent, codes = threading.Event(), [0], {}
+        stop, sent = threading.Event(), [0]
+        codes: dict[int, int] = {}
 
         def client(i: int) -> None:
             with httpx.Client(base_url=url, timeout=120) as c:

@@ -33,6 +33,7 @@ import json
 import statistics
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -42,7 +43,7 @@ import torch  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
-from gas_core.keys import RUNTIMES  # noqa: E402
+from gas_core.keys import RUNTIMES, Runtime  # noqa: E402
 from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
@@ -106,7 +107,7 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
 
 
 def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
-                 device: str, runtime: str = "eager") -> Genotype:
+                 device: str, runtime: Runtime = "eager") -> Genotype:
     """A short real search on the synthetic data against this table (β = 0.005)."""
     term = LatencyTerm.from_table(cell_shapes(layout, size, runtime=runtime), table)
     train, val = build_datasets("synthetic", None, size, 0, (32, 8))
@@ -182,7 +183,7 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
     for split, genos in nets.items():
         for i, g in enumerate(genos):
             ms = passes[split][i]
-            r = {"net": "searched" if g is searched else f"{split}-{i}", "measured_us": min(ms),
+            r: dict[str, Any] = {"net": "searched" if g is searched else f"{split}-{i}", "measured_us": min(ms),
                  "pass_medians_us": ms, "pass_spread_pct": (max(ms) - min(ms)) / min(ms) * 100,
                  **{f"{t}_sum_us": predict_latency_us(g, shapes, tab) for t, tab in tables.items()},
                  "calls": len(derived_keys(g, shapes))}

@@ -11,11 +11,13 @@ import argparse
 import resource
 import statistics
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from bench.common import write_result
+from gas_core.ggm import GGMKind
 from gas_core.latency import LatencyTerm, latency_loss
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.supernet import Supernet
@@ -24,7 +26,7 @@ from gas_core.supernet import Supernet
 class Variant:
     """One supernet + optimisers + latency term; ``step()`` runs and times one training step."""
 
-    def __init__(self, name: str, ggm: str, use_lat: bool, args: argparse.Namespace) -> None:
+    def __init__(self, name: str, ggm: GGMKind, use_lat: bool, args: argparse.Namespace) -> None:
         torch.manual_seed(0)
         self.name, self.ggm, self.use_lat, self.dev = name, ggm, use_lat, torch.device(args.device)
         layout = NetworkLayout()
@@ -68,16 +70,17 @@ def main() -> None:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
-    variants = [Variant(n, g, lat, args) for n, g, lat in
-                (("plain", "none", False), ("latency", "none", True), ("latency+ggm", "gcn", True))]
+    kinds: list[tuple[str, GGMKind, bool]] = [("plain", "none", False), ("latency", "none", True),
+                                             ("latency+ggm", "gcn", True)]
+    variants = [Variant(n, g, lat, args) for n, g, lat in kinds]
     # round-robin, so drift in machine load hits every variant alike
     for i in range(args.warmup + args.steps):
         for v in variants:
             v.step(record=i >= args.warmup)
     cuda = args.device.startswith("cuda")
     peak = torch.cuda.max_memory_allocated() / 2**20 if cuda else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    rows = [{"variant": v.name, "ggm": v.ggm, "latency_term": v.use_lat, "median_ms": statistics.median(v.times),
-             "samples_ms": v.times} for v in variants]
+    rows: list[dict[str, Any]] = [{"variant": v.name, "ggm": v.ggm, "latency_term": v.use_lat,
+                                   "median_ms": statistics.median(v.times), "samples_ms": v.times} for v in variants]
     base = rows[0]["median_ms"]
     for r in rows:
         r["ratio_to_plain"] = r["median_ms"] / base
