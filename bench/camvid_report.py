@@ -22,7 +22,8 @@ GROUPS = {"GAS (GCN)": "train-search-gas-", "random (b): latency-matched": "trai
           "random (a): uniform": "train-random-a"}
 FIG5 = {"shared cells": "search-shared-", "independent, no link": "search-none-",
         "independent, FC": "search-fc-", "independent, GCN (GAS)": "search-gas-",
-        "FC fed α′ (first version)": "search-fcchain-", "GCN fed α′ (first version)": "search-gcnchain-"}
+        "FC fed α′ (first version)": "search-fcchain-", "GCN fed α′ (first version)": "search-gcnchain-",
+        "GCN, link at lr 1e-4": "search-gcnlr0.0001-"}
 HOLDOUTS = {"start": "the first 62 training images (the dusk sequence 0001TP)",
             "end": "the last 62 training images (the end of daylight 0016E5, the sequence val is cut from)"}
 

@@ -84,6 +84,10 @@ class Scale(BaseModel):
     betas: list[float]
     beta_seeds: list[int]
     recipe_holdout: int
+    link_lrs: list[float] = []
+    """GCN searches with the link's weights at these learning rates (item 4: does a slower link
+    collapse fewer cells?), one per seed of ``link_lr_seeds``"""
+    link_lr_seeds: list[int] = []
     service_env: dict[str, str] = {}
 
 
@@ -100,13 +104,13 @@ SCALES: dict[str, Scale] = {
     "cpu": Scale(name="cpu", size=(180, 240), downscale=2, compute=ComputeConfig(device="cpu", workers=0),
                  search=_SEARCH_CPU, train=_TRAIN_CPU, gas_seeds=[0, 1, 2], random_a=2, random_b=3,
                  fig5_seeds=[0, 1], fig5_train=False, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
-                 recipe_holdout=62),
+                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0]),
     "gpu": Scale(name="gpu", size=(360, 480), downscale=1,
                  compute=ComputeConfig(device="cuda", amp="bf16", channels_last=True, workers=8),
                  search=SearchConfig(epochs=40, warmup_epochs=10, batch=16, lr_a=0.01, lr_ggm=0.001),
                  train=TrainConfig(epochs=400, batch=8, lr=0.01), gas_seeds=[0, 1, 2], random_a=5, random_b=5,
                  fig5_seeds=[0, 1], fig5_train=True, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
-                 recipe_holdout=62),
+                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0, 1]),
     "tiny": Scale(name="tiny", size=(32, 48), downscale=1, compute=ComputeConfig(device="cpu", workers=0),
                   search=SearchConfig(epochs=1, warmup_epochs=0, batch=2, max_steps=1, lr_a=0.03, lr_ggm=0.001),
                   train=TrainConfig(epochs=1, batch=2, max_steps=1, bootstrap_min_kept=16), gas_seeds=[0],
@@ -363,6 +367,7 @@ def plan(st: Study) -> list[Run]:
                  for r in fig5]
     runs += [search_run(f"beta{b:g}-s{s}", seed=s, beta=b) for b in sc.betas if b != sc.search.beta
              for s in sc.beta_seeds]
+    runs += [search_run(f"gcnlr{lr:g}-s{s}", seed=s, lr_ggm=lr) for lr in sc.link_lrs for s in sc.link_lr_seeds]
     networks = [r.name for r in runs if r.kind in ("search", "random") and r.name != "random-recipe"]
     runs += [Run(f"measure-{n}", "measure", partial(st.run_measure, n), [n]) for n in networks]
     return runs
