@@ -23,7 +23,8 @@ y = x). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--e
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
 own graph) and measures every network under R (the whole network as one graph): where R fuses
 across key boundaries (a ReLU into the conv before it, BN into a conv), the per-key sum misses by
-what the fusion saves, and this is where that shows. Results go to ``prediction_accuracy_R.json``.
+what the fusion saves, and this is where that shows. Results go to
+``bench/results/runtimes/prediction_accuracy_R.json``.
 """
 
 from __future__ import annotations
@@ -129,11 +130,13 @@ def parse_args() -> argparse.Namespace:
                     "one's table is calibrated and searched against); default l2, the service's default")
     ap.add_argument("--runtime", default="eager", choices=list(RUNTIMES),
                     help="time the tables' components and the whole networks under this runtime")
-    ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--plot", type=Path, default=None, help="default bench/results/prediction_accuracy[_RUNTIME].png")
+    ap.add_argument("--out", type=Path, default=None, help="results JSON; default bench/results/prediction_accuracy"
+                    ".json, or bench/results/runtimes/prediction_accuracy_RUNTIME.json under --runtime")
+    ap.add_argument("--plot", type=Path, default=None, help="default: the JSON's path with .png")
     args = ap.parse_args()
     args.name = "prediction_accuracy" + ("" if args.runtime == "eager" else f"_{args.runtime}")
-    args.plot = args.plot or RESULTS / f"{args.name}.png"
+    args.out = args.out or (RESULTS if args.runtime == "eager" else RESULTS / "runtimes") / f"{args.name}.json"
+    args.plot = args.plot or args.out.with_suffix(".png")
     args.flush = list(dict.fromkeys(args.flush or ["l2"]))
     args.size = tuple(args.input_size)
     return args
