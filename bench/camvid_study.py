@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> int:
                    progress=not args.quiet)
         st.work.mkdir(parents=True, exist_ok=True)
         signal.signal(signal.SIGTERM, _interrupt)  # a SIGTERM stops like Ctrl-C: each run's wall time is saved
+        # A shell without job control starts a background `cmd &` with SIGINT ignored, and Python
+        # then keeps it ignored: `kill -INT` did nothing to a study started that way.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with local_service(f"sqlite:///{(st.work / 'gas.db').resolve()}", st.work,
                            {"GAS_DEVICE": "cuda:0" if scale.compute.device == "cuda" else "cpu",
                             **scale.service_env}, log=st.work / "service.log") as url:

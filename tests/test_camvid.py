@@ -4,6 +4,11 @@ holdout and test-split options, and the CamVid study's orchestration at a tiny s
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +21,7 @@ from bench.camvid_study import collapse, draw_random, main
 from gas_core.genotype import Genotype
 from gas_core.latency import LatencyTerm
 from gas_core.search_space import NetworkLayout
+from latency_service.testing import child_pids, running
 from search_client.data import IGNORE, Augment, CamVid, build_datasets
 from search_client.train_cli import eval_app, train_app
 from tests.test_search_client import make_camvid
@@ -140,6 +146,34 @@ def test_study_orchestration_runs_two_networks_and_resume_skips_them(tmp_path: P
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert main(["--scale", "tiny", "--data-root", str(tmp_path / "cv"), "--out", str(out), "--quiet"]) == 0
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
+
+
+@pytest.mark.slow
+def test_study_started_in_the_background_stops_on_sigint(tmp_path: Path) -> None:
+    """A script's ``study &`` inherits SIGINT ignored (no job control); the study must still stop
+    on ``kill -INT`` as on Ctrl-C: exit 130, its resume hint, and its service stopped with it."""
+    make_camvid(tmp_path / "cv", h=32, w=48)
+    log = tmp_path / "study.log"
+    cmd = [sys.executable, "-m", "bench.camvid_study", "--scale", "tiny", "--data-root", str(tmp_path / "cv"),
+           "--out", str(tmp_path / "out"), "--quiet"]
+    with log.open("w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[1],
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        deadline = time.monotonic() + 120
+        while "run table" not in log.read_text() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        service = child_pids(proc.pid)
+        assert proc.poll() is None and service, log.read_text()[-2000:]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(60) == 130, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            for pid in child_pids(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+    assert "run the same command again to resume" in log.read_text()
+    assert not [p for p in service if running(p)]
 
 
 def test_study_refuses_a_missing_data_root(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
