@@ -120,8 +120,7 @@ def _onnxruntime(module: nn.Module, args: tuple, device: torch.device) -> Prepar
     sess = ort.InferenceSession(onnx_model(cpu_module, cpu_args), opts, providers=providers)
     given = {f"x{i}": a for i, a in enumerate(a for a in cpu_args if isinstance(a, torch.Tensor))}
     inputs = {i.name: given[i.name].to(device) for i in sess.get_inputs()}  # the exporter drops an unread input
-    with torch.no_grad():
-        out = torch.empty(cpu_module(*cpu_args).shape, dtype=torch.float32, device=device)
+    out = torch.empty(sess.get_outputs()[0].shape, dtype=torch.float32, device=device)  # static: exported at this shape
     kind, index = ("cuda", device.index or 0) if device.type == "cuda" else ("cpu", 0)
     binding = sess.io_binding()
     for name, t in inputs.items():
