@@ -1,14 +1,15 @@
 """Where a one-graph runtime's per-key sum misses, and whether a coarser key would not.
 
-A table times each key as its own graph. A runtime that compiles the whole network as one graph
-(ONNX Runtime, torch.compile) fuses across key boundaries (a ReLU into the conv before it, a node
-sum into what reads it) and plans memory across them, so the per-key sum misses by what that
-saves. This benchmark measures by how much, and at which granularity the miss goes away:
+A table times each key as its own graph or, where its shape allows, as the marginal cost of one
+more copy in a chain of itself (docs/latency-key.md "In-graph keys"). A runtime that compiles the
+whole network as one graph (ONNX Runtime, torch.compile) fuses across key boundaries (a ReLU
+into the conv before it, a node sum into what reads it) and plans memory across them, so the
+per-key sum misses by what that saves. This benchmark measures by how much, and at which granularity the miss goes away:
 
 1. every cell of ``--nets`` derived networks, exported or compiled as one graph at its exact
    inputs (BN folded, as shipped) and timed with the service's method, against the sum of its
-   keys' own costs (:func:`gas_core.latency.own_cost_us`: each key's median less the
-   ``graph_call`` entry its own graph paid);
+   keys' own costs (:func:`gas_core.latency.own_cost_us`: an in-graph key's median, an
+   own-graph key's median less the ``graph_call`` entry its graph paid);
 2. every whole network as one graph, against (a) the per-key sum, the table's prediction, and
    (b) the cell-granular sum: the stem and head keys plus each cell as one graph (less its entry).
 
@@ -46,7 +47,7 @@ from gas_core.latency import cell_keys, own_cost_us  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
 from gas_core.runtimes import prepare  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
-from latency_service.profiler import Method, prepare_key, time_callable  # noqa: E402
+from latency_service.profiler import KeyCase, Method, prepare_key, time_callable, time_case  # noqa: E402
 
 METHOD = Method(warmup_runs=10, warmup_ms=50.0, samples=30, min_sample_ms=1.0)
 """The service's timing of a key (the figures of ``bench.prediction_accuracy``'s tables)."""
@@ -75,7 +76,7 @@ class Prepared:
 
     runtime: str
     shapes: NetworkShapes
-    keys: dict[LatencyKey, Callable[[], object]] = field(default_factory=dict)
+    keys: dict[LatencyKey, KeyCase] = field(default_factory=dict)
     nets: list[Callable[[], object]] = field(default_factory=list)
     cells: list[list[Callable[[], object]]] = field(default_factory=list)
     cell_keys: list[list[list[LatencyKey]]] = field(default_factory=list)
@@ -93,7 +94,7 @@ def prepare_runtime(runtime: Runtime, layout: NetworkLayout, size: tuple[int, in
         todo += [k for keys in p.cell_keys[-1] for k in keys]
     with torch.no_grad():
         for k in tqdm(dict.fromkeys(todo), desc=f"{runtime}: keys", leave=False):
-            p.keys[k] = prepare_key(k, device)[0]
+            p.keys[k] = prepare_key(k, device)
         for g in tqdm(genos, desc=f"{runtime}: networks and cells", leave=False):
             net = GASNet(g).eval().to(device)
             p.nets.append(prepare(runtime, net, (x.to(device),), device))
@@ -107,15 +108,20 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
         return time_callable(fn, device, METHOD).median_us
 
 
+def timed_key(key: LatencyKey, case: KeyCase, device: torch.device) -> float:
+    """A key timed as the service times it (in a chain when it is an in-graph key)."""
+    return time_case(key, case, device, METHOD).median_us
+
+
 def one_pass(p: Prepared, device: torch.device) -> dict:
     """One pass of a runtime: per network, its whole-graph time around its cells, each cell's
     time around its keys, and the two predictions. µs."""
     table: dict[str, float] = {}
     call_us = 0.0
     if p.shapes.call is not None:
-        call_us = table[p.shapes.call.canonical] = timed(p.keys[p.shapes.call], device)
+        call_us = table[p.shapes.call.canonical] = timed_key(p.shapes.call, p.keys[p.shapes.call], device)
     for k in [*p.shapes.stem, *p.shapes.head]:
-        table[k.canonical] = timed(p.keys[k], device)
+        table[k.canonical] = timed_key(k, p.keys[k], device)
     fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])
     nets = []
     for run_net, cells, keys_per_cell in zip(p.nets, p.cells, p.cell_keys, strict=True):
@@ -124,7 +130,7 @@ def one_pass(p: Prepared, device: torch.device) -> dict:
         for run_cell, keys in zip(cells, keys_per_cell, strict=True):
             first = timed(run_cell, device)
             for k in dict.fromkeys(keys):
-                table[k.canonical] = timed(p.keys[k], device)
+                table[k.canonical] = timed_key(k, p.keys[k], device)
             cell_us = (first + timed(run_cell, device)) / 2 - call_us  # the cell's own cost in a network
             rows.append({"cell_us": cell_us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)})
         measured = (before + timed(run_net, device)) / 2

@@ -24,6 +24,7 @@ from torch import nn
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
+from gas_core.runtimes import in_graph
 from gas_core.search_space import CellStructure, NetworkShapes
 
 DEFAULT_BETA = 0.005
@@ -88,12 +89,14 @@ class LatencyTerm(nn.Module):
 
 
 def own_cost_us(key: LatencyKey, table: LatencyLookup, call: LatencyKey | None) -> float:
-    """What ``key`` adds to a whole network, µs: its median, less the graph entry ``call``
-    (:attr:`gas_core.search_space.NetworkShapes.call`) that its own-graph timing paid and a
-    network under a one-graph runtime pays once; never below zero (a key timed at or under the
-    entry cost is noise around nothing). ``call`` itself costs its median, and with no ``call``
-    (eager: every op is its own dispatch in a network too) a key costs its median."""
-    if call is None or key == call:
+    """What ``key`` adds to a whole network, µs. A key timed inside a graph
+    (:func:`gas_core.runtimes.in_graph`: its marginal cost in a chain) costs its median; a key
+    timed as its own graph costs its median less the graph entry ``call``
+    (:attr:`gas_core.search_space.NetworkShapes.call`) that its timing paid and a network under a
+    one-graph runtime pays once, never below zero (a key timed at or under the entry cost is noise
+    around nothing). ``call`` itself costs its median, and with no ``call`` (eager: every op is
+    its own dispatch in a network too) a key costs its median."""
+    if call is None or key == call or in_graph(key):
         return table[key.canonical]
     return max(table[key.canonical] - table[call.canonical], 0.0)
 

@@ -50,6 +50,10 @@ class Entry:
     which the downsampled size does not determine)."""
     same_channels: bool = False
     """c_out must equal c_in (``upsample``, ``node_sum``)."""
+    chains: bool = True
+    """Under a one-graph runtime a key whose output has its (first) input's shape is timed inside
+    a graph, as the marginal cost of one more copy in a chain (:func:`chainable`,
+    docs/latency-key.md "In-graph keys"). False for ``graph_call``, which *is* the graph's entry."""
 
 
 class Registry:
@@ -181,6 +185,22 @@ class NodeSum(nn.Module):
         for x in xs[1:]:
             out = out + x
         return out
+
+
+class Chain(nn.Module):
+    """``links`` copies of one component (distinct weights, as a network's ops have), each feeding
+    its output to the next: ``(N, C, H, W), *rest → (N, C, H, W)``. ``rest`` (a node sum's other
+    inputs) is passed to every link. The shape a one-graph runtime's key is timed in, so that the
+    difference of two chain lengths is what one more such component costs *inside* a graph."""
+
+    def __init__(self, links: list[nn.Module]) -> None:
+        super().__init__()
+        self.links = nn.ModuleList(links)
+
+    def forward(self, x: torch.Tensor, *rest: torch.Tensor) -> torch.Tensor:
+        for link in self.links:
+            x = link(x, *rest)
+        return x
 
 
 class Concat(nn.Module):
@@ -341,7 +361,7 @@ def _upsample(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Upsample()
 
 
-@COMPONENTS.register("graph_call", strides=(1,), same_channels=True)
+@COMPONENTS.register("graph_call", strides=(1,), same_channels=True, chains=False)
 def _graph_call(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return GraphCall()
 
@@ -421,6 +441,16 @@ def check_key(key: LatencyKey) -> None:
         raise ValueError(f"stride: {key.op} runs at stride {runs}, got {key.stride}")
 
 
+def chainable(key: LatencyKey) -> bool:
+    """Whether ``key``'s component can feed its own output to a copy of itself: one input (or a
+    sum, whose other inputs each link reuses) at stride 1 with as many channels out as in, not
+    sized by its output, and its entry :attr:`Entry.chains`."""
+    entry = resolve(key.op)
+    if not entry.chains or entry.zero_cost or entry.sized_by_output or key.stride != 1:
+        return False
+    return entry.inputs == "sum" or (entry.inputs == "one" and key.c_in == key.c_out)
+
+
 def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
     """NCHW shapes of the tensors a component receives for ``key`` (see :class:`Entry`)."""
     if resolve(key.op).sized_by_output:
@@ -429,12 +459,16 @@ def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
 
 
 def build_timing_case(
-    key: LatencyKey, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    key: LatencyKey, device: torch.device | str = "cpu", generator: torch.Generator | None = None, links: int = 1
 ) -> tuple[nn.Module, tuple]:
     """Module (eval mode, on ``device`` in the key's dtype and memory format) and the exact
-    positional arguments a network passes it for ``key``. Raises ``ValueError`` for a bad key."""
+    positional arguments a network passes it for ``key``. Raises ``ValueError`` for a bad key.
+    ``links`` > 1: a :class:`Chain` of that many copies (``key`` must be :func:`chainable`)."""
     check_key(key)
-    module = build_component(key.op, key.c_in, key.c_out, key.stride).eval()
+    if links != 1 and (links < 1 or not chainable(key)):
+        raise ValueError(f"op: {key.op} at this key cannot be timed as a chain of {links}")
+    copies = [build_component(key.op, key.c_in, key.c_out, key.stride) for _ in range(links)]
+    module = (copies[0] if links == 1 else Chain(copies)).eval()
     dtype = TORCH_DTYPES[key.dtype]
     fmt = TORCH_MEMORY_FORMATS[key.memory_format]
     module = module.to(device=device, dtype=dtype, memory_format=fmt)  # type: ignore[call-overload]

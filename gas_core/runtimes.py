@@ -1,7 +1,8 @@
 """The runtimes a network ships on, one registry entry each (docs/latency-key.md, "Runtimes").
 
 A latency key's ``runtime`` names how its component is run when timed: ``eager`` PyTorch, or
-exported/compiled at the key's exact shape as its own graph, the way a deployment would run it.
+exported/compiled at the key's exact shape, the way a deployment would run it: as its own graph,
+or inside a chain of copies of itself where its shape allows (:func:`in_graph`).
 Each entry says which devices, dtypes and memory formats it serves, how to find its version
 (absent: not installed) and what to install, and turns a ``(module, args)`` pair into a
 zero-argument callable that runs it. The service times that callable with its usual method; a
@@ -29,7 +30,8 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from gas_core.keys import Runtime
+from gas_core.keys import LatencyKey, Runtime
+from gas_core.ops import chainable
 
 ONNX_OPSET = 17
 Prepared = Callable[[], object]
@@ -203,7 +205,7 @@ class RuntimeEntry:
     needs_cxx_on_cpu: bool = False
     one_graph: bool = False
     """A network under this runtime is one graph entered by one call (an ONNX session's run, a
-    compiled module's call, a graph replay), while each key's timing entered its own graph: its
+    compiled module's call, a graph replay), while each own-graph key's timing entered its graph: its
     table then holds a ``graph_call`` key, the cost of that entry, which a network pays once
     (:attr:`gas_core.search_space.NetworkShapes.call`; docs/latency-key.md, "Runtimes")."""
 
@@ -258,6 +260,19 @@ REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
                  "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True),
 )}
 assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
+
+
+CHAIN_EXTRA_LINKS = 3
+"""An in-graph key is timed as a chain of ``1 + CHAIN_EXTRA_LINKS`` copies paired with a chain of
+one; each sample is their difference over ``CHAIN_EXTRA_LINKS`` (docs/latency-key.md "In-graph
+keys"). Part of the environment fingerprint: rows timed with another chain are not mixed."""
+
+
+def in_graph(key: LatencyKey) -> bool:
+    """Whether ``key`` is timed inside a graph (its marginal cost in a chain of itself) rather
+    than as its own graph: a one-graph runtime's :func:`gas_core.ops.chainable` key. Such a
+    key's median is already what it adds to a network: nothing is taken off it for the entry."""
+    return REGISTRY[key.runtime].one_graph and chainable(key)
 
 
 def resolve_runtime(name: str) -> RuntimeEntry:

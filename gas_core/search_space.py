@@ -223,8 +223,8 @@ class NetworkShapes:
     ``edges[k][e][m]`` is the key of op ``m`` on edge ``e`` of cell ``k`` (``None`` for a
     zero-cost op); ``cell_fixed[k]`` the preprocess/node-sum/concat keys of cell ``k`` with
     multiplicity, at full node arity; ``stem``/``head`` the keys outside the cells; ``call``
-    the ``graph_call`` key of a one-graph runtime (None otherwise): each other key's timing
-    entered its own graph once, the network enters one graph once (see
+    the ``graph_call`` key of a one-graph runtime (None otherwise): each own-graph key's timing
+    entered its graph once, the network enters one graph once (see
     :func:`gas_core.latency.own_cost_us`). :meth:`key` names any site's key at this configuration.
     """
 

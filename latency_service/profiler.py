@@ -20,7 +20,7 @@ from torch import nn
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
 from gas_core.ops import PRIMITIVES, build_timing_case
 from gas_core.quality import median_se, quantile, sample_stats
-from gas_core.runtimes import prepare, resolve_runtime
+from gas_core.runtimes import CHAIN_EXTRA_LINKS, in_graph, prepare, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,29 @@ def time_callable(
     return Timing([ns / 1e3 / n for ns in samples], n, timer + ("+context" if context is not None else ""), timed)
 
 
+def time_marginal(longer: Callable[[], object], shorter: Callable[[], object], extra: int,
+                  device: torch.device, method: Method) -> Timing:
+    """What ``extra`` more copies of a component cost inside one graph, per copy: each sample is
+    (n runs of ``longer`` − n runs of ``shorter``) / (n · ``extra``), the two halves back to back
+    and alternating which runs first, so a host's drift or mode change cancels in the pair (as in
+    the context method). Unresolved medians get more samples, as there. Timer ``…+chain``."""
+    sync = _synchroniser(device)
+    _warm_up(shorter, sync, method)
+    _warm_up(longer, sync, method)
+    min_ms = max(method.min_sample_ms, method.context_min_sample_ms)
+    n = iterations_per_sample(longer, sync, min_ms, method.max_iters_per_sample)
+    run, timer = _timed_runs(device, n, sync)
+    samples, timed = _samples(longer, shorter, longer, run, method)
+    return Timing([ns / 1e3 / n / extra for ns in samples], n, timer + "+chain", timed)
+
+
 def _synchroniser(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return lambda: torch.cuda.synchronize(device)
     return lambda: None
 
 
-def _warm_up(body: Callable[[], None], sync: Callable[[], None], method: Method) -> None:
+def _warm_up(body: Callable[[], object], sync: Callable[[], None], method: Method) -> None:
     """At least ``warmup_runs`` runs and ``warmup_ms`` of them, synchronised every 8."""
     runs, t0 = 0, time.perf_counter()
     while runs < method.warmup_runs or (time.perf_counter() - t0) * 1e3 < method.warmup_ms:
@@ -166,7 +182,7 @@ def _timed_runs(device: torch.device, n: int,
     return run_cpu, "perf_counter_ns"
 
 
-def _samples(fn: Callable[[], object], context: Callable[[], object] | None, body: Callable[[], None],
+def _samples(fn: Callable[[], object], context: Callable[[], object] | None, body: Callable[[], object],
              run: Callable[[Callable[[], object]], int], method: Method) -> tuple[list[int], int]:
     """The samples (ns per ``n`` runs; paired differences with a context) and the time spent
     inside timed regions. A context's pairs alternate which half runs first, so drift does not
@@ -264,23 +280,53 @@ def context_case(
     return run
 
 
-def prepare_key(key: LatencyKey, device: torch.device, seed: int = 0) -> tuple[Callable[[], object], tuple]:
+@dataclass(frozen=True)
+class KeyCase:
+    """A key's component built at its exact shape and prepared under its runtime: what to time.
+
+    For an in-graph key (:func:`gas_core.runtimes.in_graph`) ``run`` is a chain of
+    ``1 + CHAIN_EXTRA_LINKS`` copies and ``shorter`` a chain of one, each exported or compiled as
+    one graph: their difference is what the component costs inside a graph, where a runtime
+    fuses across it and keeps its tensors in its own layout, without the entry and the
+    input/output conversions every own-graph timing pays (docs/latency-key.md "In-graph keys")."""
+
+    run: Callable[[], object]
+    args: tuple
+    shorter: Callable[[], object] | None = None
+
+
+def prepare_key(key: LatencyKey, device: torch.device, seed: int = 0) -> KeyCase:
     """The key's component built by gas_core at its exact shape and prepared under its runtime
-    (exported or compiled, as its own graph): the zero-argument call to time, and its inputs."""
-    module, args = build_timing_case(key, device=device, generator=torch.Generator().manual_seed(seed))
+    (exported or compiled as its own graph, or as two chains of it for an in-graph key)."""
+    def case(links: int) -> tuple[nn.Module, tuple]:
+        return build_timing_case(key, device=device, generator=torch.Generator().manual_seed(seed), links=links)
+
     with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
-        return prepare(key.runtime, module, args, device), args
+        if not in_graph(key):
+            module, args = case(1)
+            return KeyCase(prepare(key.runtime, module, args, device), args)
+        one, args = case(1)
+        longer, _ = case(1 + CHAIN_EXTRA_LINKS)
+        shorter = prepare(key.runtime, one, args, device)
+        return KeyCase(prepare(key.runtime, longer, args, device), args, shorter)
+
+
+def time_case(key: LatencyKey, case: KeyCase, device: torch.device, method: Method) -> Timing:
+    """Time a prepared key: in a chain (in-graph keys), in context (eager keys, when ``method``
+    asks for it) or in isolation."""
+    with torch.inference_mode():
+        if case.shorter is not None:
+            return time_marginal(case.run, case.shorter, CHAIN_EXTRA_LINKS, device, method)
+        flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
+        in_context = method.context and resolve_runtime(key.runtime).context_timing
+        ctx = context_case(device, key.dtype, key.memory_format, flush, case.args) if in_context else None
+        return time_callable(case.run, device, method, ctx)
 
 
 def time_key(key: LatencyKey, device: torch.device, method: Method, seed: int = 0) -> Timing:
     """Time one latency key: the component built by gas_core at the key's exact shape, run under
-    the key's runtime (exported or compiled first, as its own graph: :mod:`gas_core.runtimes`)."""
-    run, args = prepare_key(key, device, seed)
-    with torch.inference_mode():
-        flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
-        in_context = method.context and resolve_runtime(key.runtime).context_timing
-        ctx = context_case(device, key.dtype, key.memory_format, flush, args) if in_context else None
-        return time_callable(run, device, method, ctx)
+    the key's runtime (exported or compiled first: :mod:`gas_core.runtimes`)."""
+    return time_case(key, prepare_key(key, device, seed), device, method)
 
 
 REFERENCE_KEY = LatencyKey(op="conv_3x3", c_in=32, c_out=32, h=64, w=128, stride=1, n_inputs=1, batch=1,

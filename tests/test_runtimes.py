@@ -6,6 +6,7 @@ run for real at small shapes on CPU; CUDA-only paths skip without a GPU."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -15,11 +16,11 @@ from typer.testing import CliRunner
 from gas_core.genotype import random_genotype
 from gas_core.keys import RUNTIMES, LatencyKey
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, predict_latency_us
-from gas_core.ops import build_timing_case
+from gas_core.ops import COMPONENTS, OPS, build_timing_case, chainable, resolve
 from gas_core.quality import RowStat, predict_with_uncertainty
-from gas_core.runtimes import REGISTRY, check_runtime, host_runtimes, prepare
+from gas_core.runtimes import CHAIN_EXTRA_LINKS, REGISTRY, check_runtime, host_runtimes, in_graph, prepare
 from gas_core.search_space import NetworkLayout, cell_shapes
-from latency_service.profiler import Method, time_key
+from latency_service.profiler import Method, prepare_key, time_key
 from latency_service.testing import Server, stop_server, wait_job
 from tests.support import start_server
 
@@ -152,14 +153,16 @@ def test_a_table_of_one_runtime_never_serves_another() -> None:
 
 @pytest.mark.parametrize("runtime", RUNTIMES)
 def test_a_one_graph_runtime_charges_the_graph_entry_once_per_network(runtime: str) -> None:
-    """Each key was timed as its own graph, so its median holds one graph entry; a network under
-    a one-graph runtime is one graph. With every component costing 10 µs of work plus a 4 µs
-    entry, a network of n components costs 10·n + 4 there, and 14·n under eager (no entry key)."""
+    """A key timed as its own graph holds one graph entry; an in-graph key (timed in a chain)
+    holds none; a network under a one-graph runtime is one graph. With every component costing
+    10 µs of work and a 4 µs entry (so 14 µs for an own-graph key), a network of n components
+    costs 10·n + 4 there, and 14·n under eager (no entry key, nothing in a chain)."""
     shapes = cell_shapes(TINY, (32, 48), runtime=runtime)  # type: ignore[arg-type]
     one_graph = REGISTRY[runtime].one_graph
     assert (shapes.call is not None) == one_graph
     assert sum(k.op == "graph_call" for k in shapes.all_keys()) == int(one_graph)
-    table = {k.canonical: 4.0 if k == shapes.call else 14.0 for k in shapes.all_keys()}
+    assert any(in_graph(k) for k in shapes.all_keys()) == one_graph
+    table = {k.canonical: 4.0 if k == shapes.call else 10.0 if in_graph(k) else 14.0 for k in shapes.all_keys()}
     g = random_genotype(TINY, torch.Generator().manual_seed(3))
     keys = derived_keys(g, shapes)
     work = len(keys) - int(one_graph)
@@ -173,12 +176,82 @@ def test_a_one_graph_runtime_charges_the_graph_entry_once_per_network(runtime: s
     assert predict_with_uncertainty(g, shapes, rows).predicted_us == pytest.approx(want)
 
 
-def test_a_key_timed_under_the_graph_entry_costs_nothing_not_less() -> None:
+def test_an_own_graph_key_timed_under_the_graph_entry_costs_nothing_not_less() -> None:
     shapes = cell_shapes(TINY, (32, 48), runtime="onnxruntime")
     assert shapes.call is not None
     table = {k.canonical: 50.0 if k == shapes.call else 20.0 for k in shapes.all_keys()}
     g = random_genotype(TINY, torch.Generator().manual_seed(4))
-    assert predict_latency_us(g, shapes, table) == pytest.approx(50.0)
+    chained = sum(in_graph(k) for k in derived_keys(g, shapes))
+    assert 0 < chained < len(derived_keys(g, shapes)) - 1  # both kinds are in a network
+    assert predict_latency_us(g, shapes, table) == pytest.approx(50.0 + 20.0 * chained)
+
+
+@pytest.mark.parametrize("name", [*OPS, *COMPONENTS])
+def test_a_key_is_in_graph_exactly_when_a_chain_of_it_keeps_its_shape(name: str) -> None:
+    """Every registered op and component, at stride 1 with as many channels out as in where its
+    entry allows: chainable keys build a chain whose output has the first input's shape and that
+    computes the copies one after the other; the others (a stride, a channel change, a concat,
+    a resize, the graph entry itself) are refused as chains and never timed in one."""
+    entry = resolve(name)
+    if entry.zero_cost:
+        pytest.skip("the derived network drops it: no key")
+    n = 2 if entry.inputs != "one" else 1
+    c_out = 8 * n if entry.inputs == "concat" else 8
+    for stride in entry.strides or (1, 2):
+        key = LatencyKey(op=name, c_in=8, c_out=c_out, h=8, w=8, stride=stride, n_inputs=n, batch=1,
+                         runtime="onnxruntime")
+        assert in_graph(key) == chainable(key) and not in_graph(key.model_copy(update={"runtime": "eager"}))
+        if not chainable(key):
+            with pytest.raises(ValueError, match="chain"):
+                build_timing_case(key, links=3)
+            continue
+        module, args = build_timing_case(key, generator=torch.Generator().manual_seed(0), links=3)
+        with torch.no_grad():
+            out = module(*args)
+            want = args[0]
+            for link in module.links:
+                want = link(want, *args[1:])
+        assert out.shape == args[0].shape and torch.equal(out, want)
+    assert not chainable(LatencyKey(op="graph_call", c_in=1, c_out=1, h=1, w=1, stride=1, batch=1))
+
+
+def test_an_in_graph_sample_is_the_per_copy_difference_of_the_two_chains(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An injected clock: a chain of four advances it 9 µs a run and a chain of one 3 µs, so one
+    more copy costs (9 − 3) / 3 = 2 µs in every sample, whichever half runs first."""
+    from latency_service import profiler
+
+    clock = [0]
+    monkeypatch.setattr(profiler.time, "perf_counter_ns", lambda: clock[0])
+
+    def advance(ns: int) -> Callable[[], None]:
+        return lambda: clock.__setitem__(0, clock[0] + ns)
+
+    method = Method(warmup_runs=2, warmup_ms=0.0, samples=6, min_sample_ms=0.01, context_min_sample_ms=0.01)
+    t = profiler.time_marginal(advance(9000), advance(3000), 3, torch.device("cpu"), method)
+    assert t.samples_us == [2.0] * 6 and t.timer == "perf_counter_ns+chain"
+
+
+@pytest.mark.skipif(REGISTRY["onnxruntime"].missing("cpu") is not None, reason="onnxruntime cannot run here")
+def test_an_in_graph_key_is_exported_as_two_chains_and_timed_as_their_difference() -> None:
+    """The service's own path under onnxruntime: a stride-1 sep conv is prepared as a chain of
+    1 + CHAIN_EXTRA_LINKS copies and a chain of one, each its own session computing what eager
+    computes; a stride-2 one as its own graph."""
+    key = LatencyKey(**CASES[1], batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
+    torch.manual_seed(5)  # the weights: prepare_key builds the chain of one, then the longer chain
+    case = prepare_key(key, torch.device("cpu"))
+    assert case.shorter is not None
+    torch.manual_seed(5)
+    build_timing_case(key, generator=torch.Generator().manual_seed(0))
+    longer, args = build_timing_case(key, generator=torch.Generator().manual_seed(0), links=1 + CHAIN_EXTRA_LINKS)
+    with torch.no_grad():
+        want = longer(*args)
+    got = case.run()
+    assert isinstance(got, torch.Tensor) and got.shape == want.shape
+    assert float((got - want).abs().max()) / float(want.abs().max()) < 1e-4  # the same weights and inputs
+    assert time_key(key, torch.device("cpu"), QUICK).timer == "perf_counter_ns+chain"
+    strided = LatencyKey(**CASES[0], batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
+    assert prepare_key(strided, torch.device("cpu")).shorter is None
+    assert time_key(strided, torch.device("cpu"), QUICK).timer == "perf_counter_ns"
 
 
 def test_an_operator_can_withhold_a_runtime_and_a_request_for_it_says_so(tmp_path: Path) -> None:
