@@ -24,6 +24,7 @@ from torch import nn
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
+from gas_core.runtimes import REGISTRY as RUNTIME_REGISTRY
 from gas_core.runtimes import in_graph
 from gas_core.search_space import CellStructure, NetworkShapes
 
@@ -116,27 +117,50 @@ def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_B
 def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
     """Keys the derived network of ``genotype`` runs, with multiplicity, read from the same
     structure and rules as :class:`gas_core.network.DerivedCell`: ``none`` edges dropped, unused
-    preprocesses skipped, node sums at their real arity (none for a single input)."""
+    preprocesses skipped, node sums at their real arity (none for a single input). Under a
+    runtime that folds constants (:attr:`gas_core.runtimes.RuntimeEntry.folds_constants`) also
+    every component that only constants feed: a cell whose nodes no live edge feeds outputs
+    zeros, and the next cells' components that read only it, or the head after it, never run."""
     if genotype.layout != shapes.layout:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
+    folds = RUNTIME_REGISTRY[shapes.runtime].folds_constants
     keys = shapes.calls() + shapes.stem
+    constant = (False, False)  # are the cell's inputs (s0, s1) constants?
     for cell, g in zip(shapes.structure.cells, genotype.cells, strict=True):
-        keys += cell_keys(cell, g.edges, shapes)
-    return keys + list(shapes.head)
+        cell_run, out_constant = _cell_run(cell, g.edges, shapes, constant, folds)
+        keys += cell_run
+        constant = (constant[1], out_constant)
+    return keys if constant[1] else keys + list(shapes.head)
 
 
 def cell_keys(cell: CellStructure, ops: Sequence[str], shapes: NetworkShapes) -> list[LatencyKey]:
-    """The keys one derived cell runs (``ops``: its op per edge), with multiplicity: its live
-    preprocesses, its live edges' ops, its node sums of two or more inputs, its concat."""
+    """The keys one derived cell runs on inputs that are not constants (``ops``: its op per
+    edge), with multiplicity: its live preprocesses, its live edges' ops, its node sums of two or
+    more inputs, its concat."""
+    return _cell_run(cell, ops, shapes, (False, False), folds=False)[0]
+
+
+def _cell_run(cell: CellStructure, ops: Sequence[str], shapes: NetworkShapes,
+              constant_inputs: tuple[bool, bool], folds: bool) -> tuple[list[LatencyKey], bool]:
+    """The keys a derived cell runs and, when the runtime ``folds`` constants, whether its output
+    is one (then none of the keys of a component that only constants feed). States follow
+    :class:`gas_core.network.CellBase`: two preprocessed inputs, then one per node (the sum of
+    its live edges; zeros when it has none)."""
     used = cell.used_inputs(ops)
-    keys = [shapes.key(pre) for pre, u in zip(cell.pre, used, strict=True) if u]
-    keys += [shapes.key(edge, op) for edge, op, alive in zip(cell.edges, ops, cell.live(ops), strict=True) if alive]
+    live = [(edge, op) for edge, op, alive in zip(cell.edges, ops, cell.live(ops), strict=True) if alive]
+    constant = list(constant_inputs)
+    for node in range(len(cell.sums)):  # an edge reads an input or an earlier node: in node order
+        constant.append(folds and all(constant[edge.src] for edge, _ in live if edge.node == node))  # none: zeros
+    keys = [shapes.key(pre) for pre, u, c in zip(cell.pre, used, constant_inputs, strict=True) if u and not c]
+    keys += [shapes.key(edge, op) for edge, op in live if not constant[edge.src]]
     for node, site in enumerate(cell.sums):
         arity = cell.arity(ops, node)
-        if arity >= 2:
+        if arity >= 2 and not constant[2 + node]:
             keys.append(shapes.key(site, n_inputs=arity))
-    keys.append(shapes.key(cell.concat))
-    return keys
+    out_constant = all(constant[2:])
+    if not out_constant:
+        keys.append(shapes.key(cell.concat))
+    return keys, out_constant
 
 
 def predict_latency_us(genotype: Genotype, shapes: NetworkShapes, table: LatencyLookup) -> float:

@@ -217,6 +217,14 @@ class RuntimeEntry:
     networks by 550–1300 % and torch.compile ones by 140 %, the isolated sums by 17–74 %), so
     these keys are timed in isolation whatever ``GAS_TIMING_CONTEXT`` says."""
 
+    folds_constants: bool = False
+    """The runtime computes a subgraph whose inputs are all constants once, when it builds the
+    graph, and never at run time (ONNX Runtime's and TensorRT's constant folding). In a derived
+    network a node that no live edge feeds is zeros, a cell of only such nodes is a constant, and
+    so is whatever only constants feed: those components cost nothing under this runtime
+    (:func:`gas_core.latency.derived_keys`). Inductor does not fold them (a module's weights are
+    graph inputs unless frozen), nor does a CUDA graph."""
+
     def version(self) -> str | None:
         return torch.__version__ if self.package is None else _version(self.package)
 
@@ -250,14 +258,15 @@ REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
                  "ships with torch", _eager, context_timing=True),
     # ONNX graphs are NCHW and exported here in float32 (onnxruntime's CPU kernels are float32)
     RuntimeEntry("onnxruntime", frozenset({"cpu", "cuda"}), frozenset({"float32"}), frozenset({"contiguous"}),
-                 "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime, one_graph=True),
+                 "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime, one_graph=True,
+                 folds_constants=True),
     RuntimeEntry("torch_compile", frozenset({"cpu", "cuda"}), _ALL_DTYPES, _ALL_FORMATS, None,
                  "ships with torch (inductor; Triton on CUDA, a C++ compiler on CPU)", _torch_compile,
                  needs_cxx_on_cpu=True, one_graph=True),
     RuntimeEntry("cuda_graph", frozenset({"cuda"}), _ALL_DTYPES, _ALL_FORMATS, None, "ships with torch (CUDA)",
                  _cuda_graph, one_graph=True),
     RuntimeEntry("tensorrt", frozenset({"cuda"}), _ALL_DTYPES, frozenset({"contiguous"}), "tensorrt",
-                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True),
+                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True, folds_constants=True),
 )}
 assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
 
