@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 from pathlib import Path
@@ -46,7 +47,8 @@ import torch  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
 from gas_core.keys import RUNTIMES, Runtime  # noqa: E402
-from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, predict_latency_us  # noqa: E402
+from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, own_cost_us, predict_latency_us  # noqa: E402
+from gas_core.runtimes import in_graph  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
@@ -166,6 +168,16 @@ def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
     return srv, host, tables, primary
 
 
+def by_timing(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> dict[str, float]:
+    """The table's prediction of ``g`` split by how its keys were timed: in a chain (in-graph
+    keys), as their own graph (less the entry), and the graph entry itself; µs."""
+    keys = derived_keys(g, shapes)
+    costs = [(k, own_cost_us(k, table, shapes.call)) for k in keys]
+    return {"in_graph_us": math.fsum(c for k, c in costs if in_graph(k)),
+            "own_graph_us": math.fsum(c for k, c in costs if not in_graph(k) and k != shapes.call),
+            "entry_us": math.fsum(c for k, c in costs if k == shapes.call)}
+
+
 def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Genotype]], shapes: NetworkShapes,
                  tables: dict[str, dict[str, float]], searched: Genotype) -> dict[str, list[dict]]:
     """Every net measured in ``--passes`` separate passes over all nets; a net's figure is the
@@ -190,7 +202,8 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
             r: dict[str, Any] = {"net": "searched" if g is searched else f"{split}-{i}", "measured_us": min(ms),
                  "pass_medians_us": ms, "pass_spread_pct": (max(ms) - min(ms)) / min(ms) * 100,
                  **{f"{t}_sum_us": predict_latency_us(g, shapes, tab) for t, tab in tables.items()},
-                 "calls": len(derived_keys(g, shapes))}
+                 "calls": len(derived_keys(g, shapes)), **by_timing(g, shapes, tables[f"context_{args.flush[0]}"]),
+                 "genotype": json.loads(g.to_json())}
             rows[split].append(r)
             sums = "  ".join(f"{t} {r[f'{t}_sum_us'] / 1e3:7.3f}" for t in tables)
             print(f"{r['net']:>10}: measured {r['measured_us'] / 1e3:7.3f} ms (passes ±"

@@ -117,20 +117,53 @@ def latency_loss(ce: torch.Tensor, lat_us: torch.Tensor, beta: float = DEFAULT_B
 def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
     """Keys the derived network of ``genotype`` runs, with multiplicity, read from the same
     structure and rules as :class:`gas_core.network.DerivedCell`: ``none`` edges dropped, unused
-    preprocesses skipped, node sums at their real arity (none for a single input). Under a
-    runtime that folds constants (:attr:`gas_core.runtimes.RuntimeEntry.folds_constants`) also
-    every component that only constants feed: a cell whose nodes no live edge feeds outputs
-    zeros, and the next cells' components that read only it, or the head after it, never run."""
+    preprocesses skipped, node sums at their real arity (none for a single input).
+
+    What the runtime itself removes is left out too (:class:`gas_core.runtimes.RuntimeEntry`):
+    under one that folds constants, every component only constants feed (a node no live edge
+    feeds is zeros; a cell of only such nodes is a constant, and so is what it alone feeds, up
+    to the head); under one that drops dead code, every cell whose output reaches the network's
+    output through no component that runs (neither of the next two cells reads it, or only
+    folded parts do), and the stem when no such cell reads it."""
     if genotype.layout != shapes.layout:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
-    folds = RUNTIME_REGISTRY[shapes.runtime].folds_constants
-    keys = shapes.calls() + shapes.stem
-    constant = (False, False)  # are the cell's inputs (s0, s1) constants?
-    for cell, g in zip(shapes.structure.cells, genotype.cells, strict=True):
-        cell_run, out_constant = _cell_run(cell, g.edges, shapes, constant, folds)
-        keys += cell_run
-        constant = (constant[1], out_constant)
-    return keys if constant[1] else keys + list(shapes.head)
+    entry = RUNTIME_REGISTRY[shapes.runtime]
+    cells = list(zip(shapes.structure.cells, (g.edges for g in genotype.cells), strict=True))
+    runs, constant = _cells_forward(cells, shapes, entry.folds_constants)
+    head = not constant[-1]
+    needed = _needed(cells, constant, head) if entry.drops_dead_code else [True] * (len(cells) + 1)
+    keys = shapes.calls() + (shapes.stem if needed[0] else [])
+    for cell_run, need in zip(runs, needed[1:], strict=True):
+        keys += cell_run if need else []
+    return keys + (list(shapes.head) if head else [])
+
+
+def _cells_forward(cells: Sequence[tuple[CellStructure, Sequence[str]]], shapes: NetworkShapes,
+                   folds: bool) -> tuple[list[list[LatencyKey]], list[bool]]:
+    """Each cell's keys on its (possibly constant) inputs, and whether each state is a constant:
+    ``[stem, cell 0, …]``; cell k reads states k (its s0; the stem for cell 0) and k + 1."""
+    constant = [False]  # the stem's output
+    runs = []
+    for k, (cell, ops) in enumerate(cells):
+        inputs = (constant[max(k - 1, 0)], constant[k])
+        cell_run, out_constant = _cell_run(cell, ops, shapes, inputs, folds)
+        runs.append(cell_run)
+        constant.append(out_constant)
+    return runs, constant
+
+
+def _needed(cells: Sequence[tuple[CellStructure, Sequence[str]]], constant: list[bool], head: bool) -> list[bool]:
+    """Backwards from the head: is state ``[stem, cell 0, …]`` read by a component that runs?
+    A cell that runs reads the inputs it uses unless they are constants (folded)."""
+    needed = [False] * len(constant)
+    needed[-1] = head
+    for k in range(len(cells) - 1, -1, -1):
+        if not needed[k + 1] or constant[k + 1]:
+            continue
+        used0, used1 = cells[k][0].used_inputs(cells[k][1])
+        for src, used in ((max(k - 1, 0), used0), (k, used1)):
+            needed[src] = needed[src] or (used and not constant[src])
+    return needed
 
 
 def cell_keys(cell: CellStructure, ops: Sequence[str], shapes: NetworkShapes) -> list[LatencyKey]:

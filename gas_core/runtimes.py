@@ -224,6 +224,11 @@ class RuntimeEntry:
     so is whatever only constants feed: those components cost nothing under this runtime
     (:func:`gas_core.latency.derived_keys`). Inductor does not fold them (a module's weights are
     graph inputs unless frozen), nor does a CUDA graph."""
+    drops_dead_code: bool = False
+    """The runtime never computes what does not reach the graph's output (ONNX Runtime, TensorRT,
+    inductor's dead-code elimination); eager PyTorch and a CUDA graph's replay run every kernel
+    the forward launched. A cell that neither of the next two cells reads, or that only feeds
+    constant-folded parts, costs nothing under this runtime."""
 
     def version(self) -> str | None:
         return torch.__version__ if self.package is None else _version(self.package)
@@ -259,14 +264,15 @@ REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
     # ONNX graphs are NCHW and exported here in float32 (onnxruntime's CPU kernels are float32)
     RuntimeEntry("onnxruntime", frozenset({"cpu", "cuda"}), frozenset({"float32"}), frozenset({"contiguous"}),
                  "onnxruntime", "pip install onnxruntime (CPU) or onnxruntime-gpu (CUDA)", _onnxruntime, one_graph=True,
-                 folds_constants=True),
+                 folds_constants=True, drops_dead_code=True),
     RuntimeEntry("torch_compile", frozenset({"cpu", "cuda"}), _ALL_DTYPES, _ALL_FORMATS, None,
                  "ships with torch (inductor; Triton on CUDA, a C++ compiler on CPU)", _torch_compile,
-                 needs_cxx_on_cpu=True, one_graph=True),
+                 needs_cxx_on_cpu=True, one_graph=True, drops_dead_code=True),
     RuntimeEntry("cuda_graph", frozenset({"cuda"}), _ALL_DTYPES, _ALL_FORMATS, None, "ships with torch (CUDA)",
                  _cuda_graph, one_graph=True),
     RuntimeEntry("tensorrt", frozenset({"cuda"}), _ALL_DTYPES, frozenset({"contiguous"}), "tensorrt",
-                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True, folds_constants=True),
+                 "pip install tensorrt (NVIDIA GPUs only)", _tensorrt, one_graph=True, folds_constants=True,
+                 drops_dead_code=True),
 )}
 assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
 
