@@ -47,7 +47,14 @@ import torch  # noqa: E402
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
 from gas_core.keys import RUNTIMES, Runtime  # noqa: E402
-from gas_core.latency import LatencyTerm, OverheadModel, derived_keys, own_cost_us, predict_latency_us  # noqa: E402
+from gas_core.latency import (  # noqa: E402
+    LatencyTerm,
+    OverheadModel,
+    constant_output,
+    derived_keys,
+    own_cost_us,
+    predict_latency_us,
+)
 from gas_core.runtimes import in_graph  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
@@ -68,12 +75,16 @@ def spanning(layout: NetworkLayout, n: int, seed0: int, shapes, table: dict[str,
     """``n`` genotypes evenly spread from cheap to expensive: draw ``pool`` candidates with op
     mixtures from cheap to dear, then take the ones whose *table* prediction is nearest to ``n``
     evenly spaced values between the cheapest and the dearest (no measurement is used to
-    choose), so neighbours differ by more than the measurement noise."""
+    choose), so neighbours differ by more than the measurement noise. A candidate whose output
+    does not depend on its input (:func:`gas_core.latency.constant_output`: its last cell fed by
+    no live edge) is not a segmentation network and is never drawn; ONNX Runtime runs one as a
+    single copy of a constant."""
     cands = []
     for i in range(pool):
         t = i / (pool - 1)
         g = random_genotype(layout, torch.Generator().manual_seed(seed0 + i), CHEAP * (1 - t) + DEAR * t)
-        cands.append((predict_latency_us(g, shapes, table), g))
+        if not constant_output(g, shapes):
+            cands.append((predict_latency_us(g, shapes, table), g))
     lo, hi = min(c[0] for c in cands), max(c[0] for c in cands)
     picked: list[Genotype] = []
     for j in range(n):

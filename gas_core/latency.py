@@ -138,6 +138,14 @@ def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
     return keys + (list(shapes.head) if head else [])
 
 
+def constant_output(genotype: Genotype, shapes: NetworkShapes) -> bool:
+    """Whether the derived network's output is the same whatever its input: its last cell's
+    nodes are fed by no live edge, or only by constants (a degenerate network, which a runtime
+    that folds constants reduces to copying one tensor)."""
+    cells = list(zip(shapes.structure.cells, (g.edges for g in genotype.cells), strict=True))
+    return _cells_forward(cells, shapes, folds=True)[1][-1]
+
+
 def _cells_forward(cells: Sequence[tuple[CellStructure, Sequence[str]]], shapes: NetworkShapes,
                    folds: bool) -> tuple[list[list[LatencyKey]], list[bool]]:
     """Each cell's keys on its (possibly constant) inputs, and whether each state is a constant:

@@ -50,10 +50,15 @@ class Entry:
     which the downsampled size does not determine)."""
     same_channels: bool = False
     """c_out must equal c_in (``upsample``, ``node_sum``)."""
-    chains: bool = True
-    """Under a one-graph runtime a key whose output has its (first) input's shape is timed inside
-    a graph, as the marginal cost of one more copy in a chain (:func:`chainable`,
-    docs/latency-key.md "In-graph keys"). False for ``graph_call``, which *is* the graph's entry."""
+    in_graph: bool = True
+    """Under a one-graph runtime its keys may be timed inside a graph, as the marginal cost of
+    one more copy (:func:`in_graph_form`, docs/latency-key.md "In-graph keys"). False for
+    ``graph_call``, which *is* the graph's entry."""
+    fans_out: bool = False
+    """Two copies reading one input stay two computations (each has its own weights), so a key
+    whose output cannot feed a copy of itself can still be timed inside a graph as one more
+    copy beside it (``fan_out``). False where a runtime would merge the copies, as common
+    subexpressions, into one (a weightless pool, a resize)."""
 
 
 class Registry:
@@ -203,6 +208,30 @@ class Chain(nn.Module):
         return x
 
 
+class FanOut(nn.Module):
+    """``terms`` outputs of components that all read one input, summed:
+    ``(N, C, H, W) → (N, C', H', W')``. With as many copies as terms (distinct weights) each
+    term is its own computation; with one copy its output is summed ``terms`` times. The two
+    differ by ``terms − 1`` copies and have the same adds, input and output: the shape in which
+    a one-graph runtime's key that cannot feed itself is timed inside a graph."""
+
+    def __init__(self, copies: list[nn.Module], terms: int) -> None:
+        super().__init__()
+        if len(copies) not in (1, terms):
+            raise ValueError(f"a fan-out of {terms} terms takes 1 or {terms} copies, got {len(copies)}")
+        self.copies = nn.ModuleList(copies)
+        self.terms = terms
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ys = [c(x) for c in self.copies]
+        if len(ys) == 1:
+            ys = ys * self.terms
+        out = ys[0]
+        for y in ys[1:]:
+            out = out + y
+        return out
+
+
 class Concat(nn.Module):
     """Cell output: channel concat of the intermediate nodes, ``n × (N, C, H, W) → (N, nC, H, W)``."""
 
@@ -282,7 +311,7 @@ def _max_pool(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return PoolBN(c_in, c_out, stride, affine)
 
 
-@OPS.register("skip_connect")
+@OPS.register("skip_connect", fans_out=True)
 def _skip(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     if stride == 2:
         return FactorizedReduce(c_in, c_out, affine)
@@ -291,13 +320,13 @@ def _skip(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return nn.Identity()
 
 
-@OPS.register("conv_3x3")
+@OPS.register("conv_3x3", fans_out=True)
 def _conv(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return ReLUConvBN(c_in, c_out, 3, stride, 1, 1, affine)
 
 
 def _register_sep(name: str, dil: int) -> None:
-    @OPS.register(name)
+    @OPS.register(name, fans_out=True)
     def _sep(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
         return SepConv(c_in, c_out, stride, dil, affine)
 
@@ -314,19 +343,19 @@ registered later (:meth:`Registry.registered`) joins the search space everywhere
 # ---------------------------------------------------------------- fixed components
 
 
-@COMPONENTS.register("stem_conv")
+@COMPONENTS.register("stem_conv", fans_out=True)
 def _stem_conv(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return nn.Sequential(
         nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out, affine=affine), nn.ReLU()
     )
 
 
-@COMPONENTS.register("preprocess_1x1", strides=(1,))
+@COMPONENTS.register("preprocess_1x1", strides=(1,), fans_out=True)
 def _pre_1x1(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return ReLUConvBN(c_in, c_out, 1, 1, 0, 1, affine)
 
 
-@COMPONENTS.register("preprocess_reduce", strides=(2,))
+@COMPONENTS.register("preprocess_reduce", strides=(2,), fans_out=True)
 def _pre_reduce(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return FactorizedReduce(c_in, c_out, affine)
 
@@ -341,17 +370,17 @@ def _concat(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Concat()
 
 
-@COMPONENTS.register("head_aspp", strides=(1,))
+@COMPONENTS.register("head_aspp", strides=(1,), fans_out=True)
 def _aspp(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return ASPP(c_in, c_out)
 
 
-@COMPONENTS.register("head_ppm", strides=(1,))
+@COMPONENTS.register("head_ppm", strides=(1,), fans_out=True)
 def _ppm(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return PPM(c_in, c_out)
 
 
-@COMPONENTS.register("classifier", strides=(1,))
+@COMPONENTS.register("classifier", strides=(1,), fans_out=True)
 def _classifier(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return nn.Conv2d(c_in, c_out, 1)
 
@@ -361,7 +390,7 @@ def _upsample(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return Upsample()
 
 
-@COMPONENTS.register("graph_call", strides=(1,), same_channels=True, chains=False)
+@COMPONENTS.register("graph_call", strides=(1,), same_channels=True, in_graph=False)
 def _graph_call(c_in: int, c_out: int, stride: int, affine: bool) -> nn.Module:
     return GraphCall()
 
@@ -441,14 +470,22 @@ def check_key(key: LatencyKey) -> None:
         raise ValueError(f"stride: {key.op} runs at stride {runs}, got {key.stride}")
 
 
-def chainable(key: LatencyKey) -> bool:
-    """Whether ``key``'s component can feed its own output to a copy of itself: one input (or a
-    sum, whose other inputs each link reuses) at stride 1 with as many channels out as in, not
-    sized by its output, and its entry :attr:`Entry.chains`."""
+InGraphForm = Literal["chain", "fan_out"]
+
+
+def in_graph_form(key: LatencyKey) -> InGraphForm | None:
+    """How ``key``'s component can be timed inside a graph, as the marginal cost of one more
+    copy: ``chain`` when it can feed its output to a copy of itself (one input, or a sum whose
+    other inputs each link reuses, at stride 1 with as many channels out as in, not sized by its
+    output); else ``fan_out`` when copies reading one input stay distinct
+    (:attr:`Entry.fans_out`); else None (a concat, a resize, a weightless pool at stride 2, the
+    graph entry: timed as their own graph)."""
     entry = resolve(key.op)
-    if not entry.chains or entry.zero_cost or entry.sized_by_output or key.stride != 1:
-        return False
-    return entry.inputs == "sum" or (entry.inputs == "one" and key.c_in == key.c_out)
+    if not entry.in_graph or entry.zero_cost or entry.sized_by_output:
+        return None
+    if key.stride == 1 and (entry.inputs == "sum" or (entry.inputs == "one" and key.c_in == key.c_out)):
+        return "chain"
+    return "fan_out" if entry.fans_out and entry.inputs == "one" else None
 
 
 def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
@@ -459,16 +496,19 @@ def key_input_shapes(key: LatencyKey) -> list[tuple[int, int, int, int]]:
 
 
 def build_timing_case(
-    key: LatencyKey, device: torch.device | str = "cpu", generator: torch.Generator | None = None, links: int = 1
+    key: LatencyKey, device: torch.device | str = "cpu", generator: torch.Generator | None = None,
+    copies: int = 1, shared: bool = False,
 ) -> tuple[nn.Module, tuple]:
     """Module (eval mode, on ``device`` in the key's dtype and memory format) and the exact
     positional arguments a network passes it for ``key``. Raises ``ValueError`` for a bad key.
-    ``links`` > 1: a :class:`Chain` of that many copies (``key`` must be :func:`chainable`)."""
+    ``copies`` > 1: the key's :func:`in_graph_form` with that many copies (a :class:`Chain`, or
+    a :class:`FanOut` of as many terms); ``shared``: a fan-out's terms all from one copy."""
     check_key(key)
-    if links != 1 and (links < 1 or not chainable(key)):
-        raise ValueError(f"op: {key.op} at this key cannot be timed as a chain of {links}")
-    copies = [build_component(key.op, key.c_in, key.c_out, key.stride) for _ in range(links)]
-    module = (copies[0] if links == 1 else Chain(copies)).eval()
+    form = in_graph_form(key)
+    if copies < 1 or (copies > 1 and form is None) or (shared and form != "fan_out"):
+        raise ValueError(f"op: {key.op} at this key cannot be timed inside a graph as {copies} copies")
+    built = [build_component(key.op, key.c_in, key.c_out, key.stride) for _ in range(1 if shared else copies)]
+    module = (built[0] if copies == 1 else Chain(built) if form == "chain" else FanOut(built, copies)).eval()
     dtype = TORCH_DTYPES[key.dtype]
     fmt = TORCH_MEMORY_FORMATS[key.memory_format]
     module = module.to(device=device, dtype=dtype, memory_format=fmt)  # type: ignore[call-overload]

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gas_core.keys import LatencyKey, Runtime
-from gas_core.ops import chainable
+from gas_core.ops import in_graph_form
 
 ONNX_OPSET = 17
 Prepared = Callable[[], object]
@@ -277,17 +277,19 @@ REGISTRY: dict[str, RuntimeEntry] = {e.name: e for e in (
 assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly one registry entry"
 
 
-CHAIN_EXTRA_LINKS = 3
-"""An in-graph key is timed as a chain of ``1 + CHAIN_EXTRA_LINKS`` copies paired with a chain of
-one; each sample is their difference over ``CHAIN_EXTRA_LINKS`` (docs/latency-key.md "In-graph
-keys"). Part of the environment fingerprint: rows timed with another chain are not mixed."""
+IN_GRAPH_EXTRA = 3
+"""An in-graph key is timed as ``1 + IN_GRAPH_EXTRA`` copies (a chain, or a fan-out of as many
+terms) paired with one copy in the same form; each sample is their difference over
+``IN_GRAPH_EXTRA`` (docs/latency-key.md "In-graph keys"). Part of the environment fingerprint:
+rows timed another way are not mixed."""
 
 
 def in_graph(key: LatencyKey) -> bool:
     """Whether ``key`` is timed inside a graph (its marginal cost in a chain of itself) rather
-    than as its own graph: a one-graph runtime's :func:`gas_core.ops.chainable` key. Such a
-    key's median is already what it adds to a network: nothing is taken off it for the entry."""
-    return REGISTRY[key.runtime].one_graph and chainable(key)
+    than as its own graph: a one-graph runtime's key with an :func:`gas_core.ops.in_graph_form`.
+    Such a key's median is already what it adds to a network: nothing is taken off it for the
+    entry."""
+    return REGISTRY[key.runtime].one_graph and in_graph_form(key) is not None
 
 
 def resolve_runtime(name: str) -> RuntimeEntry:

@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
-from gas_core.ops import PRIMITIVES, build_timing_case
+from gas_core.ops import PRIMITIVES, InGraphForm, build_timing_case, in_graph_form
 from gas_core.quality import median_se, quantile, sample_stats
-from gas_core.runtimes import CHAIN_EXTRA_LINKS, in_graph, prepare, resolve_runtime
+from gas_core.runtimes import IN_GRAPH_EXTRA, in_graph, prepare, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -123,11 +123,12 @@ def time_callable(
 
 
 def time_marginal(longer: Callable[[], object], shorter: Callable[[], object], extra: int,
-                  device: torch.device, method: Method) -> Timing:
+                  device: torch.device, method: Method, label: str = "+chain") -> Timing:
     """What ``extra`` more copies of a component cost inside one graph, per copy: each sample is
     (n runs of ``longer`` − n runs of ``shorter``) / (n · ``extra``), the two halves back to back
     and alternating which runs first, so a host's drift or mode change cancels in the pair (as in
-    the context method). Unresolved medians get more samples, as there. Timer ``…+chain``."""
+    the context method). Unresolved medians get more samples, as there. The timer's name ends in
+    ``label`` (``+chain``, ``+fan_out``)."""
     sync = _synchroniser(device)
     _warm_up(shorter, sync, method)
     _warm_up(longer, sync, method)
@@ -135,7 +136,7 @@ def time_marginal(longer: Callable[[], object], shorter: Callable[[], object], e
     n = iterations_per_sample(longer, sync, min_ms, method.max_iters_per_sample)
     run, timer = _timed_runs(device, n, sync)
     samples, timed = _samples(longer, shorter, longer, run, method)
-    return Timing([ns / 1e3 / n / extra for ns in samples], n, timer + "+chain", timed)
+    return Timing([ns / 1e3 / n / extra for ns in samples], n, timer + label, timed)
 
 
 def _synchroniser(device: torch.device) -> Callable[[], None]:
@@ -284,39 +285,43 @@ def context_case(
 class KeyCase:
     """A key's component built at its exact shape and prepared under its runtime: what to time.
 
-    For an in-graph key (:func:`gas_core.runtimes.in_graph`) ``run`` is a chain of
-    ``1 + CHAIN_EXTRA_LINKS`` copies and ``shorter`` a chain of one, each exported or compiled as
-    one graph: their difference is what the component costs inside a graph, where a runtime
-    fuses across it and keeps its tensors in its own layout, without the entry and the
-    input/output conversions every own-graph timing pays (docs/latency-key.md "In-graph keys")."""
+    For an in-graph key (:func:`gas_core.runtimes.in_graph`) ``run`` holds ``1 + IN_GRAPH_EXTRA``
+    copies in the key's :func:`gas_core.ops.in_graph_form` (a chain, or a fan-out from one
+    input) and ``shorter`` one copy in the same form, each exported or compiled as one graph:
+    their difference is what one more copy costs inside a graph, where a runtime fuses across it
+    and keeps its tensors in its own layout, without the entry and the input/output conversions
+    every own-graph timing pays (docs/latency-key.md "In-graph keys")."""
 
     run: Callable[[], object]
     args: tuple
     shorter: Callable[[], object] | None = None
+    form: InGraphForm | None = None
 
 
 def prepare_key(key: LatencyKey, device: torch.device, seed: int = 0) -> KeyCase:
     """The key's component built by gas_core at its exact shape and prepared under its runtime
-    (exported or compiled as its own graph, or as two chains of it for an in-graph key)."""
-    def case(links: int) -> tuple[nn.Module, tuple]:
-        return build_timing_case(key, device=device, generator=torch.Generator().manual_seed(seed), links=links)
+    (exported or compiled as its own graph, or in its two in-graph forms)."""
+    def case(copies: int, shared: bool = False) -> tuple[nn.Module, tuple]:
+        return build_timing_case(key, device=device, generator=torch.Generator().manual_seed(seed), copies=copies,
+                                 shared=shared)
 
     with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
-        if not in_graph(key):
+        form = in_graph_form(key) if in_graph(key) else None
+        if form is None:
             module, args = case(1)
             return KeyCase(prepare(key.runtime, module, args, device), args)
-        one, args = case(1)
-        longer, _ = case(1 + CHAIN_EXTRA_LINKS)
+        one, args = case(1 + IN_GRAPH_EXTRA, shared=True) if form == "fan_out" else case(1)
+        longer, _ = case(1 + IN_GRAPH_EXTRA)
         shorter = prepare(key.runtime, one, args, device)
-        return KeyCase(prepare(key.runtime, longer, args, device), args, shorter)
+        return KeyCase(prepare(key.runtime, longer, args, device), args, shorter, form)
 
 
 def time_case(key: LatencyKey, case: KeyCase, device: torch.device, method: Method) -> Timing:
-    """Time a prepared key: in a chain (in-graph keys), in context (eager keys, when ``method``
-    asks for it) or in isolation."""
+    """Time a prepared key: inside a graph (in-graph keys), in context (eager keys, when
+    ``method`` asks for it) or in isolation."""
     with torch.inference_mode():
         if case.shorter is not None:
-            return time_marginal(case.run, case.shorter, CHAIN_EXTRA_LINKS, device, method)
+            return time_marginal(case.run, case.shorter, IN_GRAPH_EXTRA, device, method, f"+{case.form}")
         flush = method.flush_bytes if method.flush_bytes is not None else default_flush_bytes(device)
         in_context = method.context and resolve_runtime(key.runtime).context_timing
         ctx = context_case(device, key.dtype, key.memory_format, flush, case.args) if in_context else None

@@ -16,11 +16,11 @@ from typer.testing import CliRunner
 
 from gas_core.genotype import Genotype, random_genotype
 from gas_core.keys import RUNTIMES, LatencyKey, without_runtime
-from gas_core.latency import LatencyTerm, MissingLatencyKeys, derived_keys, predict_latency_us
+from gas_core.latency import LatencyTerm, MissingLatencyKeys, constant_output, derived_keys, predict_latency_us
 from gas_core.network import GASNet
-from gas_core.ops import COMPONENTS, OPS, build_timing_case, chainable, key_of_call, resolve
+from gas_core.ops import COMPONENTS, OPS, build_timing_case, in_graph_form, key_of_call, resolve
 from gas_core.quality import RowStat, predict_with_uncertainty
-from gas_core.runtimes import CHAIN_EXTRA_LINKS, REGISTRY, check_runtime, host_runtimes, in_graph, prepare
+from gas_core.runtimes import IN_GRAPH_EXTRA, REGISTRY, check_runtime, host_runtimes, in_graph, prepare
 from gas_core.search_space import NetworkLayout, cell_shapes
 from latency_service.profiler import Method, prepare_key, time_key
 from latency_service.testing import Server, stop_server, wait_job
@@ -189,11 +189,12 @@ def test_an_own_graph_key_timed_under_the_graph_entry_costs_nothing_not_less() -
 
 
 @pytest.mark.parametrize("name", [*OPS, *COMPONENTS])
-def test_a_key_is_in_graph_exactly_when_a_chain_of_it_keeps_its_shape(name: str) -> None:
-    """Every registered op and component, at stride 1 with as many channels out as in where its
-    entry allows: chainable keys build a chain whose output has the first input's shape and that
-    computes the copies one after the other; the others (a stride, a channel change, a concat,
-    a resize, the graph entry itself) are refused as chains and never timed in one."""
+def test_a_keys_in_graph_form_builds_copies_that_compute_what_one_copy_does(name: str) -> None:
+    """Every registered op and component, at each stride its entry allows: a ``chain`` key's
+    copies feed one another and keep the first input's shape; a ``fan_out`` key's copies all read
+    the one input and are summed, and the shared form sums one copy as often; keys with no form
+    (a concat, a resize, a weightless pool at stride 2, the graph entry) are refused and never
+    timed in a graph. Only one-graph runtimes' keys are in-graph."""
     entry = resolve(name)
     if entry.zero_cost:
         pytest.skip("the derived network drops it: no key")
@@ -202,19 +203,27 @@ def test_a_key_is_in_graph_exactly_when_a_chain_of_it_keeps_its_shape(name: str)
     for stride in entry.strides or (1, 2):
         key = LatencyKey(op=name, c_in=8, c_out=c_out, h=8, w=8, stride=stride, n_inputs=n, batch=1,
                          runtime="onnxruntime")
-        assert in_graph(key) == chainable(key) and not in_graph(key.model_copy(update={"runtime": "eager"}))
-        if not chainable(key):
-            with pytest.raises(ValueError, match="chain"):
-                build_timing_case(key, links=3)
+        form = in_graph_form(key)
+        assert in_graph(key) == (form is not None) and not in_graph(key.model_copy(update={"runtime": "eager"}))
+        if form is None:
+            with pytest.raises(ValueError, match="inside a graph"):
+                build_timing_case(key, copies=3)
             continue
-        module, args = build_timing_case(key, generator=torch.Generator().manual_seed(0), links=3)
+        module, args = build_timing_case(key, generator=torch.Generator().manual_seed(0), copies=3)
         with torch.no_grad():
             out = module(*args)
-            want = args[0]
-            for link in module.links:
-                want = link(want, *args[1:])
-        assert out.shape == args[0].shape and torch.equal(out, want)
-    assert not chainable(LatencyKey(op="graph_call", c_in=1, c_out=1, h=1, w=1, stride=1, batch=1))
+            if form == "chain":
+                want = args[0]
+                for link in module.links:
+                    want = link(want, *args[1:])
+                assert out.shape == args[0].shape
+            else:
+                want = sum(c(*args) for c in module.copies)
+                shared, _ = build_timing_case(key, generator=torch.Generator().manual_seed(0), copies=3, shared=True)
+                assert len(shared.copies) == 1
+                assert torch.allclose(shared(*args), 3 * shared.copies[0](*args), rtol=1e-5, atol=1e-6)
+        assert torch.allclose(out, want, rtol=1e-5, atol=1e-6)
+    assert in_graph_form(LatencyKey(op="graph_call", c_in=1, c_out=1, h=1, w=1, stride=1, batch=1)) is None
 
 
 def test_an_in_graph_sample_is_the_per_copy_difference_of_the_two_chains(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -234,26 +243,31 @@ def test_an_in_graph_sample_is_the_per_copy_difference_of_the_two_chains(monkeyp
 
 
 @pytest.mark.skipif(REGISTRY["onnxruntime"].missing("cpu") is not None, reason="onnxruntime cannot run here")
-def test_an_in_graph_key_is_exported_as_two_chains_and_timed_as_their_difference() -> None:
+def test_an_in_graph_key_is_exported_in_two_forms_and_timed_as_their_difference() -> None:
     """The service's own path under onnxruntime: a stride-1 sep conv is prepared as a chain of
-    1 + CHAIN_EXTRA_LINKS copies and a chain of one, each its own session computing what eager
-    computes; a stride-2 one as its own graph."""
-    key = LatencyKey(**CASES[1], batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
-    torch.manual_seed(5)  # the weights: prepare_key builds the chain of one, then the longer chain
-    case = prepare_key(key, torch.device("cpu"))
-    assert case.shorter is not None
-    torch.manual_seed(5)
-    build_timing_case(key, generator=torch.Generator().manual_seed(0))
-    longer, args = build_timing_case(key, generator=torch.Generator().manual_seed(0), links=1 + CHAIN_EXTRA_LINKS)
-    with torch.no_grad():
-        want = longer(*args)
-    got = case.run()
-    assert isinstance(got, torch.Tensor) and got.shape == want.shape
-    assert float((got - want).abs().max()) / float(want.abs().max()) < 1e-4  # the same weights and inputs
-    assert time_key(key, torch.device("cpu"), QUICK).timer == "perf_counter_ns+chain"
-    strided = LatencyKey(**CASES[0], batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
-    assert prepare_key(strided, torch.device("cpu")).shorter is None
-    assert time_key(strided, torch.device("cpu"), QUICK).timer == "perf_counter_ns"
+    1 + IN_GRAPH_EXTRA copies and as one copy, a stride-2 one as a fan-out of as many copies and
+    as one copy summed as often, each its own session computing what eager computes; a concat
+    as its own graph."""
+    for case_ in (CASES[1], CASES[0]):
+        key = LatencyKey(**case_, batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
+        form = in_graph_form(key)
+        torch.manual_seed(5)  # the weights: prepare_key builds the one-copy form, then the longer one
+        case = prepare_key(key, torch.device("cpu"))
+        assert case.shorter is not None and case.form == form == ("chain" if key.stride == 1 else "fan_out")
+        torch.manual_seed(5)
+        gen = torch.Generator
+        build_timing_case(key, generator=gen().manual_seed(0), copies=1 + IN_GRAPH_EXTRA if form == "fan_out" else 1,
+                          shared=form == "fan_out")
+        longer, args = build_timing_case(key, generator=gen().manual_seed(0), copies=1 + IN_GRAPH_EXTRA)
+        with torch.no_grad():
+            want = longer(*args)
+        got = case.run()
+        assert isinstance(got, torch.Tensor) and got.shape == want.shape
+        assert float((got - want).abs().max()) / float(want.abs().max()) < 1e-4  # the same weights and inputs
+        assert time_key(key, torch.device("cpu"), QUICK).timer == f"perf_counter_ns+{form}"
+    concat = LatencyKey(**CASES[4], batch=1, runtime="onnxruntime")  # type: ignore[arg-type]
+    assert prepare_key(concat, torch.device("cpu")).shorter is None
+    assert time_key(concat, torch.device("cpu"), QUICK).timer == "perf_counter_ns"
 
 
 def test_an_operator_can_withhold_a_runtime_and_a_request_for_it_says_so(tmp_path: Path) -> None:
@@ -364,8 +378,6 @@ def test_search_table_and_measure_under_onnxruntime(srv: Server, tmp_path: Path)
     assert r.exit_code == 2 and "--runtime 'tvm'" in r.output
 
 
-
-
 def _calls(g: Genotype, hw: tuple[int, int]) -> dict[str, list[str]]:
     """Every keyed call of ``g``'s eager network (canonical keys less the runtime): ``all`` of
     them; ``reaching``, those whose output the network's output depends on (a large perturbation
@@ -418,6 +430,7 @@ def test_a_runtime_is_not_charged_for_what_it_folds_or_never_computes() -> None:
         folded += len(calls["varying"]) < len(calls["reaching"])
         dead += len(calls["reaching"]) < len(calls["all"])
         constant_net += not calls["varying"]
+        assert constant_output(g, cell_shapes(TINY, hw)) == (not calls["varying"]), seed
         for runtime, want in (("onnxruntime", "varying"), ("torch_compile", "reaching"), ("eager", "all")):
             shapes = cell_shapes(TINY, hw, runtime=runtime)  # type: ignore[arg-type]
             got = [without_runtime(k.canonical) for k in derived_keys(g, shapes) if k != shapes.call]
