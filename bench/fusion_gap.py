@@ -1,7 +1,7 @@
 """Where a one-graph runtime's per-key sum misses, and whether a coarser key would not.
 
-A table times each key as its own graph or, where its shape allows, as the marginal cost of one
-more copy in a chain of itself (docs/latency-key.md "In-graph keys"). A runtime that compiles the
+A table times each key as its own graph or, where it can, as the marginal cost of one more copy
+of itself inside a graph (docs/latency-key.md "In-graph keys"). A runtime that compiles the
 whole network as one graph (ONNX Runtime, torch.compile) fuses across key boundaries (a ReLU
 into the conv before it, a node sum into what reads it) and plans memory across them, so the
 per-key sum misses by what that saves. This benchmark measures by how much, and at which granularity the miss goes away:
@@ -109,7 +109,7 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def timed_key(key: LatencyKey, case: KeyCase, device: torch.device) -> float:
-    """A key timed as the service times it (in a chain when it is an in-graph key)."""
+    """A key timed as the service times it (inside a graph when it is an in-graph key)."""
     return time_case(key, case, device, METHOD).median_us
 
 

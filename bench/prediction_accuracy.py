@@ -21,7 +21,7 @@ y = x). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--e
 [--calib 12] [--device cuda:0] [--flush l2 --flush llc] [--runtime onnxruntime]``.
 
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
-own graph or, where its shape allows, in a chain of itself) and measures every network under R
+own graph or, where it can, as one more copy of itself inside a graph) and measures every network under R
 (the whole network as one graph): where R fuses across key boundaries (a ReLU into the conv
 before it, BN into a conv), the per-key sum misses by what the fusion saves, and this is where
 that shows. Results go to
@@ -180,7 +180,7 @@ def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
 
 
 def by_timing(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> dict[str, float]:
-    """The table's prediction of ``g`` split by how its keys were timed: in a chain (in-graph
+    """The table's prediction of ``g`` split by how its keys were timed: inside a graph (in-graph
     keys), as their own graph (less the entry), and the graph entry itself; µs."""
     keys = derived_keys(g, shapes)
     costs = [(k, own_cost_us(k, table, shapes.call)) for k in keys]

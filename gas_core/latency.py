@@ -91,7 +91,7 @@ class LatencyTerm(nn.Module):
 
 def own_cost_us(key: LatencyKey, table: LatencyLookup, call: LatencyKey | None) -> float:
     """What ``key`` adds to a whole network, µs. A key timed inside a graph
-    (:func:`gas_core.runtimes.in_graph`: its marginal cost in a chain) costs its median; a key
+    (:func:`gas_core.runtimes.in_graph`: the marginal cost of one more copy) costs its median; a key
     timed as its own graph costs its median less the graph entry ``call``
     (:attr:`gas_core.search_space.NetworkShapes.call`) that its timing paid and a network under a
     one-graph runtime pays once, never below zero (a key timed at or under the entry cost is noise
