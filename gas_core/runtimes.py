@@ -280,8 +280,21 @@ assert tuple(REGISTRY) == get_args(Runtime), "every Runtime literal has exactly 
 IN_GRAPH_EXTRA = 3
 """An in-graph key is timed as ``1 + IN_GRAPH_EXTRA`` copies (a chain, or a fan-out of as many
 terms) paired with one copy in the same form; each sample is their difference over
-``IN_GRAPH_EXTRA`` (docs/latency-key.md "In-graph keys"). Part of the environment fingerprint:
-rows timed another way are not mixed."""
+``IN_GRAPH_EXTRA`` (docs/latency-key.md "In-graph keys"). The row's timer names the form
+(:func:`timed_as_now`)."""
+
+
+def timed_as_now(key: LatencyKey, timer: str) -> bool:
+    """Whether a stored row of ``key`` with ``timer`` was timed the way ``key`` is timed now: an
+    in-graph key's timer ends in ``+chain`` or ``+fan_out`` (its form), any other key's in neither.
+    A row timed otherwise (a one-graph runtime's key timed as its own graph, before in-graph keys
+    existed) is stale: a profile job times it again, without changing the environment, so the
+    host's eager tables are not orphaned by a change that did not touch them."""
+    form = in_graph_form(key) if in_graph(key) else None
+    tail = timer.rsplit("+", 1)[-1] if "+" in timer else None
+    if form is None:
+        return tail not in ("chain", "fan_out")
+    return tail == form
 
 
 def in_graph(key: LatencyKey) -> bool:

@@ -11,6 +11,7 @@ from sqlalchemy.orm import Session, undefer
 
 from gas_core.keys import LatencyKey
 from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess
+from gas_core.runtimes import timed_as_now
 from gas_core.table import LatencyTable, TableEntry
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
 from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_utc, utcnow
@@ -76,20 +77,21 @@ def get_environment(session: Session, *, device: Device, fingerprint: str | None
     return session.scalar(q.order_by(Environment.created_at.desc(), Environment.id.desc()).limit(1))
 
 
-def stored_hashes(session: Session, *, device_id: int, environment_id: int, hashes: Iterable[str]) -> set[str]:
-    wanted = list(hashes)
+def stored_hashes(session: Session, *, device_id: int, environment_id: int, keys: Iterable[LatencyKey]) -> set[str]:
+    """Hashes of ``keys`` that have a row timed the way the key is timed now
+    (:func:`gas_core.runtimes.timed_as_now`); a stale row is left for the job to time again."""
+    wanted = {k.key_hash: k for k in keys}
+    hashes = list(wanted)
     found: set[str] = set()
-    for i in range(0, len(wanted), 500):
-        chunk = wanted[i : i + 500]
-        found.update(
-            session.scalars(
-                select(Measurement.key_hash).where(
-                    Measurement.device_id == device_id,
-                    Measurement.environment_id == environment_id,
-                    Measurement.key_hash.in_(chunk),
-                )
+    for i in range(0, len(hashes), 500):
+        rows = session.execute(
+            select(Measurement.key_hash, Measurement.timer).where(
+                Measurement.device_id == device_id,
+                Measurement.environment_id == environment_id,
+                Measurement.key_hash.in_(hashes[i : i + 500]),
             )
         )
+        found.update(h for h, timer in rows if timed_as_now(wanted[h], timer))
     return found
 
 

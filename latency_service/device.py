@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from gas_core.runtimes import IN_GRAPH_EXTRA, REGISTRY, host_runtimes
+from gas_core.runtimes import REGISTRY, host_runtimes
 from gas_core.table import environment_fingerprint
 from latency_service.profiler import cpu_caches
 
@@ -178,8 +178,6 @@ def environment(
         "threads": threads,
         "timing": timing,
         "python": platform.python_version(),
-        # one-graph runtimes' in-graph keys: 1 + N copies (a chain or a fan-out) against one
-        "in_graph_keys": f"chain,fan_out+{IN_GRAPH_EXTRA}",
     }
     if device.type == "cpu" and cpu_affinity is not None:
         info["cpu_affinity"] = cpu_affinity

@@ -227,7 +227,7 @@ class DeviceWorker:
     def _advance(self, s: Session, job: Job) -> bool:
         keys = [LatencyKey.from_canonical(c) for c in job.keys[job.done :]]
         stored = set() if job.force else crud.stored_hashes(
-            s, device_id=job.device_id, environment_id=job.environment_id, hashes=[k.key_hash for k in keys]
+            s, device_id=job.device_id, environment_id=job.environment_id, keys=keys
         )
         times_keys = any(k.key_hash not in stored for k in keys)  # a job of stored keys times nothing: no reference
         if times_keys and not (job.host_noise or {}).get("points") and not self._reference_point(s, job):

@@ -19,7 +19,7 @@ from gas_core.quality import assess
 from latency_service import crud, db, device, job_state, profiler
 from latency_service.jobs import DeviceWorker
 from latency_service.models import Job, Measurement
-from latency_service.profiler import Method, context_case, resolved, time_callable, time_key
+from latency_service.profiler import Method, Timing, context_case, resolved, time_callable, time_key
 
 FAST = Method(warmup_runs=2, warmup_ms=1, samples=5, min_sample_ms=0.1)
 KEY = LatencyKey(op="sep_conv_3x3", c_in=8, c_out=8, h=16, w=32, stride=1, batch=1)
@@ -323,3 +323,32 @@ def test_installed_wheel_carries_its_migrations(tmp_path) -> None:  # type: igno
     out = subprocess.run([sys.executable, "-c", code, str(target), f"sqlite:///{tmp_path / 'w.db'}"], cwd=tmp_path,
                          check=True, capture_output=True, text=True).stdout
     assert "'job'" in out and "'measurement'" in out
+
+
+def test_a_row_timed_otherwise_than_its_key_is_timed_now_is_timed_again(db_url: str) -> None:
+    """A one-graph runtime's key stored as its own graph (before in-graph keys) is not counted as
+    stored, so a profile job times it again; eager rows and own-graph keys' rows count as before,
+    and nothing is deleted by asking."""
+    engine, sessions = _session(db_url)
+    ort = {"runtime": "onnxruntime"}
+    strided = KEY.model_copy(update={"stride": 2, **ort})
+    concat = LatencyKey(op="concat", c_in=8, c_out=16, h=16, w=32, stride=1, n_inputs=2, batch=1, runtime="onnxruntime")
+    rows = {  # key → (timer, counts as stored)
+        KEY: ("perf_counter_ns+context", True),  # eager, context method
+        KEY.model_copy(update=ort): ("perf_counter_ns", False),  # chain key timed as its own graph: stale
+        KEY.model_copy(update={"h": 8, **ort}): ("perf_counter_ns+chain", True),
+        strided: ("perf_counter_ns+chain", False),  # a fan-out key under the wrong form
+        strided.model_copy(update={"h": 8}): ("perf_counter_ns+fan_out", True),
+        concat: ("perf_counter_ns", True),  # no in-graph form: its own graph is how it is timed
+    }
+    with sessions() as s:
+        dev, env = _device_env(s)
+        for key, (timer, _) in rows.items():
+            timing = Timing([5.0, 6.0, 7.0], 1, timer, 0)
+            crud.put_measurement(s, device_id=dev.id, environment_id=env.id, key=key, timing=timing, method={},
+                                 telemetry={}, quality=assess(timing.samples_us))
+        s.commit()
+        stored = crud.stored_hashes(s, device_id=dev.id, environment_id=env.id, keys=list(rows))
+        assert stored == {k.key_hash for k, (_, fresh) in rows.items() if fresh}
+        assert s.scalar(select(func.count()).select_from(Measurement)) == len(rows)
+    engine.dispose()
