@@ -21,11 +21,11 @@ y = x). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--e
 [--calib 12] [--device cuda:0] [--flush l2 --flush llc] [--runtime onnxruntime]``.
 
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
-own graph or, where it can, as one more copy of itself inside a graph) and measures every network under R
-(the whole network as one graph): where R fuses across key boundaries (a ReLU into the conv
-before it, BN into a conv), the per-key sum misses by what the fusion saves, and this is where
-that shows. Results go to
-``bench/results/runtimes/prediction_accuracy_R.json``.
+own graph or, where it can, as one more copy of itself inside a graph) and measures every
+network under R (the whole network as one graph): where R fuses across key boundaries (a ReLU
+into the conv before it, BN into a conv), the per-key sum misses by what the fusion saves, and
+this is where that shows. Each row carries its genotype and the prediction split by how its keys
+were timed. Results go to ``bench/results/runtimes/prediction_accuracy_R.json``.
 """
 
 from __future__ import annotations

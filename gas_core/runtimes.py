@@ -2,7 +2,7 @@
 
 A latency key's ``runtime`` names how its component is run when timed: ``eager`` PyTorch, or
 exported/compiled at the key's exact shape, the way a deployment would run it: as its own graph,
-or inside a chain of copies of itself where its shape allows (:func:`in_graph`).
+or as one more copy inside a graph of copies of itself where it can be (:func:`in_graph`).
 Each entry says which devices, dtypes and memory formats it serves, how to find its version
 (absent: not installed) and what to install, and turns a ``(module, args)`` pair into a
 zero-argument callable that runs it. The service times that callable with its usual method; a
@@ -205,8 +205,8 @@ class RuntimeEntry:
     needs_cxx_on_cpu: bool = False
     one_graph: bool = False
     """A network under this runtime is one graph entered by one call (an ONNX session's run, a
-    compiled module's call, a graph replay), while each own-graph key's timing entered its graph: its
-    table then holds a ``graph_call`` key, the cost of that entry, which a network pays once
+    compiled module's call, a graph replay), while each own-graph key's timing entered its graph:
+    its table then holds a ``graph_call`` key, the cost of that entry, which a network pays once
     (:attr:`gas_core.search_space.NetworkShapes.call`; docs/latency-key.md, "Runtimes")."""
 
     context_timing: bool = False
