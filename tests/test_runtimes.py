@@ -16,7 +16,14 @@ from typer.testing import CliRunner
 
 from gas_core.genotype import Genotype, random_genotype
 from gas_core.keys import RUNTIMES, LatencyKey, without_runtime
-from gas_core.latency import LatencyTerm, MissingLatencyKeys, constant_output, derived_keys, predict_latency_us
+from gas_core.latency import (
+    LatencyTerm,
+    MissingLatencyKeys,
+    cell_keys,
+    constant_output,
+    derived_keys,
+    predict_latency_us,
+)
 from gas_core.network import GASNet
 from gas_core.ops import COMPONENTS, OPS, build_timing_case, in_graph_form, key_of_call, resolve
 from gas_core.quality import RowStat, predict_with_uncertainty
@@ -436,3 +443,43 @@ def test_a_runtime_is_not_charged_for_what_it_folds_or_never_computes() -> None:
             got = [without_runtime(k.canonical) for k in derived_keys(g, shapes) if k != shapes.call]
             assert sorted(got) == sorted(calls[want]), (seed, runtime)
     assert folded >= 3 and dead >= 3 and constant_net >= 1, (folded, dead, constant_net)  # each case occurs
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(REGISTRY["torch_compile"].missing("cpu") is not None, reason="torch_compile cannot run here")
+def test_inductor_drops_a_cell_no_later_cell_reads() -> None:
+    """``drops_dead_code`` on torch_compile's entry is a fact about inductor, checked here: cell 0
+    of this network is read neither by cell 1 (no live edge from its input 1) nor by cell 2 (none
+    from its input 0), and the compiled code calls exactly the eager network's convolutions less
+    cell 0's, while the derived keys leave cell 0 out under torch_compile and keep it under eager."""
+    from torch._inductor.utils import run_and_get_code
+
+    base = random_genotype(TINY, torch.Generator().manual_seed(0)).model_dump(mode="json")
+    src = [s for s, _ in TINY.edge_sources()]
+    cells = [{**c, "edges": ["none" if s == cut else "conv_3x3" for s in src]}
+             for c, cut in zip(base["cells"], (None, 1, 0), strict=True)]
+    g = Genotype.model_validate({**base, "cells": cells})
+    net = GASNet(g).eval()
+    x = torch.randn(1, 3, 32, 48)
+    counts = {"all": 0, "cell0": 0}
+
+    def counter(name: str) -> Callable[..., None]:
+        return lambda *_: counts.__setitem__(name, counts[name] + 1)
+
+    hooks = [m.register_forward_hook(counter("all")) for m in net.modules() if isinstance(m, nn.Conv2d)]
+    hooks += [m.register_forward_hook(counter("cell0")) for m in net.cells[0].modules() if isinstance(m, nn.Conv2d)]
+    with torch.no_grad():
+        net(x)
+        for h in hooks:
+            h.remove()
+        torch.compiler.reset()
+        _, code = run_and_get_code(torch.compile(net, backend="inductor"), x)
+    wrapper = "\n".join(code)
+    compiled = wrapper[wrapper.index("def call("):].count("convolution(")
+    assert counts["cell0"] > 0 and compiled == counts["all"] - counts["cell0"], (counts, compiled)
+    eager = cell_shapes(TINY, (32, 48))
+    cell0 = set(cell_keys(eager.structure.cells[0], g.cells[0].edges, eager))
+    for runtime, kept in (("torch_compile", False), ("eager", True)):
+        shapes = cell_shapes(TINY, (32, 48), runtime=runtime)  # type: ignore[arg-type]
+        keys = {without_runtime(k.canonical) for k in derived_keys(g, shapes)}
+        assert ({without_runtime(k.canonical) for k in cell0} <= keys) == kept, runtime
