@@ -128,7 +128,7 @@ def derived_keys(genotype: Genotype, shapes: NetworkShapes) -> list[LatencyKey]:
     if genotype.layout != shapes.layout:
         raise ValueError("genotype layout differs from the layout the shapes were computed for")
     entry = RUNTIME_REGISTRY[shapes.runtime]
-    cells = list(zip(shapes.structure.cells, (g.edges for g in genotype.cells), strict=True))
+    cells = _cell_ops(genotype, shapes)
     runs, constant = _cells_forward(cells, shapes, entry.folds_constants)
     head = not constant[-1]
     needed = _needed(cells, constant, head) if entry.drops_dead_code else [True] * (len(cells) + 1)
@@ -142,8 +142,12 @@ def constant_output(genotype: Genotype, shapes: NetworkShapes) -> bool:
     """Whether the derived network's output is the same whatever its input: its last cell's
     nodes are fed by no live edge, or only by constants (a degenerate network, which a runtime
     that folds constants reduces to copying one tensor)."""
-    cells = list(zip(shapes.structure.cells, (g.edges for g in genotype.cells), strict=True))
-    return _cells_forward(cells, shapes, folds=True)[1][-1]
+    return _cells_forward(_cell_ops(genotype, shapes), shapes, folds=True)[1][-1]
+
+
+def _cell_ops(genotype: Genotype, shapes: NetworkShapes) -> list[tuple[CellStructure, tuple[str, ...]]]:
+    """Each cell's structure with the genotype's op per edge."""
+    return list(zip(shapes.structure.cells, (g.edges for g in genotype.cells), strict=True))
 
 
 def _cells_forward(cells: Sequence[tuple[CellStructure, Sequence[str]]], shapes: NetworkShapes,

@@ -31,7 +31,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from gas_core.keys import LatencyKey, Runtime
-from gas_core.ops import in_graph_form
+from gas_core.ops import InGraphForm, in_graph_form
 
 ONNX_OPSET = 17
 Prepared = Callable[[], object]
@@ -290,19 +290,24 @@ def timed_as_now(key: LatencyKey, timer: str) -> bool:
     A row timed otherwise (a one-graph runtime's key timed as its own graph, before in-graph keys
     existed) is stale: a profile job times it again, without changing the environment, so the
     host's eager tables are not orphaned by a change that did not touch them."""
-    form = in_graph_form(key) if in_graph(key) else None
+    form = timing_form(key)
     tail = timer.rsplit("+", 1)[-1] if "+" in timer else None
     if form is None:
         return tail not in ("chain", "fan_out")
     return tail == form
 
 
+def timing_form(key: LatencyKey) -> InGraphForm | None:
+    """How ``key`` is timed inside a graph (a one-graph runtime's key with an
+    :func:`gas_core.ops.in_graph_form`), or None when it is timed as its own graph or eagerly."""
+    return in_graph_form(key) if REGISTRY[key.runtime].one_graph else None
+
+
 def in_graph(key: LatencyKey) -> bool:
-    """Whether ``key`` is timed inside a graph (its marginal cost in a chain of itself) rather
-    than as its own graph: a one-graph runtime's key with an :func:`gas_core.ops.in_graph_form`.
-    Such a key's median is already what it adds to a network: nothing is taken off it for the
-    entry."""
-    return REGISTRY[key.runtime].one_graph and in_graph_form(key) is not None
+    """Whether ``key`` is timed inside a graph (the marginal cost of one more copy of itself)
+    rather than as its own graph. Such a key's median is already what it adds to a network:
+    nothing is taken off it for the entry."""
+    return timing_form(key) is not None
 
 
 def resolve_runtime(name: str) -> RuntimeEntry:

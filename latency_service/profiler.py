@@ -18,9 +18,9 @@ import torch
 from torch import nn
 
 from gas_core.keys import TORCH_DTYPES, TORCH_MEMORY_FORMATS, LatencyKey
-from gas_core.ops import PRIMITIVES, InGraphForm, build_timing_case, in_graph_form
+from gas_core.ops import PRIMITIVES, InGraphForm, build_timing_case
 from gas_core.quality import median_se, quantile, sample_stats
-from gas_core.runtimes import IN_GRAPH_EXTRA, in_graph, prepare, resolve_runtime
+from gas_core.runtimes import IN_GRAPH_EXTRA, prepare, resolve_runtime, timing_form
 
 
 @dataclass(frozen=True)
@@ -306,7 +306,7 @@ def prepare_key(key: LatencyKey, device: torch.device, seed: int = 0) -> KeyCase
                                  shared=shared)
 
     with torch.no_grad():  # exporters and compilers trace; inference-mode tensors would refuse them
-        form = in_graph_form(key) if in_graph(key) else None
+        form = timing_form(key)
         if form is None:
             module, args = case(1)
             return KeyCase(prepare(key.runtime, module, args, device), args)
