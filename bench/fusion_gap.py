@@ -16,6 +16,15 @@ per-key sum misses by what that saves. This benchmark measures by how much, and 
 If (b) lands where (a) does not, the runtime fuses inside cells and a cell-level key is the fix;
 if both miss alike, the loss is between cells or in the network's graph as a whole.
 
+3. each network split into its parts *in the network*: the graphs of its prefixes (stem; stem and
+   cell 0; …; all cells; + head; + classifier and resize = the network) prepared under the
+   runtime, and each part's cost the paired marginal of its prefix over the one before
+   (:func:`latency_service.profiler.time_marginal`; the stem's is its prefix less the entry).
+   The parts telescope to the whole graph, so this says *which* part's keys miss it: the stem,
+   normal or reduction cells, the head, the classifier and resize. (A prefix ends at its last
+   part, which is then live even where the network drops it as dead code: such a part's share
+   moves to its neighbours; derived networks of ``--nets`` rarely have one.)
+
 Pairing against this VM's noise (one host here switches between a fast and a 2–3× slower mode
 for minutes): each cell is timed, then its keys, then the cell again; each network before and
 after its cells. A ratio's two sides therefore share the host's mode. ``--passes`` repeats all of
@@ -37,6 +46,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from torch import nn  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
@@ -47,7 +57,7 @@ from gas_core.latency import cell_keys, own_cost_us  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
 from gas_core.runtimes import prepare  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
-from latency_service.profiler import KeyCase, Method, prepare_key, time_callable, time_case  # noqa: E402
+from latency_service.profiler import Method, time_callable, time_key, time_marginal  # noqa: E402
 
 METHOD = Method(warmup_runs=10, warmup_ms=50.0, samples=30, min_sample_ms=1.0)
 """The service's timing of a key (the figures of ``bench.prediction_accuracy``'s tables)."""
@@ -71,36 +81,82 @@ def cell_inputs(net: GASNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.
 
 
 @dataclass
-class Prepared:
-    """Every callable a runtime's pass times, prepared (exported, compiled) once."""
+class Plan:
+    """What one pass of a runtime times. Nothing is prepared ahead: each network, cell, prefix
+    and key is exported or compiled just before it is timed, as the service does. A
+    ``torch.compile`` callable stays compiled only until the next one is prepared (that resets
+    dynamo), and every cell or prefix shares one ``forward``: prepared all at once, the later
+    calls would recompile each, past dynamo's recompile limit (:mod:`gas_core.runtimes` makes
+    that an error rather than a silent eager timing)."""
 
     runtime: str
     shapes: NetworkShapes
-    keys: dict[LatencyKey, KeyCase] = field(default_factory=dict)
-    nets: list[Callable[[], object]] = field(default_factory=list)
-    cells: list[list[Callable[[], object]]] = field(default_factory=list)
+    x: torch.Tensor
+    nets: list[GASNet] = field(default_factory=list)
     cell_keys: list[list[list[LatencyKey]]] = field(default_factory=list)
 
 
-def prepare_runtime(runtime: Runtime, layout: NetworkLayout, size: tuple[int, int], genos: list[Genotype],
-                    device: torch.device) -> Prepared:
+class Prefix(nn.Module):
+    """The network up to part ``parts`` of :func:`part_kinds` (1: the stem alone; the last: the
+    whole network): ``(N, 3, H, W) →`` that part's output. Shares the network's modules."""
+
+    def __init__(self, net: GASNet, parts: int) -> None:
+        super().__init__()
+        self.net, self.parts = net, parts
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = (int(x.shape[-2]), int(x.shape[-1]))
+        s0 = s1 = self.net.stem(x)
+        n_cells = len(self.net.cells)
+        for cell in self.net.cells[: min(self.parts - 1, n_cells)]:
+            s0, s1 = s1, cell(s0, s1)
+        if self.parts > n_cells + 1:
+            s1 = self.net.head(s1)
+        if self.parts > n_cells + 2:
+            s1 = self.net.upsample(self.net.classifier(s1), size)
+        return s1
+
+
+def part_kinds(layout: NetworkLayout) -> list[str]:
+    """The kind of each part of a network, in order: stem, each cell's kind, head, classifier+resize."""
+    cells = ["reduction" if layout.is_reduction(c) else "normal" for c in range(layout.num_cells)]
+    return ["stem", *cells, "head", "classifier+resize"]
+
+
+def part_keys(shapes: NetworkShapes, cells: list[list[LatencyKey]]) -> list[list[LatencyKey]]:
+    """Each part's keys (:func:`part_kinds` order); the graph entry belongs to none."""
+    return [list(shapes.stem), *cells, list(shapes.head[:1]), list(shapes.head[1:])]
+
+
+def plan_runtime(runtime: Runtime, layout: NetworkLayout, size: tuple[int, int], genos: list[Genotype],
+                 device: torch.device) -> Plan:
     shapes = cell_shapes(layout, size, runtime=runtime)
-    p = Prepared(runtime, shapes)
-    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0))
-    todo = [*shapes.calls(), *shapes.stem, *shapes.head]
+    x = torch.randn(1, 3, *size, generator=torch.Generator().manual_seed(0)).to(device)
+    p = Plan(runtime, shapes, x)
     for g in genos:
+        p.nets.append(GASNet(g).eval().to(device))
         p.cell_keys.append([cell_keys(c, gc.edges, shapes) for c, gc in zip(shapes.structure.cells, g.cells,
                                                                              strict=True)])
-        todo += [k for keys in p.cell_keys[-1] for k in keys]
-    with torch.no_grad():
-        for k in tqdm(dict.fromkeys(todo), desc=f"{runtime}: keys", leave=False):
-            p.keys[k] = prepare_key(k, device)
-        for g in tqdm(genos, desc=f"{runtime}: networks and cells", leave=False):
-            net = GASNet(g).eval().to(device)
-            p.nets.append(prepare(runtime, net, (x.to(device),), device))
-            p.cells.append([prepare(runtime, cell, ins, device) for cell, ins in zip(net.cells, cell_inputs(net, x),
-                                                                                     strict=True)])
     return p
+
+
+def ready(p: Plan, module: nn.Module, args: tuple, device: torch.device) -> Callable[[], object]:
+    """``module`` on ``args`` exported or compiled under the plan's runtime, to be timed now."""
+    with torch.no_grad():
+        return prepare(p.runtime, module, args, device)
+
+
+def parts_in_network(p: Plan, net: GASNet, call_us: float, device: torch.device) -> list[float]:
+    """Each part's cost inside its network, µs: the stem's prefix less the entry, then each
+    prefix's paired marginal over the one before (they telescope to the whole graph)."""
+    shorter = ready(p, Prefix(net, 1), (p.x,), device)
+    costs = [timed(shorter, device) - call_us]
+    for j in range(2, len(part_kinds(net.layout)) + 1):
+        longer = ready(p, Prefix(net, j), (p.x,), device)
+        with torch.inference_mode():
+            costs.append(time_marginal(longer, shorter, 1, device, METHOD, "+part").median_us)
+        shorter = longer
+    return costs
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -108,34 +164,39 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
         return time_callable(fn, device, METHOD).median_us
 
 
-def timed_key(key: LatencyKey, case: KeyCase, device: torch.device) -> float:
+def timed_key(key: LatencyKey, device: torch.device) -> float:
     """A key timed as the service times it (inside a graph when it is an in-graph key)."""
-    return time_case(key, case, device, METHOD).median_us
+    return time_key(key, device, METHOD).median_us
 
 
-def one_pass(p: Prepared, device: torch.device) -> dict:
+def one_pass(p: Plan, device: torch.device) -> dict:
     """One pass of a runtime: per network, its whole-graph time around its cells, each cell's
-    time around its keys, and the two predictions. µs."""
+    time around its keys, the two predictions, and its parts in the network. µs."""
     table: dict[str, float] = {}
     call_us = 0.0
     if p.shapes.call is not None:
-        call_us = table[p.shapes.call.canonical] = timed_key(p.shapes.call, p.keys[p.shapes.call], device)
+        call_us = table[p.shapes.call.canonical] = timed_key(p.shapes.call, device)
     for k in [*p.shapes.stem, *p.shapes.head]:
-        table[k.canonical] = timed_key(k, p.keys[k], device)
+        table[k.canonical] = timed_key(k, device)
     fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])
     nets = []
-    for run_net, cells, keys_per_cell in zip(p.nets, p.cells, p.cell_keys, strict=True):
+    for net, keys_per_cell in zip(p.nets, p.cell_keys, strict=True):
+        run_net = ready(p, net, (p.x,), device)
         before = timed(run_net, device)
         rows = []
-        for run_cell, keys in zip(cells, keys_per_cell, strict=True):
+        for cell, ins, keys in zip(net.cells, cell_inputs(net, p.x), keys_per_cell, strict=True):
+            run_cell = ready(p, cell, ins, device)
             first = timed(run_cell, device)
             for k in dict.fromkeys(keys):
-                table[k.canonical] = timed_key(k, p.keys[k], device)
+                table[k.canonical] = timed_key(k, device)
             cell_us = (first + timed(run_cell, device)) / 2 - call_us  # the cell's own cost in a network
             rows.append({"cell_us": cell_us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)})
         measured = (before + timed(run_net, device)) / 2
+        parts = zip(parts_in_network(p, net, call_us, device), part_keys(p.shapes, keys_per_cell), strict=True)
         nets.append({"measured_us": measured, "key_sum_us": fixed + sum(r["keys_us"] for r in rows),
-                     "cell_sum_us": fixed + sum(r["cell_us"] for r in rows), "cells": rows})
+                     "cell_sum_us": fixed + sum(r["cell_us"] for r in rows), "cells": rows,
+                     "parts": [{"in_network_us": us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)}
+                               for us, keys in parts]})
     return {"graph_call_us": call_us, "nets": nets}
 
 
@@ -162,16 +223,45 @@ def combine(passes: list[dict], layout: NetworkLayout) -> dict:
             cells.append({"cell_us": cell_us, "cell_spread_pct": spread, "keys_us": keys_us, "gap_pct": gap})
             gaps["reduction" if layout.is_reduction(c) else "normal"].append(gap)
         row["cells"] = cells
+        row["parts"] = combine_parts([p["nets"][i]["parts"] for p in passes], layout)
+        row["parts_sum_us"] = sum(part["in_network_us"] for part in row["parts"])
         nets.append(row)
     meas = [n["measured_us"] for n in nets]
     return {
         "graph_call_us": med_spread([p["graph_call_us"] for p in passes]) if passes[0]["graph_call_us"] else None,
         "cell_gap_pct": {kind: {"median": statistics.median(v), "min": min(v), "max": max(v), "cells": len(v)}
                          for kind, v in gaps.items() if v},
+        "part_gap": part_gaps(nets, layout),
         "key_sum": summary([n["key_sum_us"] for n in nets], meas),
         "cell_sum": summary([n["cell_sum_us"] for n in nets], meas),
         "nets": nets,
     }
+
+
+def combine_parts(per_pass: list[list[dict]], layout: NetworkLayout) -> list[dict]:
+    """One network's parts over passes: the median in-network cost and key sum of each, µs."""
+    return [{"kind": kind, "in_network_us": statistics.median(ps[j]["in_network_us"] for ps in per_pass),
+             "keys_us": statistics.median(ps[j]["keys_us"] for ps in per_pass)}
+            for j, kind in enumerate(part_kinds(layout))]
+
+
+def part_gaps(nets: list[dict], layout: NetworkLayout) -> dict[str, dict]:
+    """Per part kind over every network: how far its keys are from its cost in the network
+    (median and range of (keys − in network) / in network, %) and what it adds to the networks'
+    total miss (Σ keys − Σ in network, µs, and that as a share of Σ in network of all parts)."""
+    total = sum(part["in_network_us"] for n in nets for part in n["parts"])
+    out = {}
+    for kind in dict.fromkeys(part_kinds(layout)):
+        parts = [part for n in nets for part in n["parts"] if part["kind"] == kind]
+        gaps = [(pt["keys_us"] - pt["in_network_us"]) / pt["in_network_us"] * 100 for pt in parts
+                if pt["in_network_us"] > 0]
+        excess = sum(pt["keys_us"] - pt["in_network_us"] for pt in parts)
+        out[kind] = {"median_gap_pct": statistics.median(gaps) if gaps else None,
+                     "min_gap_pct": min(gaps, default=None), "max_gap_pct": max(gaps, default=None),
+                     "parts": len(parts), "in_network_us": sum(pt["in_network_us"] for pt in parts),
+                     "keys_us": sum(pt["keys_us"] for pt in parts), "excess_us": excess,
+                     "excess_pct_of_networks": excess / total * 100 if total else None}
+    return out
 
 
 def plot(path: Path, results: dict[str, dict], title: str) -> None:
@@ -213,10 +303,10 @@ def main() -> None:
     device, size = torch.device(args.device), tuple(args.input_size)
     layout = NetworkLayout(num_classes=4)
     genos = nets_spanning(layout, args.nets)
-    prepared = [prepare_runtime(r, layout, size, genos, device) for r in (args.runtimes or ["eager", "onnxruntime"])]
-    passes: dict[str, list[dict]] = {p.runtime: [] for p in prepared}
+    plans = [plan_runtime(r, layout, size, genos, device) for r in (args.runtimes or ["eager", "onnxruntime"])]
+    passes: dict[str, list[dict]] = {p.runtime: [] for p in plans}
     for _ in tqdm(range(args.passes), desc="passes"):
-        for p in prepared:  # runtimes alternate within a pass, so each sees the host's every mode
+        for p in plans:  # runtimes alternate within a pass, so each sees the host's every mode
             passes[p.runtime].append(one_pass(p, device))
     results = {r: combine(ps, layout) for r, ps in passes.items()}
     for r, res in results.items():
@@ -227,7 +317,16 @@ def main() -> None:
             s = res[pred]
             print(f"  whole network from {pred}: median |err| {s['median_abs_err_pct']:.1f} %, max "
                   f"{s['max_abs_err_pct']:.1f} %, mean signed {s['mean_signed_err_pct']:+.1f} %, within ±10 % "
-                  f"{s['within_10_pct']:.0%}, τ {s['kendall_tau']:.2f}")
+                  f"{s['within_10_pct']:.0%}, τ {s['kendall_tau'] if s['kendall_tau'] is None else round(s['kendall_tau'], 2)}")
+        print("  each part in its network (keys − in network; its excess as a share of the networks' total):")
+        for kind, g in res["part_gap"].items():
+            if g["median_gap_pct"] is not None:
+                print(f"    {kind:18s} median {g['median_gap_pct']:+6.1f} % ({g['min_gap_pct']:+.1f}…"
+                      f"{g['max_gap_pct']:+.1f}, {g['parts']} parts), excess {g['excess_us']:+9.1f} µs = "
+                      f"{g['excess_pct_of_networks']:+.1f} % of the networks")
+        parts_off = [(n["parts_sum_us"] + (res["graph_call_us"][0] if res["graph_call_us"] else 0)) / n["measured_us"]
+                     - 1 for n in res["nets"]]
+        print(f"  parts + entry against the whole graph: median {statistics.median(parts_off):+.1%} (they telescope)")
         spreads = [n["measured_spread_pct"] for n in res["nets"]]
         print(f"  whole-network pass spread: median {statistics.median(spreads):.1f} %, max {max(spreads):.1f} %")
     args.out.parent.mkdir(parents=True, exist_ok=True)

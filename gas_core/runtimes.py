@@ -154,9 +154,17 @@ def _torch_compile(module: nn.Module, args: tuple, device: torch.device) -> Prep
     after ``recompile_limit`` (8) shapes dynamo silently runs the rest eagerly, so a table's
     9th ``sep_conv_3x3`` on would have timed eager PyTorch under the name torch_compile. A
     compile that neither produced a graph nor converted the frame (an identity has nothing to
-    compile, but its frame converts) is an error, never a silent eager timing."""
+    compile, but its frame converts) is an error, never a silent eager timing.
+
+    The reset also drops what earlier ``prepare`` calls compiled: called again, such a callable
+    recompiles, and once one ``forward`` has recompiled past the limit dynamo would run it
+    eagerly, silently (a benchmark that prepared 17 prefixes of one network, then timed them,
+    timed the last nine eagerly). Hitting the limit is made an error instead, process-wide:
+    dynamo reads the flag at each call, and patching it around every call costs ~27 µs."""
+    import torch._dynamo
     from torch._dynamo.utils import counters
 
+    torch._dynamo.config.fail_on_recompile_limit_hit = True
     torch.compiler.reset()
     graphs, frames = counters["stats"]["unique_graphs"], counters["frames"]["ok"]
     compiled = torch.compile(module, backend="inductor", dynamic=False)

@@ -140,6 +140,28 @@ def test_torch_compile_compiles_every_key_of_one_op_not_just_the_first_eight() -
         assert counters["stats"]["unique_graphs"] == before + 1, i
 
 
+@pytest.mark.slow
+@pytest.mark.skipif(REGISTRY["torch_compile"].missing("cpu") is not None, reason="torch_compile cannot run here")
+def test_torch_compile_callables_prepared_earlier_fail_rather_than_run_eagerly() -> None:
+    """Each prepare resets dynamo, so a callable prepared before another recompiles when called
+    again; past the recompile limit of one ``forward`` dynamo would run it eagerly and a timing
+    would be eager PyTorch under torch_compile's name. It must raise instead (the limit is lowered
+    to 2 here so that three prepares reach it)."""
+    import torch._dynamo
+
+    runs = []
+    # the runtime must set the flag itself; patch() restores both afterwards
+    with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=False), torch.no_grad():
+        for i in range(3):
+            key = LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8 + i, w=8, stride=1, batch=1, runtime="torch_compile")
+            module, args = build_timing_case(key, generator=torch.Generator().manual_seed(i))
+            runs.append(prepare("torch_compile", module, args, torch.device("cpu")))
+        runs[2]()  # the one compiled last runs from its cache
+        runs[0]()  # recompiled once after the resets: 2 entries on this forward, at the limit
+        with pytest.raises(torch._dynamo.exc.FailOnRecompileLimitHit):
+            runs[1]()
+
+
 def test_a_host_refuses_what_it_cannot_run_and_says_what_to_install() -> None:
     assert check_runtime("eager", "cpu", "float32", "contiguous") is None
     assert "cuda only" in (check_runtime("cuda_graph", "cpu", "float32", "contiguous") or "")
