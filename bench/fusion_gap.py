@@ -180,7 +180,8 @@ def one_pass(p: Plan, device: torch.device) -> dict:
         table[k.canonical] = timed_key(k, device)
     fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])
     nets = []
-    for net, keys_per_cell in zip(p.nets, p.cell_keys, strict=True):
+    for net, keys_per_cell in tqdm(list(zip(p.nets, p.cell_keys, strict=True)), desc=f"{p.runtime}: networks",
+                                   leave=False):
         run_net = ready(p, net, (p.x,), device)
         before = timed(run_net, device)
         rows = []
@@ -265,21 +266,27 @@ def part_gaps(nets: list[dict], layout: NetworkLayout) -> dict[str, dict]:
 
 
 def plot(path: Path, results: dict[str, dict], title: str) -> None:
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
     for name, r in results.items():
+        for kind in dict.fromkeys(part["kind"] for n in r["nets"] for part in n.get("parts", [])):
+            parts = [part for n in r["nets"] for part in n["parts"] if part["kind"] == kind]
+            axes[2].scatter([pt["in_network_us"] for pt in parts], [pt["keys_us"] for pt in parts], s=12, alpha=0.7,
+                            label=f"{name}: {kind}")
         cells = [c for n in r["nets"] for c in n["cells"]]
         axes[0].scatter([c["cell_us"] for c in cells], [c["keys_us"] for c in cells], s=10, alpha=0.6, label=name)
         meas = [n["measured_us"] / 1e3 for n in r["nets"]]
         axes[1].scatter(meas, [n["key_sum_us"] / 1e3 for n in r["nets"]], marker="o", label=f"{name}: key sum")
         axes[1].scatter(meas, [n["cell_sum_us"] / 1e3 for n in r["nets"]], marker="x", label=f"{name}: cell sum")
-    for ax, unit, what in ((axes[0], "µs", "cell"), (axes[1], "ms", "network")):
+    for ax, unit, what in ((axes[0], "µs", "cell"), (axes[1], "ms", "network"), (axes[2], "µs", "part")):
         lo, hi = ax.get_xlim()
         ax.plot([lo, hi], [lo, hi], "k--", lw=0.8, label="y = x")
-        ax.set_xlabel(f"{what} timed as one graph, {unit}")
+        ax.set_xlabel(f"{what} in its network (prefix marginal), {unit}" if what == "part"
+                      else f"{what} timed as one graph, {unit}")
         ax.set_ylabel(f"predicted from its parts, {unit}")
         ax.legend(fontsize=7)
     axes[0].set_title("each cell: sum of its keys")
     axes[1].set_title("each network: per-key and per-cell sums")
+    axes[2].set_title("each part of each network: sum of its keys")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
