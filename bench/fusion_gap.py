@@ -178,7 +178,11 @@ def one_pass(p: Plan, device: torch.device) -> dict:
         call_us = table[p.shapes.call.canonical] = timed_key(p.shapes.call, device)
     for k in [*p.shapes.stem, *p.shapes.head]:
         table[k.canonical] = timed_key(k, device)
-    fixed = call_us + sum(own_cost_us(k, table, p.shapes.call) for k in [*p.shapes.stem, *p.shapes.head])
+
+    def cost(keys: list[LatencyKey]) -> float:  # what the table predicts these keys add to a network
+        return sum(own_cost_us(k, table, p.shapes.call) for k in keys)
+
+    fixed = call_us + cost([*p.shapes.stem, *p.shapes.head])
     nets = []
     for net, keys_per_cell in tqdm(list(zip(p.nets, p.cell_keys, strict=True)), desc=f"{p.runtime}: networks",
                                    leave=False):
@@ -191,13 +195,12 @@ def one_pass(p: Plan, device: torch.device) -> dict:
             for k in dict.fromkeys(keys):
                 table[k.canonical] = timed_key(k, device)
             cell_us = (first + timed(run_cell, device)) / 2 - call_us  # the cell's own cost in a network
-            rows.append({"cell_us": cell_us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)})
+            rows.append({"cell_us": cell_us, "keys_us": cost(keys)})
         measured = (before + timed(run_net, device)) / 2
         parts = zip(parts_in_network(p, net, call_us, device), part_keys(p.shapes, keys_per_cell), strict=True)
         nets.append({"measured_us": measured, "key_sum_us": fixed + sum(r["keys_us"] for r in rows),
                      "cell_sum_us": fixed + sum(r["cell_us"] for r in rows), "cells": rows,
-                     "parts": [{"in_network_us": us, "keys_us": sum(own_cost_us(k, table, p.shapes.call) for k in keys)}
-                               for us, keys in parts]})
+                     "parts": [{"in_network_us": us, "keys_us": cost(keys)} for us, keys in parts]})
     return {"graph_call_us": call_us, "nets": nets}
 
 
