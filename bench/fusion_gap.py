@@ -70,14 +70,12 @@ def nets_spanning(layout: NetworkLayout, n: int) -> list[Genotype]:
 
 
 def cell_inputs(net: GASNet, x: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Each cell's ``(s0, s1)`` in the network's eager forward on ``x`` (N, 3, H, W)."""
+    """Each cell's ``(s0, s1)`` in the network's eager forward on ``x`` (N, 3, H, W): the outputs
+    of the prefixes ending two parts and one part before it (the stem's output twice for cell 0)."""
+    n = len(net.cells)
     with torch.no_grad():
-        s0 = s1 = net.stem(x)
-        ins = []
-        for cell in net.cells:
-            ins.append((s0, s1))
-            s0, s1 = s1, cell(s0, s1)
-    return ins
+        outs = [net.run(x, [None] * n, parts=j) for j in range(1, n + 1)]  # stem, cells 0 … n − 2
+    return [(outs[max(c - 1, 0)], outs[c]) for c in range(n)]
 
 
 @dataclass
@@ -105,16 +103,7 @@ class Prefix(nn.Module):
         self.net, self.parts = net, parts
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = (int(x.shape[-2]), int(x.shape[-1]))
-        s0 = s1 = self.net.stem(x)
-        n_cells = len(self.net.cells)
-        for cell in self.net.cells[: min(self.parts - 1, n_cells)]:
-            s0, s1 = s1, cell(s0, s1)
-        if self.parts > n_cells + 1:
-            s1 = self.net.head(s1)
-        if self.parts > n_cells + 2:
-            s1 = self.net.upsample(self.net.classifier(s1), size)
-        return s1
+        return self.net.run(x, [None] * len(self.net.cells), parts=self.parts)
 
 
 def part_kinds(layout: NetworkLayout) -> list[str]:

@@ -83,12 +83,24 @@ class Backbone(nn.Module):
         self.cells = nn.ModuleList(cells)
         self.head, self.classifier, self.upsample = (site.build() for site in st.head)
 
-    def run(self, x: torch.Tensor, cell_weights: Sequence[torch.Tensor | None]) -> torch.Tensor:
+    def run(self, x: torch.Tensor, cell_weights: Sequence[torch.Tensor | None], parts: int | None = None) -> torch.Tensor:
+        """``x`` (N, 3, H, W) through the network, one weight tensor (or None) per cell.
+
+        ``parts`` stops after that many of the network's parts, in order: the stem, each cell,
+        the head, the classifier with the final resize (None: all of them, the logits
+        ``(N, classes, H, W)``). A prefix is what a benchmark times to find one part's cost inside
+        the network; it runs the same modules in the same order as the whole."""
+        n = len(self.cells)
+        parts = n + 3 if parts is None else parts
         size = (int(x.shape[-2]), int(x.shape[-1]))
         s0 = s1 = self.stem(x)
-        for cell, wts in zip(self.cells, cell_weights, strict=True):
+        for cell, wts in zip(self.cells[: max(parts - 1, 0)], cell_weights[: max(parts - 1, 0)], strict=True):
             s0, s1 = s1, cell(s0, s1, wts)
-        return self.upsample(self.classifier(self.head(s1)), size)
+        if parts > n + 1:
+            s1 = self.head(s1)
+        if parts > n + 2:
+            s1 = self.upsample(self.classifier(s1), size)
+        return s1
 
 
 class GASNet(Backbone):

@@ -411,6 +411,25 @@ def test_gasnet_drops_none_edges() -> None:
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
 
 
+def test_network_prefixes_run_the_same_parts_as_the_whole() -> None:
+    """``Backbone.run(parts=k)`` is the network cut after its k-th part: each cell, fed the
+    outputs of the two prefixes before it, gives the next prefix; head, classifier and resize
+    on the last cell's output give the whole network's logits."""
+    g = random_genotype(SMALL, torch.Generator().manual_seed(5))
+    net = GASNet(g).eval()
+    x = torch.randn(1, 3, 32, 64)
+    n = len(net.cells)
+    with torch.no_grad():
+        outs = [net.run(x, [None] * n, parts=j) for j in range(1, n + 2)]  # stem, each cell
+        torch.testing.assert_close(outs[0], net.stem(x))
+        for c, cell in enumerate(net.cells):
+            torch.testing.assert_close(cell(outs[max(c - 1, 0)], outs[c]), outs[c + 1])
+        torch.testing.assert_close(net.run(x, [None] * n, parts=n + 2), net.head(outs[-1]))
+        torch.testing.assert_close(net.run(x, [None] * n, parts=n + 3), net(x))
+        torch.testing.assert_close(net.run(x, [None] * n), net(x))
+        assert net(x).shape == (1, SMALL.num_classes, 32, 64)
+
+
 @pytest.mark.parametrize("head", ["aspp", "ppm"])
 @pytest.mark.parametrize("seed", [3, 4])
 def test_every_module_of_a_derived_net_has_a_table_key(head: str, seed: int) -> None:
