@@ -114,10 +114,11 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
         r = c.post("/profile", json=body)
         if r.status_code != 202:
             raise RuntimeError(f"POST /profile: {r.status_code} {r.json().get('message')}")
-        wait_job(c, r.json()["id"], timeout=3 * 3600)
+        job = wait_job(c, r.json()["id"], timeout=3 * 3600)
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}", params={
             "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
+    host["job"] = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}  # the reference's path
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
 
 
@@ -166,16 +167,21 @@ def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
         return {"GAS_TIMING_CONTEXT": "true", "GAS_TIMING_FLUSH_BYTES": str(flush[level]), **dev}
 
     tables: dict[str, dict[str, float]] = {}
-    srv, _, tables["isolated"] = profile_table(layout, args.size, tmp, "isolated",
+    jobs: dict[str, dict] = {}
+    srv, host, tables["isolated"] = profile_table(layout, args.size, tmp, "isolated",
                                                {"GAS_TIMING_CONTEXT": "false", **dev}, args.dtype, args.runtime)
+    jobs["isolated"] = host.pop("job")
     for level in args.flush[1:]:  # extra flush sizes first: the service of the first one measures the nets
         stop_server(srv)
-        srv, _, tables[f"context_{level}"] = profile_table(layout, args.size, tmp, level, context(level), args.dtype,
-                                                           args.runtime)
+        srv, host, tables[f"context_{level}"] = profile_table(layout, args.size, tmp, level, context(level),
+                                                              args.dtype, args.runtime)
+        jobs[f"context_{level}"] = host.pop("job")
     stop_server(srv)
     primary = f"context_{args.flush[0]}"
     srv, host, tables[primary] = profile_table(layout, args.size, tmp, args.flush[0], context(args.flush[0]),
                                                args.dtype, args.runtime)
+    jobs[primary] = host.pop("job")
+    host["table_jobs"] = jobs  # per table: keys timed, flagged, re-timed, and the reference workload through it
     return srv, host, tables, primary
 
 
@@ -306,7 +312,8 @@ def main() -> None:
                    "batch": 1, "dtype": args.dtype, "runtime": args.runtime, "timing": SLOW_TIMING,
                    "passes": args.passes, "flush_bytes": flush, "primary_table": primary,
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
-        "device": host["device"], "environment": host["environment"], "results": results,
+        "device": host["device"], "environment": host["environment"], "table_jobs": host["table_jobs"],
+        "results": results,
         "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"],
         "tables": tables,  # key → median µs of every table: per-op comparisons across runtimes read them
     }, args.out)
