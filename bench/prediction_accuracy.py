@@ -118,7 +118,8 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}", params={
             "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
-    host["job"] = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}  # the reference's path
+    # what the job timed, and the reference workload's path through it
+    host["job"] = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
 
 
