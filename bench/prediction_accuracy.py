@@ -16,8 +16,9 @@ the cache flush between two timed runs must be on this host (``l2`` = twice the 
 ``llc`` = the last cache level; see docs/timing.md).
 
 Prints and writes median and max |predicted − measured| / measured, the share of networks within
-±10 % (nn-Meter's headline figure), Kendall τ, and a scatter plot (predicted vs measured with
-y = x). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20]
+±10 % (nn-Meter's headline figure) and Kendall τ, each against every network's fastest pass and
+(``vs_median_pass``) its median pass, and a scatter plot (predicted vs measured with y = x, each
+network at its median pass with a bar over its passes). Usage: ``python -m bench.prediction_accuracy [--input-size 256 512] [--eval 20]
 [--calib 12] [--device cuda:0] [--flush l2 --flush llc] [--runtime onnxruntime]``.
 
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
@@ -138,7 +139,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--eval", type=int, default=20)
     ap.add_argument("--calib", type=int, default=12)
     ap.add_argument("--passes", type=int, default=5,
-                    help="measurement passes over all nets; a net counts its lowest pass median")
+                    help="measurement passes over all nets; each net is compared at its fastest and at its median pass")
     ap.add_argument("--device", default="cpu", help="device the services time on (GAS_DEVICE): cpu or cuda:N")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--flush", action="append", choices=["l2", "llc"],
