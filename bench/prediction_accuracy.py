@@ -19,7 +19,8 @@ Prints and writes median and max |predicted − measured| / measured, the share 
 ±10 % (nn-Meter's headline figure) and Kendall τ, each against every network's fastest pass and
 (``vs_median_pass``) its median pass, and a scatter plot (predicted vs measured with y = x, each
 network at its median pass with a bar over its passes). Usage: ``python -m
-bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12] [--device cuda:0] [--flush l2 --flush llc] [--runtime onnxruntime]``.
+bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12] [--device cuda:0]
+[--flush l2 --flush llc] [--runtime onnxruntime]``.
 
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
 own graph or, where it can, as one more copy of itself inside a graph) and measures every
