@@ -203,9 +203,9 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
     """Every net measured in ``--passes`` separate passes over all nets. A net has two figures:
     its fastest pass (interference from the rest of the host only ever adds time) and its median
     pass. Each table key's median was taken within a fraction of a second, at whatever speed the
-    host had then, so a sum of ~100 keys lands near the host's *typical* speed; on a host whose
-    speed wanders between passes the fastest pass sits below that by up to the spread, and only
-    the median pass is the matched statistic. Both are reported (:func:`evaluate`); the spread
+    host had then, so a sum of ~100 keys lands somewhere in the host's range; on a host whose
+    speed wanders between passes the fastest pass sits below the typical speed by up to the
+    spread. Both are reported (:func:`evaluate`; docs/timing.md, "Known pitfalls"); the spread
     between passes is the measurement's own noise."""
     passes: dict[str, list[list[float]]] = {s: [[] for _ in g] for s, g in nets.items()}
     drift: dict[str, list[list[float | None]]] = {s: [[] for _ in g] for s, g in nets.items()}
