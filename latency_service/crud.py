@@ -10,11 +10,11 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
 from gas_core.keys import LatencyKey
-from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess
+from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess, sample_stats
 from gas_core.runtimes import timed_as_now
 from gas_core.table import LatencyTable, TableEntry
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
-from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_utc, utcnow
+from latency_service.models import Device, E2EMeasurement, Environment, Job, Measurement, as_stored, as_utc, utcnow
 from latency_service.profiler import Timing
 
 
@@ -108,9 +108,10 @@ def put_measurement(
             Measurement.key_hash == key.key_hash,
         )
     )
+    stored = as_stored(timing.samples_us)
     values = dict(
-        **timing.summary(), method=method, samples=timing.samples_us, created_at=utcnow(), **telemetry,
-        flagged=quality.flagged, quality=quality.model_dump(mode="json"),
+        **{**timing.summary(), **sample_stats(stored)}, method=method, samples=stored, created_at=utcnow(),
+        **telemetry, flagged=quality.flagged, quality=quality.model_dump(mode="json"),
     )
     if row is None:
         row = Measurement(

@@ -48,6 +48,14 @@ class UTCDateTime(TypeDecorator[datetime]):
         return as_utc(value) if value is not None else None
 
 
+def as_stored(samples_us: list[float]) -> list[float]:
+    """``samples_us`` as :class:`Samples` stores and reads them back (float32). A row's statistics
+    are computed from these, so that they are exactly those of its stored samples: an export
+    re-imported (which recomputes them from the samples) then reproduces them to the last bit,
+    where float64 statistics could move a near-zero paired median by 1e-4 of itself."""
+    return array("f", samples_us).tolist()
+
+
 class Samples(TypeDecorator[list[float]]):
     """Every raw sample of a timing, µs per run, stored as float32 in machine order (little-endian
     on every supported host), 4 bytes a sample. Same DDL as ``LargeBinary``; the codec lives
