@@ -105,7 +105,9 @@ def summary(pred: list[float], meas: list[float]) -> dict:
 
 
 def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name: str, extra: dict, dtype: str,
-                  runtime: str = "eager") -> tuple:
+                  runtime: str = "eager") -> tuple[Server, dict, dict[str, float], dict]:
+    """A service profiling one table: (the service, still up; its /device; key → median µs; the
+    job's record: keys timed, flagged, re-timed, its span and the reference workload through it)."""
     srv = start_server(f"sqlite:///{tmp}/table-{name}.db", tmp, {**QUICK_TIMING, **SLOW_TIMING, **extra})
     if srv.client().get("/device").json()["device"]["kind"] != ("cuda" if extra["GAS_DEVICE"].startswith("cuda")
                                                                else "cpu"):
@@ -120,9 +122,8 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}", params={
             "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
-    # what the job timed, and the reference workload's path through it
-    host["job"] = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}
-    return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}
+    record = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}
+    return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}, record
 
 
 def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
@@ -161,7 +162,7 @@ def parse_args() -> argparse.Namespace:
 
 
 def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
-                   flush: dict[str, int]) -> tuple[Server, dict, dict[str, dict[str, float]], str]:
+                   flush: dict[str, int]) -> tuple[Server, dict, dict[str, dict[str, float]], str, dict[str, dict]]:
     """The isolated table, then one context table per flush size, each by its own service; the
     service of the first flush size stays up (returned) to measure the networks."""
     dev = {"GAS_DEVICE": args.device}
@@ -171,21 +172,17 @@ def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
 
     tables: dict[str, dict[str, float]] = {}
     jobs: dict[str, dict] = {}
-    srv, host, tables["isolated"] = profile_table(layout, args.size, tmp, "isolated",
-                                               {"GAS_TIMING_CONTEXT": "false", **dev}, args.dtype, args.runtime)
-    jobs["isolated"] = host.pop("job")
+    srv, _, tables["isolated"], jobs["isolated"] = profile_table(
+        layout, args.size, tmp, "isolated", {"GAS_TIMING_CONTEXT": "false", **dev}, args.dtype, args.runtime)
     for level in args.flush[1:]:  # extra flush sizes first: the service of the first one measures the nets
         stop_server(srv)
-        srv, host, tables[f"context_{level}"] = profile_table(layout, args.size, tmp, level, context(level),
-                                                              args.dtype, args.runtime)
-        jobs[f"context_{level}"] = host.pop("job")
+        srv, _, tables[f"context_{level}"], jobs[f"context_{level}"] = profile_table(
+            layout, args.size, tmp, level, context(level), args.dtype, args.runtime)
     stop_server(srv)
     primary = f"context_{args.flush[0]}"
-    srv, host, tables[primary] = profile_table(layout, args.size, tmp, args.flush[0], context(args.flush[0]),
-                                               args.dtype, args.runtime)
-    jobs[primary] = host.pop("job")
-    host["table_jobs"] = jobs  # per table: keys timed, flagged, re-timed, and the reference workload through it
-    return srv, host, tables, primary
+    srv, host, tables[primary], jobs[primary] = profile_table(
+        layout, args.size, tmp, args.flush[0], context(args.flush[0]), args.dtype, args.runtime)
+    return srv, host, tables, primary, jobs
 
 
 def by_timing(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> dict[str, float]:
@@ -298,7 +295,7 @@ def main() -> None:
     shapes = cell_shapes(layout, args.size, 1, args.dtype, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)
-        srv, host, tables, primary = profile_tables(args, layout, tmp, flush)
+        srv, host, tables, primary, jobs = profile_tables(args, layout, tmp, flush)
         try:
             searched = quick_search(layout, args.size, tables[primary], tmp / "search", args.device, args.runtime)
             nets = {"eval": spanning(layout, args.eval, 0, shapes, tables[primary]) + [searched],
@@ -315,7 +312,7 @@ def main() -> None:
                    "batch": 1, "dtype": args.dtype, "runtime": args.runtime, "timing": SLOW_TIMING,
                    "passes": args.passes, "flush_bytes": flush, "primary_table": primary,
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
-        "device": host["device"], "environment": host["environment"], "table_jobs": host["table_jobs"],
+        "device": host["device"], "environment": host["environment"], "table_jobs": jobs,
         "results": results,
         "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"],
         "tables": tables,  # key → median µs of every table: per-op comparisons across runtimes read them

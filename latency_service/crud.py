@@ -110,7 +110,8 @@ def put_measurement(
     )
     stored = as_stored(timing.samples_us)
     values = dict(
-        **{**timing.summary(), **sample_stats(stored)}, method=method, samples=stored, created_at=utcnow(),
+        **sample_stats(stored), iters_per_sample=timing.iters_per_sample, timer=timing.timer, method=method,
+        samples=stored, created_at=utcnow(),
         **telemetry, flagged=quality.flagged, quality=quality.model_dump(mode="json"),
     )
     if row is None:

@@ -52,7 +52,8 @@ def as_stored(samples_us: list[float]) -> list[float]:
     """``samples_us`` as :class:`Samples` stores and reads them back (float32). A row's statistics
     are computed from these, so that they are exactly those of its stored samples: an export
     re-imported (which recomputes them from the samples) then reproduces them to the last bit,
-    where float64 statistics could move a near-zero paired median by 1e-4 of itself."""
+    where float64 statistics let a near-zero paired median (the mean of two samples of opposite
+    sign) differ from the recomputed one by more than 1e-6 of itself."""
     return array("f", samples_us).tolist()
 
 
