@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+from scipy import stats
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -57,6 +58,7 @@ from gas_core.latency import (  # noqa: E402
     own_cost_us,
     predict_latency_us,
 )
+from gas_core.ops import OPS  # noqa: E402
 from gas_core.runtimes import in_graph  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
@@ -94,6 +96,16 @@ def spanning(layout: NetworkLayout, n: int, seed0: int, shapes, table: dict[str,
         best = min((c for c in cands if c[1] not in picked), key=lambda c: abs(c[0] - target))
         picked.append(best[1])
     return picked
+
+
+def all_skip(layout: NetworkLayout) -> Genotype:
+    """The network of ``layout`` with ``skip_connect`` on every edge: an identity at stride 1, a
+    factorized reduce at stride 2. Almost all of its time is the fixed components (stem,
+    preprocesses, node sums, concats, head, classifier, resize), so measured against its
+    prediction it says directly whether the table charges them right (:func:`probe_fixed`)."""
+    skip = torch.zeros(len(OPS))
+    skip[OPS.names().index("skip_connect")] = 1.0
+    return random_genotype(layout, torch.Generator().manual_seed(0), skip)
 
 
 def summary(pred: list[float], meas: list[float]) -> dict:
@@ -152,6 +164,9 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--out", type=Path, default=None, help="results JSON; default bench/results/prediction_accuracy"
                     ".json, or bench/results/runtimes/prediction_accuracy_RUNTIME.json under --runtime")
     ap.add_argument("--plot", type=Path, default=None, help="default: the JSON's path with .png")
+    ap.add_argument("--reanalyse", type=Path, default=None, metavar="JSON",
+                    help="time nothing: recompute the split of every net's prediction by what decides it and its "
+                    "fit (results.choice_fit) in this results file from its rows and tables, and write it back")
     args = ap.parse_args()
     args.name = "prediction_accuracy" + ("" if args.runtime == "eager" else f"_{args.runtime}")
     args.out = args.out or (RESULTS if args.runtime == "eager" else RESULTS / "runtimes") / f"{args.name}.json"
@@ -195,6 +210,64 @@ def by_timing(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> di
             "entry_us": math.fsum(c for k, c in costs if k == shapes.call)}
 
 
+def by_choice(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> dict[str, float]:
+    """The table's prediction of ``g`` split by what decides it, µs: the candidate ops on its
+    edges (``chosen_us``: what α chooses, the only part the search's latency term sees) and the
+    network's fixed components (``components_us``: stem, preprocesses, node sums, concats, head,
+    classifier, resize, the graph entry; they vary with the genotype only through dead code and
+    a node's arity)."""
+    costs = [(k, own_cost_us(k, table, shapes.call)) for k in derived_keys(g, shapes)]
+    return {"chosen_us": math.fsum(c for k, c in costs if k.op in OPS),
+            "components_us": math.fsum(c for k, c in costs if k.op not in OPS)}
+
+
+def choice_fit(rows: list[dict]) -> dict:
+    """Which part of the prediction misses: measured = a + b · ``chosen_us`` by least squares over
+    every net (evaluated and calibration; a diagnostic that reads the measurements, never a
+    prediction), against each net's median pass and its fastest pass. b is how the table prices
+    what the search chooses (1: right); the search sees only that part, so b, not a, says whether
+    it is steered to the right network. a is what the fixed components cost in the networks,
+    against what the table charges for them (their median over the nets): an excess there moves
+    every prediction alike and no choice."""
+    x = [r["chosen_us"] for r in rows]
+    charged = statistics.median(r["components_us"] for r in rows)
+    out: dict[str, Any] = {"nets": len(rows), "table_components_us": charged,
+                           "chosen_us_range": [min(x), max(x)]}
+    for name, field in (("median_pass", "measured_median_us"), ("fastest_pass", "measured_us")):
+        fit = stats.linregress(x, [r[field] for r in rows])
+        out[name] = {"slope": fit.slope, "slope_se": fit.stderr, "intercept_us": fit.intercept,
+                     "intercept_se_us": fit.intercept_stderr, "r": fit.rvalue,
+                     "components_excess_pct": (charged / fit.intercept - 1) * 100 if fit.intercept > 0 else None}
+    return out
+
+
+def probe_fixed(row: dict, fit: dict) -> dict:
+    """The all-skip network (:func:`all_skip`) measured against its prediction, split as
+    :func:`by_choice` splits it, beside the fixed components' cost that :func:`choice_fit`
+    extrapolated from the other networks (median pass)."""
+    pred = row["chosen_us"] + row["components_us"]
+    out = {"measured_median_us": row["measured_median_us"], "measured_fastest_us": row["measured_us"],
+           "predicted_us": pred, "chosen_us": row["chosen_us"], "components_us": row["components_us"],
+           "err_vs_median_pass_pct": (pred / row["measured_median_us"] - 1) * 100,
+           "err_vs_fastest_pass_pct": (pred / row["measured_us"] - 1) * 100,
+           "fit_intercept_us": fit["median_pass"]["intercept_us"]}
+    print(f"all-skip network: measured {row['measured_median_us']:.0f} µs (median pass; fastest "
+          f"{row['measured_us']:.0f}), predicted {pred:.0f} µs ({out['err_vs_median_pass_pct']:+.1f} %): fixed "
+          f"components {row['components_us']:.0f} µs, skips {row['chosen_us']:.0f} µs; the fit put the fixed "
+          f"components at {out['fit_intercept_us']:.0f} µs")
+    return out
+
+
+def print_choice_fit(fit: dict) -> None:
+    for name in ("median_pass", "fastest_pass"):
+        f = fit[name]
+        excess = "n/a" if f["components_excess_pct"] is None else f"{f['components_excess_pct']:+.0f} %"
+        print(f"against the {name.replace('_', ' ')} ({fit['nets']} nets): what α chooses priced at slope "
+              f"{f['slope']:.3f} ± {f['slope_se']:.3f}; the fixed components cost {f['intercept_us']:.0f} ± "
+              f"{f['intercept_se_us']:.0f} µs in the networks, the table charges {fit['table_components_us']:.0f} "
+              f"µs ({excess})")
+
+
 def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Genotype]], shapes: NetworkShapes,
                  tables: dict[str, dict[str, float]], searched: Genotype) -> dict[str, list[dict]]:
     """Every net measured in ``--passes`` separate passes over all nets. A net has two figures:
@@ -218,15 +291,17 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
                                            "service log:\n" + "\n".join(tail))
                     passes[split][i].append(m.json()["median_ms"] * 1e3)
                     drift[split][i].append((m.json().get("agreement") or {}).get("host_drift_pct"))
-    rows: dict[str, list[dict]] = {"eval": [], "calib": []}
+    rows: dict[str, list[dict]] = {split: [] for split in nets}
     for split, genos in nets.items():
         for i, g in enumerate(genos):
             ms = passes[split][i]
-            r: dict[str, Any] = {"net": "searched" if g is searched else f"{split}-{i}", "measured_us": min(ms),
+            name = "searched" if g is searched else "all-skip" if split == "probe" else f"{split}-{i}"
+            r: dict[str, Any] = {"net": name, "measured_us": min(ms),
                  "measured_median_us": statistics.median(ms), "pass_medians_us": ms,
                  "pass_spread_pct": (max(ms) - min(ms)) / min(ms) * 100, "pass_host_drift_pct": drift[split][i],
                  **{f"{t}_sum_us": predict_latency_us(g, shapes, tab) for t, tab in tables.items()},
                  "calls": len(derived_keys(g, shapes)), **by_timing(g, shapes, tables[f"context_{args.flush[0]}"]),
+                 **by_choice(g, shapes, tables[f"context_{args.flush[0]}"]),
                  "genotype": json.loads(g.to_json())}
             rows[split].append(r)
             sums = "  ".join(f"{t} {r[f'{t}_sum_us'] / 1e3:7.3f}" for t in tables)
@@ -261,6 +336,10 @@ def evaluate(rows: dict[str, list[dict]], kinds: list[str], primary: str) -> tup
     results["measurement_pass_spread_pct"] = {"median": statistics.median(spread), "max": max(spread)}
     print(f"overhead model (fitted on {model.fitted_on} other nets): scale {model.scale:.4f}, "
           f"calibration residual {model.residual_pct:.2f} %")
+    results["choice_fit"] = choice_fit(ev + cal)
+    print_choice_fit(results["choice_fit"])
+    for r in rows.get("probe", []):
+        results["all_skip"] = probe_fixed(r, results["choice_fit"])
     return results, model
 
 
@@ -288,8 +367,27 @@ def plot(path: Path, ev: list[dict], kinds: list[str], results: dict, title: str
     print(f"wrote {path}")
 
 
+def reanalyse(path: Path) -> None:
+    """Recompute ``by_choice`` for every row of a results file from its genotype and primary
+    table, and ``results.choice_fit`` from them; everything else in the file stays as timed."""
+    doc = json.loads(path.read_text())
+    cfg = doc["config"]
+    layout = NetworkLayout(num_classes=4)
+    shapes = cell_shapes(layout, tuple(cfg["input_size"]), cfg["batch"], cfg["dtype"], runtime=cfg["runtime"])
+    table = doc["tables"][cfg["primary_table"]]
+    for r in doc["eval"] + doc["calib"]:
+        r.update(by_choice(Genotype.model_validate(r["genotype"]), shapes, table))
+    doc["results"]["choice_fit"] = choice_fit(doc["eval"] + doc["calib"])
+    print_choice_fit(doc["results"]["choice_fit"])
+    path.write_text(json.dumps(doc, indent=2))
+    print(f"rewrote {path}")
+
+
 def main() -> None:
     args = parse_args()
+    if args.reanalyse is not None:
+        reanalyse(args.reanalyse)
+        return
     flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
     layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
     shapes = cell_shapes(layout, args.size, 1, args.dtype, runtime=args.runtime)
@@ -299,7 +397,8 @@ def main() -> None:
         try:
             searched = quick_search(layout, args.size, tables[primary], tmp / "search", args.device, args.runtime)
             nets = {"eval": spanning(layout, args.eval, 0, shapes, tables[primary]) + [searched],
-                    "calib": spanning(layout, args.calib, 100_000, shapes, tables[primary])}
+                    "calib": spanning(layout, args.calib, 100_000, shapes, tables[primary]),
+                    "probe": [all_skip(layout)]}
             rows = measure_nets(args, srv, nets, shapes, tables, searched)
         finally:
             stop_server(srv)
@@ -314,7 +413,7 @@ def main() -> None:
                    "cpu_caches": cpu_caches() if args.device == "cpu" else None},
         "device": host["device"], "environment": host["environment"], "table_jobs": jobs,
         "results": results,
-        "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"],
+        "overhead_model": model.model_dump(), "eval": rows["eval"], "calib": rows["calib"], "probe": rows["probe"],
         "tables": tables,  # key → median µs of every table: per-op comparisons across runtimes read them
     }, args.out)
 
