@@ -22,6 +22,18 @@ network at its median pass with a bar over its passes). Usage: ``python -m
 bench.prediction_accuracy [--input-size 256 512] [--eval 20] [--calib 12] [--device cuda:0]
 [--flush l2 --flush llc] [--runtime onnxruntime]``.
 
+Which part misses: every prediction is split into what α chooses (the candidate ops on the
+edges, the only part the search's latency term sees) and the network's fixed components (stem,
+preprocesses, node sums, concats, head, classifier, resize, graph entry), and
+``results.choice_fit`` fits measured = a + b · chosen over all nets: b is how the table prices
+the choices the search makes (1 = right), a is what the fixed components cost in the networks,
+beside what the table charges for them. An ``all-skip`` network (``skip_connect`` on every
+edge, reported apart as ``results.all_skip``) measures the fixed components directly. Neither
+figure steers the search: its loss is β · log of the chosen part alone, so a factor common to
+every op cancels in its gradient and the fixed part is not in it. They say where a predicted
+FPS goes wrong; only a misprice that differs between ops moves the search. ``--reanalyse
+JSON`` recomputes the split and the fit in a stored results file without timing anything.
+
 ``--runtime R`` profiles R's tables (each component exported or compiled at its shape, as its
 own graph or, where it can, as one more copy of itself inside a graph) and measures every
 network under R (the whole network as one graph): where R fuses across key boundaries (a ReLU
@@ -225,10 +237,10 @@ def choice_fit(rows: list[dict]) -> dict:
     """Which part of the prediction misses: measured = a + b · ``chosen_us`` by least squares over
     every net (evaluated and calibration; a diagnostic that reads the measurements, never a
     prediction), against each net's median pass and its fastest pass. b is how the table prices
-    what the search chooses (1: right); the search sees only that part, so b, not a, says whether
-    it is steered to the right network. a is what the fixed components cost in the networks,
-    against what the table charges for them (their median over the nets): an excess there moves
-    every prediction alike and no choice."""
+    what the search chooses (1: right); a is what the fixed components cost in the networks,
+    against what the table charges for them (their median over the nets). Both say where a
+    predicted FPS goes wrong, neither whether the search is steered wrong: its loss, β · log of
+    the chosen part, is blind to a common factor and to the fixed part."""
     x = [r["chosen_us"] for r in rows]
     charged = statistics.median(r["components_us"] for r in rows)
     out: dict[str, Any] = {"nets": len(rows), "table_components_us": charged,
@@ -372,6 +384,9 @@ def reanalyse(path: Path) -> None:
     table, and ``results.choice_fit`` from them; everything else in the file stays as timed."""
     doc = json.loads(path.read_text())
     cfg = doc["config"]
+    if "runtime" not in cfg or any("genotype" not in r for r in doc["eval"] + doc["calib"]):
+        raise SystemExit(f"{path}: its rows carry no genotype (written before 12-01), so their predictions "
+                         "cannot be split; re-run the benchmark instead")
     layout = NetworkLayout(num_classes=4)
     shapes = cell_shapes(layout, tuple(cfg["input_size"]), cfg["batch"], cfg["dtype"], runtime=cfg["runtime"])
     table = doc["tables"][cfg["primary_table"]]

@@ -505,3 +505,34 @@ def test_inductor_drops_a_cell_no_later_cell_reads() -> None:
         shapes = cell_shapes(TINY, (32, 48), runtime=runtime)  # type: ignore[arg-type]
         keys = {without_runtime(k.canonical) for k in derived_keys(g, shapes)}
         assert ({without_runtime(k.canonical) for k in cell0} <= keys) == kept, runtime
+
+
+def test_a_prediction_splits_into_what_alpha_chooses_and_the_fixed_components() -> None:
+    """``bench.prediction_accuracy`` tells a miss the search would follow (the price of α's
+    choices) from one it would not (the fixed components): the split adds up to the prediction,
+    the all-skip probe is a live network of skips only, and the fit recovers a known line."""
+    from bench.prediction_accuracy import all_skip, by_choice, choice_fit
+
+    shapes = cell_shapes(TINY, (32, 32), runtime="onnxruntime")
+    table = {k.canonical: 1.0 + k.h * k.w * k.c_in * k.c_out / 1e4 for k in shapes.all_keys()}
+    rows = []
+    for seed in range(6):
+        g = random_genotype(TINY, torch.Generator().manual_seed(seed))
+        split = by_choice(g, shapes, table)
+        assert split["chosen_us"] + split["components_us"] == pytest.approx(predict_latency_us(g, shapes, table))
+        fixed = [k for k in derived_keys(g, shapes) if k.op not in OPS]
+        assert split["components_us"] == pytest.approx(sum(
+            table[k.canonical] if k == shapes.call or in_graph(k) else table[k.canonical] - table[shapes.call.canonical]
+            for k in fixed))
+        # a host where the fixed components cost 500 µs and each chosen µs costs 0.8 µs
+        rows.append({**split, "measured_us": 500 + 0.8 * split["chosen_us"],
+                     "measured_median_us": 600 + 0.8 * split["chosen_us"]})
+    fit = choice_fit(rows)
+    assert fit["fastest_pass"]["slope"] == pytest.approx(0.8) and fit["median_pass"]["slope"] == pytest.approx(0.8)
+    assert fit["fastest_pass"]["intercept_us"] == pytest.approx(500) and fit["median_pass"]["intercept_us"] == pytest.approx(600)
+    charged = sorted(r["components_us"] for r in rows)
+    assert fit["table_components_us"] == pytest.approx((charged[2] + charged[3]) / 2)
+
+    skip = all_skip(TINY)
+    assert {op for cell in skip.cells for op in cell.edges} == {"skip_connect"}
+    assert not constant_output(skip, shapes)
