@@ -49,6 +49,7 @@ import json
 import math
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +59,7 @@ from scipy import stats
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
 from gas_core.genotype import Genotype, random_genotype  # noqa: E402
@@ -75,7 +77,7 @@ from gas_core.runtimes import in_graph  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
-from latency_service.testing import QUICK_TIMING, Server, start_server, stop_server, wait_job  # noqa: E402
+from latency_service.testing import QUICK_TIMING, Server, start_server, stop_server  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.runtime import ComputeConfig  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
@@ -142,12 +144,26 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
         r = c.post("/profile", json=body)
         if r.status_code != 202:
             raise RuntimeError(f"POST /profile: {r.status_code} {r.json().get('message')}")
-        job = wait_job(c, r.json()["id"], timeout=3 * 3600)
+        job = follow_job(c, r.json()["id"], f"profiling the {name} table")
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}", params={
             "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
     record = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}, record
+
+
+def follow_job(client: Any, job_id: str, desc: str, timeout_s: float = 3 * 3600) -> dict:
+    """Wait for a profiling job with a progress bar of its keys (polled at 2 Hz); its final record."""
+    deadline = time.monotonic() + timeout_s
+    with tqdm(desc=desc, unit="key") as bar:
+        while time.monotonic() < deadline:
+            job = client.get(f"/jobs/{job_id}").json()
+            bar.total, bar.n = job["total"], job["done"]
+            bar.refresh()
+            if job["state"] not in ("queued", "running"):
+                return job
+            time.sleep(0.5)
+    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
 
 
 def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
@@ -291,10 +307,13 @@ def measure_nets(args: argparse.Namespace, srv: Server, nets: dict[str, list[Gen
     between passes is the measurement's own noise."""
     passes: dict[str, list[list[float]]] = {s: [[] for _ in g] for s, g in nets.items()}
     drift: dict[str, list[list[float | None]]] = {s: [[] for _ in g] for s, g in nets.items()}
-    with srv.client(timeout=600) as c:
+    bar = tqdm(total=args.passes * sum(len(g) for g in nets.values()), desc=f"measuring under {args.runtime}",
+               unit="net")
+    with srv.client(timeout=600) as c, bar:
         for _ in range(args.passes):
             for split, genos in nets.items():
                 for i, g in enumerate(genos):
+                    bar.update()
                     m = c.post("/measure", json={"genotype": json.loads(g.to_json()), "input_size": list(args.size),
                                                  "dtype": args.dtype, "runtime": args.runtime})
                     if m.status_code != 200:
