@@ -400,7 +400,8 @@ def plot(path: Path, ev: list[dict], kinds: list[str], results: dict, title: str
 
 def reanalyse(path: Path) -> None:
     """Recompute ``by_choice`` for every row of a results file from its genotype and primary
-    table, and ``results.choice_fit`` from them; everything else in the file stays as timed."""
+    table, and ``results.choice_fit`` (and ``results.all_skip`` where the file has the probe)
+    from them; everything else in the file stays as timed."""
     doc = json.loads(path.read_text())
     cfg = doc["config"]
     if "runtime" not in cfg or any("genotype" not in r for r in doc["eval"] + doc["calib"]):
@@ -409,10 +410,12 @@ def reanalyse(path: Path) -> None:
     layout = NetworkLayout(num_classes=4)
     shapes = cell_shapes(layout, tuple(cfg["input_size"]), cfg["batch"], cfg["dtype"], runtime=cfg["runtime"])
     table = doc["tables"][cfg["primary_table"]]
-    for r in doc["eval"] + doc["calib"]:
+    for r in doc["eval"] + doc["calib"] + doc.get("probe", []):
         r.update(by_choice(Genotype.model_validate(r["genotype"]), shapes, table))
     doc["results"]["choice_fit"] = choice_fit(doc["eval"] + doc["calib"])
     print_choice_fit(doc["results"]["choice_fit"])
+    for r in doc.get("probe", []):
+        doc["results"]["all_skip"] = probe_fixed(r, doc["results"]["choice_fit"])
     path.write_text(json.dumps(doc, indent=2))
     print(f"rewrote {path}")
 

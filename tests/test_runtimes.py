@@ -508,9 +508,9 @@ def test_inductor_drops_a_cell_no_later_cell_reads() -> None:
 
 
 def test_a_prediction_splits_into_what_alpha_chooses_and_the_fixed_components() -> None:
-    """``bench.prediction_accuracy`` tells a miss the search would follow (the price of α's
-    choices) from one it would not (the fixed components): the split adds up to the prediction,
-    the all-skip probe is a live network of skips only, and the fit recovers a known line."""
+    """``bench.prediction_accuracy`` says where a predicted FPS misses, in the price of α's
+    choices or in the fixed components: the split adds up to the prediction, the all-skip probe
+    is a live network of skips only, and the fit recovers a known line."""
     from bench.prediction_accuracy import all_skip, by_choice, choice_fit
 
     shapes = cell_shapes(TINY, (32, 32), runtime="onnxruntime")
