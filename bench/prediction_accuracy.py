@@ -49,7 +49,6 @@ import json
 import math
 import statistics
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +61,8 @@ import torch  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
 from bench.common import RESULTS, write_result  # noqa: E402
-from gas_core.genotype import Genotype, random_genotype  # noqa: E402
-from gas_core.keys import RUNTIMES, Runtime  # noqa: E402
+from gas_core.genotype import Genotype, derive, random_genotype  # noqa: E402
+from gas_core.keys import RUNTIMES, LatencyKey, Runtime  # noqa: E402
 from gas_core.latency import (  # noqa: E402
     LatencyTerm,
     OverheadModel,
@@ -77,7 +76,7 @@ from gas_core.runtimes import in_graph  # noqa: E402
 from gas_core.search_space import NetworkLayout, NetworkShapes, cell_shapes  # noqa: E402
 from gas_core.table import kendall_tau  # noqa: E402
 from latency_service.profiler import cpu_caches, default_flush_bytes  # noqa: E402
-from latency_service.testing import QUICK_TIMING, Server, start_server, stop_server  # noqa: E402
+from latency_service.testing import QUICK_TIMING, Server, start_server, stop_server, wait_job  # noqa: E402
 from search_client.data import build_datasets  # noqa: E402
 from search_client.runtime import ComputeConfig  # noqa: E402
 from search_client.search import SearchConfig, search  # noqa: E402
@@ -85,6 +84,9 @@ from search_client.search import SearchConfig, search  # noqa: E402
 # op mixtures from cheap (none / pool / skip) to expensive (convs); order of gas_core.ops.PRIMITIVES
 CHEAP = torch.tensor([1.0, 1.0, 1.0, 0.0, 0.05, 0.05, 0.05, 0.05])
 DEAR = torch.tensor([0.0, 0.0, 0.02, 1.0, 1.0, 1.0, 1.0, 1.0])
+LAYOUT = NetworkLayout(num_classes=4)
+"""The layout every run times (the synthetic dataset's classes, so the searched net fits) and a
+reanalysis rebuilds its keys from."""
 SLOW_TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1",
                "GAS_E2E_SAMPLES": "60", "GAS_E2E_WARMUP_RUNS": "10", "GAS_CPU_THREADS": "0"}
 
@@ -117,9 +119,9 @@ def all_skip(layout: NetworkLayout) -> Genotype:
     factorized reduce at stride 2. Almost all of its time is the fixed components (stem,
     preprocesses, node sums, concats, head, classifier, resize), so measured against its
     prediction it says directly whether the table charges them right (:func:`probe_fixed`)."""
-    skip = torch.zeros(len(OPS))
-    skip[OPS.names().index("skip_connect")] = 1.0
-    return random_genotype(layout, torch.Generator().manual_seed(0), skip)
+    alpha = torch.zeros(layout.alpha_shape)
+    alpha[..., OPS.names().index("skip_connect")] = 1.0
+    return derive(alpha, layout)
 
 
 def summary(pred: list[float], meas: list[float]) -> dict:
@@ -144,26 +146,17 @@ def profile_table(layout: NetworkLayout, size: tuple[int, int], tmp: Path, name:
         r = c.post("/profile", json=body)
         if r.status_code != 202:
             raise RuntimeError(f"POST /profile: {r.status_code} {r.json().get('message')}")
-        job = follow_job(c, r.json()["id"], f"profiling the {name} table")
+        with tqdm(desc=f"profiling the {name} table", unit="key") as bar:
+            def progress(job: dict) -> None:
+                bar.total, bar.n = job["total"], job["done"]
+                bar.refresh()
+
+            job = wait_job(c, r.json()["id"], timeout=3 * 3600, poll_s=0.5, on_poll=progress)
         host = c.get("/device").json()
         table = c.get(f"/table/{host['device']['slug']}", params={
             "environment": host["environment"]["fingerprint"], "dtype": dtype, "runtime": runtime}).json()
     record = {k: job.get(k) for k in ("done", "flagged", "retimed", "started_at", "finished_at", "host_noise")}
     return srv, host, {e["key"]: e["median_us"] for e in table["entries"]}, record
-
-
-def follow_job(client: Any, job_id: str, desc: str, timeout_s: float = 3 * 3600) -> dict:
-    """Wait for a profiling job with a progress bar of its keys (polled at 2 Hz); its final record."""
-    deadline = time.monotonic() + timeout_s
-    with tqdm(desc=desc, unit="key") as bar:
-        while time.monotonic() < deadline:
-            job = client.get(f"/jobs/{job_id}").json()
-            bar.total, bar.n = job["total"], job["done"]
-            bar.refresh()
-            if job["state"] not in ("queued", "running"):
-                return job
-            time.sleep(0.5)
-    raise TimeoutError(f"job {job_id} still running after {timeout_s:.0f} s")
 
 
 def quick_search(layout: NetworkLayout, size: tuple[int, int], table: dict[str, float], out: Path,
@@ -228,11 +221,15 @@ def profile_tables(args: argparse.Namespace, layout: NetworkLayout, tmp: Path,
     return srv, host, tables, primary, jobs
 
 
+def key_costs(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> list[tuple[LatencyKey, float]]:
+    """Each key ``g``'s derived network runs, with what the table charges for it (µs)."""
+    return [(k, own_cost_us(k, table, shapes.call)) for k in derived_keys(g, shapes)]
+
+
 def by_timing(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> dict[str, float]:
     """The table's prediction of ``g`` split by how its keys were timed: inside a graph (in-graph
     keys), as their own graph (less the entry), and the graph entry itself; µs."""
-    keys = derived_keys(g, shapes)
-    costs = [(k, own_cost_us(k, table, shapes.call)) for k in keys]
+    costs = key_costs(g, shapes, table)
     return {"in_graph_us": math.fsum(c for k, c in costs if in_graph(k)),
             "own_graph_us": math.fsum(c for k, c in costs if not in_graph(k) and k != shapes.call),
             "entry_us": math.fsum(c for k, c in costs if k == shapes.call)}
@@ -244,7 +241,7 @@ def by_choice(g: Genotype, shapes: NetworkShapes, table: dict[str, float]) -> di
     network's fixed components (``components_us``: stem, preprocesses, node sums, concats, head,
     classifier, resize, the graph entry; they vary with the genotype only through dead code and
     a node's arity)."""
-    costs = [(k, own_cost_us(k, table, shapes.call)) for k in derived_keys(g, shapes)]
+    costs = key_costs(g, shapes, table)
     return {"chosen_us": math.fsum(c for k, c in costs if k.op in OPS),
             "components_us": math.fsum(c for k, c in costs if k.op not in OPS)}
 
@@ -407,7 +404,7 @@ def reanalyse(path: Path) -> None:
     if "runtime" not in cfg or any("genotype" not in r for r in doc["eval"] + doc["calib"]):
         raise SystemExit(f"{path}: its rows carry no genotype (written before 12-01), so their predictions "
                          "cannot be split; re-run the benchmark instead")
-    layout = NetworkLayout(num_classes=4)
+    layout = LAYOUT
     shapes = cell_shapes(layout, tuple(cfg["input_size"]), cfg["batch"], cfg["dtype"], runtime=cfg["runtime"])
     table = doc["tables"][cfg["primary_table"]]
     for r in doc["eval"] + doc["calib"] + doc.get("probe", []):
@@ -426,7 +423,7 @@ def main() -> None:
         reanalyse(args.reanalyse)
         return
     flush = {level: default_flush_bytes(torch.device(args.device), level) for level in args.flush}
-    layout = NetworkLayout(num_classes=4)  # the synthetic dataset's classes, so the searched net fits
+    layout = LAYOUT
     shapes = cell_shapes(layout, args.size, 1, args.dtype, runtime=args.runtime)
     with tempfile.TemporaryDirectory() as tmp_s:
         tmp = Path(tmp_s)

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -177,14 +177,19 @@ def stop_server(server: Server) -> None:
             server.proc.wait(5)
 
 
-def wait_job(client: httpx.Client, job_id: str, timeout: float = 120) -> dict:
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120, poll_s: float = 0.1,
+             on_poll: Callable[[dict], None] | None = None) -> dict:
+    """Poll ``GET /jobs/{id}`` every ``poll_s`` until the job ends; its final record. ``on_poll``
+    sees every record read (a progress bar)."""
     deadline = time.monotonic() + timeout
     job: dict = {}
     while time.monotonic() < deadline:
         job = client.get(f"/jobs/{job_id}").json()
+        if on_poll is not None:
+            on_poll(job)
         if job["state"] not in ("queued", "running"):
             return job
-        time.sleep(0.1)
+        time.sleep(poll_s)
     raise TimeoutError(f"job {job_id} still {job.get('state')} after {timeout}s")
 
 
