@@ -111,8 +111,9 @@ class JobPublic(Versioned):
             out.append(f"{self.flagged} key(s) stored flagged (unstable): predictions using them are unreliable; "
                        "re-profile on a quiet host with force=true")
         if self.host_noise is not None and self.host_noise.exceeded:
-            out.append(f"the host's reference workload drifted {self.host_noise.drift_pct:.0f} % during the job "
-                       f"(threshold {self.host_noise.threshold_pct:.0f} %): the host was not steady")
+            out.append(f"the host's reference workload drifted up to {self.host_noise.drift_pct:.0f} % during the "
+                       f"job, beyond the threshold ({self.host_noise.threshold_pct:.0f} %) and its own wander "
+                       f"({self.host_noise.min_z:g}× the job's wander): the host was not steady")
         return out
 
 

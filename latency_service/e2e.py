@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -13,11 +12,12 @@ from gas_core.genotype import Genotype
 from gas_core.keys import MAX_US
 from gas_core.latency import MissingLatencyKeys, predict_latency_us
 from gas_core.network import GASNet
-from gas_core.quality import HostNoise, agreement, median_se, predict_with_uncertainty
+from gas_core.quality import ReferencePoint, agreement, median_se, predict_with_uncertainty
 from gas_core.search_space import cell_shapes
 from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service import crud
 from latency_service.host import HostSpec
+from latency_service.models import utcnow
 from latency_service.profiler import Method, time_network, time_reference
 
 
@@ -47,17 +47,23 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
     except MissingLatencyKeys as err:
         predicted, missing = None, [k.canonical for k in err.missing]
     # the reference right before the network: how the host runs now against while the table was timed
-    reference_us = time_reference(spec.torch_device).median_us if predicted is not None and noise else None
+    now = (ReferencePoint.from_bursts(done=0, at=utcnow(),
+                                      burst_medians_us=[b.median_us for b in time_reference(spec.torch_device)])
+           if predicted is not None and noise else None)
     timing = time_network(net, req.input_size, req.batch, req.dtype, req.memory_format, spec.torch_device, method,
                           req.runtime)
     summ = timing.summary()
     median = float(summ["median_us"])
     agree = None
+    if noise is not None:  # judged by this service's settings, not those the job was stored with
+        noise = noise.model_copy(update={"threshold_pct": st.reference_drift_pct, "min_z": st.reference_drift_z})
+    shift = None if noise is None or now is None else noise.shift_from_job(now)
     if predicted is not None:
         agree = agreement(
             predict_with_uncertainty(genotype, shapes, rows), median, median_se(timing.samples_us),
             measured_spread=(float(summ["p90_us"]) - float(summ["p10_us"])) / median if median > 0 else None,
-            host_drift_pct=_drift_pct(noise, reference_us), drift_threshold_pct=st.reference_drift_pct,
+            host_drift_pct=None if shift is None else shift.pct,
+            host_drift_beyond=shift is not None and noise is not None and noise.beyond(shift),
         )
     with sessions() as s:
         crud.add_e2e(
@@ -78,11 +84,3 @@ def measure(spec: HostSpec, sessions: sessionmaker[Session], req: MeasureRequest
         predicted_ms=None if predicted is None else predicted / 1e3, missing_keys=missing,
         error_pct=None if predicted is None else (predicted - median) / median * 100, agreement=agree,
     )
-
-
-def _drift_pct(noise: HostNoise | None, reference_now_us: float | None) -> float | None:
-    """The reference workload now against its median over the job that timed the table, %."""
-    if noise is None or not noise.points or reference_now_us is None:
-        return None
-    then = statistics.median(p.median_us for p in noise.points)
-    return (reference_now_us / then - 1) * 100 if then > 0 else None

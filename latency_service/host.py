@@ -81,7 +81,8 @@ class HostSpec:
         )
         trust = Trust(policy=settings.quality_policy(), retime_max=settings.retime_max,
                       retime_pause_s=settings.retime_pause_s, reference_every_s=settings.reference_every_s,
-                      reference_drift_pct=settings.reference_drift_pct)
+                      reference_drift_pct=settings.reference_drift_pct,
+                      reference_drift_z=settings.reference_drift_z)
         return cls(settings, tdev, ident, env, device_id, env_id, method, trust)
 
     def device_worker(self, sessions: sessionmaker[Session]) -> DeviceWorker:

@@ -59,7 +59,8 @@ class DeviceRunner(Protocol):
 
 
 KeyTimer = Callable[[LatencyKey, torch.device, Method], Timing]
-ReferenceTimer = Callable[[torch.device], Timing]
+ReferenceTimer = Callable[[torch.device], list[Timing]]
+"""One reference point: its bursts (:func:`latency_service.profiler.time_reference`)."""
 
 
 @dataclass(frozen=True)
@@ -72,6 +73,7 @@ class Trust:
     retime_pause_s: float = 1.0
     reference_every_s: float = 30.0
     reference_drift_pct: float = 10.0
+    reference_drift_z: float = 6.0
 
 
 class DeviceWorker:
@@ -309,25 +311,31 @@ class DeviceWorker:
         return best[0], best[1].model_copy(update={"attempts": attempt})
 
     def _reference_point(self, s: Session, job: Job) -> bool:
-        """Time the reference workload and record it with the job. When it has moved beyond the
-        threshold since the job's first point, flag the keys timed since the previous point: the
-        host itself ran differently while they were timed. False if the job is no longer ours."""
-        summ = self.reference(self.device).summary()
-        point = ReferencePoint(done=job.done, at=utcnow(), median_us=float(summ["median_us"]),
-                               p10_us=float(summ["p10_us"]), p90_us=float(summ["p90_us"]))
+        """Time the reference workload and record it with the job. When it has moved from the job's
+        first point, beyond the threshold and the host's wander (:class:`HostNoise`), flag the keys
+        timed since the previous point: the host itself ran differently while they were timed.
+        False if the job is no longer ours."""
+        point = ReferencePoint.from_bursts(done=job.done, at=utcnow(),
+                                           burst_medians_us=[b.median_us for b in self.reference(self.device)])
         noise = (HostNoise.model_validate(job.host_noise) if job.host_noise else
-                 HostNoise(reference=REFERENCE_KEY.canonical, threshold_pct=self.trust.reference_drift_pct))
-        moved = noise.moved(point)
+                 HostNoise(reference=REFERENCE_KEY.canonical, threshold_pct=self.trust.reference_drift_pct,
+                           min_z=self.trust.reference_drift_z))
+        shift = noise.shift(point)
         noise.points.append(point)
         stretch = self._stretch.pop(job.id, [])
         self._last_ref[job.id] = self.clock()
         newly = 0
-        if moved is not None and abs(moved) > noise.threshold_pct and stretch:
-            reason = f"timed while the host's reference workload moved {moved:+.0f} % (threshold {noise.threshold_pct:.0f} %)"
+        if shift is not None and noise.beyond(shift) and stretch:
+            z = "" if shift.z is None else f", {abs(shift.z):.1f}× the job's wander"
+            reason = (f"timed while the host's reference workload moved {shift.pct:+.0f} % "
+                      f"(threshold {noise.threshold_pct:.0f} %{z})")
             newly = crud.flag_rows(s, device_id=job.device_id, environment_id=job.environment_id, hashes=stretch,
                                    reason=reason)
             log.warning("job %s: host reference moved %+.1f %% after %d keys; flagged %d key(s) timed meanwhile",
-                        job.id, moved, job.done, len(stretch))
+                        job.id, shift.pct, job.done, len(stretch))
+        elif shift is not None and abs(shift.pct) > noise.threshold_pct:
+            log.info("job %s: host reference moved %+.1f %% after %d keys, within the host's wander (%.1f×): "
+                     "nothing flagged", job.id, shift.pct, job.done, abs(shift.z or 0.0))
         if not job_state.record_reference(s, job=job, owner=self.owner, noise=noise, newly_flagged=newly):
             return False
         if newly:

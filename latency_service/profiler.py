@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Final, Literal
 
 import torch
 from torch import nn
@@ -338,16 +338,30 @@ REFERENCE_KEY = LatencyKey(op="conv_3x3", c_in=32, c_out=32, h=64, w=128, stride
                            dtype="float32", memory_format="contiguous")
 """The host's reference workload: one fixed conv (≈ 75 MFLOP, a few ms on a 2-core CPU), timed
 the same way on every host and at every point of a job, so its drift is the host's own."""
-REFERENCE_METHOD = Method(warmup_runs=3, warmup_ms=200.0, samples=10, min_sample_ms=1.0)
-"""Short: it runs at the start of a job, every ``GAS_REFERENCE_EVERY_S`` and at the end, and
-before every ``/measure`` (about 0.3–0.5 s). The 200 ms warm-up is there for an idle GPU: on an
-H200 with 20 ms the first point of a job was timed before the clocks had risen (50.9 µs, against
-44.5 µs at the job's end), and every key of the job was flagged for a drift the host never had."""
+REFERENCE_METHOD = Method(warmup_runs=3, warmup_ms=200.0, samples=3, min_sample_ms=1.0)
+"""The first burst of a point. The 200 ms warm-up is there for an idle GPU: on an H200 with
+20 ms the first point of a job was timed before the clocks had risen (50.9 µs, against 44.5 µs
+at the job's end), and every key of the job was flagged for a drift the host never had."""
+REFERENCE_BURST_METHOD = Method(warmup_runs=2, warmup_ms=20.0, samples=3, min_sample_ms=1.0)
+"""Every later burst of a point (a short warm-up: the gap before it may let a GPU's clocks dip)."""
+REFERENCE_BURSTS: Final = 8
+REFERENCE_GAP_S: Final = 0.1
+"""A point is :data:`REFERENCE_BURSTS` bursts this far apart, about a second in all. On a 2-core
+Xeon VM one contiguous burst's median ranged 0.9–3.4 ms within a minute of an idle host; spread
+over a second, the point's median varies about half as much and its bursts say how much it
+still does (``ReferencePoint.se_us``; ``bench/reference_drift.py``). The service times a point
+at a job's start, every ``GAS_REFERENCE_EVERY_S`` and at its end, and before every ``/measure``."""
 
 
-def time_reference(device: torch.device) -> Timing:
-    """Time :data:`REFERENCE_KEY` in isolation with :data:`REFERENCE_METHOD`."""
-    return time_key(REFERENCE_KEY, device, REFERENCE_METHOD)
+def time_reference(device: torch.device, sleep: Callable[[float], None] = time.sleep) -> list[Timing]:
+    """Time :data:`REFERENCE_KEY` in isolation: one point, as its bursts in time order."""
+    case = prepare_key(REFERENCE_KEY, device)
+    bursts = []
+    for i in range(REFERENCE_BURSTS):
+        if i:
+            sleep(REFERENCE_GAP_S)
+        bursts.append(time_case(REFERENCE_KEY, case, device, REFERENCE_BURST_METHOD if i else REFERENCE_METHOD))
+    return bursts
 
 
 def time_network(

@@ -48,7 +48,7 @@ def test_an_op_that_raises_or_runs_out_of_memory_fails_its_key_and_the_job_goes_
             raise ValueError("unsupported on this device")
         return Timing(samples_us=STEADY, iters_per_sample=1, timer="fake", timed_ns=0)
 
-    rig = worker_rig(db_url, keys, trust=Trust(), timer=timer, reference=lambda d: Timing([1.0, 1.0, 1.0], 1, "fake", 0))
+    rig = worker_rig(db_url, keys, trust=Trust(), timer=timer, reference=lambda d: [Timing([1.0, 1.0, 1.0], 1, "fake", 0)])
     s, job, engine = rig.session, rig.job, rig.engine
     with s:
         rig.worker._job_step()

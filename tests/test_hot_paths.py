@@ -141,7 +141,7 @@ def test_the_worker_names_each_stored_key_and_reports_the_end_of_its_job(tmp_pat
         return Timing(samples_us=[10.0, 10.1, 10.2, 9.9, 10.0], iters_per_sample=1, timer="fake", timed_ns=0)
 
     rig = worker_rig(f"sqlite:///{tmp_path / 'w.db'}", keys, trust=Trust(), timer=timer,
-                     reference=lambda d: Timing([1.0, 1.0, 1.0], 1, "fake", 0))
+                     reference=lambda d: [Timing([1.0, 1.0, 1.0], 1, "fake", 0)])
     written: list[LatencyKey | None] = []
     ended: list[bool] = []
     rig.worker.on_write = written.append

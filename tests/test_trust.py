@@ -102,7 +102,7 @@ def test_agreement_says_in_words_when_not_to_trust_an_error() -> None:
     assert quiet.noise_pct == pytest.approx(2 * (100**2 + 150**2) ** 0.5 / 10_300 * 100)
     # issue 12's +1310 %: a table with flagged rows, a noisy host: never a bare finding
     wild = agreement(Prediction(predicted_us=141_000, se_us=30_000, flagged_keys=["a", "b", "c"]), 10_000, 100,
-                     measured_spread=0.8, host_drift_pct=35.0)
+                     measured_spread=0.8, host_drift_pct=35.0, host_drift_beyond=True)
     assert not wild.within_noise and wild.flagged_keys == 3
     text_ = " ".join(wild.warnings)
     assert "3 flagged row(s)" in text_ and "35 % slower" in text_ and "measurement itself was noisy" in text_
@@ -113,19 +113,66 @@ def test_agreement_says_in_words_when_not_to_trust_an_error() -> None:
                     agreement=wild)
     out = format_report(report)
     assert "141.000 ± 60.000 ms" in out and "beyond the timing noise" in out and out.count("WARNING:") == 4
+    # the same 35 % within the host's own wander is reported, not warned about
+    calm = agreement(Prediction(predicted_us=10_000, se_us=100), 10_300, 150, host_drift_pct=35.0)
+    assert calm.host_drift_pct == 35.0 and calm.warnings == []
 
 
 def test_host_noise_drift_and_spread() -> None:
+    """Points stored without an SE are judged by the threshold alone (as before bursts)."""
     now = datetime.now(UTC)
     n = HostNoise(reference="k", threshold_pct=10, points=[
         ReferencePoint(done=0, at=now, median_us=1000, p10_us=950, p90_us=1050),
         ReferencePoint(done=5, at=now, median_us=1080, p10_us=1000, p90_us=1200)])
     assert n.drift_pct == pytest.approx(8.0) and not n.exceeded and n.spread_pct == pytest.approx(14.26, abs=0.01)
     p = ReferencePoint(done=9, at=now, median_us=1200, p10_us=1100, p90_us=1300)
-    assert n.moved(p) == pytest.approx(20.0)
+    shift = n.shift(p)
+    assert shift is not None and shift.pct == pytest.approx(20.0) and shift.z is None and n.beyond(shift)
     n.points.append(p)
     assert n.exceeded
     assert HostNoise.model_validate(json.loads(n.model_dump_json())).drift_pct == pytest.approx(20.0)
+
+
+def test_a_move_within_the_hosts_wander_is_not_drift() -> None:
+    """A point is summarised by its bursts: median, p10/p90 and the median's SE. On a job whose
+    points' bursts wander ±30 %, a +25 % point is within the wander (z < 6) and flags nothing; a
+    +200 % point (a process that started competing) is drift. On a steady host +12 % is far
+    beyond its wander, and the threshold decides."""
+    now = datetime.now(UTC)
+    wandering = [700.0, 1000.0, 1300.0, 900.0, 1100.0, 1000.0, 800.0, 1200.0]
+    first = ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=wandering)
+    assert first.median_us == 1000.0 and first.p10_us == pytest.approx(770.0) and first.p90_us == pytest.approx(1230.0)
+    assert first.se_us == pytest.approx(1.2533 * 1.4826 * 150.0 / 8**0.5)
+    n = HostNoise(reference="k", threshold_pct=10, points=[first])
+    later = ReferencePoint.from_bursts(done=3, at=now, burst_medians_us=[x * 1.25 for x in wandering])
+    shift = n.shift(later)
+    assert shift is not None and shift.pct == pytest.approx(25.0) and 0 < shift.z < 6
+    assert not n.beyond(shift)
+    n.points.append(later)
+    assert not n.exceeded and n.drift_pct == pytest.approx(25.0)
+    hog = ReferencePoint.from_bursts(done=6, at=now, burst_medians_us=[x * 3 for x in wandering])
+    shift = n.shift(hog)
+    assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
+    # a competing process also makes the point itself noisy: judged by the job's wander, not by
+    # that point's own SE, it is still caught
+    wild = ReferencePoint.from_bursts(done=6, at=now, burst_medians_us=[1000, 3000, 5000, 2000, 6000, 3500, 4000, 1500])
+    assert wild.se_us is not None and wild.se_us / wild.median_us > 0.3
+    shift = n.shift(wild)
+    assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
+    n.points.append(hog)
+    assert n.exceeded
+    # min_z = 0: the threshold alone, as before
+    assert HostNoise(reference="k", threshold_pct=10, min_z=0, points=[first, later]).exceeded
+    steady = [1000.0, 1005.0, 995.0, 1002.0, 998.0, 1001.0, 999.0, 1003.0]
+    s0 = ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=steady)
+    s1 = ReferencePoint.from_bursts(done=3, at=now, burst_medians_us=[x * 1.12 for x in steady])
+    calm = HostNoise(reference="k", threshold_pct=10, points=[s0])
+    shift = calm.shift(s1)
+    assert shift is not None and shift.z is not None and shift.z > 6 and calm.beyond(shift)
+    # against the whole job (a /measure's point): the median of its points, the wander of all
+    job = HostNoise(reference="k", threshold_pct=10, points=[first, later, hog])
+    vs_job = job.shift_from_job(ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=wandering))
+    assert vs_job is not None and vs_job.pct == pytest.approx(-20.0) and not job.beyond(vs_job)
 
 
 # ---------------------------------------------------------------- the worker with a noisy timer
@@ -146,9 +193,9 @@ def test_worker_retimes_flags_and_reports(db_url: str) -> None:
 
     ref_medians = iter([1000.0, 1000.0, 1400.0, 1400.0])
 
-    def reference(dev: torch.device) -> Timing:
+    def reference(dev: torch.device) -> list[Timing]:
         m = next(ref_medians)
-        return _timing([m * 0.98, m, m * 1.02])
+        return [_timing([b, b, b]) for b in (m * 0.98, m, m * 1.02)]
 
     tick = itertools.count()
     rig = worker_rig(db_url, keys, trust=Trust(retime_max=2, retime_pause_s=0, reference_every_s=2,
@@ -172,7 +219,7 @@ def test_worker_retimes_flags_and_reports(db_url: str) -> None:
         for k in keys[2:]:
             assert rows[k.canonical].flagged
             assert rows[k.canonical].quality.reasons == [  # type: ignore[union-attr]
-                "timed while the host's reference workload moved +40 % (threshold 10 %)"]
+                "timed while the host's reference workload moved +40 % (threshold 10 %, 13.2× the job's wander)"]
         public = job_public(job, dev.slug, env.fingerprint)
         noise = public.host_noise
         assert noise is not None and [p.done for p in noise.points] == [0, 2, 4, 4]

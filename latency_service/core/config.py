@@ -78,6 +78,10 @@ class Settings(BaseSettings):
                                      "reference workload during a job (also timed at its start and end)")
     reference_drift_pct: float = Field(default=10.0, gt=0, description="drift of the reference workload beyond "
                                        "which the keys timed meanwhile are flagged")
+    reference_drift_z: float = Field(default=6.0, ge=0, description="...and beyond this many times the job's "
+                                     "point-to-point wander of the reference (from its bursts' spread), so a host's "
+                                     "own second-to-second wander does not flag every key (0 = the percentage "
+                                     "threshold alone)")
 
     # end-to-end measurement
     e2e_warmup_runs: int = Field(default=5, ge=1)
