@@ -161,8 +161,9 @@ class HostNoise(BaseModel):
     ~1 % and the threshold decides; on a shared VM whose reference moves ±12 % (median) between
     points seconds apart with nothing else running, only a move beyond that (a process that starts
     competing, a clock that drops) flags keys. The SE is pooled over the job's points because one
-    point's 8 bursts estimate it too roughly: a z against the two points' own SEs caught half as
-    many moves of a competing process at the same false-alarm rate (``bench/reference_drift.py``).
+    point's 8 bursts estimate it roughly, and a competing process makes the point it slows noisy
+    too: judged against the two points' own SEs, 53 % of (before, during) pairs were caught where
+    the pooled wander caught 72 % (both at 6; ``bench/reference_drift.py``, docs/timing.md).
     ``drift_pct`` and ``spread_pct`` describe; ``exceeded`` judges.
     (No ``extra="forbid"``: it is stored and read back with its computed fields.)"""
 
