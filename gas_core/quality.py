@@ -196,6 +196,13 @@ class HostNoise(BaseModel):
         return any(self.beyond(s) for i in range(1, len(self.points))
                    if (s := self._shift(self.points[i], self.points[:i])) is not None)
 
+    def describe(self) -> str:
+        """One phrase for a log line: the largest drift, whether it counted, and the spread."""
+        if self.drift_pct is None:
+            return "n/a"
+        verdict = "beyond" if self.exceeded else "within"
+        return f"{self.drift_pct:.1f} %, {verdict} the host's wander (spread {self.spread_pct or 0:.0f} %)"
+
     def shift(self, point: ReferencePoint) -> Shift | None:
         """``point`` (the job's next) against the job's first point; None before the first."""
         return self._shift(point, self.points)

@@ -112,8 +112,8 @@ class JobPublic(Versioned):
                        "re-profile on a quiet host with force=true")
         if self.host_noise is not None and self.host_noise.exceeded:
             out.append(f"the host's reference workload drifted up to {self.host_noise.drift_pct:.0f} % during the "
-                       f"job, beyond the threshold ({self.host_noise.threshold_pct:.0f} %) and its own wander "
-                       f"({self.host_noise.min_z:g}× the job's wander): the host was not steady")
+                       f"job, beyond the threshold ({self.host_noise.threshold_pct:.0f} %) and "
+                       f"{self.host_noise.min_z:g}× the host's own wander: the host was not steady")
         return out
 
 

@@ -284,8 +284,7 @@ class DeviceWorker:
         noise = HostNoise.model_validate(job.host_noise) if job.host_noise else None
         log.info("job %s %s: %d timed, %d skipped, %d errors, %d flagged, %d re-timed; host reference drift %s",
                  job.id, job.state, job.total - job.skipped - len(job.errors), job.skipped, len(job.errors),
-                 job.flagged, job.retimed, "n/a" if noise is None or noise.drift_pct is None
-                 else f"{noise.drift_pct:.1f} % (spread {noise.spread_pct:.0f} %)")
+                 job.flagged, job.retimed, "n/a" if noise is None else noise.describe())
         return True
 
     def _time_checked(self, key: LatencyKey) -> tuple[Timing, RowQuality]:

@@ -76,8 +76,7 @@ def fetch_latency_term(
             done = client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
         noise = done.host_noise
         log.info("profiled %d keys: %d re-timed, %d flagged; host reference drift %s", done.total, done.retimed,
-                 done.flagged, "n/a" if noise is None or noise.drift_pct is None
-                 else f"{noise.drift_pct:.1f} % (spread {noise.spread_pct:.0f} %)")
+                 done.flagged, "n/a" if noise is None else noise.describe())
         for w in done.warnings:
             log.warning("profiling: %s", w)
         table = lookup()

@@ -150,6 +150,7 @@ def test_a_move_within_the_hosts_wander_is_not_drift() -> None:
     assert not n.beyond(shift)
     n.points.append(later)
     assert not n.exceeded and n.drift_pct == pytest.approx(25.0)
+    assert n.describe().startswith("25.0 %, within the host's wander")
     hog = ReferencePoint.from_bursts(done=6, at=now, burst_medians_us=[x * 3 for x in wandering])
     shift = n.shift(hog)
     assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
@@ -160,7 +161,7 @@ def test_a_move_within_the_hosts_wander_is_not_drift() -> None:
     shift = n.shift(wild)
     assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
     n.points.append(hog)
-    assert n.exceeded
+    assert n.exceeded and n.describe().startswith("200.0 %, beyond the host's wander")
     # min_z = 0: the threshold alone, as before
     assert HostNoise(reference="k", threshold_pct=10, min_z=0, points=[first, later]).exceeded
     steady = [1000.0, 1005.0, 995.0, 1002.0, 998.0, 1001.0, 999.0, 1003.0]
