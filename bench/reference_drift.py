@@ -6,18 +6,19 @@ the figures"). On a shared 2-core VM the flag fired on 9 of 10 table jobs, becau
 contiguous burst of the reference is one draw of a host that wanders ±20–60 % second to second.
 This benchmark records that wander and judges three rules on it:
 
-* ``contiguous``: one burst (3 warm-up runs over 200 ms, then 10 samples), the threshold alone:
-  the service's rule before points had bursts;
+* ``before``: one contiguous burst (3 warm-up runs over 200 ms, then 10 samples) against the
+  job's first point, the threshold alone: the service's rule before points had bursts;
 * ``bursts``: the service's point now (:func:`latency_service.profiler.time_reference`, 8 bursts
-  100 ms apart, summarised by the bursts' medians), the threshold alone;
-* ``bursts+z``: the same points, beyond the threshold *and* ``--min-z`` standard errors of the
-  difference (:class:`gas_core.quality.HostNoise`, the service's rule now).
+  100 ms apart, summarised by the bursts' medians) against the median of the points before it,
+  the threshold alone;
+* ``bursts+z``: the same, beyond the threshold *and* ``--min-z`` times the job's wander
+  (:class:`gas_core.quality.HostNoise`, the service's rule now).
 
 Each point takes both timings, back to back. With ``--hog START END`` a competing process (one
 torch thread multiplying matrices) runs in that window of seconds: a real change of the host.
-Every run of ``--job-points`` consecutive points is judged as a job's points would be (each
-against the first). Reported: the share of hog-free runs with any point flagged (false alarms,
-per run and per point) and, over runs that start before the hog, the share of points inside it
+Every run of ``--job-points`` consecutive points is judged as a job's points would be.
+Reported: the share of hog-free runs with any point flagged (false alarms, per run and per
+point) and, over runs that start before the hog, the share of points inside it
 that are flagged (detection; also over every pair of a hog-free first point before the hog and
 a point inside it). Every point's raw bursts are kept in the JSON; ``--reanalyse JSON`` judges
 a stored record again (other ``--min-z``, ``--threshold-pct``, ``--job-points``) without timing.
@@ -95,9 +96,12 @@ def as_points(raw: list[dict], kind: str) -> list[ReferencePoint]:
             for i, p in enumerate(raw)]
 
 
-def as_job(points: list[ReferencePoint], threshold_pct: float, min_z: float) -> list[bool]:
-    """Whether each point after the first is flagged, as the service judges a job's points: each
-    against the first, with the wander of the points so far."""
+def as_job(points: list[ReferencePoint], threshold_pct: float, min_z: float | None) -> list[bool]:
+    """Whether each point after the first is flagged, as the service judges a job's points
+    (:class:`HostNoise`); ``min_z`` None: the rule before, each against the first point by the
+    threshold alone."""
+    if min_z is None:
+        return [abs(p.median_us / points[0].median_us - 1) * 100 > threshold_pct for p in points[1:]]
     noise = HostNoise(reference="bench", threshold_pct=threshold_pct, min_z=min_z, points=points[:1])
     flags = []
     for p in points[1:]:
@@ -107,7 +111,7 @@ def as_job(points: list[ReferencePoint], threshold_pct: float, min_z: float) -> 
     return flags
 
 
-def judge(raw: list[dict], points: list[ReferencePoint], *, threshold_pct: float, min_z: float,
+def judge(raw: list[dict], points: list[ReferencePoint], *, threshold_pct: float, min_z: float | None,
           job_points: int) -> dict:
     """Slide a job of ``job_points`` points over the record; count flags as the service would."""
     false_runs = false_points = quiet_runs = quiet_points = caught = hog_points = 0
@@ -150,12 +154,11 @@ def describe(raw: list[dict], points: list[ReferencePoint], job_points: int) -> 
 
 
 def plot(raw: list[dict], rules: dict[str, list[ReferencePoint]], path: Path) -> None:
+    """Each kind of point's median over time (log scale), the bursts' p10–p90, the hog shaded."""
     fig, ax = plt.subplots(figsize=(9, 4))
     t = [p["t_s"] for p in raw]
     for name, pts in rules.items():
-        if name == "bursts+z":
-            continue
-        ax.plot(t, [p.median_us / 1e3 for p in pts], marker=".", label=f"{name} point median")
+        ax.plot(t, [p.median_us / 1e3 for p in pts], marker=".", label=f"{name}: point median")
     b = rules["bursts"]
     ax.fill_between(t, [p.p10_us / 1e3 for p in b], [p.p90_us / 1e3 for p in b], alpha=0.2, label="bursts p10–p90")
     hog_t = [p["t_s"] for p in raw if p["hog"]]
@@ -200,11 +203,12 @@ def main(argv: list[str] | None = None) -> None:
     else:
         torch.set_num_threads(a.threads)
         raw = record(a.seconds, tuple(a.hog) if a.hog else None, a.pause)
-    rules = {"contiguous": as_points(raw, "contiguous"), "bursts": as_points(raw, "bursts")}
-    rules["bursts+z"] = rules["bursts"]
-    results = {name: judge(raw, pts, threshold_pct=a.threshold_pct, min_z=a.min_z if name == "bursts+z" else 0.0,
-                           job_points=a.job_points) for name, pts in rules.items()}
-    moves = describe(raw, rules["bursts"], a.job_points)
+    bursts = as_points(raw, "bursts")
+    rules: dict[str, tuple[list[ReferencePoint], float | None]] = {
+        "before": (as_points(raw, "contiguous"), None), "bursts": (bursts, 0.0), "bursts+z": (bursts, a.min_z)}
+    results = {name: judge(raw, pts, threshold_pct=a.threshold_pct, min_z=z, job_points=a.job_points)
+               for name, (pts, z) in rules.items()}
+    moves = describe(raw, bursts, a.job_points)
     q = moves["quiet_move_pct"]
     print(f"the reference by itself moved {q['median']:.0f} % (median; p95 {q['p95']:.0f} %, max {q['max']:.0f} %) "
           f"between points ≤ {a.job_points - 1} apart; a point's relative SE {moves['point_rel_se_pct_median']:.1f} %"
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> None:
                  f"{r['caught_pairs_pct']:.0f} % of {r['caught_pairs']} (before, inside) pairs"))
     write_result("reference_drift", {"args": {k: v for k, v in vars(a).items() if k not in ("out", "reanalyse")},
                                      "results": results, "moves": moves, "points": raw}, a.out)
-    plot(raw, rules, a.out.with_suffix(".png"))
+    plot(raw, {"one contiguous burst": rules["before"][0], "bursts": bursts}, a.out.with_suffix(".png"))
 
 
 if __name__ == "__main__":
