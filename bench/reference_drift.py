@@ -9,8 +9,8 @@ This benchmark records that wander and judges three rules on it:
 * ``before``: one contiguous burst (3 warm-up runs over 200 ms, then 10 samples) against the
   job's first point, the threshold alone: the service's rule before points had bursts;
 * ``bursts``: the service's point now (:func:`latency_service.profiler.time_reference`, 8 bursts
-  100 ms apart, summarised by the bursts' medians) against the median of the points before it,
-  the threshold alone;
+  100 ms apart, summarised by the bursts' medians) against the median of the job's points
+  (judged at its end), the threshold alone;
 * ``bursts+z``: the same, beyond the threshold *and* ``--min-z`` times the job's wander
   (:class:`gas_core.quality.HostNoise`, the service's rule now).
 
@@ -18,8 +18,8 @@ Each point takes both timings, back to back. With ``--hog START END`` a competin
 torch thread multiplying matrices) runs in that window of seconds: a real change of the host.
 Every run of ``--job-points`` consecutive points is judged as a job's points would be.
 Reported: the share of hog-free runs with any point flagged (false alarms, per run and per
-point) and, over runs that start before the hog, the share of points inside it
-that are flagged (detection; also over every pair of a hog-free first point before the hog and
+point) and, over runs that start before the hog and reach into it, the share flagged and the
+share of points inside it that are flagged (detection; also over every pair of a hog-free first point before the hog and
 a point inside it). Every point's raw bursts are kept in the JSON; ``--reanalyse JSON`` judges
 a stored record again (other ``--min-z``, ``--threshold-pct``, ``--job-points``) without timing.
 
@@ -97,24 +97,19 @@ def as_points(raw: list[dict], kind: str) -> list[ReferencePoint]:
 
 
 def as_job(points: list[ReferencePoint], threshold_pct: float, min_z: float | None) -> list[bool]:
-    """Whether each point after the first is flagged, as the service judges a job's points
-    (:class:`HostNoise`); ``min_z`` None: the rule before, each against the first point by the
-    threshold alone."""
+    """Whether each point after the first is flagged, as the service judges a job's points at its
+    end (:meth:`HostNoise.shifts`); ``min_z`` None: the rule before, each against the first point
+    by the threshold alone."""
     if min_z is None:
         return [abs(p.median_us / points[0].median_us - 1) * 100 > threshold_pct for p in points[1:]]
-    noise = HostNoise(reference="bench", threshold_pct=threshold_pct, min_z=min_z, points=points[:1])
-    flags = []
-    for p in points[1:]:
-        s = noise.shift(p)
-        flags.append(s is not None and noise.beyond(s))
-        noise.points.append(p)
-    return flags
+    noise = HostNoise(reference="bench", threshold_pct=threshold_pct, min_z=min_z, points=points)
+    return [noise.beyond(sh) for sh in noise.shifts()]
 
 
 def judge(raw: list[dict], points: list[ReferencePoint], *, threshold_pct: float, min_z: float | None,
           job_points: int) -> dict:
     """Slide a job of ``job_points`` points over the record; count flags as the service would."""
-    false_runs = false_points = quiet_runs = quiet_points = caught = hog_points = 0
+    false_runs = false_points = quiet_runs = quiet_points = caught = hog_points = hog_runs = hog_runs_flagged = 0
     for i in range(len(points) - job_points + 1):
         if raw[i]["hog"]:
             continue
@@ -123,6 +118,9 @@ def judge(raw: list[dict], points: list[ReferencePoint], *, threshold_pct: float
         if not any(hogged):
             quiet_runs += 1
             false_runs += any(flags)
+        else:
+            hog_runs += 1
+            hog_runs_flagged += any(flags)
         quiet_points += sum(not h for h in hogged)
         false_points += sum(f and not h for f, h in zip(flags, hogged, strict=True))
         hog_points += sum(hogged)
@@ -134,7 +132,8 @@ def judge(raw: list[dict], points: list[ReferencePoint], *, threshold_pct: float
     return {"caught_pairs": len(pairs), "caught_pairs_pct": 100 * beyond / len(pairs) if pairs else None,
             "quiet_runs": quiet_runs, "false_alarm_runs_pct": 100 * false_runs / quiet_runs if quiet_runs else None,
             "false_alarm_points_pct": 100 * false_points / quiet_points if quiet_points else None,
-            "hog_points": hog_points, "caught_pct": 100 * caught / hog_points if hog_points else None}
+            "hog_points": hog_points, "caught_pct": 100 * caught / hog_points if hog_points else None,
+            "hog_runs": hog_runs, "hog_runs_flagged_pct": 100 * hog_runs_flagged / hog_runs if hog_runs else None}
 
 
 def describe(raw: list[dict], points: list[ReferencePoint], job_points: int) -> dict:
@@ -217,7 +216,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, r in results.items():
         print(f"{name:11s} false alarms: {r['false_alarm_runs_pct']:.0f} % of {r['quiet_runs']} hog-free jobs, "
               f"{r['false_alarm_points_pct']:.0f} % of their points; caught: "
-              + ("n/a" if r["caught_pct"] is None else f"{r['caught_pct']:.0f} % of {r['hog_points']} hogged points, "
+              + ("n/a" if r["caught_pct"] is None else f"{r['hog_runs_flagged_pct']:.0f} % of {r['hog_runs']} jobs it "
+                 f"ran through, {r['caught_pct']:.0f} % of {r['hog_points']} hogged points, "
                  f"{r['caught_pairs_pct']:.0f} % of {r['caught_pairs']} (before, inside) pairs"))
     write_result("reference_drift", {"args": {k: v for k, v in vars(a).items() if k not in ("out", "reanalyse")},
                                      "results": results, "moves": moves, "points": raw}, a.out)

@@ -98,6 +98,7 @@ class DeviceWorker:
         self.trust = trust or Trust()
         self.timer, self.reference, self.clock = timer, reference, clock
         self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
+        self._stretches: dict[str, dict[int, list[str]]] = {}  # job id → point index → hashes timed before it
         self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
         # told after rows are committed (table caches): the key stored, or None when rows it cannot
         # name changed (flags set on a stretch of keys)
@@ -274,7 +275,7 @@ class DeviceWorker:
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
         s.refresh(job)
-        if times_keys and not self._reference_point(s, job):
+        if times_keys and not self._reference_point(s, job, last=True):
             return True
         ended = job_state.finish(s, job=job)
         if self.on_job_end is not None:
@@ -309,37 +310,46 @@ class DeviceWorker:
         log.warning("%s stored flagged after %d attempts: %s", key.canonical, attempt, "; ".join(best[1].reasons))
         return best[0], best[1].model_copy(update={"attempts": attempt})
 
-    def _reference_point(self, s: Session, job: Job) -> bool:
-        """Time the reference workload and record it with the job. When it has moved from the job's
-        first point, beyond the threshold and the host's wander (:class:`HostNoise`), flag the keys
-        timed since the previous point: the host itself ran differently while they were timed.
-        False if the job is no longer ours."""
+    def _reference_point(self, s: Session, job: Job, *, last: bool = False) -> bool:
+        """Time the reference workload and record it with the job, with the keys timed since the
+        previous point. At the job's ``last`` point, judge every point against the whole job
+        (:meth:`HostNoise.shifts`) and flag the keys timed just before each that moved: the host
+        itself ran differently while they were timed. False if the job is no longer ours."""
         point = ReferencePoint.from_bursts(done=job.done, at=utcnow(),
                                            burst_medians_us=[b.median_us for b in self.reference(self.device)])
         noise = (HostNoise.model_validate(job.host_noise) if job.host_noise else
                  HostNoise(reference=REFERENCE_KEY.canonical, threshold_pct=self.trust.reference_drift_pct,
                            min_z=self.trust.reference_drift_z))
-        shift = noise.shift(point)
         noise.points.append(point)
-        stretch = self._stretch.pop(job.id, [])
+        self._stretches.setdefault(job.id, {})[len(noise.points) - 1] = self._stretch.pop(job.id, [])
         self._last_ref[job.id] = self.clock()
-        newly = 0
-        if shift is not None and noise.beyond(shift) and stretch:
-            z = "" if shift.z is None else f", {abs(shift.z):.1f}× the job's wander"
-            reason = (f"timed while the host's reference workload moved {shift.pct:+.0f} % "
-                      f"(threshold {noise.threshold_pct:.0f} %{z})")
-            newly = crud.flag_rows(s, device_id=job.device_id, environment_id=job.environment_id, hashes=stretch,
-                                   reason=reason)
-            log.warning("job %s: host reference moved %+.1f %% after %d keys; flagged %d key(s) timed meanwhile",
-                        job.id, shift.pct, job.done, len(stretch))
-        elif shift is not None and abs(shift.pct) > noise.threshold_pct:
-            log.info("job %s: host reference moved %+.1f %% after %d keys, within the host's wander (%.1f×): "
-                     "nothing flagged", job.id, shift.pct, job.done, abs(shift.z or 0.0))
+        newly = self._flag_drift(s, job, noise, self._stretches.pop(job.id)) if last else 0
         if not job_state.record_reference(s, job=job, owner=self.owner, noise=noise, newly_flagged=newly):
             return False
         if newly:
             self._wrote(None)
         return True
+
+    def _flag_drift(self, s: Session, job: Job, noise: HostNoise, stretches: dict[int, list[str]]) -> int:
+        """Flag the keys timed before each point that moved from the job's median; how many rows
+        were newly flagged. Points whose keys this process did not see (a job resumed from
+        another process) are judged without keys to flag."""
+        newly = 0
+        for i, shift in enumerate(noise.shifts(), start=1):
+            hashes = stretches.get(i, [])
+            if not noise.beyond(shift):
+                continue
+            z = "" if shift.z is None else f", {abs(shift.z):.1f}× the job's wander"
+            reason = (f"timed while the host's reference workload was {shift.pct:+.0f} % off the job's median "
+                      f"(threshold {noise.threshold_pct:.0f} %{z})")
+            if hashes:
+                newly += crud.flag_rows(s, device_id=job.device_id, environment_id=job.environment_id,
+                                        hashes=hashes, reason=reason)
+            log.warning("job %s: host reference %+.1f %% off the job's median at point %d (after %d keys); "
+                        "flagged %d key(s) timed before it", job.id, shift.pct, i, noise.points[i].done, len(hashes))
+        if not newly and noise.drift_pct is not None and noise.drift_pct > noise.threshold_pct:
+            log.info("job %s: host reference moved up to %s: nothing flagged", job.id, noise.describe())
+        return newly
 
     def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,
                   quality: RowQuality | None = None) -> bool:

@@ -120,68 +120,65 @@ def test_agreement_says_in_words_when_not_to_trust_an_error() -> None:
 
 def test_host_noise_drift_and_spread() -> None:
     """Points stored without an SE are judged by the threshold alone (as before bursts), each
-    against the median of the points before it."""
+    after the first against the median of all the job's points."""
     now = datetime.now(UTC)
     n = HostNoise(reference="k", threshold_pct=10, points=[
         ReferencePoint(done=0, at=now, median_us=1000, p10_us=950, p90_us=1050),
         ReferencePoint(done=5, at=now, median_us=1080, p10_us=1000, p90_us=1200)])
-    assert n.drift_pct == pytest.approx(8.0) and not n.exceeded and n.spread_pct == pytest.approx(14.26, abs=0.01)
-    p = ReferencePoint(done=9, at=now, median_us=1200, p10_us=1100, p90_us=1300)
-    shift = n.shift(p)  # against the median of the points before it, 1040
-    assert shift is not None and shift.pct == pytest.approx(1200 / 1040 * 100 - 100) and shift.z is None
-    assert n.beyond(shift)
-    n.points.append(p)
-    assert n.exceeded
-    assert HostNoise.model_validate(json.loads(n.model_dump_json())).drift_pct == pytest.approx(15.38, abs=0.01)
+    assert n.drift_pct == pytest.approx(1080 / 1040 * 100 - 100) and not n.exceeded
+    assert n.spread_pct == pytest.approx(14.26, abs=0.01)
+    n.points.append(ReferencePoint(done=9, at=now, median_us=1200, p10_us=1100, p90_us=1300))
+    shifts = n.shifts()  # against the median, 1080
+    assert [s.pct for s in shifts] == pytest.approx([0.0, 1200 / 1080 * 100 - 100]) and shifts[1].z is None
+    assert n.beyond(shifts[1]) and n.exceeded
+    assert HostNoise.model_validate(json.loads(n.model_dump_json())).drift_pct == pytest.approx(11.11, abs=0.01)
+
+
+def _job(*bursts: list[float]) -> HostNoise:
+    now = datetime.now(UTC)
+    return HostNoise(reference="k", threshold_pct=10, points=[
+        ReferencePoint.from_bursts(done=i, at=now, burst_medians_us=b) for i, b in enumerate(bursts)])
 
 
 def test_a_move_within_the_hosts_wander_is_not_drift() -> None:
     """A point is summarised by its bursts: median, p10/p90 and the median's SE. On a job whose
-    points' bursts wander ±30 %, a +25 % point is within the wander (z < 6) and flags nothing; a
-    +200 % point (a process that started competing) is drift. On a steady host +12 % is far
-    beyond its wander, and the threshold decides."""
-    now = datetime.now(UTC)
+    points' bursts wander ±30 %, a point 25 % off the job's median is within the wander (< 6×)
+    and flags nothing; a point 200 % off (a process that started competing) is drift, even when
+    it is itself noisy. On a steady host 12 % is far beyond its wander, and the threshold decides.
+    A slow first point has no keys before it and does not make every later point a move."""
     wandering = [700.0, 1000.0, 1300.0, 900.0, 1100.0, 1000.0, 800.0, 1200.0]
-    first = ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=wandering)
+    first = ReferencePoint.from_bursts(done=0, at=datetime.now(UTC), burst_medians_us=wandering)
     assert first.median_us == 1000.0 and first.p10_us == pytest.approx(770.0) and first.p90_us == pytest.approx(1230.0)
     assert first.se_us == pytest.approx(1.2533 * 1.4826 * 150.0 / 8**0.5)
-    n = HostNoise(reference="k", threshold_pct=10, points=[first])
-    later = ReferencePoint.from_bursts(done=3, at=now, burst_medians_us=[x * 1.25 for x in wandering])
-    shift = n.shift(later)
-    assert shift is not None and shift.pct == pytest.approx(25.0) and 0 < shift.z < 6
-    assert not n.beyond(shift)
-    n.points.append(later)
-    assert not n.exceeded and n.drift_pct == pytest.approx(25.0)
-    assert n.describe().startswith("25.0 %, within the host's wander")
-    hog = ReferencePoint.from_bursts(done=6, at=now, burst_medians_us=[x * 3 for x in wandering])
-    shift = n.shift(hog)
-    assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
+    up = [x * 1.25 for x in wandering]
+    n = _job(wandering, wandering, up)
+    (_, shift) = n.shifts()
+    assert shift.pct == pytest.approx(25.0) and shift.z is not None and 0 < shift.z < 6
+    assert not n.exceeded and n.describe().startswith("25.0 %, within the host's wander")
+    hog = _job(wandering, wandering, wandering, [x * 3 for x in wandering])
+    assert hog.shifts()[-1].pct == pytest.approx(200.0) and hog.exceeded
+    assert hog.describe().startswith("200.0 %, beyond the host's wander")
     # a competing process also makes the point itself noisy: judged by the job's wander, not by
     # that point's own SE, it is still caught
-    wild = ReferencePoint.from_bursts(done=6, at=now, burst_medians_us=[1000, 3000, 5000, 2000, 6000, 3500, 4000, 1500])
-    assert wild.se_us is not None and wild.se_us / wild.median_us > 0.3
-    shift = n.shift(wild)
-    assert shift is not None and shift.z is not None and shift.z > 6 and n.beyond(shift)
-    n.points.append(hog)
-    assert n.exceeded and n.describe().startswith("166.7 %, beyond the host's wander")  # 3000 against 1125
+    noisy = [1000.0, 3000.0, 5000.0, 2000.0, 6000.0, 3500.0, 4000.0, 1500.0]
+    wild = _job(wandering, wandering, wandering, noisy)
+    assert wild.points[-1].se_us is not None and wild.points[-1].se_us / wild.points[-1].median_us > 0.3
+    assert wild.exceeded
     # min_z = 0: the threshold alone, as before
-    assert HostNoise(reference="k", threshold_pct=10, min_z=0, points=[first, later]).exceeded
+    assert _job(wandering, wandering, up).model_copy(update={"min_z": 0}).exceeded
     steady = [1000.0, 1005.0, 995.0, 1002.0, 998.0, 1001.0, 999.0, 1003.0]
-    s0 = ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=steady)
-    s1 = ReferencePoint.from_bursts(done=3, at=now, burst_medians_us=[x * 1.12 for x in steady])
-    calm = HostNoise(reference="k", threshold_pct=10, points=[s0])
-    shift = calm.shift(s1)
-    assert shift is not None and shift.z is not None and shift.z > 6 and calm.beyond(shift)
-    # a slow first point (the demo's job: 2277 µs with a wide spread, then 1300–1590 µs, tight)
-    # is outvoted by the points after it: nothing moved from the median before each
-    demo = [(2277, 263), (1344, 12), (1590, 53), (1500, 69), (1303, 117)]
-    first_slow = HostNoise(reference="k", threshold_pct=10, points=[
-        ReferencePoint(done=i, at=now, median_us=m, p10_us=m, p90_us=m, se_us=se) for i, (m, se) in enumerate(demo)])
-    assert not first_slow.exceeded
+    assert _job(steady, steady, [x * 1.12 for x in steady]).exceeded
+    # two demo jobs: a slow first point, then 1145–1590 µs: nothing moved (against the first
+    # point, or the points before each, later points had "moved" by 30–50 %)
+    now = datetime.now(UTC)
+    for job in ([(2277, 263), (1344, 12), (1590, 53), (1500, 69), (1303, 117)],
+                [(2730, 30), (1366, 98), (1272, 83), (1145, 25), (1228, 58)]):
+        demo = HostNoise(reference="k", threshold_pct=10, points=[
+            ReferencePoint(done=i, at=now, median_us=m, p10_us=m, p90_us=m, se_us=se) for i, (m, se) in enumerate(job)])
+        assert not demo.exceeded
     # against the whole job (a /measure's point): the median of its points, the wander of all
-    job = HostNoise(reference="k", threshold_pct=10, points=[first, later, hog])
-    vs_job = job.shift_from_job(ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=wandering))
-    assert vs_job is not None and vs_job.pct == pytest.approx(-20.0) and not job.beyond(vs_job)
+    vs_job = hog.shift_from_job(ReferencePoint.from_bursts(done=0, at=now, burst_medians_us=up))
+    assert vs_job is not None and vs_job.pct == pytest.approx(25.0) and not hog.beyond(vs_job)
 
 
 # ---------------------------------------------------------------- the worker with a noisy timer
@@ -190,7 +187,7 @@ def test_a_move_within_the_hosts_wander_is_not_drift() -> None:
 def test_worker_retimes_flags_and_reports(db_url: str) -> None:
     """key 0 is unstable on every attempt (stored flagged after 1 + retime_max timings); key 1 only
     on its first (re-timed once, stored clean); keys 2 and 3 are steady, but the host's reference
-    moves +40 % while they are timed, so both are flagged for the drift."""
+    point after them is +40 % off the job's median, so both are flagged for the drift at the end."""
     keys = [LatencyKey(op="conv_3x3", c_in=4, c_out=4, h=8, w=8 * (i + 1), stride=1, batch=1) for i in range(4)]
     attempts: dict[str, int] = {}
 
@@ -200,7 +197,7 @@ def test_worker_retimes_flags_and_reports(db_url: str) -> None:
         unstable = i == 0 or (i == 1 and attempts[key.canonical] == 1)
         return _timing(UNSTABLE if unstable else STABLE)
 
-    ref_medians = iter([1000.0, 1000.0, 1400.0, 1400.0])
+    ref_medians = iter([1000.0, 1000.0, 1400.0, 1000.0])
 
     def reference(dev: torch.device) -> list[Timing]:
         m = next(ref_medians)
@@ -228,7 +225,8 @@ def test_worker_retimes_flags_and_reports(db_url: str) -> None:
         for k in keys[2:]:
             assert rows[k.canonical].flagged
             assert rows[k.canonical].quality.reasons == [  # type: ignore[union-attr]
-                "timed while the host's reference workload moved +40 % (threshold 10 %, 13.2× the job's wander)"]
+                "timed while the host's reference workload was +40 % off the job's median "
+                "(threshold 10 %, 13.2× the job's wander)"]
         public = job_public(job, dev.slug, env.fingerprint)
         noise = public.host_noise
         assert noise is not None and [p.done for p in noise.points] == [0, 2, 4, 4]
