@@ -124,8 +124,9 @@ class ReferencePoint(BaseModel):
     """One timing of the reference workload, after ``done`` keys of the job: short bursts spread
     over about a second (:func:`latency_service.profiler.time_reference`), summarised by the
     bursts' medians. ``se_us`` is how far the point itself is from the host's speed at that time:
-    on a shared 2-core VM the reference flips between about 1.0 and 3.4 ms within 200 ms, so one
-    contiguous burst is one draw of that and says little about a trend."""
+    on an idle 2-core Xeon VM one contiguous burst of the reference took 0.9 to 3.4 ms from one
+    second to the next (``bench/reference_drift.py``), so one burst is one draw of that and says
+    little about a trend."""
 
     done: int = Field(ge=0)
     at: datetime
