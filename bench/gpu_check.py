@@ -52,6 +52,16 @@ RUN_ORDER = ["service", "prediction_accuracy", "search_speed", "torchrun", "runt
 ACCURACY_EXTRAS = ("vs_median_pass", "choice_fit", "all_skip")
 """What a prediction-accuracy summary keeps besides the per-table sums: against the median pass,
 and where the prediction misses (α's choices or the fixed components; README "Runtimes")."""
+
+
+def accuracy_summary(res: dict, digits: int | None = None) -> dict:
+    """The figures a prediction-accuracy run's ``results`` contributes to the GPU check: every
+    per-table sum and the calibrated one (rounded to ``digits`` where given), and the extras."""
+    sums = {k: res[k] if digits is None else {m: round(v, digits) for m, v in res[k].items()}
+            for k in res if k.endswith("_sum") or k == "calibrated"}
+    return {**sums, **{k: res[k] for k in ACCURACY_EXTRAS if k in res}}
+
+
 SERVICE_TIMING = {"GAS_SAMPLES": "30", "GAS_WARMUP_RUNS": "10", "GAS_WARMUP_MS": "50", "GAS_MIN_SAMPLE_MS": "1",
                   "GAS_E2E_SAMPLES": "50", "GAS_E2E_WARMUP_RUNS": "10", "GAS_CPU_THREADS": "0"}
 
@@ -194,7 +204,7 @@ class Check:
                     "--out", str(path), "--plot", str(self.out / f"prediction_accuracy_{rt}.png"),
                     timeout=max(60.0, deadline - time.perf_counter()))
             res = json.loads(path.read_text())["results"]
-            fig["accuracy"][rt] = {k: res[k] for k in res if k.endswith("_sum") or k == "calibrated" or k in ACCURACY_EXTRAS}
+            fig["accuracy"][rt] = accuracy_summary(res)
         self.write("runtimes", fig)
         return {"runtimes": names, "fps": fig["fps"], "skipped": fig["skipped"]}
 
@@ -252,8 +262,7 @@ class Check:
                 str(self.size[1]), "--out", str(path), "--plot", str(self.out / "prediction_accuracy.png"), *n,
                 timeout=1800)
         res = json.loads(path.read_text())["results"]
-        sums = {k: {m: round(v, 3) for m, v in res[k].items()} for k in res if k.endswith("_sum") or k == "calibrated"}
-        return {**sums, **{k: res[k] for k in ACCURACY_EXTRAS if k in res}}
+        return accuracy_summary(res, digits=3)
 
     def search_speed(self) -> dict:
         mem, png = self.out / "search_speed.json", self.out / "search_throughput.json"

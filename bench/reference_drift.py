@@ -92,7 +92,7 @@ def as_points(raw: list[dict], kind: str) -> list[ReferencePoint]:
             s = ReferencePoint.from_bursts(done=i, at=at, burst_medians_us=p["contiguous_us"])
             out.append(s.model_copy(update={"se_us": None}))
         return out
-    return [ReferencePoint.from_bursts(done=i, at=at, burst_medians_us=[sorted(b)[len(b) // 2] for b in p["bursts_us"]])
+    return [ReferencePoint.from_bursts(done=i, at=at, burst_medians_us=[statistics.median(b) for b in p["bursts_us"]])
             for i, p in enumerate(raw)]
 
 

@@ -215,8 +215,7 @@ class HostNoise(BaseModel):
         no keys before it). Empty below two points."""
         if len(self.points) < 2:
             return []
-        base = statistics.median(p.median_us for p in self.points)
-        wander = _wander(self.points)
+        base, wander = self._median(), _wander(self.points)
         return [s for p in self.points[1:] if (s := _shift(p.median_us, base, wander)) is not None]
 
     def shift_from_job(self, point: ReferencePoint) -> Shift | None:
@@ -224,8 +223,11 @@ class HostNoise(BaseModel):
         its points, with the wander over its points and this one."""
         if not self.points:
             return None
-        base = statistics.median(p.median_us for p in self.points)
-        return _shift(point.median_us, base, _wander([*self.points, point]))
+        return _shift(point.median_us, self._median(), _wander([*self.points, point]))
+
+    def _median(self) -> float:
+        """The job's speed: the median of its points' medians (≥ 1 point)."""
+        return statistics.median(p.median_us for p in self.points)
 
     def beyond(self, shift: Shift) -> bool:
         """Beyond the threshold and (where every point has an SE) beyond ``min_z`` wanders."""
