@@ -18,6 +18,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bench.camvid_round2 import round2_sections  # noqa: E402
+
 GROUPS = {"GAS (GCN)": "train-search-gas-", "random (b): latency-matched": "train-random-b",
           "random (a): uniform": "train-random-a"}
 FIG5 = {"shared cells": "search-shared-", "independent, no link": "search-none-",
@@ -236,7 +238,7 @@ def write_report(out: Path, scale: str) -> Path:
     plot_searches(f6_groups, out / "fig6_beta.png", "Figure 6 on CamVid: the latency weight β")
     plot_curves(runs, out / "curves.png")
     plot_ggm(runs, out / "ggm_share.png")
-    table = runs.get("table", {})
+    table = runs.get("table", runs.get("table-r2", {}))
     md = [f"# CamVid study ({scale} scale)", "",
           f"Host: {table.get('machine', {}).get('cpu', '?')}, torch {table.get('machine', {}).get('torch', '?')}; "
           f"table {table.get('device', '?')}@{table.get('environment', '?')} ({table.get('keys', 0)} keys, profiled in "
@@ -246,7 +248,7 @@ def write_report(out: Path, scale: str) -> Path:
           "![latency against mIoU](table3_scatter.png)", "", "## Figure 5: cells and their link", "", *f5, "",
           "![Figure 5](fig5.png)", "", "## Figure 6: β", "", *f6, "", "![Figure 6](fig6_beta.png)", "",
           "## Deep-cell collapse", "", *collapse_lines(runs), "", "![the link's share of α′ per cell](ggm_share.png)", "",
-          "## Training curves", "", "![curves](curves.png)", ""]
+          *round2_sections(runs, out), "## Training curves", "", "![curves](curves.png)", ""]
     path = out / "report.md"
     path.write_text("\n".join(md))
     summary: dict[str, Any] = {"scale": scale, "runs": sorted(runs), "table3": groups, "verdict": verdict(groups)}

@@ -46,12 +46,14 @@ from typing import Any, Literal
 import torch
 from pydantic import BaseModel, ConfigDict
 
+from bench.camvid_match import MEASURE_RUN, run_measure_sitting, run_partner, target_ms
 from bench.common import machine
 from gas_core.genotype import Genotype, derive, random_genotype
 from gas_core.latency import LatencyTerm, predict_latency_us
 from gas_core.network import GASNet
 from gas_core.ops import PRIMITIVES
 from gas_core.search_space import NetworkLayout, cell_shapes
+from gas_core.table import LatencyTable
 from latency_service.testing import local_service
 from search_client.cli import fetch_latency_term
 from search_client.client import LatencyClient
@@ -61,6 +63,8 @@ from search_client.search import SearchConfig, search
 from search_client.train import TrainConfig, read_checkpoint, train
 
 log = logging.getLogger("camvid-study")
+TABLE_RUN = "table-r2"
+"""The run whose table this round reads: round 2 re-profiled it (round 1's was never exported)."""
 HoldoutAt = Literal["start", "end"]
 NUM_CLASSES = 11
 
@@ -89,6 +93,18 @@ class Scale(BaseModel):
     collapse fewer cells?), one per seed of ``link_lr_seeds``"""
     link_lr_seeds: list[int] = []
     service_env: dict[str, str] = {}
+    # round 2 (bench/camvid_match.py): measured matching and latency targets
+    rounds: int = 10
+    """interleaved rounds of every measurement (≥ 10 for a 95 % interval between the 2nd and 9th)"""
+    uniform_probe: int = 10
+    """uniform genotypes measured to set the targets"""
+    partner_batch: int = 6
+    partner_tol: float = 0.03
+    """a partner's measured latency lies within ±this of its searched network's"""
+    partner_batches: int = 6
+    target_factors: list[float] = []
+    """targets as fractions of the probe's median measured latency"""
+    target_seeds: list[int] = []
 
 
 # Search at the paper's §4.2 values except: 4 weights-only warm-up epochs (a fresh supernet barely
@@ -102,20 +118,22 @@ _TRAIN_CPU = TrainConfig(epochs=120, batch=8, lr=0.01)
 
 SCALES: dict[str, Scale] = {
     "cpu": Scale(name="cpu", size=(180, 240), downscale=2, compute=ComputeConfig(device="cpu", workers=0),
-                 search=_SEARCH_CPU, train=_TRAIN_CPU, gas_seeds=[0, 1, 2], random_a=2, random_b=3,
+                 search=_SEARCH_CPU, train=_TRAIN_CPU, gas_seeds=[0, 1, 2, 3, 4], random_a=2, random_b=3,
                  fig5_seeds=[0, 1], fig5_train=False, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
-                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0]),
+                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0], target_factors=[0.65, 0.8],
+                 target_seeds=[0, 1]),
     "gpu": Scale(name="gpu", size=(360, 480), downscale=1,
                  compute=ComputeConfig(device="cuda", amp="bf16", channels_last=True, workers=8),
                  search=SearchConfig(epochs=40, warmup_epochs=10, batch=16, lr_a=0.01, lr_ggm=0.001),
                  train=TrainConfig(epochs=400, batch=8, lr=0.01), gas_seeds=[0, 1, 2], random_a=5, random_b=5,
                  fig5_seeds=[0, 1], fig5_train=True, betas=[0.0005, 0.005, 0.05], beta_seeds=[0, 1],
-                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0, 1]),
+                 recipe_holdout=62, link_lrs=[0.0001], link_lr_seeds=[0, 1], target_factors=[0.65, 0.8],
+                 target_seeds=[0, 1]),
     "tiny": Scale(name="tiny", size=(32, 48), downscale=1, compute=ComputeConfig(device="cpu", workers=0),
                   search=SearchConfig(epochs=1, warmup_epochs=0, batch=2, max_steps=1, lr_a=0.03, lr_ggm=0.001),
                   train=TrainConfig(epochs=1, batch=2, max_steps=1, bootstrap_min_kept=16), gas_seeds=[0],
                   random_a=0, random_b=1, fig5_seeds=[], fig5_train=False, betas=[], beta_seeds=[],
-                  recipe_holdout=0,
+                  recipe_holdout=0, rounds=3, uniform_probe=3, partner_batch=3, partner_batches=3, partner_tol=10.0,
                   service_env={"GAS_SAMPLES": "5", "GAS_WARMUP_RUNS": "2", "GAS_WARMUP_MS": "2",
                                "GAS_MIN_SAMPLE_MS": "0.2", "GAS_E2E_SAMPLES": "5", "GAS_E2E_WARMUP_RUNS": "1",
                                "GAS_CPU_THREADS": "1", "GAS_DEVICE": "cpu", "GAS_CONTEXT_MIN_SAMPLE_MS": "0.5",
@@ -164,24 +182,48 @@ class Study:
         return LatencyClient(self.url, timeout=600)
 
     def table(self) -> tuple[LatencyTerm, dict[str, float], str]:
-        """The latency term of the study's layout and the table behind it: the table its first
-        sitting profiled (``runs/table.json`` names it), so every search, every random draw and
-        every table latency of the study read one table, even after the host's environment
-        fingerprint changed (a new torch, an added runtime); profiled here when there is none."""
+        """The latency term of the study's layout and the table behind it: the table of the
+        study's current round (``runs/table-r2.json`` names it), so every search, every random
+        draw and every table latency of a round read one table, even after the host's environment
+        fingerprint changed (a new torch, an added runtime). The table is exported to
+        ``OUT/tables/`` (committed) when profiled and imported from there into a fresh database
+        in later sittings; profiled here when there is none. (Round 1's table, ``runs/table.json``,
+        lived only in the uncommitted ``work/gas.db`` and is lost: its runs keep the table
+        latencies they were given.)"""
         if self._term is None:
-            pinned = self.result("table")
+            pinned = self.result(TABLE_RUN)
             with self.client() as c:
                 env = pinned["environment"] if pinned else c.host().environment.fingerprint
                 target = f"{pinned['device']}@{env}" if pinned else None
+                if pinned:
+                    self._import_pinned(c, pinned["device"], env)
                 term, slug = fetch_latency_term(c, target, self.layout, self.scale.size, 1, "float32", "contiguous",
                                                 progress=self.progress)
-                lookup = c.table(slug, dtype="float32", batch=1, memory_format="contiguous", environment=env).lookup()
-            self._term = (term, lookup, slug)
+                table = c.table(slug, dtype="float32", batch=1, memory_format="contiguous", environment=env,
+                                samples=True)
+            if not pinned:
+                export = self.out / "tables" / f"{TABLE_RUN}.json"
+                export.parent.mkdir(parents=True, exist_ok=True)
+                export.write_text(table.model_dump_json(indent=1))
+            self._term = (term, table.lookup(), slug)
         return self._term
 
-    def table_ms(self, g: Genotype) -> float:
+    def _import_pinned(self, c: LatencyClient, slug: str, env: str) -> None:
+        """Bring the pinned table back from its committed export when this sitting's database
+        lacks it (``work/`` is not committed)."""
+        have = {e.fingerprint for d in c.devices().devices if d.slug == slug for e in d.environments}
+        if env in have:
+            return
+        export = self.out / "tables" / f"{TABLE_RUN}.json"
+        if not export.is_file():
+            raise RuntimeError(f"the study's table {slug}@{env} is in neither the database nor {export}")
+        c.import_table(LatencyTable.model_validate_json(export.read_text()), force=True)
+        log.info("imported the study's table %s@%s from %s", slug, env, export)
+
+    def table_ms(self, g: Genotype, lookup: dict[str, float] | None = None) -> float:
+        """``g``'s whole-network latency from the study's table (or ``lookup``), ms."""
         shapes = cell_shapes(self.layout, self.scale.size)
-        return predict_latency_us(g, shapes, self.table()[1]) / 1e3
+        return predict_latency_us(g, shapes, self.table()[1] if lookup is None else lookup) / 1e3
 
     def out_of_time(self) -> bool:
         return self.deadline is not None and time.monotonic() >= self.deadline
@@ -199,7 +241,7 @@ class Study:
 
     # -- the units
     def run_table(self) -> dict:
-        (term, lookup, slug), wall = self.timed("table", self.table)
+        (term, lookup, slug), wall = self.timed(TABLE_RUN, self.table)
         with self.client() as c:
             host = c.host()
         return {"device": slug, "environment": host.environment.fingerprint, "keys": len(lookup),
@@ -211,7 +253,7 @@ class Study:
         term = self.table()[0]
         res, wall = self.timed(name, lambda: search(
             cfg, self.layout, train_ds, val_ds, term, self.work / name, compute=self.scale.compute, resume=True,
-            progress=self.progress, deadline=self.deadline))
+            progress=self.progress, deadline=self.deadline, predict_us=lambda g: self.table_ms(g) * 1e3))
         if len(res.history) < cfg.warmup_epochs + cfg.epochs:
             return None
         g = res.genotype
@@ -222,7 +264,8 @@ class Study:
                 "table_ms": self.table_ms(g), "val_miou_derived": last["val_miou"], "top_prob": last["top_prob"],
                 "collapse": collapse(g), "ggm_share": ggm_share(alpha, alpha_prime),
                 "collapse_of_alpha": collapse(derive(alpha, self.layout)), "history": res.history, "wall_s": wall,
-                "alpha": alpha.tolist(), "alpha_prime": alpha_prime.tolist()}
+                "alpha": alpha.tolist(), "alpha_prime": alpha_prime.tolist(),
+                "fit": None if res.fit is None else res.fit.model_dump(mode="json")}
 
     def run_random(self, name: str, index: int, matched: bool) -> dict:
         target = None
@@ -252,19 +295,29 @@ class Study:
                "last_tenth_range": max(tail) - min(tail), "best_epoch_miou": max(curve), "final_epoch_miou": curve[-1],
                "wall_s": wall, "holdout": holdout, "holdout_at": at if holdout else None}
         if holdout == 0:
-            out["eval"] = self.gas_eval(work / "last.pt", work / "eval")
+            out["eval"] = self.gas_eval(work / "last.pt", work / "eval", "input")
             out["checkpoint"] = str(save_half(work / "last.pt", self.out / "nets" / f"{name}.pt").relative_to(self.out))
         return out
 
-    def gas_eval(self, ckpt: Path, out: Path) -> dict:
-        """``gas-eval`` on val, as a user runs it."""
+    def gas_eval(self, ckpt: Path, out: Path, labels: str) -> dict:
+        """``gas-eval`` on val, as a user runs it, scoring against labels at the input size (what
+        round 1 reported) or at their native 360×480 (how published numbers are scored)."""
         cmd = [sys.executable, "-c", "import sys; from search_client.train_cli import eval_main; "
                "sys.argv[0] = 'gas-eval'; eval_main()", str(ckpt), "--dataset", "camvid", "--data-root",
-               str(self.data_root), "--split", "val", "--device", self.scale.compute.device, "--out", str(out)]
+               str(self.data_root), "--split", "val", "--device", self.scale.compute.device, "--label-resolution",
+               labels, "--batch", "4" if labels == "input" else "1", "--out", str(out)]
         done = subprocess.run(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if done.returncode != 0:
             raise RuntimeError(f"gas-eval {ckpt} failed: {done.stderr.strip().splitlines()[-1:]}")
         return json.loads((out / "eval.json").read_text())
+
+    def run_eval_both(self, train_run: str) -> dict:
+        """A trained network's committed weights scored both ways (round 2: native labels)."""
+        res = self.result(train_run)
+        assert res is not None and "checkpoint" in res
+        ckpt = self.out / res["checkpoint"]
+        return {"source": train_run, **{labels: self.gas_eval(ckpt, self.work / f"eval-{labels}-{train_run}", labels)
+                                        for labels in ("native", "input")}}
 
     def run_measure(self, source: str) -> dict:
         src = self.result(source)
@@ -332,9 +385,9 @@ def plan(st: Study) -> list[Run]:
     """Every run in the order it is worth having: the table, the recipe check, Table 3 (GAS
     searches, random picks, training, alternating GAS and random), Figure 5, Figure 6, timing."""
     sc = st.scale
-    runs = [Run("table", "table", st.run_table)]
+    runs = [Run(TABLE_RUN, "table", st.run_table)]
     if sc.recipe_holdout:
-        runs += [Run("random-recipe", "random", lambda: st.run_random("random-recipe", 999, False), ["table"]),
+        runs += [Run("random-recipe", "random", lambda: st.run_random("random-recipe", 999, False), [TABLE_RUN]),
                  Run("train-recipe", "recipe", lambda: st.run_train("train-recipe", "random-recipe", sc.recipe_holdout),
                      ["random-recipe"]),
                  # The first check held out the dusk sequence 0001TP: a domain shift, not a plateau test.
@@ -344,7 +397,7 @@ def plan(st: Study) -> list[Run]:
     def search_run(name: str, **over: Any) -> Run:
         cfg = sc.search.model_copy(update=over)
         cfg = SearchConfig.model_validate(cfg.model_dump())  # re-resolves the GGM default for shared cells
-        return Run(f"search-{name}", "search", lambda: st.run_search(f"search-{name}", cfg), ["table"])
+        return Run(f"search-{name}", "search", lambda: st.run_search(f"search-{name}", cfg), [TABLE_RUN])
 
     gas = [f"gas-s{s}" for s in sc.gas_seeds]
     runs += [search_run(n, seed=s) for n, s in zip(gas, sc.gas_seeds, strict=True)]
@@ -352,7 +405,7 @@ def plan(st: Study) -> list[Run]:
     ra = [f"random-a{i}" for i in range(sc.random_a)]
     runs += [Run(n, "random", partial(st.run_random, n, i, True), [f"search-{g}" for g in gas])
              for i, n in enumerate(rb)]
-    runs += [Run(n, "random", partial(st.run_random, n, 100 + i, False), ["table"]) for i, n in enumerate(ra)]
+    runs += [Run(n, "random", partial(st.run_random, n, 100 + i, False), [TABLE_RUN]) for i, n in enumerate(ra)]
     trained = interleave([f"search-{g}" for g in gas], rb, ra)
     runs += [Run(f"train-{src}", "train", partial(st.run_train, f"train-{src}", src), [src]) for src in trained]
     fig5 = [search_run(f"{v}-s{s}", seed=s, **over) for s in sc.fig5_seeds for v, over in
@@ -369,8 +422,42 @@ def plan(st: Study) -> list[Run]:
              for s in sc.beta_seeds]
     runs += [search_run(f"gcnlr{lr:g}-s{s}", seed=s, lr_ggm=lr) for lr in sc.link_lrs for s in sc.link_lr_seeds]
     networks = [r.name for r in runs if r.kind in ("search", "random") and r.name != "random-recipe"]
-    runs += [Run(f"measure-{n}", "measure", partial(st.run_measure, n), [n]) for n in networks]
+    # round 1 timed each network alone at the end; round 2 times them interleaved (measure-r2)
+    runs += [Run(f"measure-{n}", "measure", partial(st.run_measure, n), [n]) for n in networks
+             if st.result(f"measure-{n}") is not None]
+    return runs + plan_round2(st, [r.name for r in runs if r.kind == "train"])
+
+
+def plan_round2(st: Study, trained: list[str]) -> list[Run]:
+    """Round 2 (bench/camvid_match.py): the measuring sitting, a measured-latency partner for
+    every GAS search, GAS at latency targets with partners from cheap-tilted draws, training,
+    and every trained network scored against native-resolution labels."""
+    sc = st.scale
+    gas = [f"search-gas-s{s}" for s in sc.gas_seeds]
+    runs = [Run(MEASURE_RUN, "measure", partial(run_measure_sitting, st), [TABLE_RUN, *gas])]
+
+    def partner(source: str, seed: int, tilted: bool) -> list[Run]:
+        name = "partner-" + source.removeprefix("search-")
+        return [Run(name, "random", partial(run_partner, st, name, source, seed, tilted), [MEASURE_RUN, source]),
+                Run(f"train-{name}", "train", partial(st.run_train, f"train-{name}", name), [name])]
+
+    for i, s in enumerate(sc.gas_seeds):
+        runs += partner(f"search-gas-s{s}", 40_000 + i, tilted=False)
+    for f in sc.target_factors:
+        for s in sc.target_seeds:
+            name = f"search-t{f:g}-s{s}"
+            runs.append(Run(name, "search", partial(_target_search, st, name, f, s), [MEASURE_RUN]))
+            runs += partner(name, 50_000 + int(100 * f) * 10 + s, tilted=True)
+            runs.append(Run(f"train-{name}", "train", partial(st.run_train, f"train-{name}", name), [name]))
+    trained = [*trained, *(r.name for r in runs if r.kind == "train")]
+    runs += [Run(f"evalboth-{t}", "eval", partial(st.run_eval_both, t), [t]) for t in trained]
     return runs
+
+
+def _target_search(st: Study, name: str, factor: float, seed: int) -> dict | None:
+    cfg = st.scale.search.model_copy(update={"seed": seed, "target_ms": target_ms(st, factor)})
+    res = st.run_search(name, SearchConfig.model_validate(cfg.model_dump()))
+    return None if res is None else {**res, "target_factor": factor}
 
 
 def interleave(*lists: list[str]) -> list[str]:

@@ -30,6 +30,7 @@ from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS, RUNTIMES
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.search_space import NetworkLayout, cell_shapes
+from gas_core.target import PredictUs
 from gas_core.wire import split_ref
 from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError
@@ -84,6 +85,19 @@ def fetch_latency_term(
         return LatencyTerm.from_table(shapes, table), slug
     except MissingLatencyKeys as err:
         raise ServiceError(f"table of {slug} still lacks keys after profiling: {err}") from None
+
+
+def table_predictor(client: LatencyClient, slug: str, target: str | None, layout: NetworkLayout,
+                    dep: Deployment) -> PredictUs:
+    """A derived network's exact table latency (µs) on the search's table, for fitting it to a target."""
+    host = client.host()
+    env = split_ref(target)[1] if target else None
+    if slug == host.device.slug and env is None:  # as fetch_latency_term reads the own device
+        env = host.environment.fingerprint
+    shapes = cell_shapes(layout, dep.size, dep.batch, dep.dtype, dep.memory_format, dep.runtime)  # type: ignore[arg-type]
+    lookup = client.table(slug, dtype=dep.dtype, batch=dep.batch, memory_format=dep.memory_format, environment=env,
+                          runtime=dep.runtime).lookup()
+    return lambda g: predict_latency_us(g, shapes, lookup)
 
 
 def check_table_refs(client: LatencyClient, refs: list[str]) -> None:
@@ -173,6 +187,8 @@ def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int) -> Path
     result.genotype.save(geno_path)
     plot_alpha(result.supernet.alpha_prime().cpu(), result.genotype.layout.edge_sources(), out / "alpha.png")
     plot_history(result.history, out / "history.png", warmup_epochs)
+    if result.fit is not None:
+        (out / "target_fit.json").write_text(result.fit.model_dump_json(indent=2))
     log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
     return geno_path
 
@@ -188,7 +204,7 @@ def measure_and_report(client: LatencyClient, result: SearchResult, geno_path: P
         memory_format=m.memory_format, runtime=m.runtime, predicted_ms=m.predicted_ms, measured_median_ms=m.median_ms,
         measured_p90_ms=m.p90_ms, fps=m.fps, error_pct=m.error_pct, search_lat_ms=last["derived_lat_ms"],
         val_miou=None if math.isnan(last["val_miou"]) else last["val_miou"], genotype=str(geno_path),
-        predicted_on=others, agreement=m.agreement,
+        predicted_on=others, agreement=m.agreement, target=result.fit,
     )
     (out / "report.json").write_text(report.model_dump_json(indent=2))
     typer.echo("\npredicted vs measured (derived network)\n" + format_report(report))
@@ -236,6 +252,9 @@ def run(
         "--predict-on", help="also predict the derived network's latency from this device's table (DEVICE or "
         "DEVICE@ENVIRONMENT, see gas-table devices); repeatable")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    target_fps: Annotated[float | None, typer.Option(
+        help="the target as frames per second at the deployment batch: --target-ms = 1000 · batch / FPS "
+        "(give one of the two)", min=0.001)] = None,
     *,
     search: dict[str, Any],
     compute: dict[str, Any],
@@ -250,6 +269,10 @@ def run(
             raise ValueError(f"--dtype must be one of {DTYPES} and --memory-format one of {MEMORY_FORMATS}")
         if runtime not in RUNTIMES:
             raise ValueError(f"--runtime {runtime!r}: must be one of {', '.join(RUNTIMES)}")
+        if target_fps is not None:
+            if search["target_ms"] is not None:
+                raise ValueError("--target-fps and --target-ms name the same target: give one of them")
+            search["target_ms"] = 1000.0 * latency_batch / target_fps
         cfg, comp = SearchConfig(**search), ComputeConfig(**compute)
         train, val = build_datasets(dataset, data_root, input_size, cfg.seed, synthetic_size, downscale=downscale)
     except ValidationError as err:
@@ -296,10 +319,11 @@ def _run(job: SearchRun) -> None:
     layout = NetworkLayout(num_classes=train.num_classes)
     if d.main:
         check_table_refs(client, predict_on)
-    term, _ = load_table_term(client, d, target, layout, dep, progress=not quiet)
+    term, slug = load_table_term(client, d, target, layout, dep, progress=not quiet)
     log.info("search: %s; compute %s", cfg.model_dump_json(), compute.model_dump_json())
+    predict = table_predictor(client, slug, target, layout, dep) if cfg.target_ms is not None and d.main else None
     result = search(cfg, layout, train, val, term, out, compute=compute, resume=resume, dist_info=d,
-                    progress=not quiet)
+                    progress=not quiet, predict_us=predict)
     if not d.main:
         return
     geno_path = write_artefacts(result, out, cfg.warmup_epochs)

@@ -172,6 +172,9 @@ class SegDataset(Dataset):
             raise ValueError(f"downscale must be ≥ 1, got {downscale}")
         self.augment, self.seed, self.epoch = augment, seed, 0
         self.downscale, self.cache = downscale, cache
+        self.label_downscale = downscale
+        """Labels are shrunk by this factor at load: ``downscale``, or 1 to score a network that ran
+        on shrunk images against the labels at their native resolution (gas-eval's default)."""
         self._decoded: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def set_epoch(self, epoch: int) -> None:
@@ -194,6 +197,8 @@ class SegDataset(Dataset):
         if self.downscale > 1:
             size = (max(1, pil_img.width // self.downscale), max(1, pil_img.height // self.downscale))
             pil_img = pil_img.resize(size, Image.Resampling.BILINEAR)
+        if self.label_downscale > 1:
+            size = (max(1, pil_lbl.width // self.label_downscale), max(1, pil_lbl.height // self.label_downscale))
             pil_lbl = pil_lbl.resize(size, Image.Resampling.NEAREST)
         img = np.array(pil_img, dtype=np.uint8)
         lbl = np.array(pil_lbl, dtype=np.uint8)
@@ -347,6 +352,29 @@ def build_datasets(
             return train.take(holdout, None, train_aug), train.take(0, holdout, val_aug)
         return train.take(0, -holdout, train_aug), train.take(-holdout, None, val_aug)
     return train, cls(root, eval_split, val_aug, seed, downscale, cache)
+
+
+def build_eval_dataset(name: str, root: str | Path | None, size: tuple[int, int], split: str = "val", *,
+                       downscale: int = 1, native_labels: bool = True, synthetic_size: int = 16,
+                       cache: bool = False) -> SegDataset:
+    """The one split an evaluation scores, and nothing else: no training split is opened, so a
+    root holding only ``test/`` and ``testannot/`` works. Images are shrunk by ``downscale`` and
+    resized to ``size`` (the network's input); labels stay at their native resolution
+    (``native_labels``: the network's logits are upsampled to them, as published numbers are
+    scored) or are resized to ``size`` with the images."""
+    aug = Augment(size, False, keep_label=native_labels)
+    if name == "synthetic":
+        if split != "val":
+            raise ValueError(f"--split {split}: the synthetic dataset has no {split} split")
+        return Synthetic(synthetic_size, (max(size[0], 64), max(size[1], 64)), aug, 0, split_seed=2)
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
+    if root is None:
+        raise DataRootError(f"--data-root is required for {name}")
+    ds = DATASETS[name](root, split, aug, 0, downscale, cache)
+    if native_labels:
+        ds.label_downscale = 1
+    return ds
 
 
 def global_batches(n: int, batch: int, seed: int, epoch: int) -> list[list[int]]:

@@ -38,3 +38,22 @@ def miou(conf: torch.Tensor) -> float:
     """Mean of :func:`class_iou` over the classes that occur; NaN when none does."""
     present = [v for v in class_iou(conf) if v is not None]
     return sum(present) / len(present) if present else math.nan
+
+
+def pixel_accuracy(conf: torch.Tensor) -> float:
+    """Share of the labelled pixels predicted right (void excluded); NaN with no labelled pixel."""
+    total = float(conf.sum())
+    return float(conf.diag().sum()) / total if total else math.nan
+
+
+def class_accuracy(conf: torch.Tensor) -> list[float | None]:
+    """Recall per class (right / labelled as that class); None for a class absent from the truth."""
+    conf = conf.double()
+    rows = conf.sum(1)
+    return [float(d / r) if r > 0 else None for d, r in zip(conf.diag(), rows, strict=True)]
+
+
+def mean_class_accuracy(conf: torch.Tensor) -> float:
+    """Mean of :func:`class_accuracy` over the classes present in the truth; NaN when none is."""
+    present = [v for v in class_accuracy(conf) if v is not None]
+    return sum(present) / len(present) if present else math.nan

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field  # noqa: E402
 from gas_core.ops import PRIMITIVES  # noqa: E402
 from gas_core.quality import Agreement  # noqa: E402
 from gas_core.table import TableComparison  # noqa: E402
+from gas_core.target import TargetFit  # noqa: E402
 from gas_core.wire import MeasuredOn  # noqa: E402
 
 
@@ -40,6 +41,8 @@ class Report(MeasuredOn):
     predicted_on: list[DevicePrediction] = Field(default_factory=list)
     agreement: Agreement | None = Field(default=None, description="both sides as intervals, whether the error lies "
                                         "within the timing noise, and warnings")
+    target: TargetFit | None = Field(default=None, description="with --target-ms: T, the argmax's and the derived "
+                                     "network's table latency, and the swaps that brought it within the band")
 
 
 def format_report(r: Report) -> str:
@@ -57,6 +60,7 @@ def format_report(r: Report) -> str:
         ("device", r.device), ("environment", r.environment),
         ("input", f"{r.batch}×3×{r.input_size[0]}×{r.input_size[1]} {r.dtype} {r.memory_format}, runtime {r.runtime}"),
         ("predicted latency (table)", f"{pred} ms"),
+        *_target_rows(r.target),
         ("measured latency median", f"{meas} ms"),
         ("measured latency p90", f"{r.measured_p90_ms:.3f} ms"),
         ("measured FPS", f"{r.fps:.1f}"),
@@ -75,6 +79,15 @@ def format_report(r: Report) -> str:
     for w in a.warnings if a is not None else []:
         lines.append(f"  WARNING: {w}")
     return "\n".join(lines)
+
+
+def _target_rows(fit: TargetFit | None) -> list[tuple[str, str]]:
+    if fit is None:
+        return []
+    where = f"{100 * (fit.fitted_ms / fit.target_ms - 1):+.1f} %, band ±{100 * fit.tolerance:.0f} %"
+    return [("target latency (table)", f"{fit.target_ms:.3f} ms ({1e3 / fit.target_ms:.1f} FPS at batch 1)"),
+            ("derived vs. target", f"{fit.fitted_ms:.3f} ms ({where}; argmax of α′ {fit.argmax_ms:.3f} ms, "
+             f"{len(fit.swaps)} swap(s)){'' if fit.within else ' — NOT within the band'}")]
 
 
 def _edge_names(sources: list[tuple[int, int]]) -> list[str]:
@@ -125,9 +138,14 @@ def plot_history(history: list[dict], path: Path, warmup_epochs: int = 0) -> Non
     ax.plot(ep, [h["lat_ms"] for h in history], "x-", label="sampled LAT, cells only (loss, eqs. 8–9)")
     ax.plot(ep, [h["expected_lat_ms"] for h in history], "s--", label="expected LAT, whole net (softmax α′)")
     ax.plot(ep, [h["derived_lat_ms"] for h in history], "^:", label="derived net (argmax α′)")
-    ax.set(xlabel="epoch", ylabel="latency from the table (ms)", title="latency term")
+    target = next((h["target_ms"] for h in history if h.get("target_ms") not in (None, "")), None)
+    if target is not None:
+        ax.axhline(float(target), color="tab:red", lw=1, label=f"target T = {float(target):.2f} ms")
+        ax.axhspan(0.95 * float(target), 1.05 * float(target), color="tab:red", alpha=0.1, label="T ± 5 %")
+    ax.set(xlabel="epoch", ylabel="latency from the table (ms)", title="latency term" + (" against T" if target else ""))
     ax.legend(fontsize=6.5)
-    axes[1].plot(ep, [h["loss"] for h in history], "o-", label="loss = CE + β·log LAT")
+    axes[1].plot(ep, [h["loss"] for h in history], "o-",
+                 label="loss = CE + λ·|LAT/T − 1|" if target is not None else "loss = CE + β·log LAT")
     axes[1].plot(ep, [h["ce"] for h in history], "s--", label="CE")
     axes[1].set(xlabel="epoch", ylabel="loss (mean over the epoch)", title="loss")
     axes[1].legend(fontsize=7)

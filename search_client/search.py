@@ -39,6 +39,7 @@ from gas_core.ggm import GGMKind, GGMSource, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import CellSharing, Supernet, default_ggm, temperature_at
+from gas_core.target import TARGET_TOLERANCE, TARGET_WEIGHT, PredictUs, TargetFit, fit_to_target, target_loss
 from search_client.data import IGNORE, SegDataset
 from search_client.metrics import confusion_metric, miou, summed_confusion
 from search_client.runtime import (
@@ -55,7 +56,7 @@ from search_client.runtime import (
 log = logging.getLogger(__name__)
 
 LOG_FIELDS = ["epoch", "phase", "loss", "ce", "lat_ms", "lat_total_ms", "expected_lat_ms", "derived_lat_ms",
-              "temperature", "lr_w", "top_prob", "val_miou", "images_per_s", "data_wait_pct"]
+              "target_ms", "temperature", "lr_w", "top_prob", "val_miou", "images_per_s", "data_wait_pct"]
 
 
 class SearchConfig(BaseModel):
@@ -72,7 +73,16 @@ class SearchConfig(BaseModel):
     batch: int = Field(default=16, ge=1, description="global batch size over all ranks and micro-batches (paper: 16)")
     accum: int = Field(default=1, ge=1, description="micro-batches per rank per step (gradient accumulation)")
     seed: int = Field(default=0, description="seed of init, data order, augmentation and Gumbel noise")
-    beta: float = Field(default=0.005, ge=0, description="latency weight β in CE + β·log(LAT µs) (paper: 0.005)")
+    beta: float = Field(default=0.005, ge=0, description="latency weight β in CE + β·log(LAT µs) (paper: 0.005); "
+                        "unused with --target-ms")
+    target_ms: float | None = Field(
+        default=None, gt=0, description="search for the most accurate network within this whole-network latency "
+        "from the table (ms; not in the paper): the loss is CE + target_weight·|LAT/T − 1| (TF-NAS, ECCV 2020) "
+        "instead of β·log LAT, and the derived network's ops are swapped until its table latency lies within "
+        "±target_tolerance of T (gas_core/target.py)")
+    target_weight: float = Field(default=TARGET_WEIGHT, gt=0, description="λ of the target loss (TF-NAS: 0.1)")
+    target_tolerance: float = Field(default=TARGET_TOLERANCE, gt=0, lt=1,
+                                    description="the derived network's table latency lies within ±this of T")
     lr_w: float = Field(default=0.025, gt=0, description="SGD learning rate of the weights, cosine-annealed")
     lr_w_min: float = Field(default=0.001, ge=0, description="final weight learning rate of the cosine schedule")
     momentum: float = Field(default=0.9, ge=0, description="SGD momentum")
@@ -122,6 +132,8 @@ class SearchResult:
     genotype: Genotype
     supernet: Supernet
     history: list[dict]
+    fit: TargetFit | None = None
+    """With a target: how the derived network was brought within the band around T."""
 
 
 # ---------------------------------------------------------------- state
@@ -189,7 +201,7 @@ def train_step(
                                     expected=warm)
                 ce = F.cross_entropy(logits.float(), y, ignore_index=IGNORE)
             lat = s.term(z)
-            loss = latency_loss(ce, lat, cfg.beta) if cfg.beta > 0 and not warm else ce
+            loss = ce if warm else step_loss(cfg, ce, lat, s.term.fixed)
             s.scaler.scale(loss / cfg.accum).backward()
         sums += torch.stack([loss.detach(), ce.detach(), lat.detach()]).double() / cfg.accum
     s.scaler.step(s.opt_w)
@@ -197,6 +209,14 @@ def train_step(
         s.scaler.step(s.opt_a)
     s.scaler.update()
     return sums
+
+
+def step_loss(cfg: SearchConfig, ce: torch.Tensor, lat_cells_us: torch.Tensor, fixed_us: torch.Tensor) -> torch.Tensor:
+    """The search loss of one micro-batch: the paper's CE + β·log LAT over the cells' ops (eq. 10),
+    or with a target CE + λ·|LAT/T − 1| over the whole network (gas_core/target.py)."""
+    if cfg.target_ms is not None:
+        return target_loss(ce, fixed_us + lat_cells_us, cfg.target_ms * 1e3, cfg.target_weight)
+    return latency_loss(ce, lat_cells_us, cfg.beta) if cfg.beta > 0 else ce
 
 
 def train_epoch(
@@ -289,7 +309,8 @@ def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list
     return ck["history"], ck["epoch"] + 1
 
 
-def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, lr: float, val_miou: float) -> dict:
+def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, lr: float, val_miou: float,
+              target_ms: float | None = None) -> dict:
     """One line of the search log: what the step saw and where α′ stands now."""
     with torch.no_grad():
         a = s.net.alpha_prime()
@@ -299,7 +320,8 @@ def epoch_row(s: SearchState, stats: dict[str, float], epoch: int, warm: bool, l
         top = float(probs.max(-1).values.median())
     return {"epoch": epoch + 1, "phase": "warmup" if warm else "search", "loss": stats["loss"], "ce": stats["ce"],
             "lat_ms": stats["lat_us"] / 1e3, "lat_total_ms": stats["lat_total_us"] / 1e3,
-            "expected_lat_ms": expected / 1e3, "derived_lat_ms": derived / 1e3, "temperature": s.net.temperature,
+            "expected_lat_ms": expected / 1e3, "derived_lat_ms": derived / 1e3, "target_ms": target_ms,
+            "temperature": s.net.temperature,
             "lr_w": lr, "top_prob": top, "val_miou": val_miou, "images_per_s": stats["images_per_s"],
             "data_wait_pct": stats["data_wait_pct"]}
 
@@ -308,12 +330,15 @@ def search(
     cfg: SearchConfig, layout: NetworkLayout, train: SegDataset, val: SegDataset | None, term: LatencyTerm,
     out: Path, *, compute: ComputeConfig | None = None, resume: bool = False, dist_info: DistInfo | None = None,
     progress: bool = True, until_epoch: int | None = None, deadline: float | None = None,
+    predict_us: PredictUs | None = None,
 ) -> SearchResult:
     """Run (or, with ``resume``, continue) the search: optimisers, then per epoch one pass of
     steps, an evaluation of the derived architecture, a log row and a checkpoint.
     ``until_epoch`` stops after that many epochs in total, for time-boxed allocations that resume
     later; ``deadline`` (a ``time.monotonic()`` instant) stops after the epoch during which it
-    passed. Returns the derived genotype, the supernet (on its device) and the history."""
+    passed. Returns the derived genotype, the supernet (on its device) and the history. With
+    ``cfg.target_ms`` the derived network is fitted to the target (:func:`gas_core.target.fit_to_target`)
+    with ``predict_us``, the exact table latency (default: the latency term's own sum)."""
     d = dist_info or DistInfo()
     compute = compute or ComputeConfig()
     if cfg.batch % (d.world * cfg.accum):
@@ -340,7 +365,7 @@ def search(
         lr = float(s.sched.get_last_lr()[0])
         s.sched.step()
         val_miou = evaluate(s, loaders, layout.num_classes, d) if loaders.val is not None else math.nan
-        row = epoch_row(s, stats, epoch, epoch < cfg.warmup_epochs, lr, val_miou)
+        row = epoch_row(s, stats, epoch, epoch < cfg.warmup_epochs, lr, val_miou, cfg.target_ms)
         history.append(row)
         if d.main:
             _log_epoch(row, total)
@@ -349,11 +374,26 @@ def search(
             save_checkpoint(s, cfg, layout, epoch, history, ckpt_path)
         if deadline is not None and time.monotonic() >= deadline:
             break
-    return SearchResult(derive(s.net.alpha_prime(), layout), s.net, history)
+    return derived_result(cfg, layout, s, history, predict_us)
+
+
+def derived_result(cfg: SearchConfig, layout: NetworkLayout, s: SearchState, history: list[dict],
+                   predict_us: PredictUs | None) -> SearchResult:
+    """The argmax of α′, or with a target the network fitted within its band."""
+    with torch.no_grad():
+        alpha_prime = s.net.alpha_prime()
+    if cfg.target_ms is None:
+        return SearchResult(derive(alpha_prime, layout), s.net, history)
+    g, fit = fit_to_target(alpha_prime, layout, s.term, cfg.target_ms * 1e3, cfg.target_tolerance, predict_us)
+    log.info("target %.3f ms: argmax of α′ at %.3f ms, %d swap(s) → %.3f ms (%+.1f %%, band ±%.0f %%)%s",
+             fit.target_ms, fit.argmax_ms, len(fit.swaps), fit.fitted_ms, 100 * (fit.fitted_ms / fit.target_ms - 1),
+             100 * fit.tolerance, "" if fit.within else "; NOT within the band: the search space cannot reach it")
+    return SearchResult(g, s.net, history, fit)
 
 
 def _log_epoch(row: dict, total: int) -> None:
-    log.info("%s %d/%d  loss %.4f  CE %.4f  LAT %.3f ms cells (%.3f whole net; expected %.3f, derived %.3f)  "
+    target = "" if row.get("target_ms") is None else f" against T {row['target_ms']:.3f}"
+    log.info("%s %d/%d  loss %.4f  CE %.4f  LAT %.3f ms cells (%.3f whole net; expected %.3f, derived %.3f%s)  "
              "τ %.3f  top p %.2f  mIoU %.3f  %.1f img/s, %.0f %% waiting for data", row["phase"], row["epoch"], total,
              row["loss"], row["ce"], row["lat_ms"], row["lat_total_ms"], row["expected_lat_ms"], row["derived_lat_ms"],
-             row["temperature"], row["top_prob"], row["val_miou"], row["images_per_s"], row["data_wait_pct"])
+             target, row["temperature"], row["top_prob"], row["val_miou"], row["images_per_s"], row["data_wait_pct"])

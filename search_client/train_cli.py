@@ -21,7 +21,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 import typer  # noqa: E402
-from pydantic import BaseModel, ValidationError  # noqa: E402
+from pydantic import BaseModel, Field, ValidationError  # noqa: E402
 
 from gas_core.devices import resolve_device
 from gas_core.errors import one_line  # noqa: E402
@@ -29,9 +29,16 @@ from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
 from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging  # noqa: E402
 from search_client.client import ServiceError  # noqa: E402
-from search_client.data import CAMVID_CLASSES, CITYSCAPES_CLASSES, DataRootError, SegDataset, build_datasets  # noqa: E402
+from search_client.data import (  # noqa: E402
+    CAMVID_CLASSES,
+    CITYSCAPES_CLASSES,
+    DataRootError,
+    SegDataset,
+    build_datasets,
+    build_eval_dataset,
+)
 from search_client.export import export  # noqa: E402
-from search_client.metrics import class_iou
+from search_client.metrics import class_accuracy, class_iou, mean_class_accuracy, pixel_accuracy
 from search_client.runtime import ComputeConfig, init_distributed, run_rank, sharded_loader  # noqa: E402
 from search_client.train import (  # noqa: E402
     CheckpointError,
@@ -43,6 +50,7 @@ from search_client.train import (  # noqa: E402
 
 log = logging.getLogger("gas-train")
 Dataset = Literal["synthetic", "cityscapes", "camvid"]
+LabelResolution = Literal["native", "input"]
 CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
                "synthetic": ("background", "disc", "rectangle", "stripes")}
 _DEVICE = ComputeConfig.model_fields["device"]  # gas-eval's one compute flag, its help and default from the model
@@ -148,17 +156,31 @@ class LatencyRow(BaseModel):
 
 
 class EvalReport(BaseModel):
-    schema_version: Literal[1] = 1
+    """``eval.json``. Version 2 added where the figures come from (data root's name, downscale,
+    the label resolution scored at, batch) and the numbers behind the PNG (pixel accuracy, mean
+    class accuracy, per-class accuracy, the confusion matrix)."""
+
+    schema_version: Literal[2] = 2
     kind: Literal["gas-eval"] = "gas-eval"
     checkpoint: str
     dataset: str
+    data_root: str | None = Field(description="the data root's folder name (not its path: eval.json gets shared)")
     split: str
-    input_size: tuple[int, int]
+    downscale: int = Field(description="factor the images were shrunk by at load")
+    input_size: tuple[int, int] = Field(description="H W the network ran at")
+    label_resolution: LabelResolution = Field(description="native: logits upsampled to the labels as stored; "
+                                              "input: labels resized to the input size")
+    label_size: tuple[int, int] = Field(description="H W of the labels the scores were computed at (first image)")
+    batch: int
     flip: bool
     scales: list[float]
     images: int
     miou: float
+    pixel_accuracy: float
+    mean_class_accuracy: float
     per_class_iou: dict[str, float | None]
+    per_class_accuracy: dict[str, float | None]
+    confusion: list[list[int]] = Field(description="[true class][predicted class] pixel counts, void excluded")
     latency: LatencyRow | None = None
 
 
@@ -181,15 +203,22 @@ def plot_confusion(conf: torch.Tensor, names: tuple[str, ...], path: Path) -> No
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
     dataset: Annotated[Dataset, typer.Option(help="evaluation data")] = "synthetic",
-    data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
+    data_root: Annotated[Path | None, typer.Option(
+        help="dataset root in its official layout; only the scored split is read (a root holding just test/ and "
+        "testannot/ is enough)")] = None,
     split: Annotated[Literal["val", "test"], typer.Option(
         help="split to score: val, or test where the layout has one (CamVid's SegNet layout: test/ and testannot/)")
     ] = "val",
     downscale: Annotated[int | None, typer.Option(
         help=DOWNSCALE_HELP + " (default: the factor the checkpoint was trained with)", min=1)] = None,
     input_size: Annotated[tuple[int, int] | None, typer.Option(
-        help="H W the network runs at (paper: 769 1537); predictions are scored at the labels' own size "
-        "(1024×2048 on Cityscapes). Default: the training crop size")] = None,
+        help="H W the network runs at (paper: 769 1537). Default: the training crop size")] = None,
+    label_resolution: Annotated[LabelResolution, typer.Option(
+        help="native: upsample the logits to the labels as stored (CamVid 360×480, Cityscapes 1024×2048), how "
+        "published numbers are scored; input: resize the labels to the input size instead (cheaper; what the "
+        "CamVid study's first round reported)")] = "native",
+    batch: Annotated[int, typer.Option(help="images per forward pass (the split's labels must share one size)",
+                                       min=1)] = 1,
     flip: Annotated[bool, typer.Option(help="average with the horizontally flipped image")] = False,
     scales: Annotated[list[float] | None, typer.Option(
         "--scale", help="multi-scale evaluation: input scale factors to average, repeatable (default 1.0)")] = None,
@@ -201,18 +230,20 @@ def eval_cmd(
     token: Annotated[str | None, typer.Option(help="bearer token for that service (default GAS_API_TOKEN)")] = None,
     out: Annotated[Path, typer.Option(help="directory for eval.json and confusion.png")] = Path("runs/eval"),
 ) -> None:
-    """mIoU and per-class IoU under the dataset's class names, a confusion-matrix PNG, as JSON."""
+    """mIoU, pixel and class accuracy, per-class IoU under the dataset's class names and the
+    confusion matrix, as JSON and a PNG."""
     try:
         ck = read_checkpoint(checkpoint)
         geno = Genotype.model_validate(ck["genotype"])
-        cfg = TrainConfig.model_validate(ck["config"])
         d = init_distributed(device)
         dev = resolve_device(device, d.local_rank, d.world)
         size = input_size or (int(ck["input_size"][0]), int(ck["input_size"][1]))
-        if split == "test" and dataset == "synthetic":
-            raise ValueError("--split test: the synthetic dataset has no test split")
-        _, val_ds = datasets_for(geno, dataset, data_root, size, cfg.seed, synthetic_size, full_size_labels=True,
-                                 eval_split=split, downscale=downscale or int(ck.get("downscale", 1)))
+        factor = downscale or int(ck.get("downscale", 1))
+        val_ds = build_eval_dataset(dataset, data_root, size, split, downscale=factor,
+                                    native_labels=label_resolution == "native", synthetic_size=synthetic_size[1])
+        if geno.layout.num_classes != val_ds.num_classes:
+            raise ValueError(f"the genotype's layout predicts {geno.layout.num_classes} classes but {dataset} has "
+                             f"{val_ds.num_classes}")
     except (CheckpointError, DataRootError, ValueError, ValidationError) as err:
         fail("gas-eval", one_line(err) if isinstance(err, ValidationError) else str(err))
     setup_logging(d.main)
@@ -222,22 +253,36 @@ def eval_cmd(
     except RuntimeError as err:
         fail("gas-eval", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
     model.to(dev)
-    val_loader, _ = sharded_loader(val_ds, d, 1, {"num_workers": 0})  # labels at their own size: one at a time
+    val_loader, _ = sharded_loader(val_ds, d, batch, {"num_workers": 0})
     sc = tuple(scales or [1.0])
-    conf = evaluate_confusion(model, val_loader, val_ds.num_classes, dev, d, flip, sc, progress=True)
-    names = CLASS_NAMES[dataset]
-    per_class = dict(zip(names, class_iou(conf), strict=True))
-    present = [v for v in per_class.values() if v is not None]
-    report = EvalReport(checkpoint=str(checkpoint), dataset=dataset, split=split, input_size=size, flip=flip,
-                        scales=list(sc), images=len(val_ds), miou=sum(present) / max(1, len(present)),
-                        per_class_iou=per_class)
+    try:
+        conf = evaluate_confusion(model, val_loader, val_ds.num_classes, dev, d, flip, sc, progress=True)
+    except RuntimeError as err:
+        if "stack expects each tensor to be equal size" not in str(err):
+            raise
+        fail("gas-eval", f"--batch {batch}: the {split} labels differ in size; use --batch 1")
+    report = eval_report(conf, CLASS_NAMES[dataset], checkpoint=str(checkpoint), dataset=dataset,
+                         data_root=data_root.resolve().name if data_root else None, split=split, downscale=factor,
+                         input_size=size, label_resolution=label_resolution,
+                         label_size=tuple(val_ds[0][1].shape[-2:]), batch=batch, flip=flip, scales=list(sc),
+                         images=len(val_ds))
     if latency_url is not None:
         report.latency = _measure(latency_url, token, geno, size)
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(conf, names, out / "confusion.png")
+    plot_confusion(conf, CLASS_NAMES[dataset], out / "confusion.png")
     (out / "eval.json").write_text(report.model_dump_json(indent=2))
     typer.echo(_format_eval(report))
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")
+
+
+def eval_report(conf: torch.Tensor, names: tuple[str, ...], **where: Any) -> EvalReport:
+    """Every score of a confusion matrix [C, C] (rows: truth) under the classes' names."""
+    per_class = dict(zip(names, class_iou(conf), strict=True))
+    present = [v for v in per_class.values() if v is not None]
+    return EvalReport(miou=sum(present) / max(1, len(present)), pixel_accuracy=pixel_accuracy(conf),
+                      mean_class_accuracy=mean_class_accuracy(conf), per_class_iou=per_class,
+                      per_class_accuracy=dict(zip(names, class_accuracy(conf), strict=True)),
+                      confusion=conf.long().tolist(), **where)
 
 
 def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int]) -> LatencyRow:
@@ -254,8 +299,10 @@ def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int])
 
 def _format_eval(r: EvalReport) -> str:
     lines = [f"{r.dataset} {r.split}: {r.images} images at {r.input_size[0]}×{r.input_size[1]}"
-             f"{' + flip' if r.flip else ''}{' scales ' + ','.join(map(str, r.scales)) if r.scales != [1.0] else ''}",
-             f"  mIoU {r.miou:.4f}"]
+             f"{' + flip' if r.flip else ''}{' scales ' + ','.join(map(str, r.scales)) if r.scales != [1.0] else ''}"
+             f", scored at {r.label_size[0]}×{r.label_size[1]} ({r.label_resolution} labels)",
+             f"  mIoU {r.miou:.4f}   pixel accuracy {r.pixel_accuracy:.4f}   mean class accuracy "
+             f"{r.mean_class_accuracy:.4f}"]
     lines += [f"  {n:<14} {'n/a' if v is None else f'{v:.4f}'}" for n, v in r.per_class_iou.items()]
     if r.latency is not None:
         lt = r.latency

@@ -90,11 +90,34 @@ def test_gas_eval_scores_the_test_split(tmp_path: Path) -> None:
                                                   "--input-size", 12, 16, "--downscale", 2, "--epochs", 1, "--batch", 2,
                                                   "--workers", 0, "--quiet", "--out", tmp_path / "run")])
     assert r.exit_code == 0, r.output
+    import shutil
+
+    for sub in ("train", "trainannot", "val", "valannot"):  # a root that holds only the test split
+        shutil.rmtree(tmp_path / "cv" / sub)
     r = runner.invoke(eval_app, [str(a) for a in (tmp_path / "run" / "last.pt", "--dataset", "camvid", "--data-root",
                                                  tmp_path / "cv", "--split", "test", "--out", tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     report = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert report["split"] == "test" and report["images"] == 3 and report["input_size"] == [12, 16]
+    # where the figures come from: the root's name (not its path), the downscale the checkpoint was
+    # trained with, labels at their native 24×32 (logits upsampled from 12×16)
+    assert (report["data_root"], report["downscale"], report["batch"]) == ("cv", 2, 1)
+    assert (report["label_resolution"], report["label_size"]) == ("native", [24, 32])
+    conf = torch.tensor(report["confusion"])
+    assert conf.shape == (11, 11) and int(conf.sum()) > 0  # every labelled (non-void) pixel of 3 images at 24×32
+    assert int(conf.sum()) <= 3 * 24 * 32
+    assert report["pixel_accuracy"] == pytest.approx(float(conf.diag().sum() / conf.sum()))
+    rows = conf.sum(1)
+    acc = [float(conf[i, i] / rows[i]) for i in range(11) if rows[i] > 0]
+    assert report["mean_class_accuracy"] == pytest.approx(sum(acc) / len(acc))
+    assert list(report["per_class_accuracy"]) == list(report["per_class_iou"])
+    r = runner.invoke(eval_app, [str(a) for a in (tmp_path / "run" / "last.pt", "--dataset", "camvid", "--data-root",
+                                                 tmp_path / "cv", "--split", "test", "--label-resolution", "input",
+                                                 "--batch", 3, "--out", tmp_path / "ev2")])
+    assert r.exit_code == 0, r.output
+    small = json.loads((tmp_path / "ev2" / "eval.json").read_text())
+    assert (small["label_resolution"], small["label_size"], small["batch"]) == ("input", [12, 16], 3)
+    assert int(torch.tensor(small["confusion"]).sum()) < int(conf.sum())  # a quarter of the pixels
     r = runner.invoke(eval_app, [str(tmp_path / "run" / "last.pt"), "--split", "test", "--out", str(tmp_path / "e2")])
     assert r.exit_code == 2 and "no test split" in r.output and "Traceback" not in r.output
 
@@ -134,14 +157,25 @@ def test_study_orchestration_runs_two_networks_and_resume_skips_them(tmp_path: P
     out = tmp_path / "study"
     assert main(["--scale", "tiny", "--data-root", str(tmp_path / "cv"), "--out", str(out), "--quiet"]) == 0
     runs = {p.stem: json.loads(p.read_text()) for p in (out / "runs").glob("*.json")}
-    assert set(runs) == {"table", "search-gas-s0", "random-b0", "train-search-gas-s0", "train-random-b0",
-                         "measure-search-gas-s0", "measure-random-b0"}
+    trained = ["train-search-gas-s0", "train-random-b0", "train-partner-gas-s0"]
+    assert set(runs) == {"table-r2", "search-gas-s0", "random-b0", "measure-r2", "partner-gas-s0", *trained,
+                         *(f"evalboth-{t}" for t in trained)}
+    assert (out / "tables" / "table-r2.json").is_file()  # the pinned table travels with the results
     assert abs(runs["random-b0"]["table_ms"] / runs["search-gas-s0"]["table_ms"] - 1) <= 0.05
-    for name in ("train-search-gas-s0", "train-random-b0"):
+    for name in trained:
         assert runs[name]["eval"]["split"] == "val" and (out / runs[name]["checkpoint"]).is_file()
         half = torch.load(out / runs[name]["checkpoint"], weights_only=False)
         assert all(v.dtype == torch.float16 for v in half["model"].values() if v.is_floating_point())
-    assert runs["measure-search-gas-s0"]["median_ms"] > 0
+        both = runs[f"evalboth-{name}"]
+        assert both["native"]["label_size"] == both["input"]["label_size"] == [32, 48]  # tiny: input = native
+    m = runs["measure-r2"]
+    timed = {n["name"]: n for n in m["networks"]}
+    assert set(timed) == {"search-gas-s0", "random-b0", "uniform-u0", "uniform-u1", "uniform-u2"}
+    assert all(len(n["rounds_ms"]) == 3 and n["median_ms"] > 0 for n in timed.values())
+    assert m["rounds"] == 3 and len(m["order"]) == 3 and m["sitting_table"]
+    p = runs["partner-gas-s0"]
+    assert p["source"] == "search-gas-s0" and abs(p["params"] / p["source_params"] - 1) <= 0.10
+    assert p["candidates"] and p["draw"] == p["candidates"][0]["draw"]  # any candidate matches at tiny tolerance
     assert (out / "report.md").is_file() and (out / "table3_scatter.png").is_file()
     stamps = {p.name: p.stat().st_mtime_ns for p in (out / "runs").glob("*.json")}
     assert main(["--scale", "tiny", "--data-root", str(tmp_path / "cv"), "--out", str(out), "--quiet"]) == 0
