@@ -117,9 +117,10 @@ def summarise_tables(run: InterleavedRun, sitting_ms: dict[str, float]) -> dict[
     names = list(t)
     probe = [n for n in names if n.startswith("uniform-")]
     out: dict[str, Any] = {"sitting_table_ms": sitting_ms}
-    for label, table in (("pinned", {n: t[n].predicted_ms for n in names}), ("sitting", sitting_ms)):
+    pinned = {n: p for n in names if (p := t[n].predicted_ms) is not None}
+    for label, table in (("pinned", pinned), ("sitting", sitting_ms)):
         for group, members in (("all", names), ("probe", probe)):
-            pairs = [(table[n], t[n].median_ms) for n in members if table.get(n) is not None]
+            pairs = [(table[n], t[n].median_ms) for n in members if n in table]
             out[f"tau_{label}_{group}"] = kendall_tau([p for p, _ in pairs], [m for _, m in pairs])
             out[f"ratio_{label}_{group}"] = statistics.median(p / m for p, m in pairs) if pairs else None
     return out
