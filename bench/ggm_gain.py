@@ -30,7 +30,7 @@ def main() -> None:
     ap.add_argument("checkpoint", type=Path, help="checkpoint.pt of a gas-search run (its work directory)")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    ck = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
     cfg, layout = SearchConfig.model_validate(ck["config"]), NetworkLayout.model_validate(ck["layout"])
 
     def supernet() -> Supernet:

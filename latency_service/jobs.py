@@ -53,6 +53,7 @@ class DeviceRunner(Protocol):
     def start(self) -> None: ...
     def stop(self, timeout: float = 30) -> None: ...
     def alive(self) -> bool: ...
+    def restarting(self) -> bool: ...  # not alive, but a restart is under way (seconds)
     def wake(self) -> None: ...  # a job was queued
     def queued(self) -> int: ...  # measurements waiting that someone still wants
     def submit_measure(self, req: MeasureRequest, limit: int | None = None) -> Future[MeasurePublic]: ...
@@ -135,6 +136,9 @@ class DeviceWorker:
 
     def alive(self) -> bool:
         return self._thread.is_alive()
+
+    def restarting(self) -> bool:
+        return False  # a worker thread is never restarted: down is down until the service restarts
 
     def wake(self) -> None:
         self._wake.set()

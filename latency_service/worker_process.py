@@ -119,6 +119,11 @@ class WorkerProcess:
     def alive(self) -> bool:
         return self._proc.is_alive()
 
+    def restarting(self) -> bool:
+        """Dead but about to be restarted (within :data:`RESTART_PAUSE_S` and a start-up): a
+        short gap, not an outage."""
+        return not self._gone and not self._stopping.is_set() and not self._proc.is_alive()
+
     def wake(self) -> None:
         self._send(("wake",))
 

@@ -298,7 +298,7 @@ def save_checkpoint(s: SearchState, cfg: SearchConfig, layout: NetworkLayout, ep
 def load_checkpoint(s: SearchState, cfg: SearchConfig, path: Path) -> tuple[list[dict], int]:
     """Restore onto this run's device (a GPU checkpoint resumes on a CPU and back); returns the
     history so far and the next epoch."""
-    ck = torch.load(path, map_location=s.device, weights_only=False)
+    ck = torch.load(path, map_location=s.device, weights_only=True)  # a search's own checkpoint: plain data
     if SearchConfig.model_validate(ck["config"]) != cfg:
         raise ValueError(f"{path} was written with another configuration; use a new --out or the same flags")
     s.net.load_state_dict(ck["model"])

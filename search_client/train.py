@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import pickle
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,14 +179,28 @@ class CheckpointError(ValueError):
     """Not a readable gas-train checkpoint, or one of another network; one line for the CLI."""
 
 
+def safe_load(path: Path, what: str, device: torch.device | str = "cpu") -> object:
+    """``torch.load`` with ``weights_only=True``: tensors and plain data only, never arbitrary
+    pickled objects — users pass checkpoints they downloaded from others, and a full unpickle runs
+    whatever code the file names. Our own checkpoints hold nothing else (dicts, lists, numbers,
+    strings, tensors), so no class needs allow-listing. One line on failure."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = "Unsupported global" in str(err) or "Weights only load failed" in str(err)
+        if refused:
+            raise CheckpointError(f"{what} {path}: refused: it holds pickled objects other than tensors and plain "
+                                  "data, which could run code when loaded") from None
+        raise CheckpointError(f"{what} {path}: not a readable torch checkpoint (UnpicklingError)") from None
+    except Exception as err:  # truncated, not a torch file
+        raise CheckpointError(f"{what} {path}: not a readable torch checkpoint ({type(err).__name__})") from None
+
+
 def read_checkpoint(path: Path, device: torch.device | str = "cpu") -> dict:
     """A gas-train checkpoint, checked: a file that is not one says so in one line."""
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path}: no such file")
-    try:
-        ck = torch.load(path, map_location=device, weights_only=False)
-    except Exception as err:  # truncated, not a torch file, pickled garbage
-        raise CheckpointError(f"checkpoint {path}: not a readable torch checkpoint ({type(err).__name__})") from None
+    ck = safe_load(path, "checkpoint", device)
     if not isinstance(ck, dict) or ck.get("kind") != TRAIN_CHECKPOINT_KIND:
         raise CheckpointError(f"checkpoint {path}: not a gas-train checkpoint (no kind={TRAIN_CHECKPOINT_KIND!r})")
     return ck
@@ -197,10 +212,7 @@ def init_from(model: nn.Module, path: Path) -> tuple[list[str], list[str]]:
     the model. Accepts a bare state_dict or a dict holding one under ``model``/``state_dict``."""
     if not path.is_file():
         raise CheckpointError(f"--init {path}: no such file")
-    try:
-        raw = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:
-        raise CheckpointError(f"--init {path}: not a readable torch checkpoint ({type(err).__name__})") from None
+    raw = safe_load(path, "--init")
     state = raw.get("model", raw.get("state_dict", raw)) if isinstance(raw, dict) else None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise CheckpointError(f"--init {path}: holds no state_dict of tensors")

@@ -9,6 +9,7 @@ foreign checkpoint) is one line on stderr and exit status 2.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import math
 import platform
@@ -314,6 +315,15 @@ def _format_eval(r: EvalReport) -> str:
 
 # ---------------------------------------------------------------- gas-export
 
+EXPORT_EXTRA = "gas-nas[export]"
+"""The extra (pyproject.toml) that installs what gas-export imports."""
+
+
+def missing_modules(*names: str) -> list[str]:
+    """The modules of ``names`` that cannot be imported here."""
+    return [n for n in names if importlib.util.find_spec(n) is None]
+
+
 export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 
 
@@ -326,6 +336,10 @@ def export_cmd(
         "runs/export"),
 ) -> None:
     """Fold BN, write ONNX (dynamic batch) and TorchScript, check both against eager, time them."""
+    missing = missing_modules("onnx", "onnxruntime", "onnxscript")
+    if missing:
+        fail("gas-export", f"needs {', '.join(missing)}, which a plain install leaves out: pip install "
+             f"'{EXPORT_EXTRA}'")
     try:
         ck = read_checkpoint(checkpoint)
         geno = Genotype.model_validate(ck["genotype"])

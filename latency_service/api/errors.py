@@ -7,6 +7,7 @@ JSON cannot carry. This one names each field, says what is wrong with it and ech
 
 from __future__ import annotations
 
+import hmac
 import json
 import logging
 from typing import Any
@@ -65,7 +66,22 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
     """Every ``HTTPException`` (a route's 404/409/422/429/503, the router's 404/405, the auth
     dependency's 401/403) in the one shape, its headers (Retry-After, Allow) kept."""
     assert isinstance(exc, StarletteHTTPException)
-    return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail)), headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == status.HTTP_405_METHOD_NOT_ALLOWED:
+        headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request.scope))}
+    return JSONResponse(status_code=exc.status_code, content=error_body(str(exc.detail)), headers=headers)
+
+
+def allowed_methods(scope: Scope) -> list[str]:
+    """Every method some route of the path answers: Starlette's 405 names only the first route
+    that matched the path (``GET /jobs/{id}``, not its ``DELETE``)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in leaf_routes(scope["app"].router.routes):
+        if route.matches(scope)[0] is not Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
 
 
 class BodyLimit:
@@ -111,31 +127,119 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body.encode()})
 
 
-class JsonOnly:
-    """Pure ASGI middleware: a POST, PUT or PATCH whose body is not declared JSON gets 415 naming
-    the type expected (every such route here takes a JSON body). Without it a JSON body sent as
-    ``text/plain``, as a form or without a type got a 422 "Input should be a valid dictionary"
-    that said nothing about the content type."""
+class Gate:
+    """Pure ASGI middleware: what may be refused without reading the body is refused before a
+    byte of it is read. FastAPI reads and JSON-decodes the whole body on the event loop before it
+    runs a route's dependencies, so an anonymous 60 MiB body was parsed (RSS +1.5 GB, /health
+    stalled 13 s) only to be answered 401. Here the request is routed first; then
 
-    METHODS = frozenset({"POST", "PUT", "PATCH"})
+    1. a route that needs a bearer token (its dependencies hold :func:`~latency_service.api.deps.require_token`
+       or ``require_read``) without a valid one gets 401/403 at once, and the connection is closed
+       (its body stays unread);
+    2. a route that takes a JSON body (it documents a 415) gets 415 for another content type and
+       400 for two ``Content-Type`` headers (the framework would read one, this check the other).
+
+    Requests that match no route pass through, so the router's own 404 and 405 answer them
+    (never a 415 for a path that does not exist). The routes' own dependencies still check the
+    token too: the gate is the early refusal, not the only one."""
+
+    BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
+        self._needs: dict[int, tuple[str | None, bool]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] in self.METHODS:
-            raw = dict(scope.get("headers", [])).get(b"content-type", b"").decode("latin-1")
-            media = raw.split(";", 1)[0].strip().lower()
-            if media != "application/json" and not media.endswith("+json"):
-                got = f"{raw!r}" if raw else "none"
-                body = json.dumps(error_body(f"Content-Type: expected application/json, got {got}", [FieldProblem(
-                    loc=["header", "content-type"], field="Content-Type", msg="expected application/json",
-                    type="unsupported_media_type", input=raw[:ECHO_CHARS])])).encode()
-                await send({"type": "http.response.start", "status": 415,
-                            "headers": [(b"content-type", b"application/json"), (b"accept", b"application/json")]})
-                await send({"type": "http.response.body", "body": body})
-                return
+        if scope["type"] == "http":
+            route = _full_match(scope)
+            if route is not None:
+                auth, json_body = self._route_needs(route)
+                refusal = (_auth_refusal(scope, auth) if auth is not None else None) or (
+                    _content_type_refusal(scope) if json_body and scope["method"] in self.BODY_METHODS else None)
+                if refusal is not None:
+                    await _send_json(send, *refusal)
+                    return
         await self.app(scope, receive, send)
+
+    def _route_needs(self, route: Any) -> tuple[str | None, bool]:
+        """(which token the route needs: "write", "read" or None; whether it takes a JSON body)."""
+        key = id(route)
+        if key not in self._needs:
+            from latency_service.api.deps import require_read, require_token
+
+            calls = {d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])}
+            auth = "write" if require_token in calls else "read" if require_read in calls else None
+            self._needs[key] = (auth, 415 in getattr(route, "responses", {}))
+        return self._needs[key]
+
+
+def leaf_routes(routes: list[Any]) -> list[Any]:
+    """The app's routes with included routers opened up (FastAPI ≥ 0.16x wraps each
+    ``include_router`` in one object that matches for all its routes); the routers here are
+    included without a prefix, so each leaf matches the request's own path."""
+    out: list[Any] = []
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        out += leaf_routes(inner.routes) if inner is not None else [route]
+    return out
+
+
+def _full_match(scope: Scope) -> Any:
+    from starlette.routing import Match
+
+    app = scope.get("app")
+    for route in leaf_routes(getattr(getattr(app, "router", None), "routes", [])):
+        match, _ = route.matches(scope)
+        if match is Match.FULL:
+            return route
+    return None
+
+
+Refusal = tuple[int, dict[str, Any], list[tuple[bytes, bytes]]]
+
+
+def _auth_refusal(scope: Scope, need: str) -> Refusal | None:
+    """401 without a bearer token, 403 with a wrong one (constant-time comparison), as the
+    route's dependency would answer; None when the token is accepted or none is configured."""
+    host = getattr(getattr(scope.get("app"), "state", None), "host", None)
+    if host is None:
+        return None
+    accepted = ([host.settings.api_token] if host.settings.api_token is not None else None) if need == "write" \
+        else host.settings.read_tokens()
+    if accepted is None:
+        return None
+    name = "GAS_API_TOKEN" if need == "write" else "GAS_READ_TOKEN"
+    header = dict(scope.get("headers", [])).get(b"authorization", b"").decode("latin-1")
+    scheme, _, token = header.partition(" ")
+    close = [(b"connection", b"close")]
+    if scheme.lower() != "bearer" or not token.strip():
+        return 401, error_body(f"this route needs 'Authorization: Bearer <{name}>'"), [
+            (b"www-authenticate", b"Bearer"), *close]
+    if not any(hmac.compare_digest(token.strip().encode(), t.encode()) for t in accepted):
+        return 403, error_body("wrong bearer token"), close
+    return None
+
+
+def _content_type_refusal(scope: Scope) -> Refusal | None:
+    types = [v.decode("latin-1") for k, v in scope.get("headers", []) if k == b"content-type"]
+    if len(types) > 1:
+        return 400, error_body(f"Content-Type: sent {len(types)} times ({', '.join(map(repr, types))}); send one, "
+                               "application/json"), [(b"connection", b"close")]
+    raw = types[0] if types else ""
+    media = raw.split(";", 1)[0].strip().lower()
+    if media == "application/json" or media.endswith("+json"):
+        return None
+    got = f"{raw!r}" if raw else "none"
+    return 415, error_body(f"Content-Type: expected application/json, got {got}", [FieldProblem(
+        loc=["header", "content-type"], field="Content-Type", msg="expected application/json",
+        type="unsupported_media_type", input=raw[:ECHO_CHARS])]), [(b"accept", b"application/json"),
+                                                                  (b"connection", b"close")]
+
+
+async def _send_json(send: Send, status_code: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status_code,
+                "headers": [(b"content-type", b"application/json"), *headers]})
+    await send({"type": "http.response.body", "body": json.dumps(body).encode()})
 
 
 async def database_unavailable(request: Request, exc: Exception) -> JSONResponse:
@@ -166,12 +270,12 @@ def document(app: FastAPI) -> None:
 
 def install(app: FastAPI, max_body_bytes: int) -> None:
     """The error handler, gzip for large responses when the client accepts it (a table with its
-    samples compresses ~3×), 415 for a body that is not JSON, and the body limit outermost, so
-    nothing reads an oversized body."""
+    samples compresses ~3×), the gate (auth and the content type, before any body is read:
+    :class:`Gate`), and the body limit outermost, so nothing reads an oversized body."""
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OperationalError, database_unavailable)
     document(app)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
-    app.add_middleware(JsonOnly)
+    app.add_middleware(Gate)
     app.add_middleware(BodyLimit, limit=max_body_bytes)

@@ -29,6 +29,10 @@ def _public(session: SessionDep, job: Job) -> JobPublic:
     return job_public(job, dev.slug if dev else "?", env.fingerprint if env else "?")
 
 
+WORKER_RESTART_RETRY_S = 3
+"""Retry-After while the worker process restarts: its pause (1 s) and a start-up."""
+
+
 @router.post(
     "/profile", response_model=JobPublic, status_code=status.HTTP_202_ACCEPTED, dependencies=[TokenDep],
     summary="Queue a profiling job on this host's device",
@@ -52,6 +56,9 @@ async def profile(req: ProfileRequest, host: HostDep, client: ClientDep, respons
     # environment need no query. (Under 64 clients the thread hops, not the work, were the cost.)
     known = host.known_active_job(req)
     if known is None and not host.worker.alive():
+        if host.worker.restarting():
+            raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the device worker is restarting; retry in a "
+                                "few seconds", headers={"Retry-After": str(WORKER_RESTART_RETRY_S)})
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the device worker is down (see GET /health and "
                             "the service log); no job would run until the service restarts",
                             headers={"Retry-After": "60"})
