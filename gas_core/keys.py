@@ -16,7 +16,7 @@ import hashlib
 from typing import Literal, get_args
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Dtype = Literal["float32", "float16", "bfloat16"]
 MemoryFormat = Literal["contiguous", "channels_last"]
@@ -37,6 +37,20 @@ TORCH_MEMORY_FORMATS: dict[str, torch.memory_format] = {
 }
 
 KEY_HASH_LEN = 32
+KEY_MAX_LEN = 256
+"""Longest canonical key string (the database column's width)."""
+
+
+def _no_nul(text: str) -> str:
+    if "\x00" in text:
+        raise ValueError("must not contain a NUL character")
+    return text
+
+
+NO_NUL = AfterValidator(_no_nul)
+"""On every free-form string, beside its ``max_length``: PostgreSQL refuses NUL in text and SQLite
+stores it, so the check comes before either sees it and both backends answer the same 422."""
+
 INT32_MAX = 2**31 - 1
 """Upper bound of every integer field of a key or a table row: what SQLite and PostgreSQL
 integer columns hold, so an absurd value is a 422 naming the field, not a database overflow."""

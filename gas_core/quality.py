@@ -22,11 +22,12 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Final, NamedTuple
+from typing import Annotated, Final, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
 from gas_core.genotype import Genotype
+from gas_core.keys import NO_NUL
 from gas_core.latency import derived_keys, own_cost_us
 from gas_core.search_space import NetworkShapes
 
@@ -94,7 +95,9 @@ class RowQuality(BaseModel):
     median_se_us: float = Field(ge=0, description="standard error of the median, µs (MAD-based)")
     attempts: int = Field(default=1, ge=1, description="times the key was timed before it was stored")
     flagged: bool
-    reasons: list[str] = Field(default_factory=list, description="why it is flagged, in words")
+    reasons: list[Annotated[str, Field(max_length=1000), NO_NUL]] = Field(
+        default_factory=list, max_length=16, description="why it is flagged, in words (at most 16 of 1,000 "
+        "characters: a file's reasons are served on every read)")
 
 
 def assess(samples_us: Sequence[float], policy: QualityPolicy = QualityPolicy(), attempts: int = 1,

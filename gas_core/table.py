@@ -23,7 +23,7 @@ from typing import Annotated, Any, Final, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from scipy import stats
 
-from gas_core.keys import INT32_MAX, MAX_US, MIN_RATIO_US, LatencyKey
+from gas_core.keys import INT32_MAX, KEY_HASH_LEN, KEY_MAX_LEN, MAX_US, MIN_RATIO_US, NO_NUL, LatencyKey
 from gas_core.quality import RowQuality
 
 TABLE_SCHEMA_VERSION: Final = 1
@@ -87,12 +87,12 @@ class TableDevice(BaseModel):
     slug: str = Field(min_length=1, max_length=128, pattern=SLUG_PATTERN,
                       description="stable name of the hardware, e.g. nvidia-h100-80gb-hbm3")
     kind: Literal["cpu", "cuda"]
-    name: str = Field(max_length=256)
+    name: Annotated[str, Field(max_length=256), NO_NUL]
     info: FreeJson = Field(default_factory=dict)
 
 
 class TableEnvironment(BaseModel):
-    fingerprint: str = Field(min_length=1, max_length=32)
+    fingerprint: Annotated[str, Field(min_length=1, max_length=32), NO_NUL]
     info: FreeJson = Field(default_factory=dict)
     entries: int | None = Field(default=None, description="rows of this environment")
     created_at: datetime | None = None
@@ -105,9 +105,9 @@ class TableEntry(BaseModel):
     """One timed key. ``key`` is the canonical string; the key's fields are repeated as columns so
     CSV users can filter without parsing it, and checked against it on input."""
 
-    key: str
-    key_hash: str
-    op: str
+    key: Annotated[str, Field(max_length=KEY_MAX_LEN), NO_NUL]
+    key_hash: Annotated[str, Field(max_length=KEY_HASH_LEN), NO_NUL]
+    op: Annotated[str, Field(max_length=64), NO_NUL]
     c_in: Int32
     c_out: Int32
     h: Int32
@@ -115,9 +115,9 @@ class TableEntry(BaseModel):
     stride: Int32
     n_inputs: Int32
     batch: Int32
-    dtype: str
-    memory_format: str
-    runtime: str
+    dtype: Annotated[str, Field(max_length=16), NO_NUL]
+    memory_format: Annotated[str, Field(max_length=16), NO_NUL]
+    runtime: Annotated[str, Field(max_length=16), NO_NUL]
     median_us: Micros
     p10_us: Micros
     p90_us: Micros
@@ -125,7 +125,7 @@ class TableEntry(BaseModel):
     std_us: Micros
     n_samples: int = Field(ge=1, le=INT32_MAX, strict=True)
     iters_per_sample: int = Field(ge=1, le=INT32_MAX, strict=True)
-    timer: str
+    timer: Annotated[str, Field(max_length=32), NO_NUL]
     method: FreeJson | None = Field(default=None, description="profiler settings the row was timed with")
     gpu_clock_mhz: Int32 | None = None
     gpu_temp_c: Int32 | None = None
@@ -133,12 +133,19 @@ class TableEntry(BaseModel):
                           "host drifted while it was timed; see quality.reasons")
     quality: RowQuality | None = Field(default=None, description="the verdict and the figures it rests on")
     created_at: datetime
+    origin: Literal["measured", "imported"] | None = Field(
+        default=None, description="measured: timed by a host of this service's database; imported: merged from a "
+        "file (an import into a measured environment needs force=true). Ignored on import")
     samples_us: list[Annotated[float, Field(ge=-MAX_US, le=MAX_US, allow_inf_nan=False)]] | None = Field(
         default=None, description="every raw sample, µs per run (samples=true)")
 
     def latency_key(self) -> LatencyKey:
-        """The parsed key; ``ValueError`` if the canonical string, its hash and the columns disagree."""
+        """The parsed key; ``ValueError`` if the string is not the key's canonical form (``cin=08``,
+        other digits, leading zeros: a lookup by the canonical string would never find the row,
+        and a later profile would skip the key as stored), or its hash or columns disagree."""
         key = LatencyKey.from_canonical(self.key)
+        if key.canonical != self.key:
+            raise ValueError(f"key {self.key[:120]!r} is not canonical; its canonical form is {key.canonical!r}")
         if key.key_hash != self.key_hash:
             raise ValueError(f"key_hash {self.key_hash} is not the hash of {self.key!r} ({key.key_hash})")
         for name, value in key.model_dump().items():

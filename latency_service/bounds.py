@@ -121,13 +121,19 @@ def _expand_layout(st: Settings, layout: NetworkLayout, size: tuple[int, int], r
 
 def check_queue(session: Session, st: Settings, *, device_id: int, environment_id: int, client: str | None,
                 n_keys: int) -> None:
-    """Jobs per client (429) and keys queued on this device (503), each naming its setting."""
+    """Jobs and queued keys per client (429: one client's share) and keys queued on this device
+    (503), each naming its setting."""
     if client is not None:
         held = job_state.active_jobs_of(session, client=client)
         if held >= st.max_jobs_per_client:
             raise Overloaded(f"jobs: this client already has {held} queued or running jobs, the bound "
                              f"GAS_MAX_JOBS_PER_CLIENT={st.max_jobs_per_client}; wait for one to end or cancel "
                              "one (DELETE /jobs/{id})", 429, 30)
+        mine = job_state.queued_keys_of(session, client=client)
+        if mine + n_keys > st.max_client_keys:
+            raise Overloaded(f"keys: this client already has {mine} keys waiting and this request adds {n_keys}, "
+                             f"beyond its share GAS_MAX_CLIENT_KEYS={st.max_client_keys}; wait for its jobs to "
+                             "drain or cancel one (DELETE /jobs/{id})", 429, 60)
     queued = job_state.queued_keys(session, device_id=device_id, environment_id=environment_id)
     if queued + n_keys > st.max_queued_keys:
         raise Overloaded(f"keys: {queued} keys already wait for this device and this request adds {n_keys}, "

@@ -72,14 +72,19 @@ def serve(
     database_url: DbOpt = None,
     device: DevOpt = None,
     threads: ThrOpt = None,
+    forwarded_allow_ips: Annotated[str | None, typer.Option(
+        help="comma-separated addresses of the reverse proxies whose X-Forwarded-For names the client (default "
+        "GAS_FORWARDED_ALLOW_IPS; unset: the header is ignored and the peer address is the client)")] = None,
 ) -> None:
     """Serve the HTTP API with uvicorn (migrates the database and resumes unfinished jobs first);
     request heads time out after GAS_HEADER_TIMEOUT_S, and tokens in query strings never reach
-    the access log."""
+    the access log (docs/security.md lists every bound)."""
     from latency_service.main import create_app
     from latency_service.server import run
 
     settings = _settings(database_url, device, threads)
+    if forwarded_allow_ips is not None:
+        settings = settings.model_copy(update={"forwarded_allow_ips": forwarded_allow_ips})
     _require_reachable(settings)
     run(create_app(settings), settings, host, port)
 

@@ -205,6 +205,10 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
     elif dev.kind != table.device.kind:
         raise ImportConflict(f"device {dev.slug!r} is a {dev.kind} device here, the file says {table.device.kind}")
     env = get_environment(session, device=dev, fingerprint=table.environment.fingerprint)
+    if env is not None and env.origin == "measured" and not force:
+        raise ImportConflict(f"environment {env.fingerprint} of {dev.slug!r} holds rows this service measured; a "
+                             "file would replace or mix with them: pass force=true to import into it anyway (the "
+                             "rows it replaces are then marked imported)")
     if env is None:
         env = Environment(device_id=dev.id, fingerprint=table.environment.fingerprint, info=table.environment.info,
                           origin="imported")
@@ -224,6 +228,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
             n_samples=e.n_samples, iters_per_sample=e.iters_per_sample, timer=e.timer, method=e.method or {},
             samples=e.samples_us, gpu_clock_mhz=e.gpu_clock_mhz, gpu_temp_c=e.gpu_temp_c,
             created_at=as_utc(e.created_at), flagged=quality.flagged, quality=quality.model_dump(mode="json"),
+            origin="imported",
         )
         row = stored.get(e.key_hash)
         if row is None:

@@ -75,6 +75,12 @@ def active_jobs_of(session: Session, *, client: str) -> int:
     return int(session.scalar(select(func.count(Job.id)).where(Job.client == client, Job.state.in_(ACTIVE))) or 0)
 
 
+def queued_keys_of(session: Session, *, client: str) -> int:
+    """Keys not yet processed over ``client``'s queued and running jobs (any device)."""
+    q = select(func.coalesce(func.sum(Job.total - Job.done), 0)).where(Job.client == client, Job.state.in_(ACTIVE))
+    return int(session.scalar(q) or 0)
+
+
 def queued_keys(session: Session, *, device_id: int, environment_id: int) -> int:
     """Keys not yet processed over the queued and running jobs of one (device, environment)."""
     q = select(func.coalesce(func.sum(Job.total - Job.done), 0)).where(

@@ -21,13 +21,15 @@ from latency_service.service import Host
 API_VERSION = "1"
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, *, run_worker: bool = True) -> FastAPI:
+    """The app; ``run_worker=False`` leaves the device idle (jobs stay queued): HTTP tests in
+    process that exercise queues and bounds without timing anything."""
     settings = settings or get_settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        host = Host.start(settings, worker_process=settings.worker_process)
+        host = Host.start(settings, run_worker=run_worker, worker_process=settings.worker_process)
         app.state.host = host
         # fewer API threads than pooled connections: a thread never waits on the pool for a
         # connection that only another thread could hand back (latency_service/db.py)

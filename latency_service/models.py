@@ -145,6 +145,7 @@ class Measurement(Base):
     gpu_clock_mhz: Mapped[int | None] = mapped_column(Integer, nullable=True)
     gpu_temp_c: Mapped[int | None] = mapped_column(Integer, nullable=True)
     flagged: Mapped[bool] = mapped_column(Boolean, default=False)
+    origin: Mapped[str] = mapped_column(String(16), default="measured", server_default="measured")
     """Stored although unstable (gas_core.quality): its samples, or the host while it ran."""
     quality: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # gas_core.quality.RowQuality
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

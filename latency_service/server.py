@@ -109,9 +109,12 @@ def run(app: Any, settings: Settings, host: str, port: int) -> None:
     import uvicorn
 
     protocol = type("GasH11Protocol", (HeadTimeoutH11,), {"head_timeout_s": settings.header_timeout_s})
+    # X-Forwarded-For names the client only from configured proxies: uvicorn trusts 127.0.0.1 by
+    # default, so any local process could pose as any number of clients (docs/security.md)
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), http=protocol,
                             timeout_graceful_shutdown=max(1, int(settings.shutdown_grace_s / 2)),
-                            timeout_keep_alive=30)
+                            timeout_keep_alive=30, proxy_headers=settings.forwarded_allow_ips is not None,
+                            forwarded_allow_ips=settings.forwarded_allow_ips or "")
     server = uvicorn.Server(config)
     install_log_redaction()  # after Config has set up uvicorn's loggers
     server.run()

@@ -99,19 +99,19 @@ def test_row16_a_plain_install_runs_every_console_script(tmp_path: Path) -> None
 TOKEN = "s3cret-token"
 
 
-@pytest.fixture(scope="module")
-def app_client(tmp_path_factory: pytest.TempPathFactory):
-    """The real app on SQLite through FastAPI's TestClient (lifespan, migrations, a worker thread):
-    no server process."""
+@pytest.fixture(scope="module", params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def app_client(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The real app on each backend through FastAPI's TestClient (lifespan, migrations), its
+    device idle so jobs stay queued: no server process, nothing timed."""
     from fastapi.testclient import TestClient
 
     from latency_service.core.config import Settings
     from latency_service.main import create_app
 
-    db = tmp_path_factory.mktemp("h3") / "gas.db"
-    settings = Settings(database_url=f"sqlite:///{db}", api_token=TOKEN, device="cpu", worker_process=False,
-                        cpu_threads=1)
-    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+    url = (f"sqlite:///{tmp_path_factory.mktemp('h3') / 'gas.db'}" if request.param == "sqlite"
+           else request.getfixturevalue("pg_cluster").create_db())
+    settings = Settings(database_url=url, api_token=TOKEN, device="cpu", worker_process=False, cpu_threads=1)
+    with TestClient(create_app(settings, run_worker=False), raise_server_exceptions=False) as client:
         yield client
 
 
@@ -189,3 +189,118 @@ def test_row12_a_restart_under_way_is_a_short_503(app_client, monkeypatch: pytes
     monkeypatch.setattr(host.worker, "restarting", lambda: False)
     r = app_client.post("/profile", json=body, headers=ok)
     assert r.status_code == 503 and int(r.headers["retry-after"]) == 60 and "down" in r.json()["message"]
+
+
+def _as_client(app_client, addr: str):
+    """The same running app, seen from another peer address."""
+    from fastapi.testclient import TestClient
+
+    return TestClient(app_client.app, client=(addr, 40000), raise_server_exceptions=False)
+
+
+def _big_layout_request(i: int) -> dict:
+    """The probe's request of 4,988 keys (43 batches × 2 memory formats × 58)."""
+    return {"layout": {}, "input_size": [256, 800 + i], "batches": list(range(1, 44)),
+            "memory_formats": ["contiguous", "channels_last"]}
+
+
+def test_row3_one_client_cannot_take_the_whole_queue(app_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the defaults, one client's second 4,988-key job is over its share (429, naming
+    GAS_MAX_CLIENT_KEYS) while another client's ordinary request is still taken."""
+    monkeypatch.setattr(app_client.app.state.host.worker, "alive", lambda: True)  # idle, as if it were busy
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    greedy = _as_client(app_client, "10.0.0.3")
+    first = greedy.post("/profile", json=_big_layout_request(0), headers=ok)
+    assert first.status_code == 202 and first.json()["total"] == 4988, first.text
+    second = greedy.post("/profile", json=_big_layout_request(1), headers=ok)
+    assert second.status_code == 429 and "GAS_MAX_CLIENT_KEYS" in second.json()["message"]
+    assert int(second.headers["retry-after"]) > 0
+    other = _as_client(app_client, "10.0.0.4").post("/profile", json={"layout": {}, "input_size": [256, 512]},
+                                                      headers=ok)
+    assert other.status_code == 202, other.text
+    for r in (first, other):  # leave the queue as it was for the other tests
+        assert app_client.delete(f"/jobs/{r.json()['id']}", headers=ok).status_code == 200
+
+
+def test_row4_client_identity_cannot_be_forged(app_client) -> None:
+    """Neither an unknown bearer token nor an X-Forwarded-For header makes a new client."""
+    from latency_service.api.deps import client_of
+
+    class Req:
+        def __init__(self, host: str) -> None:
+            self.client = type("C", (), {"host": host})()
+
+    class Creds:
+        def __init__(self, token: str) -> None:
+            self.credentials = token
+
+    import asyncio
+
+    host = app_client.app.state.host
+    who = [asyncio.run(client_of(Req("10.0.0.5"), host, Creds(t) if t else None))  # type: ignore[arg-type]
+           for t in (None, "made-up-1", "made-up-2")]
+    assert len(set(who)) == 1 and who[0] == "addr:10.0.0.5"
+    mine = asyncio.run(client_of(Req("10.0.0.5"), host, Creds(TOKEN)))  # type: ignore[arg-type]
+    theirs = asyncio.run(client_of(Req("10.0.0.6"), host, Creds(TOKEN)))  # type: ignore[arg-type]
+    assert mine != theirs and TOKEN not in mine and len(mine) <= 64  # one shared token, two clients
+    from latency_service.core.config import Settings
+
+    assert Settings().forwarded_allow_ips is None  # uvicorn then trusts no X-Forwarded-For (server.run)
+
+
+def _own_table(app_client, **entry_over) -> dict:
+    """A one-row table file in the host's own device and environment."""
+    from datetime import UTC, datetime
+
+    from gas_core.keys import LatencyKey
+    from gas_core.quality import sample_stats
+
+    me = app_client.get("/device").json()
+    key = LatencyKey(op="conv_3x3", c_in=8, c_out=8, h=20, w=36, stride=1, batch=1)
+    samples = [1.0, 1.0, 1.0]
+    entry = {"key": key.canonical, "key_hash": key.key_hash, **key.model_dump(), **sample_stats(samples),
+             "iters_per_sample": 1, "timer": "perf_counter_ns", "created_at": datetime.now(UTC).isoformat(),
+             "samples_us": samples, **entry_over}
+    return {"schema_version": 1, "kind": "gas-latency-table",
+            "device": {k: me["device"][k] for k in ("slug", "kind", "name", "info")},
+            "environment": {"fingerprint": me["environment"]["fingerprint"], "info": me["environment"]["info"]},
+            "entries": [entry]}
+
+
+@pytest.mark.parametrize("spelling", ["conv_3x3|cin=08", "conv_3x3|cin=\u0668", "conv_3x3|cin=" + "0" * 300 + "8"])
+def test_row5_a_key_that_is_not_canonical_is_a_422(app_client, spelling: str) -> None:
+    table = _own_table(app_client)
+    entry = table["entries"][0]
+    entry["key"] = entry["key"].replace("conv_3x3|cin=8", spelling)
+    r = app_client.post("/table/import", json=table, params={"force": True},
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and ("not canonical" in r.text or "at most 256" in r.text), r.text
+
+
+@pytest.mark.parametrize(("field", "value"), [("timer", "x" * 1_000_000), ("timer", "t" * 33), ("timer", "a\x00b"),
+                                              ("quality", {"spread": 0, "nonpositive_share": 0, "median_se_us": 0,
+                                                           "flagged": True, "reasons": ["r" * 1_000_000]})])
+def test_row6_7_free_form_strings_are_bounded_on_both_backends(app_client, field: str, value: object) -> None:
+    r = app_client.post("/table/import", json=_own_table(app_client, **{field: value}), params={"force": True},
+                        headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json", r.text[:300]
+    assert field in r.json()["message"]
+
+
+def test_row6_a_nul_in_a_device_name_is_a_422(app_client) -> None:
+    table = _own_table(app_client)
+    table["device"] = {**table["device"], "slug": "other-dev", "name": "a\x00b"}
+    r = app_client.post("/table/import", json=table, headers={"Authorization": f"Bearer {TOKEN}"})
+    assert r.status_code == 422 and "device.name" in r.json()["message"]
+
+
+def test_row8_an_import_into_the_hosts_measured_environment_needs_force(app_client) -> None:
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    table = _own_table(app_client)
+    r = app_client.post("/table/import", json=table, headers=ok)
+    assert r.status_code == 409 and "force=true" in r.json()["message"]
+    r = app_client.post("/table/import", json=table, headers=ok, params={"force": True})
+    assert r.status_code == 200, r.text
+    slug, env = table["device"]["slug"], table["environment"]["fingerprint"]
+    rows = app_client.get(f"/table/{slug}", params={"environment": env}).json()["entries"]
+    assert [e["origin"] for e in rows if e["key"] == table["entries"][0]["key"]] == ["imported"]

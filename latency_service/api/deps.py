@@ -67,12 +67,21 @@ async def require_read(host: HostDep, creds: Credentials) -> None:
         _check_bearer(creds, tokens, "GAS_READ_TOKEN")
 
 
-async def client_of(request: Request, creds: Credentials) -> str:
-    """Who is asking, for per-client bounds: the bearer token's hash when one is sent (a lab behind
-    one NAT shares an address, not a token), else the peer address. Never the token itself."""
-    if creds is not None:
-        return "token:" + hashlib.sha256(creds.credentials.encode()).hexdigest()[:16]
-    return "addr:" + (request.client.host if request.client else "unknown")
+CLIENT_MAX_LEN = 64
+"""The job table's client column: an address (IPv6 at most 45 characters) and a token's hash."""
+
+
+async def client_of(request: Request, host: HostDep, creds: Credentials) -> str:
+    """Who is asking, for per-client bounds: the peer address (the proxy's X-Forwarded-For only
+    from GAS_FORWARDED_ALLOW_IPS, which uvicorn applies), plus the bearer token's hash when it is
+    one of this service's tokens. A token the service does not know names nobody, so made-up
+    tokens cannot mint new clients; and clients sharing one configured token stay apart by
+    address. Never the token itself."""
+    addr = "addr:" + (request.client.host if request.client else "unknown")
+    accepted = [t for t in (host.settings.api_token, *(host.settings.read_tokens() or [])) if t is not None]
+    if creds is not None and any(hmac.compare_digest(creds.credentials.encode(), t.encode()) for t in accepted):
+        addr += "|token:" + hashlib.sha256(creds.credentials.encode()).hexdigest()[:8]
+    return addr[:CLIENT_MAX_LEN]
 
 
 ClientDep = Annotated[str, Depends(client_of)]

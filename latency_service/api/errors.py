@@ -250,6 +250,15 @@ async def database_unavailable(request: Request, exc: Exception) -> JSONResponse
                         content=error_body("database unavailable (restarting or busy); retry shortly"))
 
 
+async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
+    """Anything no other handler took (a database error only one backend raises, a bug): the one
+    error shape and a 500, never the framework's plain-text page; the traceback goes to the log."""
+    log.error("%s %s: %s: %s", request.method, request.url.path, type(exc).__name__, str(exc).splitlines()[:1],
+              exc_info=exc)
+    return JSONResponse(status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+                        content=error_body(f"internal error ({type(exc).__name__}); see the service log"))
+
+
 def document(app: FastAPI) -> None:
     """Every error response a route names (a 404, a 429 …, with its own description) is given
     the one error body in the OpenAPI schema, so the schema says what the handlers send."""
@@ -275,6 +284,7 @@ def install(app: FastAPI, max_body_bytes: int) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(OperationalError, database_unavailable)
+    app.add_exception_handler(Exception, unexpected_error)
     document(app)
     app.add_middleware(GZipMiddleware, minimum_size=4096)
     app.add_middleware(Gate)

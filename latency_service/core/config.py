@@ -111,7 +111,14 @@ class Settings(BaseSettings):
                                  "job of this device and environment; a /profile that would pass it gets 503 with "
                                  "Retry-After (hours of device time are already waiting)")
     max_jobs_per_client: int = Field(default=4, ge=1, description="queued or running jobs one client may hold (a "
-                                     "client is its bearer token, else its address); more gets 429 with Retry-After")
+                                     "client is its address, with its bearer token when that is a configured one); "
+                                     "more gets 429 with Retry-After")
+    max_client_keys: int = Field(default=5_000, ge=1, description="keys not yet timed that one client may hold over "
+                                 "its queued and running jobs (a quarter of GAS_MAX_QUEUED_KEYS by default, so no "
+                                 "client fills the device's queue); more gets 429 with Retry-After")
+    forwarded_allow_ips: str | None = Field(
+        default=None, description="comma-separated addresses of reverse proxies whose X-Forwarded-For names the "
+        "client (uvicorn's --forwarded-allow-ips); unset: no header is trusted, the peer address is the client")
     plan_cache_bytes: int = Field(default=16 * 2**20, ge=0, description="memory for planned /profile bodies "
                                   "(about 1.4 kB a key); the least recently used are dropped beyond it, and a plan "
                                   "is dropped when its job ends or is cancelled")
