@@ -112,7 +112,7 @@ def put_measurement(
     values = dict(
         **sample_stats(stored), iters_per_sample=timing.iters_per_sample, timer=timing.timer, method=method,
         samples=stored, created_at=utcnow(),
-        **telemetry, flagged=quality.flagged, quality=quality.model_dump(mode="json"),
+        **telemetry, flagged=quality.flagged, quality=quality.model_dump(mode="json"), origin="measured",
     )
     if row is None:
         row = Measurement(
@@ -205,7 +205,7 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
     elif dev.kind != table.device.kind:
         raise ImportConflict(f"device {dev.slug!r} is a {dev.kind} device here, the file says {table.device.kind}")
     env = get_environment(session, device=dev, fingerprint=table.environment.fingerprint)
-    if env is not None and env.origin == "measured" and not force:
+    if env is not None and not force and _measured_rows(session, env) > 0:
         raise ImportConflict(f"environment {env.fingerprint} of {dev.slug!r} holds rows this service measured; a "
                              "file would replace or mix with them: pass force=true to import into it anyway (the "
                              "rows it replaces are then marked imported)")
@@ -248,6 +248,12 @@ def import_table(session: Session, *, table: LatencyTable, force: bool, policy: 
             counts["kept"] += 1
     session.commit()
     return counts
+
+
+def _measured_rows(session: Session, env: Environment) -> int:
+    """Rows of ``env`` that a host of this database timed (not imported)."""
+    q = select(func.count(Measurement.id)).where(Measurement.environment_id == env.id, Measurement.origin == "measured")
+    return int(session.scalar(q) or 0)
 
 
 def imported_quality(entry: TableEntry, policy: QualityPolicy) -> RowQuality:

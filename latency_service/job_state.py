@@ -94,7 +94,7 @@ def fail_running(session: Session, *, owner: str, reason: str) -> list[str]:
     jobs = session.scalars(select(Job).where(Job.state == "running", Job.owner == owner)).all()
     for job in jobs:
         session.execute(update(Job).where(Job.id == job.id, Job.state == "running").values(
-            state="failed", errors=[*job.errors, reason], finished_at=utcnow()))
+            state="failed", errors=[*job.errors, reason], finished_at=utcnow(), keys=[]))
     session.commit()
     return [j.id for j in jobs]
 
@@ -158,7 +158,7 @@ def claim(session: Session, *, job: Job, owner: str) -> bool:
 def cancel(session: Session, *, job: Job) -> Job:
     if job.state in ACTIVE:
         session.execute(
-            update(Job).where(Job.id == job.id, Job.state.in_(ACTIVE)).values(state="cancelled", finished_at=utcnow())
+            update(Job).where(Job.id == job.id, Job.state.in_(ACTIVE)).values(state="cancelled", finished_at=utcnow(), keys=[])
         )
         session.commit()
         session.refresh(job)
@@ -189,7 +189,7 @@ def finish(session: Session, *, job: Job) -> bool:
     """running → failed when any key failed, else done; only if the job is still running under
     the owner ``job`` was read with (a DELETE or a take-over wins). Commits; ``job`` is refreshed."""
     q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == job.owner)
-    ended = rows_changed(session.execute(q.values(state="failed" if job.errors else "done", finished_at=utcnow())))
+    ended = rows_changed(session.execute(q.values(state="failed" if job.errors else "done", finished_at=utcnow(), keys=[])))
     session.commit()
     session.refresh(job)
     return bool(ended)

@@ -94,7 +94,7 @@ class Host:
         engine = db.make_engine(settings.database_url)
         sessions = db.session_factory(engine)
         spec = HostSpec.prepare(settings, sessions)
-        cache = TableCache(settings.table_version_ttl_s)
+        cache = TableCache(settings.table_version_ttl_s, capacity_bytes=settings.table_cache_bytes)
         worker: DeviceRunner = WorkerProcess(spec, sessions) if worker_process else spec.device_worker(sessions)
         worker.on_write = lambda key: cache.invalidate(
             None if key is None else TableWrite(device_id=spec.device_id, environment_id=spec.environment_id, key=key))
@@ -110,7 +110,8 @@ class Host:
     def of(cls, spec: HostSpec, worker: DeviceRunner, engine: Engine, sessions: sessionmaker[Session],
            cache: TableCache | None = None) -> Host:
         """The host object on a prepared identity; a :class:`DeviceWorker` gets its measure function."""
-        host = cls(spec, worker, engine, sessions, cache or TableCache(spec.settings.table_version_ttl_s),
+        cache = cache or TableCache(spec.settings.table_version_ttl_s, capacity_bytes=spec.settings.table_cache_bytes)
+        host = cls(spec, worker, engine, sessions, cache,
                    plans=LRU(64, capacity=spec.settings.plan_cache_bytes,
                              weigh=lambda plan: bounds.PLAN_BYTES_PER_KEY * len(plan[0])))
         if isinstance(worker, DeviceWorker):

@@ -148,5 +148,5 @@ def test_concurrent_migrations_of_one_database(pg_cluster: PgCluster) -> None:
         list(pool.map(lambda _: db.migrate(url), range(4)))
     engine = db.make_engine(url)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0006"
+        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
     engine.dispose()

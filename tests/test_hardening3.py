@@ -295,12 +295,56 @@ def test_row6_a_nul_in_a_device_name_is_a_422(app_client) -> None:
 
 
 def test_row8_an_import_into_the_hosts_measured_environment_needs_force(app_client) -> None:
+    """The probe: the host's own fingerprint and info, its key, samples [1, 1, 1] dated now. The
+    measured row stays unless force; with force the replaced row says it was imported."""
+    from gas_core.keys import LatencyKey
+    from gas_core.quality import assess
+    from latency_service import crud
+    from latency_service.profiler import Timing
+
+    host = app_client.app.state.host
+    key = LatencyKey(op="conv_3x3", c_in=8, c_out=8, h=20, w=36, stride=1, batch=1)
+    with host.sessions() as s:  # as the profiler stores a row
+        crud.put_measurement(s, device_id=host.spec.device_id, environment_id=host.spec.environment_id, key=key,
+                             timing=Timing([29.0, 30.0, 31.0], 1, "perf_counter_ns", 0), method={}, telemetry={},
+                             quality=assess([29.0, 30.0, 31.0]))
+        s.commit()
     ok = {"Authorization": f"Bearer {TOKEN}"}
     table = _own_table(app_client)
+    slug, env = table["device"]["slug"], table["environment"]["fingerprint"]
+    before = app_client.get(f"/table/{slug}", params={"environment": env}).json()["entries"]
+    assert [(e["median_us"], e["origin"]) for e in before if e["key"] == key.canonical] == [(30.0, "measured")]
     r = app_client.post("/table/import", json=table, headers=ok)
     assert r.status_code == 409 and "force=true" in r.json()["message"]
     r = app_client.post("/table/import", json=table, headers=ok, params={"force": True})
     assert r.status_code == 200, r.text
-    slug, env = table["device"]["slug"], table["environment"]["fingerprint"]
     rows = app_client.get(f"/table/{slug}", params={"environment": env}).json()["entries"]
-    assert [e["origin"] for e in rows if e["key"] == table["entries"][0]["key"]] == ["imported"]
+    assert [(e["median_us"], e["origin"]) for e in rows if e["key"] == key.canonical] == [(1.0, "imported")]
+
+
+def test_row9_the_rendered_table_cache_is_bounded_in_bytes() -> None:
+    from latency_service.api.table_cache import Rendered, TableCache
+
+    cache = TableCache(ttl_s=3600, capacity_bytes=1_000_000)
+    for i in range(64):  # 64 query variants of a large table: ~200 kB each, plain and gzip
+        body = bytes(range(256)) * 400 + str(i).encode()
+        cache.put(("v", i), Rendered.of(body, "application/json", "env"))
+    assert cache._rendered.weight <= 1_000_000 and 0 < len(cache._rendered) < 64
+
+
+def test_row10_an_ended_job_drops_its_key_list(app_client, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy import select
+
+    from latency_service.models import Job
+
+    monkeypatch.setattr(app_client.app.state.host.worker, "alive", lambda: True)
+    ok = {"Authorization": f"Bearer {TOKEN}"}
+    job = app_client.post("/profile", json={"layout": {}, "input_size": [64, 96]}, headers=ok).json()
+    host = app_client.app.state.host
+    with host.sessions() as s:
+        assert len(s.scalar(select(Job.keys).where(Job.id == job["id"])) or []) == job["total"] > 0
+    assert app_client.delete(f"/jobs/{job['id']}", headers=ok).json()["state"] == "cancelled"
+    with host.sessions() as s:
+        assert s.scalar(select(Job.keys).where(Job.id == job["id"])) == []
+    listed = app_client.get("/jobs", params={"limit": 1}).json()
+    assert [j["id"] for j in listed] == [job["id"]] and "keys" not in listed[0]

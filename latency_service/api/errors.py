@@ -73,15 +73,16 @@ async def http_error(request: Request, exc: Exception) -> JSONResponse:
 
 
 def allowed_methods(scope: Scope) -> list[str]:
-    """Every method some route of the path answers: Starlette's 405 names only the first route
-    that matched the path (``GET /jobs/{id}``, not its ``DELETE``)."""
+    """Every method the path's routes answer: Starlette's 405 names only the first route that
+    matched the path (``GET /jobs/{id}``, not its ``DELETE``)."""
     from starlette.routing import Match
 
-    methods: set[str] = set()
-    for route in leaf_routes(scope["app"].router.routes):
-        if route.matches(scope)[0] is not Match.NONE:
-            methods |= set(getattr(route, "methods", None) or ())
-    return sorted(methods)
+    matched = [r for r in leaf_routes(scope["app"].router.routes) if r.matches(scope)[0] is not Match.NONE]
+    if not matched:
+        return []
+    # the most specific template wins: /table/import is its own path, not /table/{device} with device="import"
+    fewest = min(r.path.count("{") for r in matched)
+    return sorted({m for r in matched if r.path.count("{") == fewest for m in (getattr(r, "methods", None) or ())})
 
 
 class BodyLimit:

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     plan_cache_bytes: int = Field(default=16 * 2**20, ge=0, description="memory for planned /profile bodies "
                                   "(about 1.4 kB a key); the least recently used are dropped beyond it, and a plan "
                                   "is dropped when its job ends or is cancelled")
+    table_cache_bytes: int = Field(default=64 * 2**20, ge=0, description="memory for rendered GET /table and "
+                                   "/compare responses (plain and gzip bytes); the least recently used are dropped "
+                                   "beyond it")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
                                     "complete request head within this many seconds is closed (slow-header "
                                     "clients); also bounds the wait for the next request on a kept-alive connection")
