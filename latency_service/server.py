@@ -1,5 +1,5 @@
-"""The HTTP server around the app: uvicorn with a request-head timeout and an access log that
-never writes a token.
+"""The HTTP server around the app: uvicorn with request-head and request-body deadlines and an
+access log that never writes a token.
 
 uvicorn (0.54) has no timeout for a request head: a client that opens a connection and sends its
 headers a byte at a time holds it open for ever (200 such connections were all still open after
@@ -59,7 +59,40 @@ class HeadTimeoutH11(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
+
+    # ------------------------------------------------------------ the body's deadline
+    body_timeout_s: float = 60.0
+    _body_timer: asyncio.TimerHandle | None = None
+
+    def handle_events(self) -> None:
+        """uvicorn's, then: a request whose head is in and whose body is not gets
+        ``body_timeout_s`` for all of it (a complete head with ``Content-Length: 100000`` and no
+        body, or a body at 1 byte/s, held a connection for ever); the timer stops when the body
+        is complete."""
+        super().handle_events()
+        if self.transport.is_closing():
+            return
+        if self.conn.their_state is h11.SEND_BODY:
+            if getattr(self, "_body_timer", None) is None:
+                self._body_timer = self.loop.call_later(self.body_timeout_s, self._body_late)
+        else:
+            self._cancel_body_timer()
+
+    def _cancel_body_timer(self) -> None:
+        timer = getattr(self, "_body_timer", None)
+        if timer is not None:
+            timer.cancel()
+            self._body_timer = None
+
+    def _body_late(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        log.info("closing a connection from %s: request body not complete within %.0f s",
+                 f"{self.client[0]}:{self.client[1]}" if self.client else "?", self.body_timeout_s)
+        self.transport.close()
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
@@ -108,7 +141,8 @@ def run(app: Any, settings: Settings, host: str, port: int) -> None:
     (Host.close), so a container stops inside Docker's 10 s with the key in flight rolled back."""
     import uvicorn
 
-    protocol = type("GasH11Protocol", (HeadTimeoutH11,), {"head_timeout_s": settings.header_timeout_s})
+    protocol = type("GasH11Protocol", (HeadTimeoutH11,), {"head_timeout_s": settings.header_timeout_s,
+                                                          "body_timeout_s": settings.body_timeout_s})
     # X-Forwarded-For names the client only from configured proxies: uvicorn trusts 127.0.0.1 by
     # default, so any local process could pose as any number of clients (docs/security.md)
     config = uvicorn.Config(app, host=host, port=port, log_level=settings.log_level.lower(), http=protocol,

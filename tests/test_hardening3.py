@@ -8,6 +8,7 @@ import sys
 import venv
 from pathlib import Path
 
+import httpx
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -348,3 +349,52 @@ def test_row10_an_ended_job_drops_its_key_list(app_client, monkeypatch: pytest.M
         assert s.scalar(select(Job.keys).where(Job.id == job["id"])) == []
     listed = app_client.get("/jobs", params={"limit": 1}).json()
     assert [j["id"] for j in listed] == [job["id"]] and "keys" not in listed[0]
+
+
+@pytest.mark.slow
+@pytest.mark.e2e
+def test_row2_a_request_body_has_a_deadline(tmp_path: Path) -> None:
+    """A live uvicorn (the point is the connection): a complete head with no body, and a body
+    trickling at a byte a second, are both closed at GAS_BODY_TIMEOUT_S; an unauthenticated head
+    with a body pending is answered 401 at once and closed, without waiting for the body."""
+    import socket
+    import time
+
+    from latency_service.testing import stop_server
+    from tests.support import start_server
+
+    srv = start_server(f"sqlite:///{tmp_path / 'b.db'}", tmp_path, {"GAS_BODY_TIMEOUT_S": "2",
+                                                                   "GAS_API_TOKEN": TOKEN})
+    host, port = srv.url.removeprefix("http://").split(":")
+    head = (b"POST /measure HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n"
+            b"Authorization: Bearer " + TOKEN.encode() + b"\r\n\r\n")
+    try:
+        for trickle in (False, True):
+            with socket.create_connection((host, int(port))) as s:
+                s.sendall(head)
+                s.settimeout(0.9 if trickle else 30)
+                t0, got = time.monotonic(), b"?"
+                while time.monotonic() - t0 < 30:
+                    if trickle:
+                        try:
+                            s.sendall(b" ")
+                        except OSError:
+                            got = b""
+                            break
+                    try:
+                        got = s.recv(1024)
+                        break
+                    except TimeoutError:
+                        continue
+                assert got == b"" and 1.5 < time.monotonic() - t0 < 15, (trickle, got, time.monotonic() - t0)
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(head.replace(b"Authorization: Bearer " + TOKEN.encode() + b"\r\n", b""))
+            s.settimeout(10)
+            t0, answer = time.monotonic(), b""
+            while chunk := s.recv(4096):
+                answer += chunk
+            assert answer.startswith(b"HTTP/1.1 401") and time.monotonic() - t0 < 1.5, answer[:200]
+        with httpx.Client(base_url=srv.url) as c:  # the service is unaffected
+            assert c.get("/health").status_code == 200
+    finally:
+        stop_server(srv)

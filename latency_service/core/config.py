@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     table_cache_bytes: int = Field(default=64 * 2**20, ge=0, description="memory for rendered GET /table and "
                                    "/compare responses (plain and gzip bytes); the least recently used are dropped "
                                    "beyond it")
+    body_timeout_s: float = Field(default=60.0, gt=0, le=3600, description="a request whose body is not complete "
+                                  "this many seconds after its head is closed (a slow or absent body held a "
+                                  "connection for ever)")
     header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
                                     "complete request head within this many seconds is closed (slow-header "
                                     "clients); also bounds the wait for the next request on a kept-alive connection")
