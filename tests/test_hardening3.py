@@ -398,3 +398,16 @@ def test_row2_a_request_body_has_a_deadline(tmp_path: Path) -> None:
             assert c.get("/health").status_code == 200
     finally:
         stop_server(srv)
+
+
+def test_row1_an_authorised_body_is_bounded_by_its_route(app_client) -> None:
+    """/profile and /measure take small bodies (GAS_MAX_JSON_BODY_BYTES, 4 MiB): a larger one is
+    a 413 before it is decoded, which would hold the interpreter lock for seconds; /table/import
+    keeps the larger GAS_MAX_BODY_BYTES."""
+    ok = {"Authorization": f"Bearer {TOKEN}", "Content-Type": "application/json"}
+    body = b"[" + b"[]," * (2 * 2**20) + b"[]]"  # 6 MiB of tiny arrays
+    for path in ("/profile", "/measure"):
+        r = app_client.post(path, content=body, headers=ok)
+        assert r.status_code == 413 and "GAS_MAX_JSON_BODY_BYTES" in r.json()["message"], (path, r.text[:200])
+    r = app_client.post("/table/import", content=body, headers=ok)
+    assert r.status_code == 422  # read and refused as not a table, not cut off by the small bound

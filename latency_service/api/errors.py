@@ -10,6 +10,7 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import reprlib
 from typing import Any
 
 from fastapi import FastAPI, Request, status
@@ -40,8 +41,17 @@ def error_body(message: str, detail: list[FieldProblem] | None = None) -> dict[s
     return ErrorBody(message=message, detail=detail or []).model_dump(mode="json")
 
 
+_REPR = reprlib.Repr()  # keyword arguments only from Python 3.12
+_REPR.maxlevel, _REPR.maxlist, _REPR.maxdict, _REPR.maxtuple, _REPR.maxset = 3, 8, 8, 8, 8
+_REPR.maxstring, _REPR.maxother, _REPR.maxlong = ECHO_CHARS, ECHO_CHARS, 40
+"""Echoes an input without walking all of it: a plain ``repr`` of a 20-million-element list held
+the event loop for seconds (and all its memory) just to be cut to 120 characters."""
+
+
 def _echo(value: Any) -> str:
-    text = repr(value)
+    text = _REPR.repr(value)
+    if isinstance(value, list | dict | tuple | set) and len(value) > 8:
+        text += f" ({len(value)} items)"
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"… ({len(text)} characters)"
 
 
@@ -89,8 +99,8 @@ class BodyLimit:
     """Pure ASGI middleware: a request body over ``limit`` bytes gets 413 before it is parsed —
     at once when Content-Length says so, else as soon as the streamed body passes the limit."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, setting: str = "GAS_MAX_BODY_BYTES") -> None:
+        self.app, self.limit, self.setting = app, limit, setting
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -122,7 +132,7 @@ class BodyLimit:
         await self.app(scope, counted, guarded)
 
     async def _too_large(self, send: Send) -> None:
-        body = json.dumps(error_body(f"body: larger than the limit of {self.limit} bytes (GAS_MAX_BODY_BYTES)"))
+        body = json.dumps(error_body(f"body: larger than the limit of {self.limit} bytes ({self.setting})"))
         await send({"type": "http.response.start", "status": 413,
                     "headers": [(b"content-type", b"application/json"), (b"connection", b"close")]})
         await send({"type": "http.response.body", "body": body.encode()})
@@ -148,29 +158,36 @@ class Gate:
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
-        self._needs: dict[int, tuple[str | None, bool]] = {}
+        self._needs: dict[int, tuple[str | None, bool, bool]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             route = _full_match(scope)
             if route is not None:
-                auth, json_body = self._route_needs(route)
+                auth, json_body, large = self._route_needs(route)
                 refusal = (_auth_refusal(scope, auth) if auth is not None else None) or (
                     _content_type_refusal(scope) if json_body and scope["method"] in self.BODY_METHODS else None)
                 if refusal is not None:
                     await _send_json(send, *refusal)
                     return
+                host = getattr(scope["app"].state, "host", None)
+                if json_body and not large and host is not None:  # a small-body route: its own, lower limit
+                    await BodyLimit(self.app, host.settings.max_json_body_bytes,
+                                    "GAS_MAX_JSON_BODY_BYTES")(scope, receive, send)
+                    return
         await self.app(scope, receive, send)
 
-    def _route_needs(self, route: Any) -> tuple[str | None, bool]:
-        """(which token the route needs: "write", "read" or None; whether it takes a JSON body)."""
+    def _route_needs(self, route: Any) -> tuple[str | None, bool, bool]:
+        """(which token the route needs: "write", "read" or None; whether it takes a JSON body;
+        whether that body may be large: ``openapi_extra={"x-large-body": True}``, /table/import)."""
         key = id(route)
         if key not in self._needs:
             from latency_service.api.deps import require_read, require_token
 
             calls = {d.call for d in getattr(getattr(route, "dependant", None), "dependencies", [])}
             auth = "write" if require_token in calls else "read" if require_read in calls else None
-            self._needs[key] = (auth, 415 in getattr(route, "responses", {}))
+            large = bool((getattr(route, "openapi_extra", None) or {}).get("x-large-body"))
+            self._needs[key] = (auth, 415 in getattr(route, "responses", {}), large)
         return self._needs[key]
 
 

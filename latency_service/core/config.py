@@ -131,6 +131,10 @@ class Settings(BaseSettings):
     header_timeout_s: float = Field(default=10.0, gt=0, le=600, description="a connection that has not sent a "
                                     "complete request head within this many seconds is closed (slow-header "
                                     "clients); also bounds the wait for the next request on a kept-alive connection")
+    max_json_body_bytes: int = Field(default=4 * 2**20, ge=1024, description="largest body of /profile and /measure "
+                                     "(a 5,000-key profile is about 1 MiB): JSON is decoded holding the interpreter "
+                                     "lock, so a 60 MiB body of tiny arrays stalled every request for 10 s; larger "
+                                     "ones get 413 (/table/import keeps GAS_MAX_BODY_BYTES)")
     max_body_bytes: int = Field(default=64 * 2**20, ge=1024, description="largest request body; larger ones get 413 "
                                 "before they are parsed (a full table export with every raw sample is a few MB)")
 

@@ -86,7 +86,7 @@ def checked_import(table: LatencyTable) -> tuple[list[str], LatencyTable]:
 
 
 @router.post(
-    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
+    "/table/import", response_model=ImportPublic, dependencies=[TokenDep], openapi_extra={"x-large-body": True},
     summary="Merge an exported table (gas-table export) into this database",
     responses={415: {"description": "the body is not sent as application/json"},
                409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
