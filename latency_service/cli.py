@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -82,6 +83,7 @@ def serve(
     from latency_service.main import create_app
     from latency_service.server import run
 
+    _require_free_port(host, port)  # the first line a user sees, before any database work
     settings = _settings(database_url, device, threads)
     if forwarded_allow_ips is not None:
         settings = settings.model_copy(update={"forwarded_allow_ips": forwarded_allow_ips})
@@ -174,6 +176,17 @@ def measure(
 def _fail(msg: str, code: int = 2) -> NoReturn:
     typer.echo(f"error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def _require_free_port(host: str, port: int) -> None:
+    """A port in use is one line and exit 2 before the database is touched (it was line 22 of 28,
+    after the migration)."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no conflict
+        try:
+            sock.bind((host, port))
+        except OSError as err:
+            _fail(f"--host {host} --port {port}: cannot listen there ({err.strerror}); pick another --port")
 
 
 def _require_reachable(settings: Settings) -> None:

@@ -129,11 +129,27 @@ class RedactQueryTokens(logging.Filter):
         return True
 
 
+POLL_LINE = re.compile(r'"GET /jobs/[^/ ?]+(?:\?[^ ]*)? HTTP/[\d.]+" 200')
+
+
+class QuietPolling(logging.Filter):
+    """A client waiting for a job polls ``GET /jobs/{id}`` every half second: those answered 200
+    are access-log lines only at DEBUG, so the service log shows what happened, not who waited."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if logging.getLogger("uvicorn.access").isEnabledFor(logging.DEBUG):
+            return True
+        return not POLL_LINE.search(record.getMessage())
+
+
 def install_log_redaction() -> None:
     for name in ("uvicorn.access", "uvicorn.error"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, RedactQueryTokens) for f in logger.filters):
             logger.addFilter(RedactQueryTokens())
+    access = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, QuietPolling) for f in access.filters):
+        access.addFilter(QuietPolling())
 
 
 def run(app: Any, settings: Settings, host: str, port: int) -> None:

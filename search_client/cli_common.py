@@ -15,7 +15,7 @@ from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gas_core.errors import one_line
-from search_client.client import LatencyClient
+from search_client.client import LatencyClient, ServiceError
 
 
 class ClientSettings(BaseSettings):
@@ -57,7 +57,10 @@ def latency_client(tool: str, url: str | None, token: str | None, **kw: object) 
     if url is None:
         fail(tool, "--latency-url is required (or set GAS_LATENCY_URL)")
     kw = {"retries": settings.client_retries, "backoff": settings.client_backoff_s, **kw}
-    return LatencyClient(url, token=token or settings.api_token, **kw)  # type: ignore[arg-type]
+    try:
+        return LatencyClient(url, token=token or settings.api_token, **kw)  # type: ignore[arg-type]
+    except ServiceError as err:
+        fail(tool, str(err))
 
 
 def config_flags(**models: type[BaseModel]) -> Callable[[Callable[..., None]], Callable[..., None]]:
