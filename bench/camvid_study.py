@@ -70,8 +70,8 @@ NUM_CLASSES = 11
 
 
 class Scale(BaseModel):
-    """Everything a scale decides; the presets below are the study's choices (see the README's
-    "Search on real images (CamVid)" section for why)."""
+    """Everything a scale decides; the presets below are the study's choices (docs/studies/camvid.md
+    says why)."""
 
     model_config = ConfigDict(extra="forbid")
     name: str

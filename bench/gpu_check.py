@@ -51,7 +51,7 @@ PAPER_FPS = 108.4  # GAS, Cityscapes, 769×1537, Titan Xp (paper Table 1)
 RUN_ORDER = ["service", "prediction_accuracy", "search_speed", "torchrun", "runtimes"]
 ACCURACY_EXTRAS = ("vs_median_pass", "choice_fit", "all_skip")
 """What a prediction-accuracy summary keeps besides the per-table sums: against the median pass,
-and where the prediction misses (α's choices or the fixed components; README "Runtimes")."""
+and where the prediction misses (α's choices or the fixed components; docs/deployment.md "Runtimes")."""
 
 
 def accuracy_summary(res: dict, digits: int | None = None) -> dict:

@@ -11,7 +11,7 @@ DataLoader worker):
   whole image to float, resized with ``F.interpolate`` (up to 2× the full size), padded, cropped.
 
 On a GPU the search waits for this: at 256×512 crops one H200 step waited 79–88 % of its time
-(README, "Searching on GPUs"). Every timing is kept; medians with p10/p90.
+(docs/gpu.md). Every timing is kept; medians with p10/p90.
 
 ``python -m bench.loader_cost [--images 8] [--rounds 3] [--size 256 512]``
 """

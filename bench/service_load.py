@@ -45,7 +45,7 @@ class RawHTTP:
     """One keep-alive HTTP/1.1 connection over asyncio streams: what a lean load generator (wrk,
     hey) does, so the client is not the bottleneck. httpx's AsyncClient was: on a 2-core host it
     topped out near 200 requests/s against a static server that serves ~2500, and its own
-    scheduling put p99 at 11–14 × p50 whatever the server (README, Performance)."""
+    scheduling put p99 at 11–14 × p50 whatever the server (docs/performance.md)."""
 
     def __init__(self, url: str) -> None:
         host, port = url.removeprefix("http://").split(":")
