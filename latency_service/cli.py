@@ -15,11 +15,11 @@ from typing import Annotated, Any, NoReturn
 import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
-from tqdm import tqdm
 
 from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
+from gas_core.progress import progress
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import MeasureRequest, ProfileRequest
 from latency_service import db, job_state
@@ -121,7 +121,7 @@ def profile(
         job, _ = host.submit_profile(req)
         typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
         host.worker.start()
-        with tqdm(total=job.total, unit="key", desc="profiling") as bar:
+        with progress(total=job.total, unit="key", desc="profiling") as bar:
             while True:
                 with host.sessions() as s:
                     cur = job_state.get(s, job_id=job.id)

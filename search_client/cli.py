@@ -23,12 +23,12 @@ from typing import Annotated, Any, Literal
 import torch.distributed as dist
 import typer
 from pydantic import ValidationError
-from tqdm import tqdm
 
 from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS, RUNTIMES
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
+from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.target import PredictUs
 from gas_core.wire import split_ref
@@ -73,7 +73,7 @@ def fetch_latency_term(
                                f"{host.device.slug}@{host.environment.fingerprint}, so it cannot profile them; "
                                f"run gas-search against that table's host")
         job = client.profile(missing)
-        with tqdm(total=job.total, desc=f"profiling {slug}", unit="key", disable=not progress) as bar:
+        with progress_bar(total=job.total, desc=f"profiling {slug}", unit="key", enabled=progress) as bar:
             done = client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
         noise = done.host_noise
         log.info("profiled %d keys: %d re-timed, %d flagged; host reference drift %s", done.total, done.retimed,

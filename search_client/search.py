@@ -31,12 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype, derive
 from gas_core.ggm import GGMKind, GGMSource, GraphKind
 from gas_core.latency import LatencyTerm, latency_loss
+from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout
 from gas_core.supernet import CellSharing, Supernet, default_ggm, temperature_at
 from gas_core.target import TARGET_TOLERANCE, TARGET_WEIGHT, PredictUs, TargetFit, fit_to_target, target_loss
@@ -241,7 +241,7 @@ def train_epoch(
         images += len(x) * d.world
         return x, y
 
-    for step in tqdm(range(steps), desc=desc, disable=not (progress and d.main), leave=False):
+    for step in progress_bar(range(steps), desc=desc, enabled=progress and d.main, transient=True):
         sums += train_step(s, cfg, d, epoch, step, fetch)
     mean = (sums / max(steps, 1)).tolist()
     if s.device.type == "cuda":

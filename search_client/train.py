@@ -25,11 +25,11 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import DataLoader
-from tqdm import tqdm
 
 from gas_core.devices import resolve_device
 from gas_core.genotype import Genotype
 from gas_core.network import GASNet
+from gas_core.progress import progress as progress_bar
 from search_client.data import IGNORE, SegDataset
 from search_client.metrics import confusion_metric, miou, summed_confusion
 from search_client.runtime import (
@@ -104,7 +104,7 @@ def train_epoch(s: TrainState, cfg: TrainConfig, loader: DataLoader, epoch: int,
     lr = poly_lr(cfg, s.step, s.total_steps)
     batches: Iterator = iter(loader)
     n_steps = len(loader) // cfg.accum
-    with tqdm(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not progress, leave=False) as bar:
+    with progress_bar(total=n_steps, desc=f"epoch {epoch + 1}/{cfg.epochs}", enabled=progress, transient=True) as bar:
         for _ in range(n_steps):
             lr = poly_lr(cfg, s.step, s.total_steps)
             for g in s.opt.param_groups:
@@ -153,7 +153,7 @@ def evaluate_confusion(model: nn.Module, loader: DataLoader, num_classes: int, d
     """Confusion matrix [C, C] (rows = truth) over this rank's shard, all-reduced across ranks."""
     model.eval()
     metric = confusion_metric(num_classes, device)
-    for x, y in tqdm(loader, desc="evaluating", disable=not progress, leave=False):
+    for x, y in progress_bar(loader, desc="evaluating", unit="batch", enabled=progress):
         x, y = x.to(device), y.to(device)
         metric.update(predict(model, x, tuple(y.shape[-2:]), flip, scales).argmax(1), y)
     return summed_confusion(metric)

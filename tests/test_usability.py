@@ -45,3 +45,40 @@ def test_job_polling_is_not_an_info_line() -> None:
     assert not f.filter(record("GET", "/jobs/6abcc81c-bdfd-441e", 200))
     assert f.filter(record("GET", "/jobs/6abcc81c-bdfd-441e", 404))  # a problem stays visible
     assert f.filter(record("POST", "/profile", 202)) and f.filter(record("GET", "/jobs", 200))
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_progress_off_a_terminal_is_a_line_every_tenth_or_few_seconds() -> None:
+    """Redirected to a file: no carriage-return frames, at most a line per tenth of the total or
+    per ``every_s`` (injected clock), the last state once, and transient bars silent."""
+    import io
+
+    from gas_core.progress import LineProgress, progress
+
+    out = io.StringIO()
+    clock = _Clock()
+    bar = LineProgress(None, 100, "evaluating", "img", 5.0, out, clock)
+    with bar:
+        for _ in range(100):
+            clock.t += 0.01  # one second in all: only the tenths write
+            bar.update()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 10
+    assert lines[0].startswith("evaluating: 10/100 (10 %) img") and lines[-1].startswith("evaluating: 100/100 (100 %)")
+    out = io.StringIO()
+    slow = LineProgress(None, None, "profiling", "key", 5.0, out, clock)
+    for _ in range(3):
+        clock.t += 6  # no total: a line per every_s
+        slow.update()
+    slow.close()
+    assert len(out.getvalue().splitlines()) == 3
+    quiet = io.StringIO()
+    assert list(progress(range(5), desc="epoch", transient=True, file=quiet)) == list(range(5))
+    assert quiet.getvalue() == ""
