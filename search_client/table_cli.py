@@ -192,9 +192,29 @@ def compare(
     if pair.common_keys:
         plot_compare(pair, name_a, name_b, plot)
         out.print(f"plot: {plot}", highlight=False)
+    elif pair.a.entries and pair.b.entries:
+        with _client(latency_url, token) as c:
+            held = [_what_it_holds(c, ref, filters, runtime) for ref in (a, b)]
+        out.print(f"no key is in both tables, so there is nothing to compare (and no plot): A holds {held[0]}; B "
+                  f"holds {held[1]}. A key is an op at one exact shape: tables profiled at other input sizes, "
+                  "batches, dtypes or memory formats share none; profile one at the other's (gas-service profile "
+                  "--input-size H W …) or narrow both with --dtype/--batch/--memory-format.", highlight=False)
     if json_out is not None:
         json_out.write_text(result.model_dump_json(indent=2))
         out.print(f"json: {json_out}", highlight=False)
+
+
+def _what_it_holds(c: LatencyClient, ref: str, filters: dict, runtime: str | None) -> str:
+    """A table's deployments in words: dtype, batch, memory format, runtime, and its largest key
+    side (the network input for the stem), e.g. ``float32 b1 contiguous eager up to 769×1537``."""
+    slug, env = split_ref(ref)
+    t = c.table(slug, environment=env, runtime=runtime, **filters)
+    kinds: dict[tuple[str, int, str, str], tuple[int, int]] = {}
+    for e in t.entries:
+        k = (e.dtype, e.batch, e.memory_format, e.runtime)
+        h, w = kinds.get(k, (0, 0))
+        kinds[k] = (max(h, e.h), max(w, e.w))
+    return "; ".join(f"{d} b{b} {m} {r} up to {h}×{w}" for (d, b, m, r), (h, w) in sorted(kinds.items())) or "no rows"
 
 
 def compare_runtimes(c: LatencyClient, a: tuple[str, str], b: tuple[str, str], filters: dict) -> ComparePublic:

@@ -82,3 +82,23 @@ def test_progress_off_a_terminal_is_a_line_every_tenth_or_few_seconds() -> None:
     quiet = io.StringIO()
     assert list(progress(range(5), desc="epoch", transient=True, file=quiet)) == list(range(5))
     assert quiet.getvalue() == ""
+
+
+def test_compare_says_what_each_table_holds_when_no_key_matches() -> None:
+    """gas-table compare of tables profiled at other sizes: it names each one's deployments and
+    largest side instead of printing an empty table."""
+    from pathlib import Path
+
+    from gas_core.table import LatencyTable
+    from search_client.table_cli import _what_it_holds
+
+    h200 = LatencyTable.model_validate_json((Path(__file__).resolve().parents[1] / "bench/results/gpu/table.json")
+                                            .read_text())
+
+    class Stub:
+        def table(self, slug: str, **kw: object) -> LatencyTable:
+            return h200
+
+    held = _what_it_holds(Stub(), "nvidia-h200", {}, None)  # type: ignore[arg-type]
+    assert "up to 769×1537" in held or "up to 385×769" in held, held
+    assert "float32 b1 contiguous eager" in held
