@@ -342,6 +342,40 @@ def test_gas_search_end_to_end(live: Server, tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+def test_gas_search_to_a_target_end_to_end(live: Server, tmp_path: Path) -> None:
+    """--target-fps (→ --target-ms) through the CLI: the search log carries T, and the derived
+    network's table latency, as /measure predicts it, lies within ±5 % of T."""
+    from gas_core.genotype import derive
+    from gas_core.latency import predict_latency_us
+    from gas_core.search_space import cell_shapes
+
+    layout = NetworkLayout(num_classes=4)
+    with LatencyClient(live.url) as c:
+        term, slug = fetch_latency_term(c, None, layout, (32, 64), 1, "float32", "contiguous", progress=False)
+        lookup = c.table(slug, dtype="float32", batch=1, memory_format="contiguous",
+                         environment=c.host().environment.fingerprint).lookup()
+    shapes = cell_shapes(layout, (32, 64))
+    lo, hi = (predict_latency_us(derive(sign * term.L, layout), shapes, lookup) for sign in (-1, 1))
+    target_ms = (lo + 0.4 * (hi - lo)) / 1e3
+    out = tmp_path / "run"
+    r = _gas_search("--latency-url", live.url, "--input-size", "32", "64", "--epochs", "1", "--batch", "4",
+                    "--max-steps", "1", "--synthetic-size", "8", "4", "--out", str(out), "--quiet",
+                    "--target-fps", f"{1e3 / target_ms:.6f}", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    report = json.loads((out / "report.json").read_text())
+    fit = report["target"]
+    assert fit["within"] and fit["target_ms"] == pytest.approx(target_ms, rel=1e-5)
+    assert abs(report["predicted_ms"] / target_ms - 1) <= 0.05, (report["predicted_ms"], target_ms)
+    assert "target latency (table)" in r.stdout and (out / "target_fit.json").is_file()
+    import csv
+
+    rows = list(csv.DictReader((out / "search_log.csv").open()))
+    assert float(rows[0]["target_ms"]) == pytest.approx(target_ms, rel=1e-5)
+    r = _gas_search("--latency-url", live.url, "--target-fps", "30", "--target-ms", "20", "--out", str(out), cwd=tmp_path)
+    assert r.returncode == 2 and "give one of them" in r.stderr
+
+
+@pytest.mark.slow
 def test_gas_search_errors_are_one_line(live: Server, tmp_path: Path) -> None:
     """Each bad invocation, as a real process: its exit code and one line naming the problem.
     The processes run side by side (each mostly imports torch)."""
