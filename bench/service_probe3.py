@@ -118,6 +118,27 @@ def row1(svc: Service) -> dict[str, Any]:
     return out
 
 
+def row1_import(svc: Service) -> dict[str, Any]:
+    """An authorised, valid 40,000-row table (about 20 MiB with its samples) to /table/import: the
+    slowest /health while it is decoded and stored."""
+    with httpx.Client(base_url=svc.url, timeout=600, headers=AUTH) as c:
+        body = json.dumps(big_table(c, 40_000)).encode()
+    lat: list[float] = []
+    stop = threading.Event()
+    watch = threading.Thread(target=health_watch, args=(svc.url, stop, lat))
+    watch.start()
+    t0 = time.perf_counter()
+    r = httpx.post(svc.url + "/table/import", content=body, timeout=600, params={"force": True},
+                   headers={"Content-Type": "application/json", **AUTH})
+    wall = time.perf_counter() - t0
+    time.sleep(0.5)
+    stop.set()
+    watch.join()
+    return {"body_mib": round(len(body) / 2**20, 1), "status": r.status_code, "answer_s": round(wall, 2),
+            "health_max_s": round(max(lat), 3), "health_p50_s": round(statistics.median(lat), 4),
+            "health_calls": len(lat)}
+
+
 def row2(svc: Service, wait_s: float) -> dict[str, Any]:
     host, port = "127.0.0.1", svc.port
     socks = {"anonymous": [], "authorised": []}  # type: dict[str, list[socket.socket]]
@@ -160,7 +181,8 @@ def big_table(c: httpx.Client, rows: int = 10_000) -> dict[str, Any]:
     now = datetime.now(UTC).isoformat()
     entries = []
     for i in range(rows):
-        key = LatencyKey(op="conv_3x3", c_in=8 + i % 100, c_out=8, h=16 + i // 100, w=32, stride=1, batch=1)
+        key = LatencyKey(op="conv_3x3", c_in=8 + i % 100, c_out=8 + i // 40_000, h=16 + i // 100 % 400, w=32,
+                         stride=1, batch=1)
         samples = [10.0 + (j % 7) for j in range(30)]
         entries.append({"key": key.canonical, "key_hash": key.key_hash, **key.model_dump(), **sample_stats(samples),
                         "iters_per_sample": 1, "timer": "probe", "created_at": now, "samples_us": samples})
@@ -219,20 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--body-wait", type=float, default=15.0, help="row 2's second look, s (GAS_BODY_TIMEOUT_S is "
                     "set 5 s below it)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/service_probe3.json"))
+    ap.add_argument("--steps", nargs="+", default=["row1", "row1_import", "row2", "row9", "row10"],
+                    help="which probes to run (a run adds its steps to an existing label)")
     args = ap.parse_args(argv)
     work = Path("/tmp") / f"probe3-{args.label}"
     work.mkdir(parents=True, exist_ok=True)
     env = {"GAS_BODY_TIMEOUT_S": str(args.body_wait - 5)}
-    result: dict[str, Any] = {"label": args.label, "repo": str(args.repo), "machine": machine()}
-    for name, step in (("row1", row1), ("row2", lambda s: row2(s, args.body_wait)), ("row9", row9),
-                       ("row10", lambda s: row10(s, args.jobs))):
+    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result: dict[str, Any] = {**stored.get(args.label, {}), "label": args.label, "repo": str(args.repo),
+                              "machine": machine()}
+    steps = {"row1": row1, "row1_import": row1_import, "row2": lambda s: row2(s, args.body_wait), "row9": row9,
+             "row10": lambda s: row10(s, args.jobs)}
+    for name, step in ((n, steps[n]) for n in args.steps):
         svc = Service(args.repo.resolve(), work, env)
         try:
             result[name] = step(svc)
         finally:
             svc.stop()
         print(name, json.dumps(result[name]), flush=True)
-    stored = json.loads(args.out.read_text()) if args.out.is_file() else {}
     stored[args.label] = result
     args.out.write_text(json.dumps(stored, indent=1))
     print(f"wrote {args.out}")

@@ -55,21 +55,28 @@ def _echo(value: Any) -> str:
     return text if len(text) <= ECHO_CHARS else text[:ECHO_CHARS] + f"… ({len(text)} characters)"
 
 
-async def validation_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, RequestValidationError)
-    errors = exc.errors()
-    detail = [FieldProblem(loc=[p if isinstance(p, int | str) else str(p) for p in e.get("loc", ())],
-                           field=where(tuple(e.get("loc", ()))), msg=str(e.get("msg", "")),
+def summarise_validation(errors: list[Any], prefix: tuple[str, ...] = ()) -> tuple[int, str, list[FieldProblem]]:
+    """(status, one line, per-field problems) of a validation error's ``errors()``: 422 naming the
+    first fields, or 400 when the body is not JSON at all (saying where the parser stopped).
+    ``prefix`` is put before each ``loc`` (``("body",)`` for a body validated outside FastAPI)."""
+    detail = [FieldProblem(loc=[p if isinstance(p, int | str) else str(p) for p in (*prefix, *e.get("loc", ()))],
+                           field=where(tuple(e.get("loc", ())) or prefix), msg=str(e.get("msg", "")),
                            type=str(e.get("type", "")), input=_echo(e.get("input"))) for e in errors[:MAX_ERRORS]]
     summary = "; ".join(f"{d.field}: {d.msg}" for d in detail[:3])
     if len(errors) > 3:
         summary += f" (and {len(errors) - 3} more)"
-    unparseable = any(d.type == "json_invalid" for d in detail)
-    if unparseable:  # not JSON at all: a 400 saying where the parser stopped, not a schema error
-        ctx = next(e.get("ctx", {}) for e in errors if e.get("type") == "json_invalid")
-        summary = f"body: not valid JSON ({ctx.get('error', 'parse error')}, at character {errors[0]['loc'][-1]})"
-    return JSONResponse(status_code=status.HTTP_400_BAD_REQUEST if unparseable else
-                        status.HTTP_422_UNPROCESSABLE_CONTENT, content=error_body(summary, detail))
+    invalid = [e for e in errors if e.get("type") == "json_invalid"]
+    if invalid:  # not JSON at all: a 400 saying where the parser stopped, not a schema error
+        ctx, loc = invalid[0].get("ctx", {}), invalid[0].get("loc", ())
+        at = f", at character {loc[-1]}" if loc else ""
+        return status.HTTP_400_BAD_REQUEST, f"body: not valid JSON ({ctx.get('error', 'parse error')}{at})", detail
+    return status.HTTP_422_UNPROCESSABLE_CONTENT, summary, detail
+
+
+async def validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    code, summary, detail = summarise_validation(list(exc.errors()))
+    return JSONResponse(status_code=code, content=error_body(summary, detail))
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:

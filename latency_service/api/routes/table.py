@@ -5,35 +5,35 @@ import io
 import logging
 from collections.abc import Hashable
 from dataclasses import asdict
-from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Literal
 
+import anyio.to_process
 from fastapi import APIRouter, Header, HTTPException, Query, Request, Response, status
 from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from gas_core.keys import INT32_MAX, Dtype, MemoryFormat, Runtime
-from gas_core.ops import check_key
-from gas_core.quality import sample_stats
-from gas_core.table import LatencyTable, compare_tables, environment_fingerprint
+from gas_core.table import LatencyTable, compare_tables
 from gas_core.wire import (
     ComparePublic,
     DevicesPublic,
     DeviceSummary,
+    FieldProblem,
     ImportPublic,
     PairComparison,
     TablePublic,
     TableRef,
     split_ref,
 )
-from latency_service import crud
+from latency_service import crud, importer
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public, environment_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
+from latency_service.api.errors import error_body
 from latency_service.api.fastpath import raw_request_key
 from latency_service.api.table_cache import Rendered, TableScope
-from latency_service.models import Device, Environment, as_utc
+from latency_service.models import Device, Environment
 from latency_service.service import Host
 
 log = logging.getLogger(__name__)
@@ -52,75 +52,38 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
 
 # /table/import is registered before /table/{device}: the other order let "{device}" capture
 # "import", and OPTIONS /table/import answered 405 with Allow: GET.
-FUTURE_SLACK = timedelta(minutes=5)
-"""Clock skew tolerated between the exporting host and this one."""
-STAT_RTOL = 1e-4
-"""Relative slack between a file's statistics and those recomputed from its samples: the samples
-travel as float32 (a stored row's median came from the float64 samples)."""
-
-
-def checked_import(table: LatencyTable) -> tuple[list[str], LatencyTable]:
-    """An imported file is untrusted input: every row needs its raw samples, its statistics are
-    recomputed from them (a median that disagrees is refused, the others replaced), and no row may
-    be dated in the future (a date of 9999 would make it the newest table for ever). Returns the
-    problems, each naming its field, and the table with recomputed statistics."""
-    problems: list[str] = []
-    now = datetime.now(UTC)
-    entries = []
-    for i, e in enumerate(table.entries):
-        if e.samples_us is None:
-            problems.append(f"entries[{i}]: no samples_us; export with samples (gas-table export does)")
-            continue
-        if len(e.samples_us) != e.n_samples:
-            problems.append(f"entries[{i}]: {len(e.samples_us)} samples_us but n_samples={e.n_samples}")
-            continue
-        stats = sample_stats(e.samples_us)
-        if abs(stats["median_us"] - e.median_us) > STAT_RTOL * max(1.0, stats["median_us"]):
-            problems.append(f"entries[{i}].median_us: {e.median_us} is not the median of its samples_us "
-                            f"({stats['median_us']:.6g})")
-        if as_utc(e.created_at) > now + FUTURE_SLACK:
-            problems.append(f"entries[{i}].created_at: {e.created_at.isoformat()} is in the future (now "
-                            f"{now.isoformat(timespec='seconds')})")
-        entries.append(e.model_copy(update=stats))
-    return problems, table.model_copy(update={"entries": entries})
+IMPORT_BODY = {"required": True, "content": {"application/json": {"schema": LatencyTable.model_json_schema()}}}
+"""The body's schema, declared here: the route reads raw bytes (decoded in a worker process,
+latency_service/importer.py), so FastAPI cannot derive it from a parameter."""
 
 
 @router.post(
-    "/table/import", response_model=ImportPublic, dependencies=[TokenDep], openapi_extra={"x-large-body": True},
+    "/table/import", response_model=ImportPublic, dependencies=[TokenDep],
+    openapi_extra={"x-large-body": True, "requestBody": IMPORT_BODY},
     summary="Merge an exported table (gas-table export) into this database",
-    responses={415: {"description": "the body is not sent as application/json"},
-               409: {"description": "the file's device conflicts with the stored one, or a concurrent write"},
+    responses={400: {"description": "the body is not JSON"},
+               415: {"description": "the body is not sent as application/json"},
+               409: {"description": "the file's device conflicts with the stored one, the environment holds rows "
+                                    "this service measured (force=true imports anyway), or a concurrent write"},
                422: {"description": "not a version-1 GAS latency table, or an inconsistent row"}, **TOKEN_RESPONSES},
 )
-def import_table(
-    table: LatencyTable, session: SessionDep, host: HostDep,
-    force: Annotated[bool, Query(description="let older rows of the file replace newer stored ones")] = False,
-) -> ImportPublic:
-    problems, table = checked_import(table)
-    if environment_fingerprint(table.environment.info) != table.environment.fingerprint:
-        problems.append(f"environment: fingerprint {table.environment.fingerprint} is not that of its info "
-                        f"({environment_fingerprint(table.environment.info)}); was the file edited?")
-    for i, e in enumerate(table.entries):
-        try:
-            check_key(e.latency_key())
-        except ValueError as err:
-            problems.append(f"entries[{i}]: {err}")
-            continue
-    if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, "; ".join(problems[:5]) + more)
-    try:
-        counts = crud.import_table(session, table=table, force=force, policy=host.settings.quality_policy())
-    except crud.ImportConflict as err:
-        session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT, str(err)) from None
-    except IntegrityError:
-        session.rollback()
-        raise HTTPException(status.HTTP_409_CONFLICT,
-                            "a concurrent write to the same table (a profiling job); retry the import") from None
+async def import_table(
+    request: Request, host: HostDep,
+    force: Annotated[bool, Query(description="let the file's rows replace stored ones whatever their dates, and "
+                                 "import into an environment this service measured")] = False,
+) -> Response:
+    """The file is decoded, checked and merged in a worker process, so a large file never holds
+    the other requests (latency_service/importer.py)."""
+    body = await request.body()
+    out = await anyio.to_process.run_sync(importer.import_file, body, host.settings.database_url, force,
+                                          host.settings.quality_policy(), cancellable=False)
+    if out.status != 200:
+        return JSONResponse(status_code=out.status, content=error_body(out.message, [FieldProblem.model_validate(d)
+                                                                                     for d in out.detail]))
     host.table_cache.invalidate()
-    log.info("imported %s@%s: %s", table.device.slug, table.environment.fingerprint, counts)
-    return ImportPublic(device=table.device.slug, environment=table.environment.fingerprint, **counts)
+    log.info("imported %s@%s: %s", out.device, out.environment, out.counts)
+    return JSONResponse(ImportPublic(device=out.device, environment=out.environment, **out.counts)
+                        .model_dump(mode="json"))
 
 
 class TableQuery(BaseModel):
