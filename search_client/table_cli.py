@@ -8,6 +8,7 @@ A table is DEVICE (its newest environment) or DEVICE@ENVIRONMENT (a fingerprint 
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -25,8 +26,10 @@ from search_client.report import plot_compare
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, help=__doc__, no_args_is_help=True,
                   rich_markup_mode="markdown")
-out = Console(soft_wrap=True)
-err = Console(stderr=True, soft_wrap=True)
+# Piped or redirected, rich assumes 80 columns and cuts table cells to "…": there, tables get the
+# width they need (a terminal keeps its own width and wraps)
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 240)
+err = Console(stderr=True, soft_wrap=True, width=None if sys.stderr.isatty() else 240)
 
 Url = Annotated[str | None, typer.Option("--latency-url", help="service base URL (default GAS_LATENCY_URL)")]
 Token = Annotated[str | None, typer.Option(
