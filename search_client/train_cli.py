@@ -2,7 +2,8 @@
 evaluated, deployable network — the paper's Table 1 row (mIoU, latency, FPS) for your device.
 
 Devices, AMP, DataLoader workers and ``torchrun`` work exactly as in ``gas-search``
-(``torchrun --nproc_per_node N -m search_client.train_cli train …``: NCCL, one GPU per rank).
+(``torchrun --nproc_per_node N -m search_client.train_cli genotype.json …``: NCCL, one GPU per rank;
+that module runs gas-train).
 Bad input (a missing data root, a genotype whose classes do not match the dataset, a corrupt or
 foreign checkpoint) is one line on stderr and exit status 2.
 """
