@@ -18,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from bench.camvid_round2 import round2_sections  # noqa: E402
+from bench.camvid_round2 import input_eval, round2_sections  # noqa: E402
 
 GROUPS = {"GAS (GCN)": "train-search-gas-", "random (b): latency-matched": "train-random-b",
           "random (a): uniform": "train-random-a"}
@@ -56,13 +56,14 @@ def table3(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[dict]]]:
         if group is None:
             continue
         m = _measure(runs, r["source"])
-        row = {"name": name, "miou": r["eval"]["miou"], "table_ms": r["table_ms"], "params": r["params"],
+        ev, mark = input_eval(runs, name)
+        row = {"name": name, "miou": ev["miou"], "table_ms": r["table_ms"], "params": r["params"],
                "measured_ms": m["median_ms"] if m else None, "p10": m.get("p10_ms") if m else None,
                "p90": m["p90_ms"] if m else None, "fps": m["fps"] if m else None}
         groups[group].append(row)
         meas = "—" if m is None else f"{m['median_ms']:.2f} ({m.get('p10_ms') or float('nan'):.2f}–{m['p90_ms']:.2f})"
         fps = "—" if m is None else f"{m['fps']:.1f}"
-        lines.append(f"| {name.removeprefix('train-')} | {row['miou']:.4f} | {r['best_epoch_miou']:.4f} | "
+        lines.append(f"| {name.removeprefix('train-')} | {row['miou']:.4f}{mark} | {r['best_epoch_miou']:.4f} | "
                      f"{r['table_ms']:.2f} | {meas} | {fps} | "
                      f"{r['params']:,} | {r['wall_s'] / 60:.0f} min |")
     lines += ["", "| group | val mIoU mean ± std | table ms mean | measured ms mean | FPS mean |", "|---|---|---|---|---|"]

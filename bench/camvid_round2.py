@@ -51,12 +51,24 @@ def measurement_lines(runs: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _miou(runs: dict[str, dict], train_run: str, labels: str = "input") -> float | None:
+def input_eval(runs: dict[str, dict], train_run: str) -> tuple[dict, str]:
+    """A trained net's val scores with labels at the input size, as round 1 reported them: its own
+    ``eval`` unless that was scored at native resolution (gas-eval's default since round 2), then
+    its ``evalboth-`` run's; a mark when only the native one exists yet."""
+    ev = runs[train_run]["eval"]
+    if ev.get("label_resolution", "input") == "input":
+        return ev, ""
     both = runs.get(f"evalboth-{train_run}")
-    if both is not None:
-        return both[labels]["miou"]
-    r = runs.get(train_run)
-    return r["eval"]["miou"] if r is not None and labels == "input" else None
+    return (both["input"], "") if both else (ev, " (native labels)")
+
+
+def _miou(runs: dict[str, dict], train_run: str) -> float | None:
+    """Val mIoU with labels at the input size (round 1's convention); None until trained, or
+    while only the native-resolution score exists."""
+    if train_run not in runs:
+        return None
+    ev, mark = input_eval(runs, train_run)
+    return None if mark else ev["miou"]
 
 
 def paired_lines(runs: dict[str, dict], prefix: str = "search-gas-") -> tuple[list[str], list[dict]]:
