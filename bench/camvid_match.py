@@ -11,7 +11,8 @@ Three kinds of run, each resumable like the rest of :mod:`bench.camvid_study`:
 * ``partner-<net>``: the random partner of a searched network: uniform (or, below the reach of
   uniform draws, cheap-tilted) candidates screened on parameters (±10 %) and on the table scaled
   to the host (±10 %), then measured interleaved with the searched network; the first candidate
-  in draw order within ±3 % of its measured latency is the partner (gas_core/random_search.py).
+  in draw order within ±3 % of its measured floor (fastest round: search_client/interleaved.py
+  says why not the median) is the partner (gas_core/random_search.py).
 * ``search-t<f>-s<seed>``: GAS with ``--target-ms`` at f × the uniform probe's median measured
   latency, converted to the table's scale by the probe's own table/measured ratio.
 """
@@ -37,7 +38,7 @@ from gas_core.random_search import (
 )
 from latency_service.testing import local_service
 from search_client.client import LatencyClient
-from search_client.interleaved import InterleavedRun, measure_interleaved
+from search_client.interleaved import InterleavedRun, measure_interleaved, summarise
 
 if TYPE_CHECKING:
     from bench.camvid_study import Study
@@ -109,36 +110,55 @@ def run_measure_sitting(st: Study) -> dict:
 
 
 def summarise_tables(run: InterleavedRun, sitting_ms: dict[str, float]) -> dict[str, Any]:
-    """τ and median ratio against measured for the sitting table (the pinned one's are the run's
-    own), over every network and over the uniform probe alone."""
+    """Kendall τ and median ratio of each table against measured — the pinned table (the run's
+    predictions) and the sitting's — over every network and over the uniform probe alone, for
+    the median of rounds and for the floor (fastest round)."""
     from gas_core.table import kendall_tau
 
     t = run.by_name()
     names = list(t)
     probe = [n for n in names if n.startswith("uniform-")]
-    out: dict[str, Any] = {"sitting_table_ms": sitting_ms}
     pinned = {n: p for n in names if (p := t[n].predicted_ms) is not None}
+    out: dict[str, Any] = {"sitting_table_ms": sitting_ms}
     for label, table in (("pinned", pinned), ("sitting", sitting_ms)):
         for group, members in (("all", names), ("probe", probe)):
-            pairs = [(table[n], t[n].median_ms) for n in members if n in table]
-            out[f"tau_{label}_{group}"] = kendall_tau([p for p, _ in pairs], [m for _, m in pairs])
-            out[f"ratio_{label}_{group}"] = statistics.median(p / m for p, m in pairs) if pairs else None
+            for stat, key in (("", "median_ms"), ("_floor", "floor_ms")):
+                pairs = [(table[n], getattr(t[n], key)) for n in members if n in table]
+                out[f"tau_{label}_{group}{stat}"] = kendall_tau([p for p, _ in pairs], [m for _, m in pairs])
+                out[f"ratio_{label}_{group}{stat}"] = statistics.median(p / m for p, m in pairs) if pairs else None
     return out
 
 
-def measured(st: Study, name: str) -> float:
-    """A network's median in the measuring sitting."""
-    res = st.result(MEASURE_RUN)
-    assert res is not None
-    return next(n["median_ms"] for n in res["networks"] if n["name"] == name)
+def reanalyse(res: dict) -> dict:
+    """A stored measuring sitting's summaries recomputed from its rounds (no timing): floors,
+    split halves, and τ and ratios for both statistics, for runs stored before they existed."""
+    got = {n["name"]: n["rounds_ms"] for n in res["networks"]}
+    predicted = {n["name"]: n["predicted_ms"] for n in res["networks"] if n["predicted_ms"] is not None}
+    run = summarise(got, res["order"], predicted)
+    return {**res, **run.model_dump(mode="json"), **summarise_tables(run, res["sitting_table_ms"])}
+
+
+def floor_ms(timing: dict) -> float:
+    """A network's measured figure for matching: its fastest round (search_client/interleaved.py
+    says why); the round minimum where a run was stored before the field existed."""
+    return float(timing.get("floor_ms") or min(timing["rounds_ms"]))
 
 
 def uniform_median_ms(st: Study) -> tuple[float, float]:
-    """The probe's median measured latency, and its table/measured ratio (pinned table)."""
+    """The probe's median measured latency (each genotype's floor), and the probe's median ratio
+    of the pinned table to those floors: what converts a measured target to the table's scale."""
     res = st.result(MEASURE_RUN)
     assert res is not None
     probe = [n for n in res["networks"] if n["name"].startswith("uniform-")]
-    return statistics.median(n["median_ms"] for n in probe), res["ratio_pinned_probe"]
+    return (statistics.median(floor_ms(n) for n in probe),
+            statistics.median(n["predicted_ms"] / floor_ms(n) for n in probe))
+
+
+def floor_ratio(st: Study) -> float:
+    """The pinned table over the measured floor, median over every network of the sitting."""
+    res = st.result(MEASURE_RUN)
+    assert res is not None
+    return statistics.median(n["predicted_ms"] / floor_ms(n) for n in res["networks"])
 
 
 def run_partner(st: Study, name: str, source: str, seed: int, tilted: bool) -> dict | None:
@@ -148,7 +168,7 @@ def run_partner(st: Study, name: str, source: str, seed: int, tilted: bool) -> d
     assert src is not None
     g_src = Genotype.model_validate(src["genotype"])
     params_src = count_params(g_src)
-    ratio = st.result(MEASURE_RUN)["ratio_pinned_all"]  # type: ignore[index]
+    ratio = floor_ratio(st)
     expect_ms = st.table_ms(g_src) / ratio  # where the screen looks, on the host's scale
     term = st.table()[0]
     probs = None
@@ -168,11 +188,11 @@ def run_partner(st: Study, name: str, source: str, seed: int, tilted: bool) -> d
         with st.client() as c:
             run = measure_interleaved(nets, _measurer(c, st.scale.size), st.scale.rounds)
         t = run.by_name()
-        got = {c.draw: t[f"draw{c.draw}"].median_ms for c in cands}
+        got = {c.draw: t[f"draw{c.draw}"].floor_ms for c in cands}
         tried += [_candidate_row(c, t[f"draw{c.draw}"].model_dump(mode="json")) for c in cands]
-        target = t[source].median_ms
+        target = t[source].floor_ms
         match = first_match(cands, got, target, st.scale.partner_tol)
-        log.info("%s: batch %d, %s measured %.3f ms; candidates %s", name, batch, source, target,
+        log.info("%s: batch %d, %s floor %.3f ms; candidates' floors %s", name, batch, source, target,
                  ", ".join(f"{got[c.draw]:.3f}" for c in cands))
         if match is not None:
             return {"source": source, "genotype": match.genotype.model_dump(mode="json"),

@@ -60,11 +60,13 @@ def table3(runs: dict[str, dict]) -> tuple[list[str], dict[str, list[dict]]]:
         row = {"name": name, "miou": ev["miou"], "table_ms": r["table_ms"], "params": r["params"],
                "measured_ms": m["median_ms"] if m else None, "p10": m.get("p10_ms") if m else None,
                "p90": m["p90_ms"] if m else None, "fps": m["fps"] if m else None}
-        groups[group].append(row)
+        if not mark:  # a score at native labels is not comparable with round 1's: out of the group's figures
+            groups[group].append(row)
+        r2 = "fit" in runs.get(r["source"], {})  # searched in round 2, on table-r2 (round 1's table is lost)
         meas = "—" if m is None else f"{m['median_ms']:.2f} ({m.get('p10_ms') or float('nan'):.2f}–{m['p90_ms']:.2f})"
         fps = "—" if m is None else f"{m['fps']:.1f}"
         lines.append(f"| {name.removeprefix('train-')} | {row['miou']:.4f}{mark} | {r['best_epoch_miou']:.4f} | "
-                     f"{r['table_ms']:.2f} | {meas} | {fps} | "
+                     f"{r['table_ms']:.2f}{' (table-r2)' if r2 else ''} | {meas} | {fps} | "
                      f"{r['params']:,} | {r['wall_s'] / 60:.0f} min |")
     lines += ["", "| group | val mIoU mean ± std | table ms mean | measured ms mean | FPS mean |", "|---|---|---|---|---|"]
     for g, rows in groups.items():

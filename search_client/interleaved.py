@@ -11,6 +11,15 @@ or one call of the same timer, itself a median of many passes) with a distributi
 interval from the order statistics of the rounds (the binomial interval of a median; no normality
 assumed: round medians on a VM are skewed by slow spells). ≥ 10 rounds give an interval between
 the 2nd and 9th of 10.
+
+**The floor, for matching.** On the CamVid study's 2-core EPYC the host ran in two speeds, phases
+of +40 % lasting 20–50 s (`bench/results/camvid/runs/measure-r2.json`): a network's median then
+depends on how many of its rounds fell in slow phases, and the medians did not reproduce between
+the odd and the even rounds (split-half Kendall τ 0.11 over 34 networks, median difference 6.1 %).
+The fastest round (``floor_ms``) did (τ 0.64, 1.1 %): interference only adds time, so the floor is
+the host's own speed for that network, as the prediction benchmark's "lowest pass" is. Both are
+kept; partners are matched on the floor, and ``split_half`` says how repeatable each statistic was
+in the sitting.
 """
 
 from __future__ import annotations
@@ -61,6 +70,7 @@ class NetworkTiming(BaseModel):
     rounds_ms: list[float] = Field(description="the network's median of each round, in round order")
     median_ms: float = Field(description="median of rounds_ms")
     ci95_ms: tuple[float, float] = Field(description="distribution-free 95 % interval of that median")
+    floor_ms: float = Field(default=0.0, description="the fastest round: the figure to match on (module docstring)")
     predicted_ms: float | None = Field(default=None, description="the table's whole-network sum, when given")
 
     @property
@@ -81,6 +91,9 @@ class InterleavedRun(BaseModel):
     tau_table_vs_measured: float | None = Field(default=None, description="Kendall τ of predicted and measured "
                                                 "medians over the networks that have a prediction")
     median_ratio_table_over_measured: float | None = None
+    split_half: dict[str, dict[str, float | None]] = Field(
+        default_factory=dict, description="per statistic (median, floor): Kendall τ between the figures of the "
+        "even and the odd rounds over the networks, and their median relative difference, %")
 
     def by_name(self) -> dict[str, NetworkTiming]:
         return {t.name: t for t in self.networks}
@@ -110,9 +123,22 @@ def summarise(got: Mapping[str, Sequence[float]], order: list[list[str]],
     """Per network median and interval; over the networks with a prediction, Kendall τ of table
     against measured and the median ratio table / measured."""
     timings = [NetworkTiming(name=n, rounds_ms=list(xs), median_ms=statistics.median(xs), ci95_ms=median_ci(xs),
-                             predicted_ms=predicted_ms.get(n)) for n, xs in got.items()]
+                             floor_ms=min(xs), predicted_ms=predicted_ms.get(n)) for n, xs in got.items()]
     paired = [(t.predicted_ms, t.median_ms) for t in timings if t.predicted_ms is not None]
     tau = kendall_tau([p for p, _ in paired], [m for _, m in paired]) if len(paired) >= 3 else None
     ratio = statistics.median(p / m for p, m in paired) if paired else None
     return InterleavedRun(rounds=len(order), order=order, networks=timings, tau_table_vs_measured=tau,
-                          median_ratio_table_over_measured=ratio)
+                          median_ratio_table_over_measured=ratio, split_half=split_half(got))
+
+
+def split_half(got: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float | None]]:
+    """How well each statistic reproduces itself within the sitting: computed on the even rounds
+    and on the odd rounds separately, Kendall τ over the networks and the median |a/b − 1| in %."""
+    out: dict[str, dict[str, float | None]] = {}
+    for name, stat in (("median", statistics.median), ("floor", min)):
+        pairs = [(stat(xs[0::2]), stat(xs[1::2])) for xs in got.values() if len(xs) >= 2]
+        if len(pairs) < 2:
+            continue
+        out[name] = {"tau": kendall_tau([a for a, _ in pairs], [b for _, b in pairs]),
+                     "median_diff_pct": 100 * statistics.median(abs(a / b - 1) for a, b in pairs)}
+    return out

@@ -138,6 +138,9 @@ def test_interleaved_measurement_visits_round_robin_and_summarises_rounds() -> N
     assert run.tau_table_vs_measured == pytest.approx(1.0)
     ratios = sorted(p / t[n].median_ms for n, p in (("a", 15.0), ("b", 25.0), ("c", 60.0)))
     assert run.median_ratio_table_over_measured == pytest.approx(ratios[1])
+    assert t["b"].floor_ms == min(t["b"].rounds_ms)  # the fastest round: what partners are matched on
+    # split halves: the slow spell hit rounds 1 and 2 only, so both halves order a < b < c
+    assert run.split_half["floor"]["tau"] == pytest.approx(1.0) and run.split_half["median"]["tau"] == pytest.approx(1.0)
     assert median_ci([3.0, 1.0, 2.0]) == (1.0, 3.0)  # too few rounds for 95 %: the range
     with pytest.raises(ValueError):
         measure_interleaved({}, fake)
