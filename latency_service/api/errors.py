@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request, status
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.gzip import GZipMiddleware
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -284,6 +285,12 @@ async def unexpected_error(request: Request, exc: Exception) -> JSONResponse:
                         content=error_body(f"internal error ({type(exc).__name__}); see the service log"))
 
 
+BODY_MODELS: list[type[BaseModel]] = []
+"""Request bodies that a route decodes itself (``/table/import``, in a worker process) and names
+by ``$ref`` in its ``openapi_extra``: registered as components here, since FastAPI registers only
+what a route's parameters declare (an inline schema's ``$defs`` broke ReDoc)."""
+
+
 def document(app: FastAPI) -> None:
     """Every error response a route names (a 404, a 429 …, with its own description) is given
     the one error body in the OpenAPI schema, so the schema says what the handlers send."""
@@ -292,6 +299,12 @@ def document(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         schema = generate()  # cached on the app after the first call; the edit below stays in it
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for model in BODY_MODELS:  # bodies a route reads itself (no parameter to derive them from)
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in body.pop("$defs", {}).items():
+                components.setdefault(name, sub)
+            components.setdefault(model.__name__, body)
         for ops in schema["paths"].values():
             for op in ops.values():
                 for code, response in op.get("responses", {}).items():

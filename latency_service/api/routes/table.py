@@ -30,7 +30,7 @@ from gas_core.wire import (
 from latency_service import crud, importer
 from latency_service.api.convert import ENTRY_FIELDS, device_row_public, entry_public, environment_public
 from latency_service.api.deps import READ_RESPONSES, TOKEN_RESPONSES, HostDep, ReadDep, SessionDep, TokenDep
-from latency_service.api.errors import error_body
+from latency_service.api.errors import BODY_MODELS, error_body
 from latency_service.api.fastpath import raw_request_key
 from latency_service.api.table_cache import Rendered, TableScope
 from latency_service.models import Device, Environment
@@ -52,7 +52,8 @@ def _device_env(session: SessionDep, slug: str, environment: str | None) -> tupl
 
 # /table/import is registered before /table/{device}: the other order let "{device}" capture
 # "import", and OPTIONS /table/import answered 405 with Allow: GET.
-IMPORT_BODY = {"required": True, "content": {"application/json": {"schema": LatencyTable.model_json_schema()}}}
+IMPORT_BODY = {"required": True, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/LatencyTable"}}}}
+BODY_MODELS.append(LatencyTable)
 """The body's schema, declared here: the route reads raw bytes (decoded in a worker process,
 latency_service/importer.py), so FastAPI cannot derive it from a parameter."""
 
