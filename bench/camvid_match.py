@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from bench.camvid_round2 import floor_of
 from gas_core.genotype import Genotype, random_genotype
 from gas_core.random_search import (
     Candidate,
@@ -138,27 +139,21 @@ def reanalyse(res: dict) -> dict:
     return {**res, **run.model_dump(mode="json"), **summarise_tables(run, res["sitting_table_ms"])}
 
 
-def floor_ms(timing: dict) -> float:
-    """A network's measured figure for matching: its fastest round (search_client/interleaved.py
-    says why); the round minimum where a run was stored before the field existed."""
-    return float(timing.get("floor_ms") or min(timing["rounds_ms"]))
-
-
 def uniform_median_ms(st: Study) -> tuple[float, float]:
     """The probe's median measured latency (each genotype's floor), and the probe's median ratio
     of the pinned table to those floors: what converts a measured target to the table's scale."""
     res = st.result(MEASURE_RUN)
     assert res is not None
     probe = [n for n in res["networks"] if n["name"].startswith("uniform-")]
-    return (statistics.median(floor_ms(n) for n in probe),
-            statistics.median(n["predicted_ms"] / floor_ms(n) for n in probe))
+    return (statistics.median(floor_of(n) for n in probe),
+            statistics.median(n["predicted_ms"] / floor_of(n) for n in probe))
 
 
 def floor_ratio(st: Study) -> float:
     """The pinned table over the measured floor, median over every network of the sitting."""
     res = st.result(MEASURE_RUN)
     assert res is not None
-    return statistics.median(n["predicted_ms"] / floor_ms(n) for n in res["networks"])
+    return statistics.median(n["predicted_ms"] / floor_of(n) for n in res["networks"])
 
 
 def run_partner(st: Study, name: str, source: str, seed: int, tilted: bool) -> dict | None:
