@@ -185,6 +185,15 @@ class HostNoise(BaseModel):
     min_z: float = Field(default=6.0, ge=0, description="...and beyond this many times the job's point-to-point "
                          "wander (√2 × its points' median relative SE); 0 = the threshold alone")
     points: list[ReferencePoint] = Field(default_factory=list)
+    checks: list[HostCheck] = Field(default_factory=list, description="the host judged busy or quiet at the job's "
+                                    "start and at every later point (against the environment's quiet calibration, "
+                                    "the load and the free cores), and what the job did")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def busy(self) -> bool:
+        """Whether any check found the host busy."""
+        return any(c.busy for c in self.checks)
 
     @computed_field  # type: ignore[prop-decorator]
     @property
@@ -304,16 +313,20 @@ class Agreement(BaseModel):
     flagged_keys: int = Field(ge=0)
     host_drift_pct: float | None = Field(default=None, description="the reference workload now against while the "
                                          "table was timed, % (+ = slower now)")
+    host_vs_quiet_pct: float | None = Field(default=None, description="the reference workload now against the "
+                                            "host's quiet calibration, % (+ = slower now)")
     warnings: list[str] = Field(default_factory=list, description="plain-words reasons to distrust the figures")
 
 
 def agreement(pred: Prediction, measured_us: float, measured_se_us: float, *, measured_spread: float | None = None,
-              host_drift_pct: float | None = None, host_drift_beyond: bool = False) -> Agreement:
+              host_drift_pct: float | None = None, host_drift_beyond: bool = False,
+              host: HostCheck | None = None) -> Agreement:
     """Is the prediction's error within the noise of both sides? ``measured_spread`` is the
     measurement's (p90 − p10) / median, ``host_drift_pct`` the reference now against while the
     table was timed and ``host_drift_beyond`` whether that is beyond the threshold and the host's
-    wander (:meth:`HostNoise.beyond`). Every reason to distrust the figures becomes one plain
-    sentence."""
+    wander (:meth:`HostNoise.beyond`), ``host`` the host check right before the measurement
+    (against its quiet calibration and the other processes' load). Every reason to distrust the
+    figures becomes one plain sentence."""
     err = (pred.predicted_us - measured_us) / measured_us * 100
     pm_p, pm_m = COVERAGE * pred.se_us, COVERAGE * measured_se_us
     noise = math.hypot(pm_p, pm_m) / measured_us * 100
@@ -327,6 +340,9 @@ def agreement(pred: Prediction, measured_us: float, measured_se_us: float, *, me
         warnings.append(f"this host runs the reference workload {abs(host_drift_pct):.0f} % "
                         f"{'slower' if host_drift_pct > 0 else 'faster'} now than while the table was timed: "
                         "the host changed (load, frequency), so table and measurement are not comparable")
+    if host is not None and host.busy:
+        warnings.append(f"the host is busy now ({'; '.join(host.reasons)}): the measurement includes other "
+                        "processes' interference; measure again on a quiet host")
     if measured_spread is not None and measured_spread > 0.5:
         warnings.append(f"the measurement itself was noisy (p10–p90 spread {measured_spread * 100:.0f} % of its "
                         "median): another process was probably competing for this host")
@@ -336,4 +352,133 @@ def agreement(pred: Prediction, measured_us: float, measured_se_us: float, *, me
                         "match how this network runs here (docs/timing.md)")
     return Agreement(predicted_ms=pred.predicted_us / 1e3, predicted_pm_ms=pm_p / 1e3, measured_ms=measured_us / 1e3,
                      measured_pm_ms=pm_m / 1e3, error_pct=err, noise_pct=noise, within_noise=within,
-                     flagged_keys=len(pred.flagged_keys), host_drift_pct=host_drift_pct, warnings=warnings)
+                     flagged_keys=len(pred.flagged_keys), host_drift_pct=host_drift_pct,
+                     host_vs_quiet_pct=None if host is None else host.vs_quiet_pct, warnings=warnings)
+
+
+# ---------------------------------------------------------------- a busy host
+
+
+class HostLoad(BaseModel):
+    """What the operating system says about the rest of the host, sampled while this process
+    sleeps: the cores other processes kept busy (steal included) and the load average. (No
+    ``extra="forbid"``: it is stored and read back with its computed field.)"""
+
+    cpus: int = Field(ge=1, description="CPUs this process may run on")
+    others_busy: float = Field(ge=0, description="cores' worth of CPU time other processes (and the hypervisor's "
+                               "steal) used over the sample")
+    load1: float = Field(ge=0, description="1-minute load average")
+    sample_s: float = Field(ge=0, description="how long the sample lasted")
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def free_cores(self) -> float:
+        return max(0.0, self.cpus - self.others_busy)
+
+
+class BusyPolicy(BaseModel):
+    """When the host is too busy to time on (settings ``GAS_BUSY_*``). Defaults from a 2-core
+    EPYC VM (docs/timing.md, "A busy host"): quiet, the reference workload's median sat at
+    either about 1.1 or 2.3 ms from one minute to the next, so only a move beyond 2.5× counts;
+    two competing processes put it at 11.4 ms (p90 72 ms); one competing 2-thread process left it
+    at 1.1 ms but took both cores, which only the load shows."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    slow_pct: float = Field(default=150.0, gt=0, description="reference median this far above its quiet calibration")
+    tail_factor: float = Field(default=6.0, gt=1, description="reference p90 this many times its quiet calibration")
+    spare_cores: float = Field(default=0.5, ge=0, description="busy when others leave fewer than (threads − this) "
+                               "cores free")
+
+
+class Calibration(BaseModel):
+    """The host's quiet speed, kept per environment: the reference workload's medians at the last
+    points timed while no other process competed (newest last, at most :data:`CALIBRATION_POINTS`).
+    A busy verdict compares a job's reference with this, not only with the job's own points,
+    which a job that starts busy never sees quiet."""
+
+    schema_version: int = 1
+    reference: str = Field(description="canonical latency key of the reference workload")
+    points_us: list[float] = Field(min_length=1, max_length=64)
+    updated_at: datetime
+
+    @computed_field  # type: ignore[prop-decorator]
+    @property
+    def median_us(self) -> float:
+        return statistics.median(self.points_us)
+
+    def add(self, us: float, at: datetime) -> Calibration:
+        return self.model_copy(update={"points_us": [*self.points_us, us][-CALIBRATION_POINTS:], "updated_at": at})
+
+
+CALIBRATION_POINTS: Final = 9
+
+
+class HostCheck(BaseModel):
+    """One look at the host before (and during) a job or a measurement: the figures and the
+    verdict, so a user sees why a job went on, waited or stopped."""
+
+    at: datetime
+    done: int = Field(ge=0, description="keys of the job done when it was taken")
+    reference_us: float = Field(ge=0, description="median of the reference workload's bursts")
+    reference_p90_us: float = Field(ge=0)
+    quiet_us: float | None = Field(default=None, description="the environment's quiet calibration, if any")
+    vs_quiet_pct: float | None = Field(default=None, description="reference against the quiet calibration, %")
+    load: HostLoad | None = None
+    threads: int = Field(ge=1, description="threads the timing uses")
+    busy: bool
+    reasons: list[str] = Field(default_factory=list)
+    action: str = Field(description="what followed: go (quiet), robust, wait, stop")
+
+    def describe(self) -> str:
+        """One line with the figures that decided it."""
+        ref = f"reference {self.reference_us / 1e3:.2f} ms (p90 {self.reference_p90_us / 1e3:.2f})"
+        if self.quiet_us is not None and self.vs_quiet_pct is not None:
+            ref += f", {self.vs_quiet_pct:+.0f} % against its quiet {self.quiet_us / 1e3:.2f} ms"
+        else:
+            ref += ", no quiet calibration yet"
+        load = "" if self.load is None else (f"; load average {self.load.load1:.1f}, others busy on "
+                                             f"{self.load.others_busy:.1f} of {self.load.cpus} cores")
+        head = "host busy" if self.busy else "host quiet"
+        why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
+        return f"{head}: {ref}{load}{why}"
+
+
+def judge_host(point: ReferencePoint, load: HostLoad | None, quiet: Calibration | None, threads: int,
+               policy: BusyPolicy = BusyPolicy(), *, done: int = 0, action_if_busy: str = "robust") -> HostCheck:
+    """Is the host busy now? Busy when the reference is ``slow_pct`` over its quiet calibration,
+    when its p90 is ``tail_factor`` times it (a median can look normal while one burst in five
+    is interrupted), or when other processes leave fewer cores free than the timing's threads
+    need. Without a calibration only the cores decide."""
+    reasons: list[str] = []
+    vs = None
+    if quiet is not None and quiet.median_us > 0:
+        vs = (point.median_us / quiet.median_us - 1) * 100
+        if vs > policy.slow_pct:
+            reasons.append(f"reference {vs:+.0f} % over its quiet calibration (limit +{policy.slow_pct:.0f} %)")
+        tail = point.p90_us / quiet.median_us
+        if tail > policy.tail_factor:
+            reasons.append(f"reference p90 {tail:.1f}× its quiet median (limit {policy.tail_factor:g}×): other work "
+                           "interrupts it")
+    if load is not None and load.free_cores < threads - policy.spare_cores:
+        reasons.append(f"other processes use {load.others_busy:.1f} of {load.cpus} cores, leaving "
+                       f"{load.free_cores:.1f} for {threads} timing threads")
+    busy = bool(reasons)
+    return HostCheck(at=point.at, done=done, reference_us=point.median_us, reference_p90_us=point.p90_us,
+                     quiet_us=None if quiet is None else quiet.median_us, vs_quiet_pct=vs, load=load,
+                     threads=threads, busy=busy, reasons=reasons, action=action_if_busy if busy else "go")
+
+
+def interrupted(samples_us: Sequence[float], factor: float = 3.0) -> str | None:
+    """A reason to flag a row of direct single-run samples whose median is ``factor`` times its
+    fastest run: most runs were interrupted, so its median is the host's contention, not the op
+    (on a busy 2-core VM stored rows reached hundreds of times their quiet value). None when not,
+    or when a sample is ≤ 0 (paired differences: their minimum is not a run)."""
+    if not samples_us or min(samples_us) <= 0:
+        return None
+    ratio = statistics.median(samples_us) / min(samples_us)
+    if ratio < factor:
+        return None
+    return f"median {ratio:.1f}× its fastest run (limit {factor:g}×): most runs were interrupted by other work"
+
+
+HostNoise.model_rebuild()  # its checks name HostCheck, defined after it

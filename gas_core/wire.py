@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, mo
 
 from gas_core.genotype import Genotype, random_genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime
-from gas_core.quality import Agreement, HostNoise
+from gas_core.quality import Agreement, HostCheck, HostNoise
 from gas_core.search_space import NetworkLayout
 from gas_core.table import LatencyTable, TableComparison, TableDevice, TableEntry, TableEnvironment
 
@@ -110,6 +110,10 @@ class JobPublic(Versioned):
         if self.flagged:
             out.append(f"{self.flagged} key(s) stored flagged (unstable): predictions using them are unreliable; "
                        "re-profile on a quiet host with force=true")
+        busy = next((c for c in self.host_noise.checks if c.busy), None) if self.host_noise is not None else None
+        if busy is not None:
+            out.append(f"the host was busy while this job ran ({busy.describe()}); it went on as "
+                       f"GAS_BUSY_POLICY={busy.action} says, and the rows timed meanwhile are flagged")
         if self.host_noise is not None and self.host_noise.exceeded:
             out.append(f"the host's reference workload drifted up to {self.host_noise.drift_pct:.0f} % during the "
                        f"job, beyond the threshold ({self.host_noise.threshold_pct:.0f} %) and "
@@ -197,6 +201,9 @@ class MeasurePublic(MeasuredOn):
     agreement: Agreement | None = Field(
         default=None, description="both sides as intervals, whether the error lies within the timing noise, and "
         "plain-words warnings (flagged rows, a host that drifted, an error larger than the noise); null if keys miss")
+    host_check: HostCheck | None = Field(
+        default=None, description="the host right before the network was timed: the reference workload against "
+        "the environment's quiet calibration, the other processes' load, and whether it was busy")
 
 
 class TableRef(BaseModel):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from datetime import datetime
 from typing import Any, cast
 
 from sqlalchemy import CursorResult, Result, func, select
@@ -10,7 +11,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, undefer
 
 from gas_core.keys import LatencyKey
-from gas_core.quality import HostNoise, QualityPolicy, RowQuality, RowStat, assess, sample_stats
+from gas_core.quality import Calibration, HostNoise, QualityPolicy, RowQuality, RowStat, assess, sample_stats
 from gas_core.runtimes import timed_as_now
 from gas_core.table import LatencyTable, TableEntry
 from latency_service.device import DeviceIdentity, EnvironmentIdentity
@@ -283,6 +284,25 @@ def latest_host_noise(session: Session, *, device_id: int, environment_id: int) 
         select(Job).where(Job.device_id == device_id, Job.environment_id == environment_id, Job.host_noise.is_not(None))
         .order_by(Job.created_at.desc()).limit(1))
     return HostNoise.model_validate(job.host_noise) if job is not None and job.host_noise else None
+
+
+def get_calibration(session: Session, *, environment_id: int) -> Calibration | None:
+    """The environment's quiet calibration (:class:`gas_core.quality.Calibration`), if any."""
+    raw = session.scalar(select(Environment.calibration).where(Environment.id == environment_id))
+    return Calibration.model_validate(raw) if raw else None
+
+
+def add_calibration_point(session: Session, *, environment_id: int, reference: str, median_us: float,
+                          at: datetime) -> Calibration:
+    """Add a quiet reference point to the environment's calibration (created with it). Commits."""
+    env = session.get(Environment, environment_id)
+    if env is None:
+        raise LookupError(f"environment {environment_id} is gone")
+    cal = (Calibration.model_validate(env.calibration).add(median_us, at) if env.calibration else
+           Calibration(reference=reference, points_us=[median_us], updated_at=at))
+    env.calibration = cal.model_dump(mode="json")
+    session.commit()
+    return cal
 
 
 def device_summaries(session: Session) -> list[tuple[Device, list[tuple[Environment, int]]]]:

@@ -10,12 +10,15 @@ import logging
 import os
 import platform
 import re
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from gas_core.quality import HostLoad
 from gas_core.runtimes import REGISTRY, host_runtimes
 from gas_core.table import environment_fingerprint
 from latency_service.profiler import cpu_caches
@@ -194,3 +197,43 @@ def environment(
             driver=_str(nv.nvmlSystemGetDriverVersion()) if nv is not None else None,
         )
     return EnvironmentIdentity(fingerprint=environment_fingerprint(info), info=info)
+
+
+def _cpu_jiffies(cpus: set[int], stat: Path) -> tuple[int, int]:
+    """(busy, total) jiffies over ``cpus`` from /proc/stat: busy = user + nice + system + irq +
+    softirq + steal (steal: time the hypervisor gave another guest), total adds idle + iowait."""
+    busy = total = 0
+    for line in stat.read_text().splitlines():
+        name, *fields = line.split()
+        if not name.startswith("cpu") or name == "cpu" or int(name[3:]) not in cpus:
+            continue
+        v = [int(x) for x in fields[:8]] + [0] * max(0, 8 - len(fields))
+        user, nice, system, idle, iowait, irq, softirq, steal = v[:8]
+        b = user + nice + system + irq + softirq + steal
+        busy += b
+        total += b + idle + iowait
+    return busy, total
+
+
+def host_load(sample_s: float = 0.5, sleep: Callable[[float], None] = time.sleep,
+              stat: Path = Path("/proc/stat")) -> HostLoad:
+    """How busy the rest of this host is, sampled over ``sample_s`` while this process sleeps:
+    the cores' worth of CPU time every other process used (this process's own CPU time over the
+    sample, its threads still spinning down after a timing, taken out), and the load average.
+    Where /proc/stat is unreadable (not Linux) only the load average is known and ``others_busy``
+    is estimated from it."""
+    cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+    load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    try:
+        b0, t0 = _cpu_jiffies(set(cpus), stat)
+    except (OSError, ValueError):
+        return HostLoad(cpus=len(cpus), others_busy=min(float(len(cpus)), load1), load1=load1, sample_s=0.0)
+    own0 = sum(os.times()[:2])
+    w0 = time.monotonic()
+    sleep(sample_s)
+    b1, t1 = _cpu_jiffies(set(cpus), stat)
+    own = sum(os.times()[:2]) - own0
+    wall = max(time.monotonic() - w0, 1e-9)
+    share = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
+    others = max(0.0, share * len(cpus) - own / wall)
+    return HostLoad(cpus=len(cpus), others_busy=round(others, 3), load1=load1, sample_s=round(wall, 3))

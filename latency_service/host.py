@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gas_core.devices import resolve_device
 from latency_service import crud
 from latency_service.core.config import Settings
-from latency_service.device import DeviceIdentity, EnvironmentIdentity, environment, host_cpus, identify
+from latency_service.device import DeviceIdentity, EnvironmentIdentity, environment, host_cpus, host_load, identify
 from latency_service.jobs import DeviceWorker, Trust
 from latency_service.profiler import Method, default_flush_bytes
 
@@ -82,10 +82,15 @@ class HostSpec:
         trust = Trust(policy=settings.quality_policy(), retime_max=settings.retime_max,
                       retime_pause_s=settings.retime_pause_s, reference_every_s=settings.reference_every_s,
                       reference_drift_pct=settings.reference_drift_pct,
-                      reference_drift_z=settings.reference_drift_z)
+                      reference_drift_z=settings.reference_drift_z, busy=settings.busy(),
+                      on_busy=settings.busy_policy, busy_block=settings.busy_block,
+                      busy_recheck_s=settings.busy_recheck_s, busy_wait_s=settings.busy_wait_s,
+                      key_budget_s=settings.key_budget_s, job_budget_s=settings.job_budget_s)
         return cls(settings, tdev, ident, env, device_id, env_id, method, trust)
 
     def device_worker(self, sessions: sessionmaker[Session]) -> DeviceWorker:
         """The worker thread for this host (not started)."""
         return DeviceWorker(sessions, self.torch_device, self.device_id, self.environment_id, self.method,
-                            owner=self.settings.worker_id, stale_s=self.settings.job_stale_s, trust=self.trust)
+                            owner=self.settings.worker_id, stale_s=self.settings.job_stale_s, trust=self.trust,
+                            load_probe=host_load if self.settings.busy_check else None)
+

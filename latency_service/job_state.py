@@ -99,6 +99,17 @@ def fail_running(session: Session, *, owner: str, reason: str) -> list[str]:
     return [j.id for j in jobs]
 
 
+def stop(session: Session, *, job: Job, owner: str, reason: str) -> bool:
+    """running → failed with ``reason`` (a busy host under ``GAS_BUSY_POLICY=stop``, a spent time
+    budget): the keys timed so far stay stored. Only while ``owner`` runs it; commits; ``job`` is
+    refreshed. True when it was stopped here."""
+    q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == owner)
+    stopped = _commit_if(session, q.values(state="failed", errors=[*job.errors, reason], finished_at=utcnow(),
+                                           keys=[]))
+    session.refresh(job)
+    return stopped
+
+
 def get(session: Session, *, job_id: str) -> Job | None:
     return session.get(Job, job_id)
 

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -27,7 +27,18 @@ import torch
 from sqlalchemy.orm import Session, sessionmaker
 
 from gas_core.keys import LatencyKey
-from gas_core.quality import HostNoise, QualityPolicy, ReferencePoint, RowQuality, assess
+from gas_core.quality import (
+    BusyPolicy,
+    HostCheck,
+    HostLoad,
+    HostNoise,
+    QualityPolicy,
+    ReferencePoint,
+    RowQuality,
+    assess,
+    interrupted,
+    judge_host,
+)
 from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service import crud, job_state
 from latency_service.device import gpu_telemetry
@@ -62,6 +73,8 @@ class DeviceRunner(Protocol):
 KeyTimer = Callable[[LatencyKey, torch.device, Method], Timing]
 ReferenceTimer = Callable[[torch.device], list[Timing]]
 """One reference point: its bursts (:func:`latency_service.profiler.time_reference`)."""
+LoadProbe = Callable[[], HostLoad]
+"""How busy the rest of the host is (:func:`latency_service.device.host_load`)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +88,20 @@ class Trust:
     reference_every_s: float = 30.0
     reference_drift_pct: float = 10.0
     reference_drift_z: float = 6.0
+    busy: BusyPolicy = field(default_factory=BusyPolicy)
+    on_busy: str = "stop"
+    """stop | wait | robust (``GAS_BUSY_POLICY``)"""
+    busy_block: int = 5
+    busy_recheck_s: float = 30.0
+    busy_wait_s: float = 600.0
+    key_budget_s: float | None = None
+    job_budget_s: float | None = None
+    """None: ``max(120, keys × key_budget_s / 3)`` (no budget when ``key_budget_s`` is None too)."""
+
+    def job_budget(self, keys: int) -> float | None:
+        if self.job_budget_s is not None:
+            return self.job_budget_s
+        return None if self.key_budget_s is None else max(120.0, keys * self.key_budget_s / 3)
 
 
 class DeviceWorker:
@@ -82,8 +109,10 @@ class DeviceWorker:
         self, sessions: sessionmaker[Session], device: torch.device, device_id: int, environment_id: int,
         method: Method, owner: str, stale_s: float = 300.0, poll_s: float = 0.5, trust: Trust | None = None,
         timer: KeyTimer = time_key, reference: ReferenceTimer = time_reference,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, load_probe: LoadProbe | None = None,
     ) -> None:
+        """``load_probe`` None: the host is judged by its reference workload alone (no look at
+        the other processes)."""
         self.sessions = sessions
         self.device = device
         self.device_id = device_id
@@ -97,7 +126,11 @@ class DeviceWorker:
         self._stop = threading.Event()
         self._seen: set[str] = set()  # jobs this process has worked on
         self.trust = trust or Trust()
-        self.timer, self.reference, self.clock = timer, reference, clock
+        self.timer, self.reference, self.clock, self.load_probe = timer, reference, clock, load_probe
+        self._check: dict[str, HostCheck] = {}  # job id → its latest host check
+        self._busy_since: dict[str, float] = {}  # job id → clock() when a wait for quiet began
+        self._recheck_at: dict[str, float] = {}  # job id → clock() of its next check while it waits
+        self._started: dict[str, float] = {}  # job id → clock() when this process began timing it
         self._stretch: dict[str, list[str]] = {}  # job id → hashes timed since its last reference point
         self._stretches: dict[str, dict[int, list[str]]] = {}  # job id → point index → hashes timed before it
         self._last_ref: dict[str, float] = {}  # job id → clock() of its last reference point
@@ -237,8 +270,19 @@ class DeviceWorker:
             s, device_id=job.device_id, environment_id=job.environment_id, keys=keys
         )
         times_keys = any(k.key_hash not in stored for k in keys)  # a job of stored keys times nothing: no reference
-        if times_keys and not (job.host_noise or {}).get("points") and not self._reference_point(s, job):
-            return True
+        if times_keys:
+            recheck = self._recheck_at.get(job.id)
+            if recheck is not None and self.clock() < recheck:
+                return False  # waiting for a quiet host: idle till the next check (measurements still run)
+            if self.trust.job_budget(job.total) is not None:
+                self._started.setdefault(job.id, self.clock())
+            first = not (job.host_noise or {}).get("points")
+            if (first or recheck is not None) and not self._reference_point(s, job):
+                return True
+            verdict = self._go_on(s, job)
+            if verdict != "go":
+                return verdict == "stopped"
+        budget = self.trust.job_budget(job.total)
         for key in keys:
             s.refresh(job)
             if job.state != "running":  # cancelled from the API
@@ -251,37 +295,25 @@ class DeviceWorker:
                 if not self._progress(s, job, skipped=True):
                     return True
                 continue
-            error, quality = None, None
-            if self.on_key is not None:  # a worker process's parent fails this key should the process die on it
-                self.on_key(job.id, job.done, key)
-            try:
-                timing, quality = self._time_checked(key)
-            except Exception as err:  # a key that cannot run here (OOM, unsupported dtype, an op that raises)
-                self._release_device_memory()
-                log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
-                error = f"{key.canonical}: {type(err).__name__}: {err}"
-            else:  # a database error here propagates: the step ends uncommitted and the key is re-timed
-                crud.put_measurement(
-                    s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
-                    method=asdict(self.method), telemetry=self._telemetry(), quality=quality,
-                )
-            progressed = self._progress(s, job, error=error, quality=quality)
-            if self.on_key is not None:
-                self.on_key(None, None, None)
-            if not progressed:
-                return True  # cancelled or taken over while this key was timed: it is rolled back
-            if quality is not None:  # timed and stored
-                self._stretch.setdefault(job.id, []).append(key.key_hash)
-                self._wrote(key)
-            due = self.clock() - self._last_ref.get(job.id, float("-inf")) >= self.trust.reference_every_s
-            if due and not self._reference_point(s, job):
+            if budget is not None and self.clock() - self._started.setdefault(job.id, self.clock()) > budget:
+                self._end_stopped(s, job, f"stopped: over its time budget of {budget:.0f} s after {job.done} of "
+                                  f"{job.total} keys (GAS_JOB_BUDGET_S); the keys timed so far are stored")
                 return True
+            if not self._time_and_store(s, job, key):
+                return True  # cancelled or taken over while this key was timed: it is rolled back
+            due = self.clock() - self._last_ref.get(job.id, float("-inf")) >= self.trust.reference_every_s
+            if due:
+                if not self._reference_point(s, job):
+                    return True
+                if self._go_on(s, job) != "go":
+                    return True
             if not self._tasks.empty() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
         s.refresh(job)
         if times_keys and not self._reference_point(s, job, last=True):
             return True
         ended = job_state.finish(s, job=job)
+        self._forget(job.id)
         if self.on_job_end is not None:
             self.on_job_end(job.request_hash)  # ended here, or cancelled after the last key: either way no longer active
         if not ended:
@@ -292,39 +324,149 @@ class DeviceWorker:
                  job.flagged, job.retimed, "n/a" if noise is None else noise.describe())
         return True
 
-    def _time_checked(self, key: LatencyKey) -> tuple[Timing, RowQuality]:
+    def _time_and_store(self, s: Session, job: Job, key: LatencyKey) -> bool:
+        """Time one key with the method the host allows now, store it and count it done in one
+        transaction. False when the job was cancelled or taken over meanwhile."""
+        error, quality = None, None
+        if self.on_key is not None:  # a worker process's parent fails this key should the process die on it
+            self.on_key(job.id, job.done, key)
+        method, busy = self._method_now(job)
+        try:
+            timing, quality, method = self._time_checked(key, method, busy)
+        except Exception as err:  # a key that cannot run here (OOM, unsupported dtype, an op that raises)
+            self._release_device_memory()
+            log.warning("job %s: %s failed: %s", job.id, key.canonical, err)
+            error = f"{key.canonical}: {type(err).__name__}: {err}"
+        else:  # a database error here propagates: the step ends uncommitted and the key is re-timed
+            crud.put_measurement(
+                s, device_id=job.device_id, environment_id=job.environment_id, key=key, timing=timing,
+                method=asdict(method), telemetry=self._telemetry(), quality=quality,
+            )
+        progressed = self._progress(s, job, error=error, quality=quality)
+        if self.on_key is not None:
+            self.on_key(None, None, None)
+        if progressed and quality is not None:  # timed and stored
+            self._stretch.setdefault(job.id, []).append(key.key_hash)
+            self._wrote(key)
+        return progressed
+
+    def _method_now(self, job: Job) -> tuple[Method, HostCheck | None]:
+        """The configured method with the key's time budget; on a busy host under the robust
+        policy, direct timing with each sample the fastest of ``busy_block`` runs, and the
+        check that asked for it."""
+        method = self.method if self.trust.key_budget_s is None else replace(
+            self.method, key_budget_s=self.trust.key_budget_s)
+        check = self._check.get(job.id)
+        if check is not None and check.busy and check.action == "robust":
+            return replace(method, direct=True, block=self.trust.busy_block), check
+        return method, None
+
+    def _time_checked(self, key: LatencyKey, method: Method,
+                      busy: HostCheck | None) -> tuple[Timing, RowQuality, Method]:
         """Time ``key``; while its samples are unstable, pause and time it again, at most
-        ``retime_max`` more times. Returns the steadiest attempt (smallest spread) with its
-        verdict, which stays flagged if no attempt was stable."""
-        best: tuple[Timing, RowQuality] | None = None
-        attempt = 0
-        for attempt in range(1, self.trust.retime_max + 2):
-            timing = self.timer(key, self.device, self.method)
-            q = assess(timing.samples_us, self.trust.policy, attempt)
+        ``retime_max`` more times and within the key's time budget (not at all on a busy host:
+        waiting a second does not make it quiet). A paired (context) key is re-timed directly:
+        each run on its own right after its context, so no sample is a difference that
+        straddles zero. Returns the steadiest attempt (smallest spread) with its verdict, which
+        stays flagged if no attempt was stable, and the method that timed it."""
+        best: tuple[Timing, RowQuality, Method] | None = None
+        attempt, t0 = 0, (self.clock() if self.trust.key_budget_s is not None else 0.0)
+        retimes = 0 if busy is not None else self.trust.retime_max
+        for attempt in range(1, retimes + 2):
+            if attempt > 1 and method.context and not method.direct:
+                # paired differences of a cheap op straddle zero on a quiet host as well (25 of the
+                # demo's 58 keys were flagged so): a re-timing times each run directly instead
+                method = replace(method, direct=True)
+            timing = self.timer(key, self.device, method)
+            q = assess(timing.samples_us, self.trust.policy, attempt, self._extra_reasons(timing, method, busy))
             if not q.flagged:
-                return timing, q
+                return timing, q, method
             if best is None or q.spread < best[1].spread:
-                best = (timing, q)
-            if attempt > self.trust.retime_max or self._stop.is_set():
+                best = (timing, q, method)
+            spent = self.trust.key_budget_s is not None and self.clock() - t0 >= self.trust.key_budget_s
+            if attempt > retimes or self._stop.is_set() or spent:
                 break
             log.info("%s unstable (%s): re-timing in %.1f s", key.canonical, "; ".join(q.reasons),
                      self.trust.retime_pause_s)
             self._stop.wait(self.trust.retime_pause_s)
         assert best is not None
-        log.warning("%s stored flagged after %d attempts: %s", key.canonical, attempt, "; ".join(best[1].reasons))
-        return best[0], best[1].model_copy(update={"attempts": attempt})
+        log.log(logging.INFO if busy is not None else logging.WARNING, "%s stored flagged after %d attempt(s): %s",
+                key.canonical, attempt, "; ".join(best[1].reasons))
+        return best[0], best[1].model_copy(update={"attempts": attempt}), best[2]
+
+    def _extra_reasons(self, timing: Timing, method: Method, busy: HostCheck | None) -> list[str]:
+        """Why to flag a row beyond its spread: the busy host it was timed on, most of its direct
+        runs interrupted, its time budget spent."""
+        out = []
+        if busy is not None:
+            out.append(f"timed on a busy host ({'; '.join(busy.reasons)}) with the robust method: each sample the "
+                       f"fastest of {method.block} runs")
+        if method.direct and (why := interrupted(timing.samples_us)):
+            out.append(why)
+        if timing.budget_spent:
+            out.append(f"its time budget of {method.key_budget_s:g} s ran out after {len(timing.samples_us)} samples")
+        return out
+
+    def _go_on(self, s: Session, job: Job) -> str:
+        """Apply ``GAS_BUSY_POLICY`` to the job's latest host check: "go" (quiet, or busy under
+        the robust policy), "wait" (busy; checked again in ``busy_recheck_s``) or "stopped"
+        (busy under the stop policy, or still busy after ``busy_wait_s``)."""
+        check = self._check.get(job.id)
+        if check is None or not check.busy:
+            since = self._busy_since.pop(job.id, None)
+            if since is not None:  # waited, and it is quiet now: the wait does not count against the budget
+                self._recheck_at.pop(job.id, None)
+                self._started[job.id] = self._started.get(job.id, since) + (self.clock() - since)
+                log.info("job %s: host quiet again after %.0f s: timing resumes", job.id, self.clock() - since)
+            return "go"
+        if check.action == "robust":
+            return "go"
+        if check.action == "stop":
+            self._end_stopped(s, job, f"stopped: {check.describe()} (GAS_BUSY_POLICY=stop); re-run on a quiet host, "
+                              "or set GAS_BUSY_POLICY=robust or wait")
+            return "stopped"
+        since = self._busy_since.setdefault(job.id, self.clock())
+        if self.clock() - since >= self.trust.busy_wait_s:
+            self._end_stopped(s, job, f"stopped: still busy after waiting {self.clock() - since:.0f} s "
+                              f"(GAS_BUSY_WAIT_S): {check.describe()}")
+            return "stopped"
+        self._recheck_at[job.id] = self.clock() + self.trust.busy_recheck_s
+        return "wait"
+
+    def _end_stopped(self, s: Session, job: Job, reason: str) -> None:
+        """Fail the job with ``reason`` (what is stored stays), say so in the log."""
+        if job_state.stop(s, job=job, owner=self.owner, reason=reason):
+            log.warning("job %s %s", job.id, reason)
+        self._forget(job.id)
+        if self.on_job_end is not None:
+            self.on_job_end(job.request_hash)
+
+    def _forget(self, job_id: str) -> None:
+        self._check.pop(job_id, None)
+        for d in (self._busy_since, self._recheck_at, self._started):
+            d.pop(job_id, None)
+
+    def _threads(self) -> int:
+        """Threads a timing runs on: torch's intra-op threads on a CPU, one feeding a GPU."""
+        return torch.get_num_threads() if self.device.type == "cpu" else 1
 
     def _reference_point(self, s: Session, job: Job, *, last: bool = False) -> bool:
-        """Time the reference workload and record it with the job, with the keys timed since the
-        previous point. At the job's ``last`` point, judge every point against the whole job
-        (:meth:`HostNoise.shifts`) and flag the keys timed just before each that moved: the host
-        itself ran differently while they were timed. False if the job is no longer ours."""
+        """Look at the host (the other processes' load, sampled first while this one idles, and
+        the reference workload), judge it busy or quiet against the environment's quiet
+        calibration, and record the point with the job and the keys timed since the previous
+        one. A point quiet on every count adds to the calibration. At the job's ``last`` point,
+        judge every point against the whole job (:meth:`HostNoise.shifts`) and flag the keys
+        timed just before each that moved: the host itself ran differently while they were
+        timed. False if the job is no longer ours."""
+        load = self.load_probe() if self.load_probe is not None else None
         point = ReferencePoint.from_bursts(done=job.done, at=utcnow(),
                                            burst_medians_us=[b.median_us for b in self.reference(self.device)])
         noise = (HostNoise.model_validate(job.host_noise) if job.host_noise else
                  HostNoise(reference=REFERENCE_KEY.canonical, threshold_pct=self.trust.reference_drift_pct,
                            min_z=self.trust.reference_drift_z))
         noise.points.append(point)
+        if not last:
+            self._judge(s, job, noise, point, load)
         self._stretches.setdefault(job.id, {})[len(noise.points) - 1] = self._stretch.pop(job.id, [])
         self._last_ref[job.id] = self.clock()
         newly = self._flag_drift(s, job, noise, self._stretches.pop(job.id)) if last else 0
@@ -333,6 +475,28 @@ class DeviceWorker:
         if newly:
             self._wrote(None)
         return True
+
+    def _judge(self, s: Session, job: Job, noise: HostNoise, point: ReferencePoint, load: HostLoad | None) -> None:
+        """The host check at ``point``: kept with the job when it is the first, busy, or a change;
+        logged; a point quiet on every count (the load seen) joins the calibration."""
+        quiet = crud.get_calibration(s, environment_id=job.environment_id)
+        check = judge_host(point, load, quiet, self._threads(), self.trust.busy, done=job.done,
+                           action_if_busy=self.trust.on_busy)
+        before = self._check.get(job.id)
+        self._check[job.id] = check
+        if not noise.checks or check.busy or (before is not None and before.busy):
+            noise.checks.append(check)
+        if check.busy and (before is None or not before.busy):
+            then = {"robust": "timing goes on with the robust method, every row flagged",
+                    "wait": f"waiting for quiet (checked every {self.trust.busy_recheck_s:.0f} s, at most "
+                            f"{self.trust.busy_wait_s:.0f} s)", "stop": "the job stops"}[check.action]
+            log.warning("job %s: %s; GAS_BUSY_POLICY=%s: %s", job.id, check.describe(), check.action, then)
+        elif before is None:
+            log.info("job %s: %s", job.id, check.describe())
+        if not check.busy and load is not None:
+            crud.add_calibration_point(s, environment_id=job.environment_id, reference=REFERENCE_KEY.canonical,
+                                       median_us=point.median_us, at=point.at)
+            s.refresh(job)
 
     def _flag_drift(self, s: Session, job: Job, noise: HostNoise, stretches: dict[int, list[str]]) -> int:
         """Flag the keys timed before each point that moved from the job's median; how many rows

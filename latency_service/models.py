@@ -105,6 +105,7 @@ class Environment(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     origin: Mapped[str] = mapped_column(String(16), default="measured", server_default="measured")
     """"measured" (a host of this database timed in it) or "imported" (it came from a file)."""
+    calibration: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # gas_core.quality.Calibration
     device: Mapped[Device] = relationship(back_populates="environments")
 
 

@@ -37,6 +37,17 @@ class Method:
     context_min_sample_ms: float = 5.0
     """With context, a sample lasts at least this long: each is a difference of two runs that
     are mostly context, so it needs more iterations than ``min_sample_ms`` to be as precise."""
+    direct: bool = False
+    """With context: time every run of the op on its own, between two timer readings right after
+    its context, instead of as a difference of two n-run totals. No cancellation: a sample is
+    never ≤ 0, and a run the OS interrupted is one slow sample, not a garbage difference of two
+    (docs/timing.md, "A busy host")."""
+    block: int = 1
+    """Direct timing: each sample is the fastest of this many single runs (``timeit``'s advice:
+    the fastest repeat is the one the rest of the machine disturbed least). 1 = every run."""
+    key_budget_s: float | None = None
+    """Stop sampling a key after this many seconds (keeping at least 3 samples): a busy host
+    otherwise stretched one key to 20–40 s."""
 
 
 @dataclass
@@ -48,6 +59,8 @@ class Timing:
     timer: str
     timed_ns: int
     """Wall time spent inside timed regions (for the profiling-cost benchmark)."""
+    budget_spent: bool = False
+    """Sampling stopped at ``Method.key_budget_s`` with fewer samples than asked for."""
 
     @property
     def median_us(self) -> float:
@@ -114,12 +127,64 @@ def time_callable(
             context()
         fn()
 
+    deadline = None if method.key_budget_s is None else time.monotonic() + method.key_budget_s
     _warm_up(body, sync, method)  # cuDNN autotuning, allocator growth, caches
+    if method.direct:
+        return _direct(fn, context, device, sync, method, deadline)
     min_ms = max(method.min_sample_ms, method.context_min_sample_ms) if context is not None else method.min_sample_ms
     n = iterations_per_sample(body, sync, min_ms, method.max_iters_per_sample)
     run, timer = _timed_runs(device, n, sync)
-    samples, timed = _samples(fn, context, body, run, method)
-    return Timing([ns / 1e3 / n for ns in samples], n, timer + ("+context" if context is not None else ""), timed)
+    samples, timed, cut = _samples(fn, context, body, run, method, deadline)
+    return Timing([ns / 1e3 / n for ns in samples], n, timer + ("+context" if context is not None else ""), timed,
+                  cut)
+
+
+def _direct(fn: Callable[[], object], context: Callable[[], object] | None, device: torch.device,
+            sync: Callable[[], None], method: Method, deadline: float | None) -> Timing:
+    """Direct timing (``Method.direct``): ``method.samples`` samples, each the fastest of
+    ``method.block`` single runs of ``fn``, every run right after one run of ``context``."""
+    once, timer = _single_run(device, sync)
+    samples: list[int] = []
+    timed, cut = 0, False
+    while len(samples) < method.samples:
+        best = None
+        for _ in range(method.block):
+            if context is not None:
+                context()
+            ns = once(fn)
+            timed += ns
+            best = ns if best is None else min(best, ns)
+        assert best is not None
+        samples.append(best)
+        if deadline is not None and len(samples) >= 3 and time.monotonic() > deadline:
+            cut = len(samples) < method.samples
+            break
+    name = timer + ("+context" if context is not None else "") + (f"+min{method.block}" if method.block > 1 else
+                                                                  "+direct")
+    return Timing([ns / 1e3 for ns in samples], 1, name, timed, cut)
+
+
+def _single_run(device: torch.device, sync: Callable[[], None]) -> tuple[Callable[[Callable[[], object]], int], str]:
+    """A function that runs ``f`` once and returns its nanoseconds (CUDA events around it on a
+    GPU, so work queued before, such as a context, is not counted), and the timer's name."""
+    if device.type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+        def once_cuda(f: Callable[[], object]) -> int:
+            start.record()
+            f()
+            end.record()
+            end.synchronize()
+            return max(1, int(start.elapsed_time(end) * 1e6))
+
+        return once_cuda, "cuda_event"
+
+    def once_cpu(f: Callable[[], object]) -> int:
+        a = time.perf_counter_ns()
+        f()
+        return max(1, time.perf_counter_ns() - a)
+
+    return once_cpu, "perf_counter_ns"
 
 
 def time_marginal(longer: Callable[[], object], shorter: Callable[[], object], extra: int,
@@ -135,8 +200,9 @@ def time_marginal(longer: Callable[[], object], shorter: Callable[[], object], e
     min_ms = max(method.min_sample_ms, method.context_min_sample_ms)
     n = iterations_per_sample(longer, sync, min_ms, method.max_iters_per_sample)
     run, timer = _timed_runs(device, n, sync)
-    samples, timed = _samples(longer, shorter, longer, run, method)
-    return Timing([ns / 1e3 / n / extra for ns in samples], n, timer + label, timed)
+    deadline = None if method.key_budget_s is None else time.monotonic() + method.key_budget_s
+    samples, timed, cut = _samples(longer, shorter, longer, run, method, deadline)
+    return Timing([ns / 1e3 / n / extra for ns in samples], n, timer + label, timed, cut)
 
 
 def _synchroniser(device: torch.device) -> Callable[[], None]:
@@ -184,14 +250,18 @@ def _timed_runs(device: torch.device, n: int,
 
 
 def _samples(fn: Callable[[], object], context: Callable[[], object] | None, body: Callable[[], object],
-             run: Callable[[Callable[[], object]], int], method: Method) -> tuple[list[int], int]:
-    """The samples (ns per ``n`` runs; paired differences with a context) and the time spent
-    inside timed regions. A context's pairs alternate which half runs first, so drift does not
-    bias the difference; an unresolved paired median gets more samples (see time_callable)."""
+             run: Callable[[Callable[[], object]], int], method: Method,
+             deadline: float | None = None) -> tuple[list[int], int, bool]:
+    """The samples (ns per ``n`` runs; paired differences with a context), the time spent
+    inside timed regions and whether the key's budget cut them short. A context's pairs
+    alternate which half runs first, so drift does not bias the difference; an unresolved
+    paired median gets more samples (see time_callable), unless the budget is spent."""
     samples: list[int] = []
     timed = 0
     target = method.samples
     for i in itertools.count():
+        if deadline is not None and i >= 3 and time.monotonic() > deadline:
+            return samples, timed, i < method.samples
         if i == target:
             # resolved() compares the median with its standard error: the same in ns per n runs as in µs per run
             if context is None or target >= CONTEXT_MAX_SAMPLES_FACTOR * method.samples or resolved(
@@ -211,7 +281,7 @@ def _samples(fn: Callable[[], object], context: Callable[[], object] | None, bod
             ns = with_fn - ctx_only
             timed += with_fn + ctx_only
         samples.append(ns)
-    return samples, timed
+    return samples, timed, False
 
 
 FlushLevel = Literal["l2", "llc"]

@@ -31,7 +31,7 @@ from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.target import PredictUs
-from gas_core.wire import split_ref
+from gas_core.wire import JobPublic, split_ref
 from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
@@ -73,8 +73,17 @@ def fetch_latency_term(
                                f"{host.device.slug}@{host.environment.fingerprint}, so it cannot profile them; "
                                f"run gas-search against that table's host")
         job = client.profile(missing)
+        told: list[str] = []  # the busy verdict is told once, as soon as the service records it
+
+        def on_poll(j: JobPublic) -> None:
+            bar.update(j.done - bar.n)
+            busy = next((c for c in j.host_noise.checks if c.busy), None) if j.host_noise is not None else None
+            if busy is not None and not told:
+                told.append(busy.action)
+                log.warning("profiling: %s; the service's GAS_BUSY_POLICY: %s", busy.describe(), busy.action)
+
         with progress_bar(total=job.total, desc=f"profiling {slug}", unit="key", enabled=progress) as bar:
-            done = client.wait_job(job.id, lambda j: bar.update(j.done - bar.n))
+            done = client.wait_job(job.id, on_poll)
         noise = done.host_noise
         log.info("profiled %d keys: %d re-timed, %d flagged; host reference drift %s", done.total, done.retimed,
                  done.flagged, "n/a" if noise is None else noise.describe())

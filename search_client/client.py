@@ -203,7 +203,10 @@ class LatencyClient:
             if job.state == "done":
                 return job
             if job.state in ("failed", "cancelled"):
-                first = f": {job.errors[0]}" if job.errors else ""
+                # a job the service stopped (a busy host, its time budget) says why last
+                why = job.errors[-1] if job.errors and job.errors[-1].startswith("stopped") else \
+                    (job.errors[0] if job.errors else "")
+                first = f": {why}" if why else ""
                 raise ServiceError(f"profiling job {job_id} {job.state} ({len(job.errors)} errors){first}")
             if time.monotonic() > deadline:
                 raise ServiceError(f"profiling job {job_id} did not finish in {timeout_s:.0f}s")

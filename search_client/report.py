@@ -74,6 +74,9 @@ def format_report(r: Report) -> str:
         rows.append((f"predicted on {p.device}@{p.environment}", pred_p))
     if a is not None and a.host_drift_pct is not None:
         rows.append(("host now vs. while profiled", f"{a.host_drift_pct:+.1f} % (reference workload)"))
+    if a is not None and a.host_vs_quiet_pct is not None:
+        rows.append(("host now vs. quiet", f"{a.host_vs_quiet_pct:+.1f} % (reference workload against this "
+                                           "environment's quiet calibration)"))
     width = max(len(k) for k, _ in rows)
     lines = [f"  {k:<{width}}  {v}" for k, v in rows]
     for w in a.warnings if a is not None else []:

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gas_core.keys import RUNTIMES
-from gas_core.quality import QualityPolicy
+from gas_core.quality import BusyPolicy, QualityPolicy
 
 
 class Settings(BaseSettings):
@@ -82,6 +82,34 @@ class Settings(BaseSettings):
                                      "point-to-point wander of the reference (from its bursts' spread), so a host's "
                                      "own second-to-second wander does not flag every key (0 = the percentage "
                                      "threshold alone)")
+
+    # a busy host (docs/timing.md, "A busy host")
+    busy_check: bool = Field(default=True, description="look at the host before a job and at every reference point "
+                             "(the other processes' CPU use, the reference workload against the environment's quiet "
+                             "calibration) and apply GAS_BUSY_POLICY when it is busy; false = the reference's drift "
+                             "within a job alone, as before")
+    busy_policy: Literal["stop", "wait", "robust"] = Field(
+        default="stop", description="what a job does when the host is busy (judged before its first key and at "
+        "every reference point): stop = fail the job at once with the figures that showed it (no method tested "
+        "kept a busy host's op ranking: docs/timing.md); wait = re-check every GAS_BUSY_RECHECK_S until quiet, "
+        "stopping after GAS_BUSY_WAIT_S; robust = go on timing each key directly after its context, each sample "
+        "the fastest of GAS_BUSY_BLOCK runs, every row flagged")
+    busy_slow_pct: float = Field(default=150.0, gt=0, description="busy when the reference workload's median is this "
+                                 "far above the environment's quiet calibration, %")
+    busy_tail_factor: float = Field(default=6.0, gt=1, description="...or its p90 this many times the quiet median")
+    busy_spare_cores: float = Field(default=0.5, ge=0, description="...or other processes leave fewer than "
+                                    "(timing threads − this) cores free")
+    busy_block: int = Field(default=5, ge=1, le=1000, description="robust method: each sample is the fastest of "
+                            "this many single runs")
+    busy_recheck_s: float = Field(default=30.0, gt=0, le=3600, description="wait policy: seconds between checks")
+    busy_wait_s: float = Field(default=600.0, ge=0, le=86_400, description="wait policy: stop the job when the host "
+                               "is still busy after this long")
+    key_budget_s: float = Field(default=10.0, gt=0, le=3600, description="seconds one key may take, re-timings "
+                                "included (about 3× a key's quiet cost on a 2-core CPU, 0.5–3 s); past it the key "
+                                "is stored with the samples it has, flagged")
+    job_budget_s: float | None = Field(default=None, gt=0, description="seconds one job may time for before it "
+                                       "stops (keys timed so far stay stored); unset = its keys × "
+                                       "GAS_KEY_BUDGET_S / 3, with 120 s at least")
 
     # end-to-end measurement
     e2e_warmup_runs: int = Field(default=5, ge=1)
@@ -200,6 +228,10 @@ class Settings(BaseSettings):
     def quality_policy(self) -> QualityPolicy:
         return QualityPolicy(max_spread=self.quality_max_spread, max_nonpositive=self.quality_max_nonpositive,
                              resolution_us=self.quality_resolution_us)
+
+    def busy(self) -> BusyPolicy:
+        return BusyPolicy(slow_pct=self.busy_slow_pct, tail_factor=self.busy_tail_factor,
+                          spare_cores=self.busy_spare_cores)
 
     @field_validator("device")
     @classmethod
