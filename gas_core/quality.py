@@ -436,7 +436,7 @@ class HostCheck(BaseModel):
             ref += f", {self.vs_quiet_pct:+.0f} % against its quiet {self.quiet_us / 1e3:.2f} ms"
         else:
             ref += ", no quiet calibration yet"
-        load = "" if self.load is None else (f"; load average {self.load.load1:.1f}, others busy on "
+        load = "" if self.load is None else (f"; load average {self.load.load1:.1f}, other processes busy on "
                                              f"{self.load.others_busy:.1f} of {self.load.cpus} cores")
         head = "host busy" if self.busy else "host quiet"
         why = f" ({'; '.join(self.reasons)})" if self.reasons else ""
@@ -460,8 +460,7 @@ def judge_host(point: ReferencePoint, load: HostLoad | None, quiet: Calibration 
             reasons.append(f"reference p90 {tail:.1f}× its quiet median (limit {policy.tail_factor:g}×): other work "
                            "interrupts it")
     if load is not None and load.free_cores < threads - policy.spare_cores:
-        reasons.append(f"other processes use {load.others_busy:.1f} of {load.cpus} cores, leaving "
-                       f"{load.free_cores:.1f} for {threads} timing threads")
+        reasons.append(f"{load.free_cores:.1f} free cores for {threads} timing threads")
     busy = bool(reasons)
     return HostCheck(at=point.at, done=done, reference_us=point.median_us, reference_p90_us=point.p90_us,
                      quiet_us=None if quiet is None else quiet.median_us, vs_quiet_pct=vs, load=load,

@@ -232,8 +232,7 @@ def host_load(sample_s: float = 0.5, sleep: Callable[[float], None] = time.sleep
     w0 = time.monotonic()
     sleep(sample_s)
     b1, t1 = _cpu_jiffies(set(cpus), stat)
-    own = sum(os.times()[:2]) - own0
-    wall = max(time.monotonic() - w0, 1e-9)
-    share = (b1 - b0) / (t1 - t0) if t1 > t0 else 0.0
-    others = max(0.0, share * len(cpus) - own / wall)
+    own = (sum(os.times()[:2]) - own0) * os.sysconf("SC_CLK_TCK")  # this process's jiffies meanwhile
+    wall = time.monotonic() - w0
+    others = max(0.0, (b1 - b0 - own) / (t1 - t0) * len(cpus)) if t1 > t0 else 0.0
     return HostLoad(cpus=len(cpus), others_busy=round(others, 3), load1=load1, sample_s=round(wall, 3))

@@ -516,7 +516,8 @@ class DeviceWorker:
             log.warning("job %s: host reference %+.1f %% off the job's median at point %d (after %d keys); "
                         "flagged %d key(s) timed before it", job.id, shift.pct, i, noise.points[i].done, len(hashes))
         if not newly and noise.drift_pct is not None and noise.drift_pct > noise.threshold_pct:
-            log.info("job %s: host reference moved up to %s: nothing flagged", job.id, noise.describe())
+            log.info("job %s: host reference moved up to %s: no row newly flagged (none timed before a point "
+                     "that moved, or already flagged)", job.id, noise.describe())
         return newly
 
     def _progress(self, s: Session, job: Job, *, skipped: bool = False, error: str | None = None,

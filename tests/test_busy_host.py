@@ -55,7 +55,7 @@ def test_judge_host_names_the_figure_that_showed_it() -> None:
     assert tail.busy and "p90 45.0× its quiet median" in tail.reasons[0]
     cores = judge_host(_point(1000), BUSY_LOAD, None, threads=2, action_if_busy="stop")
     assert cores.busy and cores.action == "stop" and cores.quiet_us is None
-    assert cores.reasons == ["other processes use 2.0 of 2 cores, leaving 0.0 for 2 timing threads"]
+    assert cores.reasons == ["0.0 free cores for 2 timing threads"]
     line = cores.describe()
     assert line.startswith("host busy: reference 1.00 ms") and "load average 4.1" in line and "no quiet" in line
     # one thread on a GPU host needs one free core, not two
@@ -169,7 +169,7 @@ def test_busy_host_robust_policy_says_so_before_the_first_key_and_flags_every_ro
     for row in rig.rig.session.scalars(select(Measurement)):
         e = entry_public(row)
         assert e.flagged and e.quality is not None
-        assert e.quality.reasons[0].startswith("timed on a busy host (other processes use 2.0 of 2 cores")
+        assert e.quality.reasons[0].startswith("timed on a busy host (0.0 free cores for 2 timing threads)")
         assert row.method["direct"] is True and row.method["block"] == 5
     # a busy host never becomes the quiet calibration
     assert crud.get_calibration(rig.rig.session, environment_id=rig.rig.environment_row.id) is None
@@ -182,7 +182,7 @@ def test_busy_host_stop_policy_fails_the_job_at_once_with_the_figures(db_url: st
     assert job.state == "failed" and job.done == 0 and rig.methods == []
     reason = job.errors[-1]
     assert reason.startswith("stopped: host busy: reference 1.00 ms") and "GAS_BUSY_POLICY=stop" in reason
-    assert "load average 4.1" in reason and "2.0 of 2 cores" in reason
+    assert "load average 4.1, other processes busy on 2.0 of 2 cores" in reason
     rig.close()
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from alembic.script import ScriptDirectory
 from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
@@ -146,7 +147,8 @@ def test_concurrent_migrations_of_one_database(pg_cluster: PgCluster) -> None:
     url = pg_cluster.create_db()
     with ThreadPoolExecutor(4) as pool:
         list(pool.map(lambda _: db.migrate(url), range(4)))
+    head = ScriptDirectory.from_config(db.alembic_config(url)).get_current_head()
     engine = db.make_engine(url)
     with engine.connect() as conn:
-        assert conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == "0007"
+        assert head is not None and conn.exec_driver_sql("SELECT version_num FROM alembic_version").scalar() == head
     engine.dispose()
