@@ -16,7 +16,7 @@ import typer
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from gas_core.errors import one_line
+from gas_core.errors import one_line, pair_flag_error, two_number_flags
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
 from gas_core.progress import progress
@@ -212,5 +212,14 @@ def _require_database(settings: Settings) -> None:
                   "give --database-url / GAS_DATABASE_URL")
 
 
-if __name__ == "__main__":
+def main() -> None:
+    """``gas-service``: a two-number flag given one number is named with its form first."""
+    err = pair_flag_error(sys.argv[1:], two_number_flags(typer.main.get_command(app)))
+    if err is not None:
+        typer.echo(f"gas-service: error: {err}", err=True)
+        sys.exit(2)
     app()
+
+
+if __name__ == "__main__":
+    main()

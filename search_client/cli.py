@@ -32,7 +32,7 @@ from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.target import PredictUs
 from gas_core.wire import JobPublic, split_ref
-from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging
+from search_client.cli_common import check_pair_flags, config_flags, fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
@@ -348,6 +348,7 @@ def _run(job: SearchRun) -> None:
 
 
 def main() -> None:
+    check_pair_flags(TOOL, app)
     run_rank(app)
 
 

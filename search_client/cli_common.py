@@ -14,7 +14,7 @@ import typer
 from pydantic import BaseModel, Field, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from gas_core.errors import one_line
+from gas_core.errors import one_line, pair_flag_error, two_number_flags
 from search_client.client import LatencyClient, ServiceError
 
 
@@ -32,6 +32,15 @@ def fail(tool: str, msg: str, code: int = 2) -> NoReturn:
     """``TOOL: error: MSG`` on stderr and exit ``code`` (2: bad input, 1: the work failed)."""
     typer.echo(f"{tool}: error: {msg}", err=True)
     raise typer.Exit(code)
+
+
+def check_pair_flags(tool: str, app: typer.Typer, argv: list[str] | None = None) -> None:
+    """Before the app parses: a two-number flag (``--input-size H W``) given one number is named
+    with the form it expects (click would blame the flag after it). Exits 2."""
+    err = pair_flag_error(sys.argv[1:] if argv is None else argv, two_number_flags(typer.main.get_command(app)))
+    if err is not None:
+        typer.echo(f"{tool}: error: {err}", err=True)
+        sys.exit(2)
 
 
 def flag_error(err: ValidationError) -> str:

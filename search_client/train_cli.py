@@ -29,7 +29,14 @@ from gas_core.devices import resolve_device
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
-from search_client.cli_common import config_flags, fail, flag_error, latency_client, setup_logging  # noqa: E402
+from search_client.cli_common import (  # noqa: E402
+    check_pair_flags,
+    config_flags,
+    fail,
+    flag_error,
+    latency_client,
+    setup_logging,
+)
 from search_client.client import ServiceError  # noqa: E402
 from search_client.data import (  # noqa: E402
     CAMVID_CLASSES,
@@ -363,14 +370,17 @@ def export_cmd(
 
 
 def train_main() -> None:
+    check_pair_flags("gas-train", train_app)
     run_rank(train_app)
 
 
 def eval_main() -> None:
+    check_pair_flags("gas-eval", eval_app)
     run_rank(eval_app)
 
 
 def export_main() -> None:
+    check_pair_flags("gas-export", export_app)
     export_app()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
+import sys
 import time
 
 import pytest
@@ -102,3 +103,29 @@ def test_compare_says_what_each_table_holds_when_no_key_matches() -> None:
     held = _what_it_holds(Stub(), "nvidia-h200", {}, None)  # type: ignore[arg-type]
     assert "up to 769×1537" in held or "up to 385×769" in held, held
     assert "float32 b1 contiguous eager" in held
+
+
+def test_a_two_number_flag_given_one_number_names_its_form(monkeypatch: pytest.MonkeyPatch,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Issue 37: ``--input-size 64 --epochs 3`` said "'--epochs' is not a valid integer"."""
+    import typer
+
+    from gas_core.errors import pair_flag_error, two_number_flags
+    from latency_service import cli as service_cli
+    from search_client import cli as search_cli
+
+    flags = two_number_flags(typer.main.get_command(search_cli.app))
+    assert {"--input-size", "--latency-size", "--synthetic-size"} <= flags
+    assert pair_flag_error(["--input-size", "96", "192", "--epochs", "3"], flags) is None
+    assert pair_flag_error(["--input-size", "64", "--epochs", "3"], flags) == (
+        "--input-size takes two integers, e.g. --input-size 96 192 (got '64 --epochs')")
+    assert pair_flag_error(["--synthetic-size", "8"], flags) == (
+        "--synthetic-size takes two integers, e.g. --synthetic-size 96 192 (got '8')")
+    for main, argv, tool in ((search_cli.main, ["gas-search", "--input-size", "64", "--epochs", "3"], "gas-search"),
+                             (service_cli.main, ["gas-service", "profile", "--input-size", "64"], "gas-service")):
+        monkeypatch.setattr(sys, "argv", argv)
+        with pytest.raises(SystemExit) as exc:
+            main()
+        assert exc.value.code == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"{tool}: error: --input-size takes two integers") and "\n" not in err
