@@ -70,3 +70,15 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(tmp_path: Pa
     assert not re.search(r'HTTP/1.1" 5\d\d', log)
     # the schema's examples and constraints yield valid bodies, not only rejections
     assert '"POST /profile HTTP/1.1" 202' in log and '"POST /measure HTTP/1.1" 200' in log
+
+
+def test_the_package_graph_in_the_docs_is_current_and_the_layering_holds() -> None:
+    """docs/architecture.md carries the graph scripts/package_graph.py draws from the imports."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run([sys.executable, str(root / "scripts" / "package_graph.py"), "--check"], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
