@@ -276,8 +276,8 @@ class DeviceWorker:
                 return False  # waiting for a quiet host: idle till the next check (measurements still run)
             if self.trust.job_budget(job.total) is not None:
                 self._started.setdefault(job.id, self.clock())
-            first = not (job.host_noise or {}).get("points")
-            if (first or recheck is not None) and not self._reference_point(s, job):
+            unjudged = job.id not in self._check  # its first key here, or resumed by this process
+            if (unjudged or recheck is not None) and not self._reference_point(s, job):
                 return True
             verdict = self._go_on(s, job)
             if verdict != "go":
