@@ -6,11 +6,13 @@ ignored option); responses ignore them, so an older client keeps reading a newer
 from __future__ import annotations
 
 from datetime import datetime
+from pathlib import Path
 from typing import Final, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, computed_field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, computed_field, model_validator
 
+from gas_core.errors import one_line
 from gas_core.genotype import Genotype, random_genotype
 from gas_core.keys import Dtype, LatencyKey, MemoryFormat, Runtime
 from gas_core.quality import Agreement, HostCheck, HostNoise
@@ -152,6 +154,39 @@ class DeviceSummary(DevicePublic):
 
 class DevicesPublic(Versioned):
     devices: list[DeviceSummary]
+
+
+class Deployment(BaseModel):
+    """The network as it will be shipped: what the latency keys and ``/measure`` describe. The
+    search writes it beside its genotype (:data:`DEPLOYMENT_FILE`), gas-train copies it beside
+    its checkpoint, and gas-eval measures that deployment, not a float32 default."""
+
+    model_config = ConfigDict(extra="forbid")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    input_size: tuple[StrictInt, StrictInt] = Field(description="(H, W) of the network input")
+    batch: int = Field(default=1, ge=1)
+    dtype: Dtype = "float32"
+    memory_format: MemoryFormat = "contiguous"
+    runtime: Runtime = "eager"
+
+    def describe(self) -> str:
+        """``1×3×96×192 bfloat16 channels_last, runtime torch_compile``."""
+        return (f"{self.batch}×3×{self.input_size[0]}×{self.input_size[1]} {self.dtype} {self.memory_format}, "
+                f"runtime {self.runtime}")
+
+    @classmethod
+    def beside(cls, path: Path) -> Deployment | None:
+        """The deployment written in ``path``'s directory (a genotype's or a checkpoint's), if any."""
+        f = path.parent / DEPLOYMENT_FILE
+        if not f.is_file():
+            return None
+        try:
+            return cls.model_validate_json(f.read_text())
+        except ValidationError as err:
+            raise ValueError(f"{f}: not a deployment ({one_line(err)})") from None
+
+
+DEPLOYMENT_FILE: Final = "deployment.json"
 
 
 class MeasureRequest(VersionedRequest):

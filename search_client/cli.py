@@ -25,13 +25,14 @@ import typer
 from pydantic import ValidationError
 
 from gas_core.devices import resolve_device
+from gas_core.errors import one_line
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS, RUNTIMES
 from gas_core.latency import LatencyTerm, MissingLatencyKeys, predict_latency_us
 from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.target import PredictUs
-from gas_core.wire import JobPublic, split_ref
+from gas_core.wire import DEPLOYMENT_FILE, Deployment, JobPublic, split_ref
 from search_client.cli_common import check_pair_flags, config_flags, fail, flag_error, latency_client, setup_logging
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
@@ -103,7 +104,7 @@ def table_predictor(client: LatencyClient, slug: str, target: str | None, layout
     env = split_ref(target)[1] if target else None
     if slug == host.device.slug and env is None:  # as fetch_latency_term reads the own device
         env = host.environment.fingerprint
-    shapes = cell_shapes(layout, dep.size, dep.batch, dep.dtype, dep.memory_format, dep.runtime)  # type: ignore[arg-type]
+    shapes = cell_shapes(layout, dep.input_size, dep.batch, dep.dtype, dep.memory_format, dep.runtime)  # type: ignore[arg-type]
     lookup = client.table(slug, dtype=dep.dtype, batch=dep.batch, memory_format=dep.memory_format, environment=env,
                           runtime=dep.runtime).lookup()
     return lambda g: predict_latency_us(g, shapes, lookup)
@@ -151,17 +152,6 @@ def predict_on_devices(
 COMPUTE_SPEC = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-@dataclass
-class Deployment:
-    """What the latency keys and /measure describe: the network as it will be shipped."""
-
-    size: tuple[int, int]
-    batch: int
-    dtype: str
-    memory_format: str
-    runtime: str = "eager"
-
-
 def parse_device_flags(device: str, target: str | None) -> tuple[str, str | None]:
     """``--device`` names the compute device now; before, it named the table's device slug.
     A value that is no compute device but was given as before still works, with a message."""
@@ -180,7 +170,7 @@ def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layo
     """Rank 0 fetches the table (profiling missing keys) and broadcasts L to the other ranks."""
     payload: list = [None]
     if d.main:
-        term, slug = fetch_latency_term(client, target, layout, dep.size, dep.batch, dep.dtype, dep.memory_format,
+        term, slug = fetch_latency_term(client, target, layout, dep.input_size, dep.batch, dep.dtype, dep.memory_format,
                                         progress=progress, runtime=dep.runtime)
         payload = [(term.L, float(term.fixed), slug)]
     if d.world > 1:
@@ -191,22 +181,25 @@ def load_table_term(client: LatencyClient, d: DistInfo, target: str | None, layo
     return LatencyTerm(L, fixed), slug
 
 
-def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int) -> Path:
+def write_artefacts(result: SearchResult, out: Path, warmup_epochs: int, dep: Deployment) -> Path:
+    """genotype.json, and beside it the deployment it was searched for (gas-train carries it to
+    the checkpoint, gas-eval measures it); the α and history plots; the target fit."""
     geno_path = out / "genotype.json"
     result.genotype.save(geno_path)
+    (out / DEPLOYMENT_FILE).write_text(dep.model_dump_json(indent=2))
     plot_alpha(result.supernet.alpha_prime().cpu(), result.genotype.layout.edge_sources(), out / "alpha.png")
     plot_history(result.history, out / "history.png", warmup_epochs)
     if result.fit is not None:
         (out / "target_fit.json").write_text(result.fit.model_dump_json(indent=2))
-    log.info("wrote %s, %s, %s", geno_path, out / "alpha.png", out / "history.png")
+    log.info("wrote %s, %s, %s, %s", geno_path, out / DEPLOYMENT_FILE, out / "alpha.png", out / "history.png")
     return geno_path
 
 
 def measure_and_report(client: LatencyClient, result: SearchResult, geno_path: Path, dep: Deployment,
                        others: list[DevicePrediction], out: Path) -> None:
     """POST /measure on the service's device, then the predicted-vs-measured report."""
-    m = client.measure(result.genotype, dep.size, batch=dep.batch, dtype=dep.dtype, memory_format=dep.memory_format,
-                       runtime=dep.runtime)
+    m = client.measure(result.genotype, dep.input_size, batch=dep.batch, dtype=dep.dtype,
+                       memory_format=dep.memory_format, runtime=dep.runtime)
     last = result.history[-1]
     report = Report(
         device=m.device, environment=m.environment, input_size=m.input_size, batch=m.batch, dtype=m.dtype,
@@ -289,7 +282,11 @@ def run(
     except (DataRootError, ValueError) as err:
         fail(TOOL, str(err), 2)
     setup_logging(d.main)
-    dep = Deployment(latency_size or input_size, latency_batch, dtype, memory_format, runtime)
+    try:
+        dep = Deployment(input_size=latency_size or input_size, batch=latency_batch, dtype=dtype,  # type: ignore[arg-type]
+                         memory_format=memory_format, runtime=runtime)  # type: ignore[arg-type]
+    except ValidationError as err:
+        fail(TOOL, one_line(err, "deployment"))
     client = latency_client(TOOL, latency_url, token)
     try:
         _run(SearchRun(client, d, cfg, comp, target, train, val, dep, out, resume, measure, predict_on or [], quiet))
@@ -335,8 +332,8 @@ def _run(job: SearchRun) -> None:
                     progress=not quiet, predict_us=predict)
     if not d.main:
         return
-    geno_path = write_artefacts(result, out, cfg.warmup_epochs)
-    others = predict_on_devices(client, predict_on, result.genotype, dep.size, dep.batch, dep.dtype,
+    geno_path = write_artefacts(result, out, cfg.warmup_epochs, dep)
+    others = predict_on_devices(client, predict_on, result.genotype, dep.input_size, dep.batch, dep.dtype,
                                 dep.memory_format, dep.runtime)
     if measure:
         measure_and_report(client, result, geno_path, dep, others, out)

@@ -29,6 +29,7 @@ from gas_core.devices import resolve_device
 from gas_core.errors import one_line  # noqa: E402
 from gas_core.genotype import Genotype  # noqa: E402
 from gas_core.network import GASNet  # noqa: E402
+from gas_core.wire import DEPLOYMENT_FILE, Deployment  # noqa: E402
 from search_client.cli_common import (  # noqa: E402
     check_pair_flags,
     config_flags,
@@ -125,6 +126,7 @@ def train_cmd(
     """Retrain a derived network with the paper's recipe (SGD, poly lr, online bootstrapping)."""
     try:
         geno = read_genotype(genotype)
+        dep = Deployment.beside(genotype)  # the search's deployment travels with the checkpoint
         cfg, comp = TrainConfig(**recipe), ComputeConfig(**compute)
         d = init_distributed(comp.device)
         resolve_device(comp.device, d.local_rank, d.world)
@@ -143,6 +145,8 @@ def train_cmd(
     except CheckpointError as err:
         fail("gas-train", str(err))
     if d.main:
+        if dep is not None:
+            (out / DEPLOYMENT_FILE).write_text(dep.model_dump_json(indent=2))
         last = s.history[-1] if s.history else {}
         typer.echo(f"trained {len(s.history)} epochs: loss {last.get('loss', math.nan):.4f}, val mIoU "
                    f"{last.get('val_miou', math.nan):.3f}; checkpoint {out / 'last.pt'}, log {out / 'train_log.csv'}")
@@ -156,6 +160,9 @@ eval_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 class LatencyRow(BaseModel):
     device: str
     environment: str
+    deployment: Deployment | None = Field(default=None, description="what was measured: the search's deployment "
+                                          "when deployment.json sits beside the checkpoint, else float32 eager at "
+                                          "the input size")
     latency_ms: float
     fps: float
     predicted_ms: float | None
@@ -244,6 +251,7 @@ def eval_cmd(
     try:
         ck = read_checkpoint(checkpoint)
         geno = Genotype.model_validate(ck["genotype"])
+        searched_for = Deployment.beside(checkpoint)
         d = init_distributed(device)
         dev = resolve_device(device, d.local_rank, d.world)
         size = input_size or (int(ck["input_size"][0]), int(ck["input_size"][1]))
@@ -276,7 +284,7 @@ def eval_cmd(
                          label_size=tuple(val_ds[0][1].shape[-2:]), batch=batch, flip=flip, scales=list(sc),
                          images=len(val_ds))
     if latency_url is not None:
-        report.latency = _measure(latency_url, token, geno, size)
+        report.latency = _measure(latency_url, token, geno, searched_for or Deployment(input_size=size))
     out.mkdir(parents=True, exist_ok=True)
     plot_confusion(conf, CLASS_NAMES[dataset], out / "confusion.png")
     (out / "eval.json").write_text(report.model_dump_json(indent=2))
@@ -294,13 +302,15 @@ def eval_report(conf: torch.Tensor, names: tuple[str, ...], **where: Any) -> Eva
                       confusion=conf.long().tolist(), **where)
 
 
-def _measure(url: str, token: str | None, geno: Genotype, size: tuple[int, int]) -> LatencyRow:
+def _measure(url: str, token: str | None, geno: Genotype, dep: Deployment) -> LatencyRow:
+    """POST /measure of the network as ``dep`` ships it."""
     try:
         with latency_client("gas-eval", url, token) as client:
-            m = client.measure(geno, size, batch=1, dtype="float32", memory_format="contiguous")
+            m = client.measure(geno, dep.input_size, batch=dep.batch, dtype=dep.dtype, memory_format=dep.memory_format,
+                               runtime=dep.runtime)
     except ServiceError as err:
         fail("gas-eval", str(err), 1)
-    return LatencyRow(device=m.device, environment=m.environment, latency_ms=m.median_ms, fps=m.fps,
+    return LatencyRow(device=m.device, environment=m.environment, deployment=dep, latency_ms=m.median_ms, fps=m.fps,
                       predicted_ms=m.predicted_ms, error_pct=m.error_pct,
                       within_noise=m.agreement.within_noise if m.agreement else None,
                       warnings=m.agreement.warnings if m.agreement else [])
@@ -316,7 +326,8 @@ def _format_eval(r: EvalReport) -> str:
     if r.latency is not None:
         lt = r.latency
         pred = "n/a" if lt.predicted_ms is None else f"{lt.predicted_ms:.3f} ms ({lt.error_pct:+.1f} %)"
-        lines.append(f"  {lt.device}: latency {lt.latency_ms:.3f} ms, {lt.fps:.1f} FPS; table predicted {pred}")
+        on = f" ({lt.deployment.describe()})" if lt.deployment is not None else ""
+        lines.append(f"  {lt.device}{on}: latency {lt.latency_ms:.3f} ms, {lt.fps:.1f} FPS; table predicted {pred}")
         lines += [f"  WARNING: {w}" for w in lt.warnings]
     return "\n".join(lines)
 
@@ -338,7 +349,9 @@ export_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @export_app.command(help=__doc__)
 def export_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
-    input_size: Annotated[tuple[int, int], typer.Option(help="H W the exported network takes (batch is dynamic)")],
+    input_size: Annotated[tuple[int, int] | None, typer.Option(
+        help="H W the exported network takes (batch is dynamic). Default: the input size of the deployment the "
+        "search targeted (deployment.json beside the checkpoint)")] = None,
     runs: Annotated[int, typer.Option(help="timed runs per runtime (median, p10, p90 reported)", min=3)] = 20,
     out: Annotated[Path, typer.Option(help="directory for model.onnx, model.ts and export.json")] = Path(
         "runs/export"),
@@ -353,11 +366,17 @@ def export_cmd(
         geno = Genotype.model_validate(ck["genotype"])
         model = GASNet(geno)
         model.load_state_dict(ck["model"])
-    except (CheckpointError, ValidationError) as err:
+        searched_for = Deployment.beside(checkpoint)
+    except (CheckpointError, ValidationError, ValueError) as err:
         fail("gas-export", one_line(err) if isinstance(err, ValidationError) else str(err))
     except RuntimeError as err:
         fail("gas-export", f"checkpoint {checkpoint}: its weights do not fit its genotype ({str(err).splitlines()[0]})")
-    art = export(model, geno, input_size, out, host=f"{platform.processor() or platform.machine()}, "
+    if input_size is None and searched_for is None:
+        fail("gas-export", "--input-size H W is required: no deployment.json beside the checkpoint says it")
+    size = input_size or searched_for.input_size  # type: ignore[union-attr]
+    if searched_for is not None:
+        typer.echo(f"the search targeted {searched_for.describe()}; exporting at {size[0]}×{size[1]}, float32")
+    art = export(model, geno, size, out, host=f"{platform.processor() or platform.machine()}, "
                  f"{torch.get_num_threads()} threads, torch {torch.__version__}", runs=runs)
     for c in art.checks:
         typer.echo(f"{c.format:<12} {c.path}: max |diff| {c.max_abs_diff:.2e} (relative {c.max_rel_diff:.2e}, "

@@ -611,3 +611,34 @@ def test_gpu_check_without_a_gpu_says_so_and_exits_0() -> None:
     r = subprocess.run([sys.executable, "-m", "bench.gpu_check"], capture_output=True, text=True, timeout=120,
                        cwd=REPO, env={**env, "PYTHONPATH": str(REPO)})
     assert r.returncode == 0 and "nothing to check" in r.stdout
+
+
+@pytest.mark.slow
+def test_the_searched_deployment_travels_to_eval(live: Server, tmp_path: Path) -> None:
+    """Issue 37: gas-eval measured float32, contiguous, eager whatever the search targeted. A
+    search at batch 2, channels_last writes deployment.json; gas-train carries it beside its
+    checkpoint; gas-eval --latency-url measures that deployment and says so."""
+    from typer.testing import CliRunner
+
+    from gas_core.wire import Deployment
+    from search_client.train_cli import eval_app, train_app
+
+    out = tmp_path / "run"
+    r = _gas_search("--latency-url", live.url, "--input-size", "32", "64", "--latency-batch", "2", "--memory-format",
+                    "channels_last", "--epochs", "1", "--batch", "4", "--max-steps", "1", "--synthetic-size", "8", "4",
+                    "--out", str(out), "--quiet", "--no-measure", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    dep = Deployment.model_validate_json((out / "deployment.json").read_text())
+    assert dep == Deployment(input_size=(32, 64), batch=2, memory_format="channels_last")
+    runner = CliRunner()
+    trained = runner.invoke(train_app, [str(out / "genotype.json"), "--input-size", "32", "64", "--epochs", "1",
+                                        "--batch", "4", "--synthetic-size", "8", "4", "--workers", "0", "--out",
+                                        str(tmp_path / "t"), "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert Deployment.beside(tmp_path / "t" / "last.pt") == dep
+    scored = runner.invoke(eval_app, [str(tmp_path / "t" / "last.pt"), "--synthetic-size", "8", "4", "--latency-url",
+                                      live.url, "--out", str(tmp_path / "e")])
+    assert scored.exit_code == 0, scored.output
+    latency = json.loads((tmp_path / "e" / "eval.json").read_text())["latency"]
+    assert Deployment.model_validate(latency["deployment"]) == dep
+    assert "(2×3×32×64 float32 channels_last, runtime eager)" in scored.output
