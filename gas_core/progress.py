@@ -9,9 +9,10 @@ the total (whichever comes first), and nothing at all for bars that are only eve
 
 from __future__ import annotations
 
+import math
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import IO, Any, TypeVar
 
 from tqdm import tqdm
@@ -86,3 +87,21 @@ def progress(iterable: Iterable[T] | None = None, *, total: float | None = None,
         return tqdm(iterable, total=total, desc=desc, unit=unit, leave=not transient, file=out)
     cls = _Silent if transient or not enabled else LineProgress
     return cls(iterable, total, desc, unit, every_s, out)
+
+
+def wait_until(read: Callable[[], T], ended: Callable[[T], bool], *, timeout_s: float = math.inf,
+               poll_s: float = 0.5, on_read: Callable[[T], None] | None = None,
+               clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> T:
+    """Read a state every ``poll_s`` until ``ended`` says so, and return it; ``on_read`` sees every
+    read (a progress bar). Raises ``TimeoutError`` after ``timeout_s``. The one wait-for-a-job
+    loop of the client, the service's CLI and the test harness."""
+    deadline = clock() + timeout_s
+    while True:
+        state = read()
+        if on_read is not None:
+            on_read(state)
+        if ended(state):
+            return state
+        if clock() > deadline:
+            raise TimeoutError(f"still not ended after {timeout_s:.0f} s")
+        sleep(poll_s)

@@ -6,7 +6,6 @@ import json
 import logging
 import socket
 import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,13 +18,14 @@ from sqlalchemy.exc import OperationalError
 from gas_core.errors import one_line, pair_flag_error, two_number_flags
 from gas_core.genotype import Genotype
 from gas_core.keys import DTYPES, MEMORY_FORMATS
-from gas_core.progress import progress
+from gas_core.progress import progress, wait_until
 from gas_core.search_space import NetworkLayout
 from gas_core.wire import MeasureRequest, ProfileRequest
 from latency_service import db, job_state
 from latency_service.bounds import RequestError
 from latency_service.core.config import Settings
 from latency_service.host import pin_cpus
+from latency_service.models import Job
 from latency_service.service import Host
 
 app = typer.Typer(help=__doc__, no_args_is_help=True, add_completion=False)
@@ -121,15 +121,15 @@ def profile(
         job, _ = host.submit_profile(req)
         typer.echo(f"device {host.device.slug}, environment {host.env.fingerprint}: job {job.id}, {job.total} keys")
         host.worker.start()
+        def read() -> Job:
+            with host.sessions() as s:
+                cur = job_state.get(s, job_id=job.id)
+                assert cur is not None
+                return cur
+
         with progress(total=job.total, unit="key", desc="profiling") as bar:
-            while True:
-                with host.sessions() as s:
-                    cur = job_state.get(s, job_id=job.id)
-                    assert cur is not None
-                bar.update(cur.done - bar.n)
-                if cur.state not in ("queued", "running"):
-                    break
-                time.sleep(0.2)
+            cur = wait_until(read, lambda j: j.state not in ("queued", "running"), poll_s=0.2,
+                             on_read=lambda j: bar.update(j.done - bar.n))
         typer.echo(f"job {cur.state}: {cur.total - cur.skipped - len(cur.errors)} timed, {cur.skipped} already stored")
         for e in cur.errors:
             typer.echo(f"  error: {e}", err=True)

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import httpx
 
+from gas_core.progress import wait_until
+
 QUICK_TIMING = {
     # fast but real timing for tests and quick benchmark passes: fewer samples, short warm-up
     "GAS_SAMPLES": "5",
@@ -184,18 +186,12 @@ def wait_job(client: httpx.Client, job_id: str, timeout: float = 120, poll_s: fl
              on_poll: Callable[[dict], None] | None = None) -> dict:
     """Poll ``GET /jobs/{id}`` every ``poll_s`` until the job ends; its final record. ``on_poll``
     sees every record read (a progress bar)."""
-    deadline = time.monotonic() + timeout
-    job: dict = {}
-    while time.monotonic() < deadline:
-        job = client.get(f"/jobs/{job_id}").json()
-        if on_poll is not None:
-            on_poll(job)
-        if job["state"] not in ("queued", "running"):
-            return job
-        time.sleep(poll_s)
-    raise TimeoutError(f"job {job_id} still {job.get('state')} after {timeout}s")
-
-
+    try:
+        return wait_until(lambda: client.get(f"/jobs/{job_id}").json(),
+                          lambda job: job["state"] not in ("queued", "running"), timeout_s=timeout, poll_s=poll_s,
+                          on_read=on_poll)
+    except TimeoutError:
+        raise TimeoutError(f"job {job_id} still running after {timeout}s") from None
 
 
 @contextlib.contextmanager

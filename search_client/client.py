@@ -16,6 +16,7 @@ from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_aft
 
 from gas_core.genotype import Genotype
 from gas_core.keys import LatencyKey
+from gas_core.progress import wait_until
 from gas_core.table import LatencyTable
 from gas_core.wire import (
     ComparePublic,
@@ -195,22 +196,20 @@ class LatencyClient:
 
     def wait_job(self, job_id: str, on_progress: Callable[[JobPublic], None] | None = None, poll_s: float = 0.5,
                  timeout_s: float = 24 * 3600) -> JobPublic:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            job = self.job(job_id)
-            if on_progress is not None:
-                on_progress(job)
-            if job.state == "done":
-                return job
-            if job.state in ("failed", "cancelled"):
-                # a job the service stopped (a busy host, its time budget) says why last
-                why = job.errors[-1] if job.errors and job.errors[-1].startswith("stopped") else \
-                    (job.errors[0] if job.errors else "")
-                first = f": {why}" if why else ""
-                raise ServiceError(f"profiling job {job_id} {job.state} ({len(job.errors)} errors){first}")
-            if time.monotonic() > deadline:
-                raise ServiceError(f"profiling job {job_id} did not finish in {timeout_s:.0f}s")
-            time.sleep(poll_s)
+        """Poll ``GET /jobs/{id}`` until the job ends; its record when done, else ServiceError
+        with the reason (a job the service stopped — a busy host, its time budget — says why
+        last)."""
+        try:
+            job = wait_until(lambda: self.job(job_id), lambda j: j.state not in ("queued", "running"),
+                             timeout_s=timeout_s, poll_s=poll_s, on_read=on_progress)
+        except TimeoutError:
+            raise ServiceError(f"profiling job {job_id} did not finish in {timeout_s:.0f}s") from None
+        if job.state == "done":
+            return job
+        why = job.errors[-1] if job.errors and job.errors[-1].startswith("stopped") else \
+            (job.errors[0] if job.errors else "")
+        first = f": {why}" if why else ""
+        raise ServiceError(f"profiling job {job_id} {job.state} ({len(job.errors)} errors){first}")
 
     def measure(self, genotype: Genotype, input_size: tuple[int, int], *, batch: int, dtype: str,
                 memory_format: str, runtime: str = "eager") -> MeasurePublic:

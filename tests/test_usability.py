@@ -129,3 +129,20 @@ def test_a_two_number_flag_given_one_number_names_its_form(monkeypatch: pytest.M
         assert exc.value.code == 2
         err = capsys.readouterr().err.strip()
         assert err.startswith(f"{tool}: error: --input-size takes two integers") and "\n" not in err
+
+
+def test_wait_until_reads_until_the_state_ends_and_gives_up_at_its_deadline() -> None:
+    """The one wait-for-a-job loop (client, service CLI, test harness), on an injected clock."""
+    from gas_core.progress import wait_until
+
+    now = [0.0]
+    states = iter(["queued", "running", "running", "done"])
+    seen: list[str] = []
+    end = wait_until(lambda: next(states), lambda s: s == "done", poll_s=2.0, on_read=seen.append,
+                     clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert end == "done" and seen == ["queued", "running", "running", "done"] and now[0] == 6.0
+    now[0] = 0.0
+    with pytest.raises(TimeoutError, match="after 5 s"):
+        wait_until(lambda: "running", lambda s: s == "done", timeout_s=5, poll_s=2.0,
+                   clock=lambda: now[0], sleep=lambda s: now.__setitem__(0, now[0] + s))
+    assert now[0] == 6.0  # read at 0, 2, 4, 6: past the deadline at 6
