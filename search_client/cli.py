@@ -18,7 +18,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import torch.distributed as dist
 import typer
@@ -33,7 +33,16 @@ from gas_core.progress import progress as progress_bar
 from gas_core.search_space import NetworkLayout, cell_shapes
 from gas_core.target import PredictUs
 from gas_core.wire import DEPLOYMENT_FILE, Deployment, JobPublic, split_ref
-from search_client.cli_common import check_pair_flags, config_flags, fail, flag_error, latency_client, setup_logging
+from search_client.cli_common import (
+    check_pair_flags,
+    config_flags,
+    dataset_help,
+    fail,
+    flag_error,
+    known_dataset,
+    latency_client,
+    setup_logging,
+)
 from search_client.client import LatencyClient, ServiceError
 from search_client.data import DataRootError, SegDataset, build_datasets
 from search_client.report import DevicePrediction, Report, format_report, plot_alpha, plot_history
@@ -228,7 +237,7 @@ def run(
     target: Annotated[str | None, typer.Option(
         help="table to search against: DEVICE or DEVICE@ENVIRONMENT (default: the service's own device, whose "
         "missing keys it profiles)")] = None,
-    dataset: Annotated[Literal["synthetic", "cityscapes", "camvid"], typer.Option(help="training data")] = "synthetic",
+    dataset: Annotated[str, typer.Option(help=dataset_help("training data"), callback=known_dataset)] = "synthetic",
     data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout")] = None,
     input_size: Annotated[tuple[int, int], typer.Option(help="H W of the search crops and of the latency keys")] = (
         128, 256),

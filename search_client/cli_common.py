@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gas_core.errors import one_line, pair_flag_error, two_number_flags
 from search_client.client import LatencyClient, ServiceError
+from search_client.data import DATASETS
 
 
 class ClientSettings(BaseSettings):
@@ -41,6 +42,17 @@ def check_pair_flags(tool: str, app: typer.Typer, argv: list[str] | None = None)
     if err is not None:
         typer.echo(f"{tool}: error: {err}", err=True)
         sys.exit(2)
+
+
+def known_dataset(name: str) -> str:
+    """``--dataset``'s check against the dataset registry (:data:`search_client.data.DATASETS`)."""
+    if name not in DATASETS:
+        raise typer.BadParameter(f"unknown dataset {name!r}; use {', '.join(DATASETS)}")
+    return name
+
+
+def dataset_help(what: str) -> str:
+    return f"{what}: {', '.join(DATASETS)}"
 
 
 def flag_error(err: ValidationError) -> str:

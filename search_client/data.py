@@ -10,7 +10,8 @@ in the same epoch augment it identically — which the DDP equivalence test reli
 from __future__ import annotations
 
 import copy
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
 
@@ -315,7 +316,67 @@ class Synthetic(SegDataset):
         return img.clamp(0, 1), lbl
 
 
-DATASETS: dict[str, type[Cityscapes] | type[CamVid]] = {"cityscapes": Cityscapes, "camvid": CamVid}
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One dataset the tools know: the registry entry every CLI, loader and report reads (its
+    flag's choices, its class names, its splits). Adding a dataset is one module that defines
+    its :class:`SegDataset` and calls :func:`register_dataset` (docs/contributing.md)."""
+
+    name: str
+    open: Callable[[str | Path | None, str, Augment, int, int, bool, int], SegDataset]
+    """(root, split, augment, seed, downscale, cache, synthetic sample count) → that split"""
+    class_names: tuple[str, ...]
+    splits: tuple[str, ...] = ("train", "val", "test")
+    needs_root: bool = True
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+DATASETS: dict[str, DatasetSpec] = {}
+
+
+def register_dataset(spec: DatasetSpec) -> DatasetSpec:
+    DATASETS[spec.name] = spec
+    return spec
+
+
+def dataset_spec(name: str) -> DatasetSpec:
+    """The registered dataset ``name``; ValueError naming the known ones."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; use {', '.join(DATASETS)}")
+    return DATASETS[name]
+
+
+def _open_synthetic(root: str | Path | None, split: str, aug: Augment, seed: int, downscale: int, cache: bool,
+                    n: int) -> SegDataset:
+    """Scenes at least 64×64 (the crop is taken from them); train and val differ by their seeds."""
+    return Synthetic(n, (max(aug.crop[0], 64), max(aug.crop[1], 64)), aug, seed, split_seed=1 if split == "train"
+                     else 2)
+
+
+def _opener(cls: type[Cityscapes] | type[CamVid]) -> Callable[..., SegDataset]:
+    def open_split(root: str | Path | None, split: str, aug: Augment, seed: int, downscale: int, cache: bool,
+                   n: int) -> SegDataset:
+        assert root is not None
+        return cls(root, split, aug, seed, downscale, cache)
+    return open_split
+
+
+register_dataset(DatasetSpec("synthetic", _open_synthetic, ("background", "disc", "rectangle", "stripes"),
+                             splits=("train", "val"), needs_root=False))
+register_dataset(DatasetSpec("cityscapes", _opener(Cityscapes), CITYSCAPES_CLASSES))
+register_dataset(DatasetSpec("camvid", _opener(CamVid), CAMVID_CLASSES))
+
+
+def _spec_with_root(name: str, root: str | Path | None, split: str) -> DatasetSpec:
+    spec = dataset_spec(name)
+    if split not in spec.splits:
+        raise ValueError(f"--split {split}: the {name} dataset has no {split} split")
+    if spec.needs_root and root is None:
+        raise DataRootError(f"--data-root is required for {name}")
+    return spec
 
 
 def build_datasets(
@@ -332,26 +393,18 @@ def build_datasets(
     0016E5 (daylight, the sequence val is cut from); a contiguous block keeps neighbouring frames
     of the held-out part out of training except at its one boundary. ``downscale`` and
     ``cache``: see :class:`SegDataset`."""
+    spec = _spec_with_root(name, root, eval_split)
+    if holdout and not spec.needs_root:
+        raise ValueError("--holdout applies to real datasets only")
     train_aug, val_aug = Augment(crop, True, scale), Augment(crop, False, keep_label=full_size_labels)
-    if name == "synthetic":
-        src = (max(crop[0], 64), max(crop[1], 64))
-        train: SegDataset = Synthetic(synthetic_size[0], src, train_aug, seed, split_seed=1)
-        if holdout:
-            raise ValueError("--holdout applies to real datasets only")
-        return train, Synthetic(synthetic_size[1], src, val_aug, seed, split_seed=2)
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
-    if root is None:
-        raise DataRootError(f"--data-root is required for {name}")
-    cls = DATASETS[name]
-    train = cls(root, "train", train_aug, seed, downscale, cache)
+    train = spec.open(root, "train", train_aug, seed, downscale, cache, synthetic_size[0])
     if holdout:
         if not 0 < holdout < len(train):
             raise ValueError(f"--holdout {holdout}: the training split has {len(train)} images")
         if holdout_at == "start":
             return train.take(holdout, None, train_aug), train.take(0, holdout, val_aug)
         return train.take(0, -holdout, train_aug), train.take(-holdout, None, val_aug)
-    return train, cls(root, eval_split, val_aug, seed, downscale, cache)
+    return train, spec.open(root, eval_split, val_aug, seed, downscale, cache, synthetic_size[1])
 
 
 def build_eval_dataset(name: str, root: str | Path | None, size: tuple[int, int], split: str = "val", *,
@@ -362,17 +415,9 @@ def build_eval_dataset(name: str, root: str | Path | None, size: tuple[int, int]
     resized to ``size`` (the network's input); labels stay at their native resolution
     (``native_labels``: the network's logits are upsampled to them, as published numbers are
     scored) or are resized to ``size`` with the images."""
-    aug = Augment(size, False, keep_label=native_labels)
-    if name == "synthetic":
-        if split != "val":
-            raise ValueError(f"--split {split}: the synthetic dataset has no {split} split")
-        return Synthetic(synthetic_size, (max(size[0], 64), max(size[1], 64)), aug, 0, split_seed=2)
-    if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; use synthetic, cityscapes or camvid")
-    if root is None:
-        raise DataRootError(f"--data-root is required for {name}")
-    ds = DATASETS[name](root, split, aug, 0, downscale, cache)
-    if native_labels:
+    spec = _spec_with_root(name, root, split)
+    ds = spec.open(root, split, Augment(size, False, keep_label=native_labels), 0, downscale, cache, synthetic_size)
+    if native_labels and spec.needs_root:
         ds.label_downscale = 1
     return ds
 

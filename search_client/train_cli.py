@@ -33,19 +33,20 @@ from gas_core.wire import DEPLOYMENT_FILE, Deployment  # noqa: E402
 from search_client.cli_common import (  # noqa: E402
     check_pair_flags,
     config_flags,
+    dataset_help,
     fail,
     flag_error,
+    known_dataset,
     latency_client,
     setup_logging,
 )
 from search_client.client import ServiceError  # noqa: E402
 from search_client.data import (  # noqa: E402
-    CAMVID_CLASSES,
-    CITYSCAPES_CLASSES,
     DataRootError,
     SegDataset,
     build_datasets,
     build_eval_dataset,
+    dataset_spec,
 )
 from search_client.export import export  # noqa: E402
 from search_client.metrics import class_accuracy, class_iou, mean_class_accuracy, pixel_accuracy
@@ -59,10 +60,7 @@ from search_client.train import (  # noqa: E402
 )
 
 log = logging.getLogger("gas-train")
-Dataset = Literal["synthetic", "cityscapes", "camvid"]
 LabelResolution = Literal["native", "input"]
-CLASS_NAMES = {"cityscapes": CITYSCAPES_CLASSES, "camvid": CAMVID_CLASSES,
-               "synthetic": ("background", "disc", "rectangle", "stripes")}
 _DEVICE = ComputeConfig.model_fields["device"]  # gas-eval's one compute flag, its help and default from the model
 DOWNSCALE_HELP = ("shrink every image and label by this factor when loading, before augmentation (scale and crop "
                   "then act as at full size): CamVid at 2 is 180×240")
@@ -99,7 +97,7 @@ train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False)
 @config_flags(recipe=TrainConfig, compute=ComputeConfig)
 def train_cmd(
     genotype: Annotated[Path, typer.Argument(help="genotype.json written by gas-search")],
-    dataset: Annotated[Dataset, typer.Option(help="training data")] = "synthetic",
+    dataset: Annotated[str, typer.Option(help=dataset_help("training data"), callback=known_dataset)] = "synthetic",
     data_root: Annotated[Path | None, typer.Option(help="dataset root in its official layout (Cityscapes: "
                                                         "leftImg8bit/ and gtFine/; CamVid: train/, trainannot/, …)")] = None,
     input_size: Annotated[tuple[int, int], typer.Option(help="H W of the training crops (paper: 769 1537)")] = (
@@ -218,7 +216,8 @@ def plot_confusion(conf: torch.Tensor, names: tuple[str, ...], path: Path) -> No
 @eval_app.command(help=__doc__)
 def eval_cmd(
     checkpoint: Annotated[Path, typer.Argument(help="last.pt written by gas-train")],
-    dataset: Annotated[Dataset, typer.Option(help="evaluation data")] = "synthetic",
+    dataset: Annotated[str, typer.Option(help=dataset_help("evaluation data"), callback=known_dataset)] = (
+        "synthetic"),
     data_root: Annotated[Path | None, typer.Option(
         help="dataset root in its official layout; only the scored split is read (a root holding just test/ and "
         "testannot/ is enough)")] = None,
@@ -278,7 +277,7 @@ def eval_cmd(
         if "stack expects each tensor to be equal size" not in str(err):
             raise
         fail("gas-eval", f"--batch {batch}: the {split} labels differ in size; use --batch 1")
-    report = eval_report(conf, CLASS_NAMES[dataset], checkpoint=str(checkpoint), dataset=dataset,
+    report = eval_report(conf, dataset_spec(dataset).class_names, checkpoint=str(checkpoint), dataset=dataset,
                          data_root=data_root.resolve().name if data_root else None, split=split, downscale=factor,
                          input_size=size, label_resolution=label_resolution,
                          label_size=tuple(val_ds[0][1].shape[-2:]), batch=batch, flip=flip, scales=list(sc),
@@ -286,7 +285,7 @@ def eval_cmd(
     if latency_url is not None:
         report.latency = _measure(latency_url, token, geno, searched_for or Deployment(input_size=size))
     out.mkdir(parents=True, exist_ok=True)
-    plot_confusion(conf, CLASS_NAMES[dataset], out / "confusion.png")
+    plot_confusion(conf, dataset_spec(dataset).class_names, out / "confusion.png")
     (out / "eval.json").write_text(report.model_dump_json(indent=2))
     typer.echo(_format_eval(report))
     typer.echo(f"wrote {out / 'eval.json'} and {out / 'confusion.png'}")

@@ -642,3 +642,35 @@ def test_the_searched_deployment_travels_to_eval(live: Server, tmp_path: Path) -
     latency = json.loads((tmp_path / "e" / "eval.json").read_text())["latency"]
     assert Deployment.model_validate(latency["deployment"]) == dep
     assert "(2×3×32×64 float32 channels_last, runtime eager)" in scored.output
+
+
+@pytest.mark.parametrize("name", sorted(__import__("search_client.data", fromlist=["DATASETS"]).DATASETS))
+def test_every_registered_dataset_states_its_classes_and_splits(name: str, tmp_path: Path) -> None:
+    """The dataset registry (issue 37): a flag's choices, the class names of eval.json and the
+    splits come from one entry; a real dataset needs its root and names it."""
+    from search_client.cli_common import known_dataset
+    from search_client.data import DATASETS, DataRootError, build_eval_dataset
+
+    spec = DATASETS[name]
+    assert known_dataset(name) == name and len(spec.class_names) == spec.num_classes
+    assert {"train", "val"} <= set(spec.splits)
+    if spec.needs_root:
+        with pytest.raises(DataRootError, match=f"--data-root is required for {name}"):
+            build_eval_dataset(name, None, (32, 64))
+    else:
+        ds = build_eval_dataset(name, None, (32, 64), synthetic_size=3)
+        assert len(ds) == 3 and ds.num_classes == spec.num_classes
+        with pytest.raises(ValueError, match=f"--split test: the {name} dataset has no test split"):
+            build_eval_dataset(name, None, (32, 64), "test")
+
+
+def test_an_unknown_dataset_is_named_with_the_known_ones() -> None:
+    import typer
+
+    from search_client.cli_common import known_dataset
+    from search_client.data import build_datasets
+
+    with pytest.raises(typer.BadParameter, match="unknown dataset 'kitti'; use synthetic, cityscapes, camvid"):
+        known_dataset("kitti")
+    with pytest.raises(ValueError, match="unknown dataset 'kitti'"):
+        build_datasets("kitti", None, (32, 64), 0)
