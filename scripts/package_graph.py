@@ -9,8 +9,9 @@ block, and keep the one in docs/architecture.md current.
 Nodes are the product's packages (``latency_service`` split into its API layer, its settings
 and the rest) and ``bench``; an edge A → B says some module of A imports a module of B (counts
 are printed with ``--counts``, not drawn: the docs' block then changes only when an edge does).
-The rules the layout depends on (docs/architecture.md): ``gas_core`` imports none of the others; ``latency_service`` and ``search_client`` never import
-each other; nothing in the product imports ``bench`` or ``tests``. Standard library only."""
+The rules the layout depends on (docs/architecture.md): ``gas_core`` imports none of the others;
+``latency_service`` and ``search_client`` never import each other; nothing in the product
+imports ``bench`` or ``tests``. Standard library only."""
 
 from __future__ import annotations
 
