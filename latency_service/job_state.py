@@ -186,11 +186,14 @@ def progress(session: Session, *, job: Job, owner: str, values: dict[str, Any]) 
 
 
 def record_reference(session: Session, *, job: Job, owner: str, noise: HostNoise, newly_flagged: int) -> bool:
-    """Store the job's host-noise record (its reference points) and add ``newly_flagged`` to
-    its flagged count, in the transaction that flagged those rows; only while the job still
-    runs under ``owner``. True when committed (``job`` is then refreshed)."""
+    """Store the job's host-noise record (its reference points and host checks) and add
+    ``newly_flagged`` to its flagged count, in the transaction that flagged those rows; only
+    while the job still runs under ``owner``. Beats the heartbeat: a job waiting for a quiet
+    host (``GAS_BUSY_POLICY=wait``) is re-checked every ``GAS_BUSY_RECHECK_S`` and stays its
+    host's. True when committed (``job`` is then refreshed)."""
     q = update(Job).where(Job.id == job.id, Job.state == "running", Job.owner == owner)
-    if _commit_if(session, q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly_flagged)):
+    if _commit_if(session, q.values(host_noise=noise.model_dump(mode="json"), flagged=Job.flagged + newly_flagged,
+                                    heartbeat_at=utcnow())):
         session.refresh(job)
         return True
     return False
