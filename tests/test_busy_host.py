@@ -192,8 +192,12 @@ def test_busy_host_wait_policy_rechecks_then_resumes_or_gives_up(db_url: str, tm
     rig = Rig(db_url, trust, loads=loads, refs=itertools.repeat(1000.0))
     assert rig.step() is False  # busy: nothing timed, the worker idles (measurements may still run)
     assert rig.step() is False and rig.methods == []  # not yet due for a re-check
+    rig.rig.session.refresh(rig.rig.job)
+    beat = rig.rig.job.heartbeat_at
     rig.now += 30
     assert rig.step() is False  # re-checked: still busy
+    rig.rig.session.refresh(rig.rig.job)
+    assert rig.rig.job.heartbeat_at > beat  # a waiting job stays its host's in a fleet
     rig.now += 30
     job = rig.run()  # quiet now: timing resumes with the normal method
     assert job.state == "done" and job.done == 4 and not any(m.direct for m in rig.methods)
