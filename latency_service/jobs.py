@@ -14,14 +14,14 @@ running job over only when that heartbeat is older than ``job_stale_s``. A worke
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field, replace
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import Any, Generic, Protocol, TypeVar
 
 import torch
 from sqlalchemy.orm import Session, sessionmaker
@@ -46,10 +46,53 @@ from latency_service.models import Job, utcnow
 from latency_service.profiler import REFERENCE_KEY, Method, Timing, time_key, time_reference
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class QueueFull(RuntimeError):
     """Too many measurements wait for the device; the API answers 503 with Retry-After."""
+
+
+class MeasureQueue(Generic[T]):
+    """Measurements waiting for the device, in order, each with the future its caller waits on:
+    bounded (a caller gets :class:`QueueFull` instead of queueing work nobody may still want),
+    and a cancelled future (a client that went away) is dropped when its turn comes. The one
+    queue of both runners: the worker thread's and the worker process's parent."""
+
+    def __init__(self) -> None:
+        self._items: deque[tuple[T, Future]] = deque()
+        self._lock = threading.Lock()
+
+    def put(self, item: T, limit: int | None = None) -> Future:
+        """Queue ``item``; its future. :class:`QueueFull` when ``limit`` wanted ones already wait."""
+        with self._lock:
+            waiting = sum(not fut.cancelled() for _, fut in self._items)
+            if limit is not None and waiting >= limit:
+                raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
+            fut: Future = Future()
+            self._items.append((item, fut))
+            return fut
+
+    def take(self) -> tuple[T, Future] | None:
+        """The next item still wanted, its future now running; None when none waits."""
+        with self._lock:
+            while self._items:
+                item, fut = self._items.popleft()
+                if fut.set_running_or_notify_cancel():
+                    return item, fut
+            return None
+
+    def waiting(self) -> int:
+        """Items waiting that someone still wants."""
+        with self._lock:
+            return sum(not fut.cancelled() for _, fut in self._items)
+
+    def drain(self) -> list[Future]:
+        """Empty the queue; the futures that were waiting (the caller cancels or fails them)."""
+        with self._lock:
+            futures = [fut for _, fut in self._items]
+            self._items.clear()
+            return futures
 
 
 class DeviceRunner(Protocol):
@@ -121,7 +164,7 @@ class DeviceWorker:
         self.owner = owner
         self.stale_s = stale_s
         self.poll_s = poll_s
-        self._tasks: queue.Queue[tuple[Callable[[], Any], Future]] = queue.Queue()
+        self._tasks: MeasureQueue[Callable[[], Any]] = MeasureQueue()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._seen: set[str] = set()  # jobs this process has worked on
@@ -154,11 +197,7 @@ class DeviceWorker:
         uncommitted (the process exits; its transaction rolls back) and re-timed on resume."""
         self._stop.set()
         self._wake.set()
-        while True:
-            try:
-                _, fut = self._tasks.get_nowait()
-            except queue.Empty:
-                break
+        for fut in self._tasks.drain():
             fut.cancel()
         if self._thread.ident is None:  # never started (the CLI's measure)
             return
@@ -181,10 +220,7 @@ class DeviceWorker:
         raises :class:`QueueFull` when that many tasks already wait (the caller sheds load
         instead of queueing work nobody may still want). Cancelling the future before it runs
         (a client that went away) drops the task."""
-        if limit is not None and (waiting := self.queued()) >= limit:
-            raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
-        fut: Future = Future()
-        self._tasks.put((fn, fut))
+        fut = self._tasks.put(fn, limit)
         self._wake.set()
         return fut
 
@@ -197,8 +233,7 @@ class DeviceWorker:
 
     def queued(self) -> int:
         """Tasks waiting that someone still wants (a cancelled one leaves at the next dequeue)."""
-        with self._tasks.mutex:
-            return sum(not fut.cancelled() for _, fut in self._tasks.queue)
+        return self._tasks.waiting()
 
     # ------------------------------------------------------------ loop
     def _run(self) -> None:
@@ -227,20 +262,18 @@ class DeviceWorker:
     def _run_tasks(self) -> bool:
         """Run the next task that is still wanted (cancelled ones are dropped); at most one, so a
         stream of measurements alternates with a running job's keys and never starves it."""
-        while True:
-            try:
-                fn, fut = self._tasks.get_nowait()
-            except queue.Empty:
-                return False
-            if fut.set_running_or_notify_cancel():
-                self.measuring = True
-                try:
-                    fut.set_result(fn())
-                except BaseException as err:  # noqa: BLE001 — the future carries it to the caller
-                    fut.set_exception(err)
-                finally:
-                    self.measuring = False
-                return True
+        task = self._tasks.take()
+        if task is None:
+            return False
+        fn, fut = task
+        self.measuring = True
+        try:
+            fut.set_result(fn())
+        except BaseException as err:  # noqa: BLE001 — the future carries it to the caller
+            fut.set_exception(err)
+        finally:
+            self.measuring = False
+        return True
 
     def _job_step(self) -> bool:
         """Advance the job :func:`job_state.next_job` picks until it ends or a measurement or shutdown
@@ -307,7 +340,7 @@ class DeviceWorker:
                     return True
                 if self._go_on(s, job) != "go":
                     return True
-            if not self._tasks.empty() or self._stop.is_set():
+            if self._tasks.waiting() or self._stop.is_set():
                 return True  # let a measurement run, or shut down, between two keys
         s.refresh(job)
         if times_keys and not self._reference_point(s, job, last=True):

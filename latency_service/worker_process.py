@@ -47,7 +47,7 @@ from gas_core.keys import LatencyKey
 from gas_core.wire import MeasurePublic, MeasureRequest
 from latency_service import db, e2e, job_state
 from latency_service.host import HostSpec, configure_torch
-from latency_service.jobs import DeviceWorker, QueueFull
+from latency_service.jobs import DeviceWorker, MeasureQueue, QueueFull
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -77,7 +77,7 @@ class WorkerProcess:
         self._ctx = multiprocessing.get_context("spawn")  # never fork a process holding torch's threads or CUDA
         self._conn, self._child_conn = self._ctx.Pipe(duplex=True)
         self._proc = self._new_process()
-        self._pending: deque[tuple[int, MeasureRequest, Future[MeasurePublic]]] = deque()
+        self._pending: MeasureQueue[tuple[int, MeasureRequest]] = MeasureQueue()
         self._inflight: dict[int, Future[MeasurePublic]] = {}
         self._ids = itertools.count()
         self._lock = threading.Lock()  # the queue, the flags and the pipe's sending end
@@ -102,9 +102,8 @@ class WorkerProcess:
         passes (its uncommitted key rolls back and is re-timed on resume)."""
         with self._lock:  # the supervisor relaunches under this lock: no new life begins after this
             self._stopping.set()
-            waiting = list(self._pending)
-            self._pending.clear()
-        for _, _, fut in waiting:
+            waiting = self._pending.drain()
+        for fut in waiting:
             fut.cancel()
         self._send(("stop", timeout))
         if self._proc.pid is None:  # never started
@@ -128,21 +127,16 @@ class WorkerProcess:
         self._send(("wake",))
 
     def queued(self) -> int:
-        with self._lock:
-            return sum(not fut.cancelled() for _, _, fut in self._pending)
+        return self._pending.waiting()
 
     def submit_measure(self, req: MeasureRequest, limit: int | None = None) -> Future[MeasurePublic]:
         """Queue ``req``; :class:`QueueFull` when ``limit`` measurements already wait or the
         worker is down for good. Cancelling the future before the child was handed it drops it."""
-        fut: Future[MeasurePublic] = Future()
         with self._lock:
             if self._gone:
                 raise QueueFull(f"the device worker process is down ({_exit_reason(self._proc.exitcode)}, "
                                 f"{len(self._deaths)} times in {self.RESTART_WINDOW_S:.0f} s); see the service log")
-            waiting = sum(not f.cancelled() for _, _, f in self._pending)
-            if limit is not None and waiting >= limit:
-                raise QueueFull(f"{waiting} measurements already queued (limit {limit}); retry later")
-            self._pending.append((next(self._ids), req, fut))
+            fut: Future[MeasurePublic] = self._pending.put((next(self._ids), req), limit)
         self._dispatch()
         return fut
 
@@ -222,8 +216,7 @@ class WorkerProcess:
                   "until it is restarted", len(self._deaths), self.RESTART_WINDOW_S)
         with self._lock:
             self._gone = True
-            waiting = [fut for _, _, fut in self._pending]
-            self._pending.clear()
+            waiting = self._pending.drain()
         _fail(waiting, "the device worker process is down")
         if self.sessions is not None and self.spec is not None:
             with self.sessions() as s:
@@ -241,11 +234,10 @@ class WorkerProcess:
     def _dispatch(self) -> None:
         """Hand the child the next wanted measurement when it has none."""
         with self._lock:
-            while self._up and not self._inflight and self._pending:
-                task_id, req, fut = self._pending.popleft()
-                if fut.set_running_or_notify_cancel():
-                    self._inflight[task_id] = fut
-                    self._send_locked(("measure", task_id, req.model_dump_json()))
+            while self._up and not self._inflight and (task := self._pending.take()) is not None:
+                (task_id, req), fut = task
+                self._inflight[task_id] = fut
+                self._send_locked(("measure", task_id, req.model_dump_json()))
 
     def _send(self, message: tuple[Any, ...]) -> None:
         with self._lock:
