@@ -467,12 +467,13 @@ def judge_host(point: ReferencePoint, load: HostLoad | None, quiet: Calibration 
                      threads=threads, busy=busy, reasons=reasons, action=action_if_busy if busy else "go")
 
 
-def interrupted(samples_us: Sequence[float], factor: float = 3.0) -> str | None:
+def interrupted(samples_us: Sequence[float], factor: float = 3.0, resolution_us: float = 5.0) -> str | None:
     """A reason to flag a row of direct single-run samples whose median is ``factor`` times its
     fastest run: most runs were interrupted, so its median is the host's contention, not the op
     (on a busy 2-core VM stored rows reached hundreds of times their quiet value). None when not,
-    or when a sample is ≤ 0 (paired differences: their minimum is not a run)."""
-    if not samples_us or min(samples_us) <= 0:
+    when a sample is ≤ 0 (paired differences: their minimum is not a run), or when the median is
+    below ``resolution_us`` (an identity's runs are the timer's own jitter)."""
+    if not samples_us or min(samples_us) <= 0 or statistics.median(samples_us) < resolution_us:
         return None
     ratio = statistics.median(samples_us) / min(samples_us)
     if ratio < factor:

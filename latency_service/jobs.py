@@ -434,7 +434,7 @@ class DeviceWorker:
         if busy is not None:
             out.append(f"timed on a busy host ({'; '.join(busy.reasons)}) with the robust method: each sample the "
                        f"fastest of {method.block} runs")
-        if method.direct and (why := interrupted(timing.samples_us)):
+        if method.direct and (why := interrupted(timing.samples_us, resolution_us=self.trust.policy.resolution_us)):
             out.append(why)
         if timing.budget_spent:
             out.append(f"its time budget of {method.key_budget_s:g} s ran out after {len(timing.samples_us)} samples")
