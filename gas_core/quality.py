@@ -22,7 +22,7 @@ import math
 import statistics
 from collections.abc import Mapping, Sequence
 from datetime import datetime
-from typing import Annotated, Final, NamedTuple
+from typing import Annotated, Final, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, computed_field
 
@@ -396,7 +396,7 @@ class Calibration(BaseModel):
     A busy verdict compares a job's reference with this, not only with the job's own points,
     which a job that starts busy never sees quiet."""
 
-    schema_version: int = 1
+    schema_version: Literal[1] = 1
     reference: str = Field(description="canonical latency key of the reference workload")
     points_us: list[float] = Field(min_length=1, max_length=64)
     updated_at: datetime
